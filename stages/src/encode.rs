@@ -1,0 +1,204 @@
+//! Lossless sparse blocks: which positions of a chunk were kept and the values that rebuild
+//! the fine-tuned bits there.
+//!
+//! Positions are LEB128 gaps. A value is the difference of the fine-tuned and base bit
+//! patterns read as ordered integers (so nearby floats give small numbers), zigzagged, and
+//! split into byte planes, most significant first: the high planes of a task vector are
+//! nearly constant and compress very well. See docs/FORMAT.md.
+
+/// The ordered-integer form of a `size`-byte float's bits: unsigned order equals float order.
+#[inline(always)]
+fn ord(bits: u64, size: usize) -> u64 {
+    let sign = 1u64 << (8 * size - 1);
+    let mask = sign | (sign - 1);
+    if bits & sign != 0 {
+        !bits & mask
+    } else {
+        bits | sign
+    }
+}
+
+#[inline(always)]
+fn unord(o: u64, size: usize) -> u64 {
+    let sign = 1u64 << (8 * size - 1);
+    let mask = sign | (sign - 1);
+    if o & sign != 0 {
+        o & !sign
+    } else {
+        !o & mask
+    }
+}
+
+/// The zigzagged difference `ord(ft) - ord(base)`, modulo 2^(8 size).
+#[inline(always)]
+pub fn delta_value(ft: u64, base: u64, size: usize) -> u64 {
+    let w = 8 * size as u32;
+    let d = ord(ft, size).wrapping_sub(ord(base, size));
+    let s = ((d << (64 - w)) as i64) >> (64 - w);
+    let z = ((s << 1) ^ (s >> 63)) as u64;
+    z & (u64::MAX >> (64 - w))
+}
+
+/// Inverse of [`delta_value`]: the fine-tuned bits from the base bits and the value.
+#[inline(always)]
+pub fn apply_value(base: u64, z: u64, size: usize) -> u64 {
+    let w = 8 * size as u32;
+    let mask = u64::MAX >> (64 - w);
+    let d = (z >> 1) ^ (z & 1).wrapping_neg();
+    unord(ord(base, size).wrapping_add(d) & mask, size)
+}
+
+#[inline(always)]
+fn read_bits(bytes: &[u8], i: usize, size: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b[..size].copy_from_slice(&bytes[i * size..(i + 1) * size]);
+    u64::from_le_bytes(b)
+}
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn read_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos)?;
+        *pos += 1;
+        v |= ((b & 0x7f) as u64) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Encodes the kept positions of a chunk into `raw` (cleared first) and writes the
+/// fine-tuned bits into `out` at those positions.
+///
+/// `out` holds the chunk's base values converted to the fine-tuned dtype; `ft` the
+/// fine-tuned chunk; `kept` ascending chunk-relative indices; `size` bytes per element.
+pub fn encode_sparse(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: &mut Vec<u8>) {
+    raw.clear();
+    push_varint(raw, kept.len() as u64);
+    let mut next = 0u64;
+    for &i in kept {
+        push_varint(raw, i as u64 - next);
+        next = i as u64 + 1;
+    }
+    let planes_at = raw.len();
+    raw.resize(planes_at + kept.len() * size, 0);
+    let (_, planes) = raw.split_at_mut(planes_at);
+    for (j, &i) in kept.iter().enumerate() {
+        let i = i as usize;
+        let f = read_bits(ft, i, size);
+        let z = delta_value(f, read_bits(out, i, size), size);
+        for p in 0..size {
+            planes[p * kept.len() + j] = (z >> (8 * (size - 1 - p))) as u8;
+        }
+        out[i * size..(i + 1) * size].copy_from_slice(&ft[i * size..(i + 1) * size]);
+    }
+}
+
+/// The largest raw payload a chunk of `elems` elements of `size` bytes can have.
+pub fn max_sparse_len(elems: u64, size: usize) -> u64 {
+    10 + elems * (10 + size as u64)
+}
+
+/// Decodes a sparse payload onto `out` (the converted base chunk of `out.len() / size`
+/// elements), returning the number of positions it sets. Errors describe the corruption.
+pub fn decode_sparse(raw: &[u8], out: &mut [u8], size: usize) -> Result<u64, String> {
+    let elems = (out.len() / size) as u64;
+    let mut pos = 0;
+    let count = read_varint(raw, &mut pos).ok_or("truncated count")?;
+    if count > elems {
+        return Err(format!(
+            "{count} kept positions in a block of {elems} elements"
+        ));
+    }
+    let count = count as usize;
+    let planes_len = count * size;
+    // Positions first; check them all before touching `out`.
+    let mut index = Vec::with_capacity(count);
+    let mut next = 0u64;
+    for _ in 0..count {
+        let gap = read_varint(raw, &mut pos).ok_or("truncated positions")?;
+        let i = next
+            .checked_add(gap)
+            .filter(|&i| i < elems)
+            .ok_or("position outside the block")?;
+        index.push(i as usize);
+        next = i + 1;
+    }
+    let planes = raw
+        .get(pos..)
+        .filter(|p| p.len() == planes_len)
+        .ok_or("value planes have the wrong length")?;
+    for (j, &i) in index.iter().enumerate() {
+        let mut z = 0u64;
+        for p in 0..size {
+            z = (z << 8) | planes[p * count + j] as u64;
+        }
+        let f = apply_value(read_bits(out, i, size), z, size);
+        out[i * size..(i + 1) * size].copy_from_slice(&f.to_le_bytes()[..size]);
+    }
+    Ok(count as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn values_round_trip(ft in any::<u64>(), base in any::<u64>(), size in prop::sample::select(vec![1usize, 2, 4, 8])) {
+            let mask = u64::MAX >> (64 - 8 * size);
+            let (ft, base) = (ft & mask, base & mask);
+            let z = delta_value(ft, base, size);
+            prop_assert!(z <= mask);
+            prop_assert_eq!(apply_value(base, z, size), ft);
+        }
+
+        #[test]
+        fn blocks_round_trip(pairs in prop::collection::vec((any::<u32>(), any::<u32>(), any::<bool>()), 0..300)) {
+            let base: Vec<u8> = pairs.iter().flat_map(|p| p.0.to_le_bytes()).collect();
+            let ft: Vec<u8> = pairs.iter().flat_map(|p| p.1.to_le_bytes()).collect();
+            let kept: Vec<u32> = (0..pairs.len() as u32).filter(|&i| pairs[i as usize].2).collect();
+            let mut out = base.clone();
+            let mut raw = Vec::new();
+            encode_sparse(&kept, &ft, &mut out, 4, &mut raw);
+            prop_assert!(raw.len() as u64 <= max_sparse_len(pairs.len() as u64, 4));
+            let mut again = base.clone();
+            prop_assert_eq!(decode_sparse(&raw, &mut again, 4), Ok(kept.len() as u64));
+            prop_assert_eq!(&again, &out);
+            for (i, p) in pairs.iter().enumerate() {
+                let want = if p.2 { p.1 } else { p.0 };
+                prop_assert_eq!(&out[i * 4..i * 4 + 4], &want.to_le_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn close_floats_give_small_values() {
+        let a = half::bf16::from_f32(0.01).to_bits() as u64;
+        let b = half::bf16::from_f32(0.0101).to_bits() as u64;
+        assert!(delta_value(b, a, 2) < 8);
+        let n = half::bf16::from_f32(-0.01).to_bits() as u64;
+        let m = half::bf16::from_f32(-0.0101).to_bits() as u64;
+        assert!(delta_value(m, n, 2) < 8);
+    }
+
+    #[test]
+    fn corrupt_payloads_are_errors() {
+        let mut out = vec![0u8; 8];
+        assert!(decode_sparse(&[], &mut out, 2).is_err());
+        assert!(decode_sparse(&[9], &mut out, 2).is_err()); // 9 kept of 4
+        assert!(decode_sparse(&[1, 7, 0, 0], &mut out, 2).is_err()); // position 7 of 4
+        assert!(decode_sparse(&[1, 0, 0], &mut out, 2).is_err()); // one plane byte missing
+        assert_eq!(decode_sparse(&[1, 0, 0, 1], &mut out, 2), Ok(1));
+    }
+}

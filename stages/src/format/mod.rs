@@ -1,0 +1,248 @@
+//! The sparse delta file, version 1: a preamble, independently decodable zstd blocks, a
+//! zstd-compressed JSON manifest, and a fixed footer. Written in one streaming pass; every
+//! byte is covered by a blake3 hash. The byte-level description is docs/FORMAT.md.
+
+mod read;
+mod write;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use read::DeltaReader;
+pub use write::DeltaWriter;
+
+use crate::dtype::DType;
+use crate::score::Metric;
+use crate::threshold::ThresholdMode;
+
+/// The first 8 bytes of every delta file.
+pub const MAGIC: [u8; 8] = *b"FAPMDLTA";
+/// The last 8 bytes of every delta file.
+pub const END_MAGIC: [u8; 8] = *b"FAPMEND1";
+/// The format version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Bytes before the first block: magic, version, reserved zero.
+pub const PREAMBLE_LEN: u64 = 16;
+/// Bytes of the footer: manifest offset, length, raw length, hash, end magic.
+pub const FOOTER_LEN: u64 = 64;
+/// The largest decompressed manifest a reader accepts.
+pub const MAX_MANIFEST_LEN: u64 = 1 << 30;
+/// Elements per block of a pruned or dense tensor.
+pub const BLOCK_ELEMS: u64 = 1 << 20;
+/// Bytes per block of a whole tensor or side file.
+pub const RAW_BLOCK_BYTES: u64 = 4 << 20;
+/// The zstd level of every block and of the manifest.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// The preamble this build writes.
+pub fn preamble() -> [u8; PREAMBLE_LEN as usize] {
+    let mut p = [0u8; PREAMBLE_LEN as usize];
+    p[..8].copy_from_slice(&MAGIC);
+    p[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    p
+}
+
+/// A blake3 hash, written as 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Hash(pub [u8; 32]);
+
+impl From<blake3::Hash> for Hash {
+    fn from(h: blake3::Hash) -> Self {
+        Hash(*h.as_bytes())
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bad = || serde::de::Error::custom("a hash must be 64 lowercase hex digits");
+        if s.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            let pair = s.get(2 * i..2 * i + 2).ok_or_else(bad)?;
+            *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+        }
+        if Hash(out).to_string() != s {
+            return Err(bad());
+        }
+        Ok(Hash(out))
+    }
+}
+
+/// Whether the fine-tuned checkpoint was one file or a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// One `.safetensors` file: `apply` writes one file.
+    File,
+    /// A directory: `apply` writes a directory.
+    Directory,
+}
+
+/// How a tensor is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Diffable and selected: only the top-k candidates are kept.
+    Pruned,
+    /// Diffable, not selected: every candidate is kept.
+    Dense,
+    /// Stored as the fine-tuned bytes.
+    Whole,
+}
+
+impl Mode {
+    /// The mode's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Pruned => "pruned",
+            Mode::Dense => "dense",
+            Mode::Whole => "whole",
+        }
+    }
+}
+
+/// One encoded block: where it is and what it hashes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Block {
+    /// Byte offset in the delta file.
+    pub offset: u64,
+    /// Compressed length.
+    pub len: u64,
+    /// Decompressed length.
+    pub raw_len: u64,
+    /// blake3 of the compressed bytes.
+    pub hash: Hash,
+}
+
+/// One output shard: its name and header, as in the fine-tuned checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardRecord {
+    /// File name relative to the output directory.
+    pub name: String,
+    /// The header JSON text, written back verbatim.
+    pub header: String,
+}
+
+/// One output tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorRecord {
+    /// Name.
+    pub name: String,
+    /// Index into [`Manifest::shards`].
+    pub shard: usize,
+    /// The fine-tuned (and output) dtype.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// How it is stored.
+    pub mode: Mode,
+    /// The base tensor's dtype, for pruned and dense tensors.
+    pub base_dtype: Option<DType>,
+    /// blake3 of the base tensor's bytes, for pruned and dense tensors.
+    pub base_hash: Option<Hash>,
+    /// blake3 of the reconstructed tensor's bytes.
+    pub out_hash: Hash,
+    /// Positions whose bits differ from the (converted) base.
+    pub candidates: u64,
+    /// Positions stored (for a whole tensor: every element).
+    pub kept: u64,
+    /// The blocks, in order.
+    pub blocks: Vec<Block>,
+}
+
+impl TensorRecord {
+    /// The number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// A non-weight file of a checkpoint directory (config, tokenizer, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SideFile {
+    /// Path relative to the directory, '/'-separated.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// blake3 of the contents.
+    pub hash: Hash,
+    /// The blocks, in order.
+    pub blocks: Vec<Block>,
+}
+
+/// The self-describing header of a delta, stored at its end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always "fapm-delta".
+    pub format: String,
+    /// The format version (also in the preamble).
+    pub version: u32,
+    /// The program that wrote it, e.g. "fapm 0.1.0".
+    pub tool: String,
+    /// The metric used to score.
+    pub metric: Metric,
+    /// The sparsity, as the decimal given.
+    pub sparsity: String,
+    /// The threshold mode.
+    pub threshold: ThresholdMode,
+    /// `--include` patterns.
+    pub include: Vec<String>,
+    /// `--exclude` patterns.
+    pub exclude: Vec<String>,
+    /// Elements per block of pruned and dense tensors.
+    pub block_elems: u64,
+    /// Bytes per block of whole tensors and side files.
+    pub raw_block_bytes: u64,
+    /// File or directory.
+    pub source: Source,
+    /// Output shards.
+    pub shards: Vec<ShardRecord>,
+    /// Output tensors, shard by shard in data order.
+    pub tensors: Vec<TensorRecord>,
+    /// Side files.
+    pub side_files: Vec<SideFile>,
+    /// Names of the tensors only the base has (ignored).
+    pub base_only: Vec<String>,
+}
+
+impl Manifest {
+    /// Every block of the file, in file order.
+    pub fn blocks(&self) -> impl Iterator<Item = &Block> {
+        self.tensors
+            .iter()
+            .flat_map(|t| &t.blocks)
+            .chain(self.side_files.iter().flat_map(|f| &f.blocks))
+    }
+}
+
+/// How many blocks, and the size of block `i`, for `len` units split `per` at a time.
+pub fn block_sizes(len: u64, per: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..len.div_ceil(per)).map(move |i| (i * per, per.min(len - i * per)))
+}

@@ -1,0 +1,336 @@
+//! The task vector and its scores: candidates, the FAPM and magnitude metrics, and the
+//! order-preserving key that turns an f32 score into a `u32` for histograms.
+//!
+//! Everything here is a pure function over one chunk of raw little-endian tensor bytes, so
+//! the threshold and mask stages can recompute scores from the memory maps on every pass.
+
+use crate::dtype::DType;
+
+/// The key of a position that is not a candidate. No score has this key: NaN scores count
+/// as `-inf`, whose key is `0x007f_ffff`.
+pub const NOT_CANDIDATE: u32 = 0;
+
+/// How positions are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    /// The paper's forgetting-aware metric: `|d| - mean(|pre|) * |d| / |pre|`.
+    Fapm,
+    /// Plain task-vector magnitude `|d|`.
+    Magnitude,
+}
+
+impl Metric {
+    /// The metric's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Fapm => "fapm",
+            Metric::Magnitude => "magnitude",
+        }
+    }
+}
+
+/// The score of one position, exactly as SPEC section 3 orders the f32 operations.
+#[inline(always)]
+pub fn score(metric: Metric, ft: f32, pre: f32, mean: f32) -> f32 {
+    let d = ft - pre;
+    let ad = d.abs();
+    match metric {
+        Metric::Magnitude => ad,
+        Metric::Fapm => {
+            let r = ad / pre.abs();
+            let t = mean * r;
+            ad - t
+        }
+    }
+}
+
+/// Maps a score to a `u32` whose unsigned order is the score order. NaN counts as `-inf`
+/// and `-0.0` as `+0.0`, so equal scores always get equal keys.
+#[inline(always)]
+pub fn key(s: f32) -> u32 {
+    let s = if s.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        s + 0.0
+    };
+    let b = s.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The score a key came from (canonical: never NaN, never `-0.0`).
+pub fn score_of_key(k: u32) -> f32 {
+    let b = if k & 0x8000_0000 != 0 {
+        k & 0x7fff_ffff
+    } else {
+        !k
+    };
+    f32::from_bits(b)
+}
+
+/// A floating element type as stored in safetensors, seen through its bit pattern.
+pub trait Elem: Copy {
+    /// The dtype.
+    const DTYPE: DType;
+    /// Bytes per element.
+    const SIZE: usize = 0;
+    /// Reads the bits of element `i` of `bytes`.
+    fn bits(bytes: &[u8], i: usize) -> u64;
+    /// Widens (F64: narrows) bits of this type to f32, as SPEC section 3 says.
+    fn to_f32(bits: u64) -> f32;
+    /// Rounds an f32 to this type, round-to-nearest-even (SPEC section 4).
+    fn from_f32(x: f32) -> u64;
+}
+
+macro_rules! elem {
+    ($name:ident, $dtype:expr, $size:expr, $raw:ty, $to:expr, $from:expr) => {
+        /// Marker for one floating dtype.
+        #[derive(Clone, Copy)]
+        pub struct $name;
+        impl Elem for $name {
+            const DTYPE: DType = $dtype;
+            const SIZE: usize = $size;
+            #[inline(always)]
+            fn bits(bytes: &[u8], i: usize) -> u64 {
+                let mut b = [0u8; $size];
+                b.copy_from_slice(&bytes[i * $size..i * $size + $size]);
+                <$raw>::from_le_bytes(b) as u64
+            }
+            #[inline(always)]
+            fn to_f32(bits: u64) -> f32 {
+                let f: fn($raw) -> f32 = $to;
+                f(bits as $raw)
+            }
+            #[inline(always)]
+            fn from_f32(x: f32) -> u64 {
+                let f: fn(f32) -> $raw = $from;
+                f(x) as u64
+            }
+        }
+    };
+}
+
+elem!(
+    Bf16,
+    DType::BF16,
+    2,
+    u16,
+    |b| half::bf16::from_bits(b).to_f32(),
+    |x| half::bf16::from_f32(x).to_bits()
+);
+elem!(
+    F16,
+    DType::F16,
+    2,
+    u16,
+    |b| half::f16::from_bits(b).to_f32(),
+    |x| half::f16::from_f32(x).to_bits()
+);
+elem!(F32, DType::F32, 4, u32, f32::from_bits, f32::to_bits);
+elem!(F64, DType::F64, 8, u64, |b| f64::from_bits(b) as f32, |x| {
+    (x as f64).to_bits()
+});
+
+/// The base element's bits converted to the fine-tuned dtype `F` (identity when equal).
+#[inline(always)]
+pub fn convert<F: Elem, B: Elem>(base_bits: u64) -> u64 {
+    if F::DTYPE == B::DTYPE {
+        base_bits
+    } else {
+        F::from_f32(B::to_f32(base_bits))
+    }
+}
+
+/// Calls `$body` with `F` and `B` bound to the element types of the two dtypes.
+#[macro_export]
+macro_rules! with_elems {
+    ($ft:expr, $base:expr, |$F:ident, $B:ident| $body:expr) => {{
+        use $crate::dtype::DType as D;
+        use $crate::score::{Bf16, F16, F32, F64};
+        macro_rules! inner {
+            ($f:ty) => {
+                match $base {
+                    D::BF16 => {
+                        type $F = $f;
+                        type $B = Bf16;
+                        $body
+                    }
+                    D::F16 => {
+                        type $F = $f;
+                        type $B = F16;
+                        $body
+                    }
+                    D::F32 => {
+                        type $F = $f;
+                        type $B = F32;
+                        $body
+                    }
+                    D::F64 => {
+                        type $F = $f;
+                        type $B = F64;
+                        $body
+                    }
+                    other => unreachable!("not diffable: {other}"),
+                }
+            };
+        }
+        match $ft {
+            D::BF16 => inner!(Bf16),
+            D::F16 => inner!(F16),
+            D::F32 => inner!(F32),
+            D::F64 => inner!(F64),
+            other => unreachable!("not diffable: {other}"),
+        }
+    }};
+}
+
+/// Sum of `|pre|` over a chunk of base bytes, each element widened to f32, summed in f64.
+pub fn sum_abs(base: DType, bytes: &[u8]) -> f64 {
+    fn go<B: Elem>(bytes: &[u8]) -> f64 {
+        let n = bytes.len() / B::SIZE;
+        (0..n)
+            .map(|i| B::to_f32(B::bits(bytes, i)).abs() as f64)
+            .sum()
+    }
+    match base {
+        DType::BF16 => go::<Bf16>(bytes),
+        DType::F16 => go::<F16>(bytes),
+        DType::F32 => go::<F32>(bytes),
+        DType::F64 => go::<F64>(bytes),
+        other => unreachable!("not diffable: {other}"),
+    }
+}
+
+/// The FAPM mean `A = f32(sum_f64(|pre|) / n)` from per-chunk partial sums.
+pub fn mean_abs(partials: impl IntoIterator<Item = f64>, n: u64) -> f32 {
+    let sum: f64 = partials.into_iter().sum();
+    (sum / n as f64) as f32
+}
+
+/// How to score one diffable tensor: dtypes, metric and the FAPM mean.
+#[derive(Debug, Clone, Copy)]
+pub struct Scorer {
+    /// The fine-tuned dtype.
+    pub ft: DType,
+    /// The base dtype.
+    pub base: DType,
+    /// The metric.
+    pub metric: Metric,
+    /// `mean(|pre|)` for FAPM (unused by magnitude).
+    pub mean: f32,
+}
+
+impl Scorer {
+    /// Writes the key of every position of a chunk into `keys` ([`NOT_CANDIDATE`] where the
+    /// fine-tuned bits equal the converted base bits). Returns the number of candidates.
+    pub fn keys(&self, ft: &[u8], base: &[u8], keys: &mut [u32]) -> usize {
+        let (metric, mean) = (self.metric, self.mean);
+        with_elems!(self.ft, self.base, |F, B| keys_typed::<F, B>(
+            ft, base, metric, mean, keys
+        ))
+    }
+}
+
+fn keys_typed<F: Elem, B: Elem>(
+    ft: &[u8],
+    base: &[u8],
+    metric: Metric,
+    mean: f32,
+    keys: &mut [u32],
+) -> usize {
+    let n = keys.len();
+    assert!(
+        ft.len() == n * F::SIZE && base.len() == n * B::SIZE,
+        "chunk sizes disagree"
+    );
+    let mut candidates = 0;
+    for (i, k) in keys.iter_mut().enumerate() {
+        let fb = F::bits(ft, i);
+        let bb = B::bits(base, i);
+        let changed = fb != convert::<F, B>(bb);
+        candidates += changed as usize;
+        *k = if changed {
+            key(score(metric, F::to_f32(fb), B::to_f32(bb), mean))
+        } else {
+            NOT_CANDIDATE
+        };
+    }
+    candidates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_orders_like_scores() {
+        let xs = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            0.0,
+            1e-45,
+            2.0,
+            f32::MAX,
+            f32::INFINITY,
+        ];
+        for w in xs.windows(2) {
+            assert!(key(w[0]) < key(w[1]), "{} vs {}", w[0], w[1]);
+        }
+        assert_eq!(key(-0.0), key(0.0));
+        assert_eq!(key(f32::NAN), key(f32::NEG_INFINITY));
+        assert!(key(f32::NEG_INFINITY) > NOT_CANDIDATE);
+        for x in xs {
+            assert_eq!(score_of_key(key(x)).to_bits(), x.to_bits());
+        }
+    }
+
+    #[test]
+    fn fapm_follows_the_spec_order() {
+        // |d| = 0.5, |pre| = 2, A = 3: r = 0.25, t = 0.75, S = -0.25.
+        assert_eq!(score(Metric::Fapm, 2.5, 2.0, 3.0), -0.25);
+        // pre = 0: r = inf, S = -inf.
+        assert_eq!(score(Metric::Fapm, 1.0, 0.0, 1.0), f32::NEG_INFINITY);
+        // pre = 0 and A = 0: 0 * inf is NaN, which keys as -inf.
+        assert_eq!(
+            key(score(Metric::Fapm, 1.0, 0.0, 0.0)),
+            key(f32::NEG_INFINITY)
+        );
+        assert_eq!(score(Metric::Magnitude, -1.0, 2.0, 9.0), 3.0);
+    }
+
+    #[test]
+    fn conversion_rounds_to_nearest_even() {
+        // 1 + 2^-8 is halfway between two bf16 values; ties go to the even one (1.0).
+        let x = 1.0f32 + f32::powi(2.0, -8);
+        assert_eq!(convert::<Bf16, F32>(x.to_bits() as u64), 0x3f80);
+        assert_eq!(convert::<F32, Bf16>(0x3f80), 1.0f32.to_bits() as u64);
+        assert_eq!(convert::<F64, F64>(0x1234), 0x1234);
+        assert_eq!(convert::<F16, F64>(1.0f64.to_bits()), 0x3c00);
+    }
+
+    #[test]
+    fn keys_mark_candidates() {
+        let base: Vec<u8> = [1.0f32, 2.0, -0.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let ft: Vec<u8> = [1.0f32, 3.0, 0.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let mut keys = [7u32; 3];
+        let s = Scorer {
+            ft: DType::F32,
+            base: DType::F32,
+            metric: Metric::Magnitude,
+            mean: 0.0,
+        };
+        assert_eq!(s.keys(&ft, &base, &mut keys), 2);
+        assert_eq!(keys, [NOT_CANDIDATE, key(1.0), key(0.0)]);
+    }
+}

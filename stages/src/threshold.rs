@@ -1,0 +1,337 @@
+//! Choosing which candidates to keep: the exact keep count, streaming histogram selection of
+//! the k-th largest score, and the cut that the mask stage applies chunk by chunk.
+//!
+//! Selection never holds a tensor's scores: it asks for histograms (computed by whoever
+//! can stream the tensor, from the maps) and needs at most two of them. The first counts the
+//! high 16 bits of every candidate's key; the second the low 16 bits inside the boundary bin.
+//! Ties at the final level are filled in index order, so counts, not values, decide.
+
+use crate::score::NOT_CANDIDATE;
+
+/// The fraction of elements to prune, an exact decimal `num / den` in `[0, 1]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sparsity {
+    num: u128,
+    den: u128,
+    text_digits: u32,
+}
+
+impl Sparsity {
+    /// Parses a plain decimal such as `0.9`, `1`, `0.125` (at most 18 fraction digits).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("invalid sparsity '{text}': expected a decimal number from 0 to 1, such as 0.9")
+        };
+        let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+        let digits_ok = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+        if (int.is_empty() && frac.is_empty())
+            || !digits_ok(int)
+            || !digits_ok(frac)
+            || frac.len() > 18
+            || int.len() > 18
+        {
+            return Err(bad());
+        }
+        let parse = |s: &str| {
+            if s.is_empty() {
+                Ok(0)
+            } else {
+                s.parse::<u128>().map_err(|_| bad())
+            }
+        };
+        let den = 10u128.pow(frac.len() as u32);
+        let num = parse(int)?
+            .checked_mul(den)
+            .and_then(|x| x.checked_add(parse(frac).ok()?))
+            .ok_or_else(bad)?;
+        if num > den {
+            return Err(format!(
+                "invalid sparsity '{text}': it must be between 0 and 1"
+            ));
+        }
+        Ok(Sparsity {
+            num,
+            den,
+            text_digits: frac.len() as u32,
+        })
+    }
+
+    /// How many of `n` elements to keep: `floor(n * (1 - s))`, in exact integer arithmetic.
+    pub fn keep_count(&self, n: u64) -> u64 {
+        // den <= 10^18 < 2^60, so n * (den - num) < 2^124 fits in u128.
+        (n as u128 * (self.den - self.num) / self.den) as u64
+    }
+
+    /// The decimal text, normalised (`0.90` stays `0.90`; used in the delta header).
+    pub fn to_decimal(&self) -> String {
+        let int = self.num / self.den;
+        let frac = self.num % self.den;
+        if self.text_digits == 0 {
+            format!("{int}")
+        } else {
+            format!("{int}.{frac:0width$}", width = self.text_digits as usize)
+        }
+    }
+}
+
+/// Exact k-th score, or one histogram pass with a tolerance (SPEC section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThresholdMode {
+    /// Keep exactly the first k by (score desc, index asc).
+    Exact,
+    /// Keep k, choosing among scores within 2^-7 relative of the boundary.
+    Approx,
+}
+
+/// Which bits of the key a histogram counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bins {
+    /// The high 16 bits of every candidate's key.
+    High,
+    /// The low 16 bits of candidates whose high 16 bits equal this bin.
+    LowWithin(u32),
+}
+
+/// A 65,536-bin histogram of keys.
+#[derive(Clone)]
+pub struct Histogram {
+    counts: Vec<u64>,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: vec![0; 1 << 16],
+        }
+    }
+}
+
+impl Histogram {
+    /// Counts the candidate keys of one chunk.
+    pub fn add(&mut self, bins: Bins, keys: &[u32]) {
+        match bins {
+            Bins::High => {
+                for &k in keys {
+                    self.counts[(k >> 16) as usize] += 1;
+                }
+                self.counts[0] = 0; // NOT_CANDIDATE lives in bin 0, which no score reaches
+            }
+            Bins::LowWithin(hi) => {
+                for &k in keys {
+                    if k >> 16 == hi && k != NOT_CANDIDATE {
+                        self.counts[(k & 0xffff) as usize] += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds another histogram's counts to this one.
+    pub fn merge(mut self, other: &Histogram) -> Histogram {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self
+    }
+
+    /// The total count.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The bin holding the k-th largest key (k >= 1, k <= total): `(bin, how many of the
+    /// bin's entries are among the top k, the bin's count)`.
+    fn boundary(&self, k: u64) -> (u32, u64, u64) {
+        let mut above = 0u64;
+        for bin in (0..self.counts.len()).rev() {
+            let c = self.counts[bin];
+            if above + c >= k {
+                return (bin as u32, k - above, c);
+            }
+            above += c;
+        }
+        unreachable!("k = {k} exceeds the histogram total {above}")
+    }
+}
+
+/// What the mask stage keeps of a tensor's candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Keep no position.
+    Nothing,
+    /// Keep every candidate.
+    All,
+    /// Keep candidates whose `key >> shift` is above `level`, and the first `take` (in index
+    /// order) of the `at_level` candidates whose `key >> shift` equals it.
+    Level {
+        /// 16 for a high-bits cut, 0 for an exact key.
+        shift: u32,
+        /// The boundary level.
+        level: u32,
+        /// How many boundary candidates to keep.
+        take: u64,
+        /// How many boundary candidates there are in the whole tensor.
+        at_level: u64,
+    },
+}
+
+/// Finds the cut that keeps `k` candidates. `pass` streams the tensor once and returns a
+/// histogram; it is called once (approx, or when the boundary bin is taken whole) or twice.
+pub fn plan<E>(
+    k: u64,
+    mode: ThresholdMode,
+    mut pass: impl FnMut(Bins) -> Result<Histogram, E>,
+) -> Result<Cut, E> {
+    if k == 0 {
+        return Ok(Cut::Nothing);
+    }
+    let high = pass(Bins::High)?;
+    if high.total() <= k {
+        return Ok(Cut::All);
+    }
+    let (bin, take, at_level) = high.boundary(k);
+    if mode == ThresholdMode::Approx || take == at_level {
+        return Ok(Cut::Level {
+            shift: 16,
+            level: bin,
+            take,
+            at_level,
+        });
+    }
+    let low = pass(Bins::LowWithin(bin))?;
+    let (lo, take, at_level) = low.boundary(take);
+    Ok(Cut::Level {
+        shift: 0,
+        level: (bin << 16) | lo,
+        take,
+        at_level,
+    })
+}
+
+impl Cut {
+    /// Whether only some of the boundary candidates are kept, so that chunks need their
+    /// boundary counts before they can be masked.
+    pub fn is_partial(&self) -> bool {
+        matches!(self, Cut::Level { take, at_level, .. } if take < at_level)
+    }
+
+    /// The number of boundary candidates among `keys`.
+    pub fn at_level_in(&self, keys: &[u32]) -> u64 {
+        match *self {
+            Cut::Level { shift, level, .. } => keys
+                .iter()
+                .filter(|&&k| k != NOT_CANDIDATE && k >> shift == level)
+                .count() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Pushes the chunk-relative index of every kept position of `keys` onto `kept`,
+    /// keeping at most `quota` boundary candidates (the first ones).
+    pub fn select(&self, keys: &[u32], mut quota: u64, kept: &mut Vec<u32>) {
+        match *self {
+            Cut::Nothing => {}
+            Cut::All => {
+                kept.extend((0..keys.len() as u32).filter(|&i| keys[i as usize] != NOT_CANDIDATE))
+            }
+            Cut::Level { shift, level, .. } => {
+                for (i, &k) in keys.iter().enumerate() {
+                    if k == NOT_CANDIDATE {
+                        continue;
+                    }
+                    let l = k >> shift;
+                    if l > level || (l == level && quota > 0) {
+                        quota -= (l == level) as u64;
+                        kept.push(i as u32);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits a cut's boundary quota over chunks in index order, given each chunk's boundary count.
+pub fn quotas(at_level_per_chunk: impl IntoIterator<Item = u64>, remaining: &mut u64) -> Vec<u64> {
+    at_level_per_chunk
+        .into_iter()
+        .map(|c| {
+            let q = c.min(*remaining);
+            *remaining -= q;
+            q
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::score::key;
+
+    #[test]
+    fn sparsity_is_an_exact_decimal() {
+        let s = Sparsity::parse("0.9").unwrap();
+        assert_eq!(s.keep_count(10), 1);
+        assert_eq!(s.keep_count(9), 0); // 0.9 would be 0.8999... as f64: floor must not slip
+        assert_eq!(s.keep_count(19), 1);
+        assert_eq!(Sparsity::parse("0.3").unwrap().keep_count(10), 7);
+        assert_eq!(Sparsity::parse("1").unwrap().keep_count(5), 0);
+        assert_eq!(Sparsity::parse("0").unwrap().keep_count(u64::MAX), u64::MAX);
+        assert_eq!(
+            Sparsity::parse("0.5").unwrap().keep_count(u64::MAX),
+            u64::MAX / 2
+        );
+        assert_eq!(Sparsity::parse(".25").unwrap().to_decimal(), "0.25");
+        let tiny = Sparsity::parse("0.000000000000000001").unwrap();
+        assert_eq!(tiny.keep_count(u64::MAX), u64::MAX - 19);
+        assert!(Sparsity::parse("0.0000000000000000001").is_err());
+        for bad in ["", ".", "1.5", "-0.1", "0.9x", "1e-1", "2", "0,9", " 0.9"] {
+            assert!(Sparsity::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn cut_of(keys: &[u32], k: u64, mode: ThresholdMode) -> Cut {
+        plan::<()>(k, mode, |bins| {
+            let mut h = Histogram::default();
+            h.add(bins, keys);
+            Ok(h)
+        })
+        .unwrap()
+    }
+
+    fn kept(keys: &[u32], cut: &Cut) -> Vec<u32> {
+        let mut out = Vec::new();
+        let quota = match cut {
+            Cut::Level { take, .. } => *take,
+            _ => 0,
+        };
+        cut.select(keys, quota, &mut out);
+        out
+    }
+
+    #[test]
+    fn exact_cut_breaks_ties_by_index() {
+        let scores = [1.0, 3.0, 2.0, 3.0, 3.0, -1.0];
+        let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();
+        let cut = cut_of(&keys, 2, ThresholdMode::Exact);
+        assert_eq!(kept(&keys, &cut), [1, 3]);
+        let cut = cut_of(&keys, 4, ThresholdMode::Exact);
+        assert_eq!(kept(&keys, &cut), [1, 2, 3, 4]);
+        assert_eq!(cut_of(&keys, 0, ThresholdMode::Exact), Cut::Nothing);
+        assert_eq!(cut_of(&keys, 6, ThresholdMode::Exact), Cut::All);
+    }
+
+    #[test]
+    fn non_candidates_are_never_kept() {
+        let keys = [NOT_CANDIDATE, key(f32::NEG_INFINITY), NOT_CANDIDATE];
+        let cut = cut_of(&keys, 3, ThresholdMode::Exact);
+        assert_eq!(kept(&keys, &cut), [1]);
+    }
+
+    #[test]
+    fn quotas_fill_in_order() {
+        let mut remaining = 5;
+        assert_eq!(quotas([2, 0, 4, 3], &mut remaining), [2, 0, 3, 0]);
+        assert_eq!(remaining, 0);
+    }
+}
