@@ -1,1 +1,234 @@
-fn main() {}
+//! The `fapm` binary: parses flags, runs one command, prints its summary, and maps errors to
+//! exit codes (1: bad input or failure, 2: usage; SPEC section 6).
+
+mod cli;
+mod progress;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use fapm::config::{self, ApplyConfig, PruneConfig};
+use fapm::{Ctl, Error};
+use serde_json::json;
+
+use cli::{Cli, Command};
+use progress::{bytes, count, percent, Monitor};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = match &cli.command {
+        Command::Prune(a) => a.run.quiet,
+        Command::Apply(a) => a.run.quiet,
+        Command::Verify(a) => a.run.quiet,
+        Command::Inspect(_) => false,
+    };
+    progress::init_logging(cli.verbose, quiet);
+    let ctl = Arc::new(Ctl::default());
+    {
+        let ctl = Arc::clone(&ctl);
+        // Ctrl-C and SIGTERM: stop at the next chunk, clean up, exit 1.
+        let _ = ctrlc::set_handler(move || ctl.cancel());
+    }
+    match run(cli.command, &ctl) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
+    match command {
+        Command::Prune(a) => {
+            let cfg = PruneConfig {
+                base: a.base,
+                finetuned: a.finetuned,
+                output: a.output,
+                sparsity: config::sparsity(&a.sparsity)?,
+                metric: config::metric(&a.metric)?,
+                threshold: config::threshold(&a.threshold)?,
+                include: config::regexes("--include", &a.include)?,
+                exclude: config::regexes("--exclude", &a.exclude)?,
+                threads: config::threads(a.run.threads),
+                memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
+                overwrite: a.overwrite,
+            };
+            let monitor = Monitor::start(Arc::clone(ctl), "prune", !a.run.quiet);
+            let result = fapm::prune(&cfg, ctl);
+            let peak = monitor.finish();
+            let s = result?;
+            let throughput = s.input_bytes as f64 / s.seconds.max(1e-9) / 1e9;
+            if a.run.json {
+                let mut v = serde_json::to_value(&s).expect("a summary serializes");
+                v["command"] = json!("prune");
+                v["kept_fraction"] = json!(s.kept as f64 / (s.elements.max(1)) as f64);
+                v["throughput_gb_per_s"] = json!(throughput);
+                v["peak_memory_bytes"] = json!(peak);
+                println!("{v}");
+            }
+            if !a.run.quiet {
+                eprintln!(
+                    "pruned  {} tensors pruned, {} dense, {} whole, {} base-only ignored",
+                    s.pruned, s.dense, s.whole, s.base_only
+                );
+                eprintln!(
+                    "kept    {} of {} elements ({:.2}%); {} had changed ({:.2}%)",
+                    count(s.kept),
+                    count(s.elements),
+                    percent(s.kept, s.elements),
+                    count(s.candidates),
+                    percent(s.candidates, s.elements)
+                );
+                eprintln!(
+                    "size    inputs {} -> delta {} ({:.1}x smaller than the inputs)",
+                    bytes(s.input_bytes),
+                    bytes(s.delta_bytes),
+                    s.input_bytes as f64 / s.delta_bytes.max(1) as f64
+                );
+                if !s.skipped_side_files.is_empty() {
+                    eprintln!("skipped side files over 64 MiB: {}", s.skipped_side_files.join(", "));
+                }
+                eprintln!("time    {:.2} s, {:.2} GB/s of input, peak memory {}", s.seconds, throughput, bytes(peak));
+                eprintln!("wrote   {}", s.output.display());
+            }
+        }
+        Command::Apply(a) => {
+            let cfg = ApplyConfig {
+                base: a.base,
+                delta: a.delta,
+                output: Some(a.output),
+                threads: config::threads(a.run.threads),
+                memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
+                overwrite: a.overwrite,
+            };
+            let monitor = Monitor::start(Arc::clone(ctl), "apply", !a.run.quiet);
+            let result = fapm::apply(&cfg, ctl);
+            let peak = monitor.finish();
+            report_apply("applied", result?, peak, a.run.json, a.run.quiet);
+        }
+        Command::Verify(a) => {
+            let threads = config::threads(a.run.threads);
+            let monitor = Monitor::start(Arc::clone(ctl), "verify", !a.run.quiet);
+            let result = match a.base {
+                Some(base) => {
+                    let cfg = ApplyConfig {
+                        base,
+                        delta: a.delta,
+                        output: None,
+                        threads,
+                        memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
+                        overwrite: false,
+                    };
+                    fapm::apply(&cfg, ctl)
+                }
+                None => fapm::verify_delta(&a.delta, threads, ctl),
+            };
+            let peak = monitor.finish();
+            report_apply("verified", result?, peak, a.run.json, a.run.quiet);
+        }
+        Command::Inspect(a) => inspect(&a.delta, a.json)?,
+    }
+    Ok(())
+}
+
+fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, quiet: bool) {
+    let throughput = s.tensor_bytes as f64 / s.seconds.max(1e-9) / 1e9;
+    if json_out {
+        let mut v = serde_json::to_value(&s).expect("a summary serializes");
+        v["command"] = json!(verb);
+        v["throughput_gb_per_s"] = json!(throughput);
+        v["peak_memory_bytes"] = json!(peak);
+        println!("{v}");
+    }
+    if quiet {
+        return;
+    }
+    eprintln!(
+        "{verb:<9}{} tensors ({}), {} side files, {} blocks; all hashes match",
+        s.tensors,
+        bytes(s.tensor_bytes),
+        s.side_files,
+        s.blocks
+    );
+    if s.base_tensors_checked > 0 {
+        eprintln!("base     {} base tensors match the delta's hashes", s.base_tensors_checked);
+    }
+    eprintln!("time     {:.2} s, {:.2} GB/s, peak memory {}", s.seconds, throughput, bytes(peak));
+    if let Some(out) = &s.output {
+        eprintln!("wrote    {}", out.display());
+    }
+}
+
+fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
+    let (m, size) = fapm::inspect(path)?;
+    let encoded = |t: &fapm_stages::format::TensorRecord| t.blocks.iter().map(|b| b.len).sum::<u64>();
+    if json_out {
+        let tensors: Vec<_> = m
+            .tensors
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name, "shard": m.shards[t.shard].name, "mode": t.mode, "dtype": t.dtype,
+                    "base_dtype": t.base_dtype, "shape": t.shape, "numel": t.numel(),
+                    "candidates": t.candidates, "kept": t.kept, "encoded_bytes": encoded(t),
+                })
+            })
+            .collect();
+        let v = json!({
+            "file": path, "size": size, "version": m.version, "tool": m.tool, "metric": m.metric,
+            "sparsity": m.sparsity, "threshold": m.threshold, "include": m.include, "exclude": m.exclude,
+            "source": m.source, "index": m.index,
+            "shards": m.shards.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            "tensors": tensors,
+            "side_files": m.side_files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
+            "base_only": m.base_only,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("{}  ({}, format v{}, written by {})", path.display(), bytes(size), m.version, m.tool);
+    println!(
+        "metric {}, sparsity {}, threshold {}, {} {} shard(s), {} side file(s), {} base-only tensor(s)",
+        m.metric.name(),
+        m.sparsity,
+        match m.threshold {
+            fapm_stages::threshold::ThresholdMode::Exact => "exact",
+            fapm_stages::threshold::ThresholdMode::Approx => "approx",
+        },
+        if m.source == fapm_stages::format::Source::File { "file," } else { "directory," },
+        m.shards.len(),
+        m.side_files.len(),
+        m.base_only.len()
+    );
+    let width = m.tensors.iter().map(|t| t.name.len()).max().unwrap_or(6).clamp(6, 60);
+    println!(
+        "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",
+        "tensor", "mode", "dtype", "shape", "kept / total", "encoded"
+    );
+    for t in &m.tensors {
+        let dtype = match t.base_dtype {
+            Some(b) if b != t.dtype => format!("{b}->{}", t.dtype),
+            _ => t.dtype.to_string(),
+        };
+        let kept = if t.mode == fapm_stages::format::Mode::Whole {
+            "all".to_string()
+        } else {
+            format!("{} / {}", count(t.kept), count(t.numel()))
+        };
+        println!(
+            "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",
+            t.name,
+            t.mode.name(),
+            dtype,
+            format!("{:?}", t.shape),
+            kept,
+            bytes(encoded(t))
+        );
+    }
+    for f in &m.side_files {
+        println!("side file {}  ({})", f.path, bytes(f.size));
+    }
+    Ok(())
+}

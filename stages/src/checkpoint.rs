@@ -83,6 +83,8 @@ pub struct Shard {
     pub path: PathBuf,
     /// Its name relative to the checkpoint directory (or its file name for a single file).
     pub name: String,
+    /// Its position among the checkpoint's shards.
+    pub position: usize,
     /// The header's JSON text, exactly as in the file (padding included).
     pub header: String,
     /// Length of the data buffer that follows the header.
@@ -104,15 +106,7 @@ impl Shard {
         let map = Mmap::open(path, &file, meta.len())?;
         let (header, data_start, tensors) = parse_shard(path, map.bytes())?;
         let data_len = (map.bytes().len() - data_start) as u64;
-        Ok(Shard {
-            path: path.to_path_buf(),
-            name,
-            header,
-            data_len,
-            tensors,
-            data_start,
-            map,
-        })
+        Ok(Shard { path: path.to_path_buf(), name, position: 0, header, data_len, tensors, data_start, map })
     }
 
     /// The bytes of tensor `i` of this shard.
@@ -127,18 +121,9 @@ impl Shard {
 ///
 /// Returns the header text, where the data buffer starts, and the tensors in data order.
 pub fn parse_shard(path: &Path, bytes: &[u8]) -> Result<(String, usize, Vec<TensorInfo>)> {
-    let len_bytes: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| {
-            Error::invalid(
-                path,
-                format!(
-                    "file is {} bytes, too short for a safetensors header",
-                    bytes.len()
-                ),
-            )
-        })?;
+    let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| {
+        Error::invalid(path, format!("file is {} bytes, too short for a safetensors header", bytes.len()))
+    })?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_LEN {
         return Err(Error::invalid(
@@ -148,13 +133,7 @@ pub fn parse_shard(path: &Path, bytes: &[u8]) -> Result<(String, usize, Vec<Tens
     }
     let data_start = 8 + header_len as usize;
     let header_bytes = bytes.get(8..data_start).ok_or_else(|| {
-        Error::invalid(
-            path,
-            format!(
-                "header length {header_len} runs past the end of the {}-byte file",
-                bytes.len()
-            ),
-        )
+        Error::invalid(path, format!("header length {header_len} runs past the end of the {}-byte file", bytes.len()))
     })?;
     let header = std::str::from_utf8(header_bytes)
         .map_err(|e| Error::invalid(path, format!("header is not UTF-8: {e}")))?
@@ -182,10 +161,7 @@ impl<'de> Deserialize<'de> for OrderedObject {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<OrderedObject, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<OrderedObject, A::Error> {
                 let mut entries = Vec::new();
                 let mut seen = std::collections::HashSet::new();
                 while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
@@ -203,19 +179,14 @@ impl<'de> Deserialize<'de> for OrderedObject {
 
 /// Validates a safetensors header against a data buffer of `data_len` bytes.
 pub fn parse_header(path: &Path, header: &str, data_len: u64) -> Result<Vec<TensorInfo>> {
-    let object: OrderedObject = serde_json::from_str(header)
-        .map_err(|e| Error::invalid(path, format!("malformed header JSON: {e}")))?;
+    let object: OrderedObject =
+        serde_json::from_str(header).map_err(|e| Error::invalid(path, format!("malformed header JSON: {e}")))?;
     let mut tensors = Vec::with_capacity(object.0.len());
     for (name, value) in object.0 {
         if name == "__metadata__" {
-            let ok = value
-                .as_object()
-                .is_some_and(|m| m.values().all(|v| v.is_string()));
+            let ok = value.as_object().is_some_and(|m| m.values().all(|v| v.is_string()));
             if !ok {
-                return Err(Error::invalid(
-                    path,
-                    "__metadata__ must map strings to strings",
-                ));
+                return Err(Error::invalid(path, "__metadata__ must map strings to strings"));
             }
             continue;
         }
@@ -247,22 +218,12 @@ pub fn parse_header(path: &Path, header: &str, data_len: u64) -> Result<Vec<Tens
                 ),
             ));
         }
-        tensors.push(TensorInfo {
-            name,
-            dtype,
-            shape: raw.shape,
-            begin,
-            end,
-        });
+        tensors.push(TensorInfo { name, dtype, shape: raw.shape, begin, end });
     }
     tensors.sort_by_key(|t| t.begin); // stable: header order among equal starts
     for pair in tensors.windows(2) {
         if pair[1].begin < pair[0].end {
-            return Err(Error::tensor(
-                path,
-                &pair[1].name,
-                format!("data overlaps tensor '{}'", pair[0].name),
-            ));
+            return Err(Error::tensor(path, &pair[1].name, format!("data overlaps tensor '{}'", pair[0].name)));
         }
     }
     Ok(tensors)
@@ -304,6 +265,8 @@ pub struct Checkpoint {
     pub root: PathBuf,
     /// File or directory.
     pub layout: Layout,
+    /// Whether a directory had a `model.safetensors.index.json`.
+    pub indexed: bool,
     /// Shards in name order.
     pub shards: Vec<Arc<Shard>>,
     by_name: HashMap<String, (usize, usize)>,
@@ -316,21 +279,15 @@ impl Checkpoint {
         let (layout, names) = if meta.is_dir() {
             (Layout::Directory, shard_names(root)?)
         } else {
-            let name = root
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             (Layout::File, vec![name])
         };
         let mut shards: Vec<Arc<Shard>> = Vec::with_capacity(names.len());
         let mut by_name: HashMap<String, (usize, usize)> = HashMap::new();
         for name in names {
-            let path = if layout == Layout::File {
-                root.to_path_buf()
-            } else {
-                root.join(&name)
-            };
-            let shard = Shard::open(&path, name)?;
+            let path = if layout == Layout::File { root.to_path_buf() } else { root.join(&name) };
+            let mut shard = Shard::open(&path, name)?;
+            shard.position = shards.len();
             for (i, t) in shard.tensors.iter().enumerate() {
                 if let Some(&(other, _)) = by_name.get(&t.name) {
                     let other = &shards[other];
@@ -344,12 +301,8 @@ impl Checkpoint {
             }
             shards.push(Arc::new(shard));
         }
-        let ckpt = Checkpoint {
-            root: root.to_path_buf(),
-            layout,
-            shards,
-            by_name,
-        };
+        let indexed = layout == Layout::Directory && root.join(INDEX_FILE).is_file();
+        let ckpt = Checkpoint { root: root.to_path_buf(), layout, indexed, shards, by_name };
         if layout == Layout::Directory {
             ckpt.check_index()?;
         }
@@ -358,20 +311,14 @@ impl Checkpoint {
 
     /// Every tensor, shard by shard in data order.
     pub fn tensors(&self) -> impl Iterator<Item = TensorRef> + '_ {
-        self.shards.iter().flat_map(|s| {
-            (0..s.tensors.len()).map(move |index| TensorRef {
-                shard: Arc::clone(s),
-                index,
-            })
-        })
+        self.shards
+            .iter()
+            .flat_map(|s| (0..s.tensors.len()).map(move |index| TensorRef { shard: Arc::clone(s), index }))
     }
 
     /// The tensor called `name`, if any.
     pub fn get(&self, name: &str) -> Option<TensorRef> {
-        self.by_name.get(name).map(|&(s, index)| TensorRef {
-            shard: Arc::clone(&self.shards[s]),
-            index,
-        })
+        self.by_name.get(name).map(|&(s, index)| TensorRef { shard: Arc::clone(&self.shards[s]), index })
     }
 
     /// The number of tensors.
@@ -394,11 +341,7 @@ impl Checkpoint {
             match self.by_name.get(&tensor) {
                 Some(&(s, _)) if self.shards[s].name == shard => {}
                 _ => {
-                    return Err(Error::tensor(
-                        &index_path,
-                        tensor,
-                        format!("not found in shard '{shard}'"),
-                    ));
+                    return Err(Error::tensor(&index_path, tensor, format!("not found in shard '{shard}'")));
                 }
             }
         }
@@ -414,23 +357,17 @@ fn read_index(dir: &Path) -> Result<Option<Vec<(String, String)>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(&path, e)),
     };
-    let value: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| Error::invalid(&path, format!("malformed JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| Error::invalid(&path, format!("malformed JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::invalid(&path, "no \"weight_map\" object"))?;
     let mut out = Vec::with_capacity(map.len());
     for (tensor, shard) in map {
-        let shard = shard
-            .as_str()
-            .ok_or_else(|| Error::tensor(&path, tensor, "weight_map value is not a string"))?;
+        let shard = shard.as_str().ok_or_else(|| Error::tensor(&path, tensor, "weight_map value is not a string"))?;
         if !is_safe_relative(shard) {
-            return Err(Error::tensor(
-                &path,
-                tensor,
-                format!("shard path '{shard}' is outside the directory"),
-            ));
+            return Err(Error::tensor(&path, tensor, format!("shard path '{shard}' is outside the directory")));
         }
         out.push((tensor.clone(), shard.to_owned()));
     }
@@ -469,10 +406,7 @@ fn shard_names(dir: &Path) -> Result<Vec<String>> {
     };
     names.sort();
     if names.is_empty() {
-        return Err(Error::invalid(
-            dir,
-            "no *.safetensors files in this directory",
-        ));
+        return Err(Error::invalid(dir, "no *.safetensors files in this directory"));
     }
     Ok(names)
 }
@@ -483,9 +417,7 @@ pub fn is_safe_relative(p: &str) -> bool {
     !p.is_empty()
         && !p.contains('\\')
         && !p.contains('\0')
-        && Path::new(p)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
+        && Path::new(p).components().all(|c| matches!(c, Component::Normal(_)))
 }
 
 #[cfg(test)]
@@ -507,31 +439,16 @@ mod tests {
     fn accepts_unaligned_tensors_in_data_order() {
         let h = r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"U8","shape":[3],"data_offsets":[0,3]},"a":{"dtype":"F16","shape":[1],"data_offsets":[3,5]}}"#;
         let t = parse(h, &[0; 5]).unwrap();
-        assert_eq!(
-            t.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
-            ["b", "a"]
-        );
+        assert_eq!(t.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["b", "a"]);
         assert_eq!(t[1].begin, 3);
     }
 
     #[test]
     fn rejects_each_malformation() {
         let cases: &[(&str, usize, &str)] = &[
-            (
-                r#"{"a":{"dtype":"X9","shape":[1],"data_offsets":[0,1]}}"#,
-                1,
-                "unknown dtype",
-            ),
-            (
-                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,1]}}"#,
-                1,
-                "needs 2",
-            ),
-            (
-                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,9]}}"#,
-                1,
-                "outside",
-            ),
+            (r#"{"a":{"dtype":"X9","shape":[1],"data_offsets":[0,1]}}"#, 1, "unknown dtype"),
+            (r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,1]}}"#, 1, "needs 2"),
+            (r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,9]}}"#, 1, "outside"),
             (
                 r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}"#,
                 3,
@@ -542,18 +459,10 @@ mod tests {
                 2,
                 "duplicate key",
             ),
-            (
-                r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296,16],"data_offsets":[0,1]}}"#,
-                1,
-                "too large",
-            ),
+            (r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296,16],"data_offsets":[0,1]}}"#, 1, "too large"),
             (r#"{"__metadata__":{"x":1}}"#, 0, "__metadata__"),
             (r#"[1,2]"#, 0, "malformed header"),
-            (
-                r#"{"a":{"dtype":"U8","shape":[1]}}"#,
-                1,
-                "malformed header entry",
-            ),
+            (r#"{"a":{"dtype":"U8","shape":[1]}}"#, 1, "malformed header entry"),
         ];
         for (header, data_len, needle) in cases {
             let err = parse(header, &vec![0; *data_len]).unwrap_err().to_string();
@@ -563,21 +472,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_header_lengths() {
-        assert!(parse_shard(Path::new("x"), &[1, 2, 3])
-            .unwrap_err()
-            .to_string()
-            .contains("too short"));
+        assert!(parse_shard(Path::new("x"), &[1, 2, 3]).unwrap_err().to_string().contains("too short"));
         let mut b = 1000u64.to_le_bytes().to_vec();
         b.extend_from_slice(b"{}");
-        assert!(parse_shard(Path::new("x"), &b)
-            .unwrap_err()
-            .to_string()
-            .contains("past the end"));
+        assert!(parse_shard(Path::new("x"), &b).unwrap_err().to_string().contains("past the end"));
         let b = (MAX_HEADER_LEN + 1).to_le_bytes();
-        assert!(parse_shard(Path::new("x"), &b)
-            .unwrap_err()
-            .to_string()
-            .contains("limit"));
+        assert!(parse_shard(Path::new("x"), &b).unwrap_err().to_string().contains("limit"));
     }
 
     #[test]

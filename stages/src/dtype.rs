@@ -113,8 +113,7 @@ impl serde::Serialize for DType {
 impl<'de> serde::Deserialize<'de> for DType {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let name = String::deserialize(d)?;
-        DType::parse(&name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown dtype '{name}'")))
+        DType::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown dtype '{name}'")))
     }
 }
 

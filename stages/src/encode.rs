@@ -115,9 +115,7 @@ pub fn decode_sparse(raw: &[u8], out: &mut [u8], size: usize) -> Result<u64, Str
     let mut pos = 0;
     let count = read_varint(raw, &mut pos).ok_or("truncated count")?;
     if count > elems {
-        return Err(format!(
-            "{count} kept positions in a block of {elems} elements"
-        ));
+        return Err(format!("{count} kept positions in a block of {elems} elements"));
     }
     let count = count as usize;
     let planes_len = count * size;
@@ -126,17 +124,11 @@ pub fn decode_sparse(raw: &[u8], out: &mut [u8], size: usize) -> Result<u64, Str
     let mut next = 0u64;
     for _ in 0..count {
         let gap = read_varint(raw, &mut pos).ok_or("truncated positions")?;
-        let i = next
-            .checked_add(gap)
-            .filter(|&i| i < elems)
-            .ok_or("position outside the block")?;
+        let i = next.checked_add(gap).filter(|&i| i < elems).ok_or("position outside the block")?;
         index.push(i as usize);
         next = i + 1;
     }
-    let planes = raw
-        .get(pos..)
-        .filter(|p| p.len() == planes_len)
-        .ok_or("value planes have the wrong length")?;
+    let planes = raw.get(pos..).filter(|p| p.len() == planes_len).ok_or("value planes have the wrong length")?;
     for (j, &i) in index.iter().enumerate() {
         let mut z = 0u64;
         for p in 0..size {

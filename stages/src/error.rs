@@ -45,30 +45,16 @@ pub enum Error {
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.as_ref().to_path_buf(),
-            source,
-        }
+        Error::Io { path: path.as_ref().to_path_buf(), source }
     }
 
     /// A malformed-file error on `path`.
     pub fn invalid(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Invalid {
-            path: path.as_ref().to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Invalid { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
 
     /// An error about one tensor of `path`.
-    pub fn tensor(
-        path: impl AsRef<Path>,
-        tensor: impl Into<String>,
-        msg: impl Into<String>,
-    ) -> Self {
-        Error::Tensor {
-            path: path.as_ref().to_path_buf(),
-            tensor: tensor.into(),
-            msg: msg.into(),
-        }
+    pub fn tensor(path: impl AsRef<Path>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Tensor { path: path.as_ref().to_path_buf(), tensor: tensor.into(), msg: msg.into() }
     }
 }

@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod encode;
 pub mod error;
 pub mod format;
+pub mod hash;
 pub mod score;
 pub mod threshold;
 

@@ -49,11 +49,7 @@ pub fn score(metric: Metric, ft: f32, pre: f32, mean: f32) -> f32 {
 /// and `-0.0` as `+0.0`, so equal scores always get equal keys.
 #[inline(always)]
 pub fn key(s: f32) -> u32 {
-    let s = if s.is_nan() {
-        f32::NEG_INFINITY
-    } else {
-        s + 0.0
-    };
+    let s = if s.is_nan() { f32::NEG_INFINITY } else { s + 0.0 };
     let b = s.to_bits();
     if b & 0x8000_0000 != 0 {
         !b
@@ -64,11 +60,7 @@ pub fn key(s: f32) -> u32 {
 
 /// The score a key came from (canonical: never NaN, never `-0.0`).
 pub fn score_of_key(k: u32) -> f32 {
-    let b = if k & 0x8000_0000 != 0 {
-        k & 0x7fff_ffff
-    } else {
-        !k
-    };
+    let b = if k & 0x8000_0000 != 0 { k & 0x7fff_ffff } else { !k };
     f32::from_bits(b)
 }
 
@@ -114,26 +106,10 @@ macro_rules! elem {
     };
 }
 
-elem!(
-    Bf16,
-    DType::BF16,
-    2,
-    u16,
-    |b| half::bf16::from_bits(b).to_f32(),
-    |x| half::bf16::from_f32(x).to_bits()
-);
-elem!(
-    F16,
-    DType::F16,
-    2,
-    u16,
-    |b| half::f16::from_bits(b).to_f32(),
-    |x| half::f16::from_f32(x).to_bits()
-);
+elem!(Bf16, DType::BF16, 2, u16, |b| half::bf16::from_bits(b).to_f32(), |x| half::bf16::from_f32(x).to_bits());
+elem!(F16, DType::F16, 2, u16, |b| half::f16::from_bits(b).to_f32(), |x| half::f16::from_f32(x).to_bits());
 elem!(F32, DType::F32, 4, u32, f32::from_bits, f32::to_bits);
-elem!(F64, DType::F64, 8, u64, |b| f64::from_bits(b) as f32, |x| {
-    (x as f64).to_bits()
-});
+elem!(F64, DType::F64, 8, u64, |b| f64::from_bits(b) as f32, |x| { (x as f64).to_bits() });
 
 /// The base element's bits converted to the fine-tuned dtype `F` (identity when equal).
 #[inline(always)]
@@ -192,9 +168,7 @@ macro_rules! with_elems {
 pub fn sum_abs(base: DType, bytes: &[u8]) -> f64 {
     fn go<B: Elem>(bytes: &[u8]) -> f64 {
         let n = bytes.len() / B::SIZE;
-        (0..n)
-            .map(|i| B::to_f32(B::bits(bytes, i)).abs() as f64)
-            .sum()
+        (0..n).map(|i| B::to_f32(B::bits(bytes, i)).abs() as f64).sum()
     }
     match base {
         DType::BF16 => go::<Bf16>(bytes),
@@ -209,6 +183,22 @@ pub fn sum_abs(base: DType, bytes: &[u8]) -> f64 {
 pub fn mean_abs(partials: impl IntoIterator<Item = f64>, n: u64) -> f32 {
     let sum: f64 = partials.into_iter().sum();
     (sum / n as f64) as f32
+}
+
+/// Writes a chunk of base elements converted to the fine-tuned dtype into `out`
+/// (a plain copy when the dtypes agree).
+pub fn convert_chunk(ft: DType, base: DType, base_bytes: &[u8], out: &mut [u8]) {
+    if ft == base {
+        out.copy_from_slice(base_bytes);
+        return;
+    }
+    fn go<F: Elem, B: Elem>(base: &[u8], out: &mut [u8]) {
+        for (i, o) in out.chunks_exact_mut(F::SIZE).enumerate() {
+            let bits = convert::<F, B>(B::bits(base, i));
+            o.copy_from_slice(&bits.to_le_bytes()[..F::SIZE]);
+        }
+    }
+    with_elems!(ft, base, |F, B| go::<F, B>(base_bytes, out))
 }
 
 /// How to score one diffable tensor: dtypes, metric and the FAPM mean.
@@ -229,35 +219,20 @@ impl Scorer {
     /// fine-tuned bits equal the converted base bits). Returns the number of candidates.
     pub fn keys(&self, ft: &[u8], base: &[u8], keys: &mut [u32]) -> usize {
         let (metric, mean) = (self.metric, self.mean);
-        with_elems!(self.ft, self.base, |F, B| keys_typed::<F, B>(
-            ft, base, metric, mean, keys
-        ))
+        with_elems!(self.ft, self.base, |F, B| keys_typed::<F, B>(ft, base, metric, mean, keys))
     }
 }
 
-fn keys_typed<F: Elem, B: Elem>(
-    ft: &[u8],
-    base: &[u8],
-    metric: Metric,
-    mean: f32,
-    keys: &mut [u32],
-) -> usize {
+fn keys_typed<F: Elem, B: Elem>(ft: &[u8], base: &[u8], metric: Metric, mean: f32, keys: &mut [u32]) -> usize {
     let n = keys.len();
-    assert!(
-        ft.len() == n * F::SIZE && base.len() == n * B::SIZE,
-        "chunk sizes disagree"
-    );
+    assert!(ft.len() == n * F::SIZE && base.len() == n * B::SIZE, "chunk sizes disagree");
     let mut candidates = 0;
     for (i, k) in keys.iter_mut().enumerate() {
         let fb = F::bits(ft, i);
         let bb = B::bits(base, i);
         let changed = fb != convert::<F, B>(bb);
         candidates += changed as usize;
-        *k = if changed {
-            key(score(metric, F::to_f32(fb), B::to_f32(bb), mean))
-        } else {
-            NOT_CANDIDATE
-        };
+        *k = if changed { key(score(metric, F::to_f32(fb), B::to_f32(bb), mean)) } else { NOT_CANDIDATE };
     }
     candidates
 }
@@ -268,16 +243,7 @@ mod tests {
 
     #[test]
     fn key_orders_like_scores() {
-        let xs = [
-            f32::NEG_INFINITY,
-            -3.5,
-            -1e-30,
-            0.0,
-            1e-45,
-            2.0,
-            f32::MAX,
-            f32::INFINITY,
-        ];
+        let xs = [f32::NEG_INFINITY, -3.5, -1e-30, 0.0, 1e-45, 2.0, f32::MAX, f32::INFINITY];
         for w in xs.windows(2) {
             assert!(key(w[0]) < key(w[1]), "{} vs {}", w[0], w[1]);
         }
@@ -296,10 +262,7 @@ mod tests {
         // pre = 0: r = inf, S = -inf.
         assert_eq!(score(Metric::Fapm, 1.0, 0.0, 1.0), f32::NEG_INFINITY);
         // pre = 0 and A = 0: 0 * inf is NaN, which keys as -inf.
-        assert_eq!(
-            key(score(Metric::Fapm, 1.0, 0.0, 0.0)),
-            key(f32::NEG_INFINITY)
-        );
+        assert_eq!(key(score(Metric::Fapm, 1.0, 0.0, 0.0)), key(f32::NEG_INFINITY));
         assert_eq!(score(Metric::Magnitude, -1.0, 2.0, 9.0), 3.0);
     }
 
@@ -315,21 +278,10 @@ mod tests {
 
     #[test]
     fn keys_mark_candidates() {
-        let base: Vec<u8> = [1.0f32, 2.0, -0.0]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        let ft: Vec<u8> = [1.0f32, 3.0, 0.0]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let base: Vec<u8> = [1.0f32, 2.0, -0.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let ft: Vec<u8> = [1.0f32, 3.0, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut keys = [7u32; 3];
-        let s = Scorer {
-            ft: DType::F32,
-            base: DType::F32,
-            metric: Metric::Magnitude,
-            mean: 0.0,
-        };
+        let s = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Magnitude, mean: 0.0 };
         assert_eq!(s.keys(&ft, &base, &mut keys), 2);
         assert_eq!(keys, [NOT_CANDIDATE, key(1.0), key(0.0)]);
     }

@@ -19,9 +19,7 @@ pub struct Sparsity {
 impl Sparsity {
     /// Parses a plain decimal such as `0.9`, `1`, `0.125` (at most 18 fraction digits).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("invalid sparsity '{text}': expected a decimal number from 0 to 1, such as 0.9")
-        };
+        let bad = || format!("invalid sparsity '{text}': expected a decimal number from 0 to 1, such as 0.9");
         let (int, frac) = text.split_once('.').unwrap_or((text, ""));
         let digits_ok = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
         if (int.is_empty() && frac.is_empty())
@@ -40,20 +38,11 @@ impl Sparsity {
             }
         };
         let den = 10u128.pow(frac.len() as u32);
-        let num = parse(int)?
-            .checked_mul(den)
-            .and_then(|x| x.checked_add(parse(frac).ok()?))
-            .ok_or_else(bad)?;
+        let num = parse(int)?.checked_mul(den).and_then(|x| x.checked_add(parse(frac).ok()?)).ok_or_else(bad)?;
         if num > den {
-            return Err(format!(
-                "invalid sparsity '{text}': it must be between 0 and 1"
-            ));
+            return Err(format!("invalid sparsity '{text}': it must be between 0 and 1"));
         }
-        Ok(Sparsity {
-            num,
-            den,
-            text_digits: frac.len() as u32,
-        })
+        Ok(Sparsity { num, den, text_digits: frac.len() as u32 })
     }
 
     /// How many of `n` elements to keep: `floor(n * (1 - s))`, in exact integer arithmetic.
@@ -101,9 +90,7 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram {
-            counts: vec![0; 1 << 16],
-        }
+        Histogram { counts: vec![0; 1 << 16] }
     }
 }
 
@@ -178,11 +165,7 @@ pub enum Cut {
 
 /// Finds the cut that keeps `k` candidates. `pass` streams the tensor once and returns a
 /// histogram; it is called once (approx, or when the boundary bin is taken whole) or twice.
-pub fn plan<E>(
-    k: u64,
-    mode: ThresholdMode,
-    mut pass: impl FnMut(Bins) -> Result<Histogram, E>,
-) -> Result<Cut, E> {
+pub fn plan<E>(k: u64, mode: ThresholdMode, mut pass: impl FnMut(Bins) -> Result<Histogram, E>) -> Result<Cut, E> {
     if k == 0 {
         return Ok(Cut::Nothing);
     }
@@ -192,21 +175,11 @@ pub fn plan<E>(
     }
     let (bin, take, at_level) = high.boundary(k);
     if mode == ThresholdMode::Approx || take == at_level {
-        return Ok(Cut::Level {
-            shift: 16,
-            level: bin,
-            take,
-            at_level,
-        });
+        return Ok(Cut::Level { shift: 16, level: bin, take, at_level });
     }
     let low = pass(Bins::LowWithin(bin))?;
     let (lo, take, at_level) = low.boundary(take);
-    Ok(Cut::Level {
-        shift: 0,
-        level: (bin << 16) | lo,
-        take,
-        at_level,
-    })
+    Ok(Cut::Level { shift: 0, level: (bin << 16) | lo, take, at_level })
 }
 
 impl Cut {
@@ -219,10 +192,9 @@ impl Cut {
     /// The number of boundary candidates among `keys`.
     pub fn at_level_in(&self, keys: &[u32]) -> u64 {
         match *self {
-            Cut::Level { shift, level, .. } => keys
-                .iter()
-                .filter(|&&k| k != NOT_CANDIDATE && k >> shift == level)
-                .count() as u64,
+            Cut::Level { shift, level, .. } => {
+                keys.iter().filter(|&&k| k != NOT_CANDIDATE && k >> shift == level).count() as u64
+            }
             _ => 0,
         }
     }
@@ -232,9 +204,7 @@ impl Cut {
     pub fn select(&self, keys: &[u32], mut quota: u64, kept: &mut Vec<u32>) {
         match *self {
             Cut::Nothing => {}
-            Cut::All => {
-                kept.extend((0..keys.len() as u32).filter(|&i| keys[i as usize] != NOT_CANDIDATE))
-            }
+            Cut::All => kept.extend((0..keys.len() as u32).filter(|&i| keys[i as usize] != NOT_CANDIDATE)),
             Cut::Level { shift, level, .. } => {
                 for (i, &k) in keys.iter().enumerate() {
                     if k == NOT_CANDIDATE {
@@ -277,10 +247,7 @@ mod tests {
         assert_eq!(Sparsity::parse("0.3").unwrap().keep_count(10), 7);
         assert_eq!(Sparsity::parse("1").unwrap().keep_count(5), 0);
         assert_eq!(Sparsity::parse("0").unwrap().keep_count(u64::MAX), u64::MAX);
-        assert_eq!(
-            Sparsity::parse("0.5").unwrap().keep_count(u64::MAX),
-            u64::MAX / 2
-        );
+        assert_eq!(Sparsity::parse("0.5").unwrap().keep_count(u64::MAX), u64::MAX / 2);
         assert_eq!(Sparsity::parse(".25").unwrap().to_decimal(), "0.25");
         let tiny = Sparsity::parse("0.000000000000000001").unwrap();
         assert_eq!(tiny.keep_count(u64::MAX), u64::MAX - 19);

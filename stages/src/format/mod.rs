@@ -35,6 +35,21 @@ pub const RAW_BLOCK_BYTES: u64 = 4 << 20;
 /// The zstd level of every block and of the manifest.
 pub const ZSTD_LEVEL: i32 = 3;
 
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses one block at [`ZSTD_LEVEL`], reusing this thread's zstd context.
+pub fn compress(raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+        }
+        c.as_mut().expect("just set").compress(raw)
+    })
+}
+
 /// The preamble this build writes.
 pub fn preamble() -> [u8; PREAMBLE_LEN as usize] {
     let mut p = [0u8; PREAMBLE_LEN as usize];
@@ -222,6 +237,9 @@ pub struct Manifest {
     pub raw_block_bytes: u64,
     /// File or directory.
     pub source: Source,
+    /// Whether the fine-tuned directory had a `model.safetensors.index.json` (`apply`
+    /// writes a regenerated one).
+    pub index: bool,
     /// Output shards.
     pub shards: Vec<ShardRecord>,
     /// Output tensors, shard by shard in data order.
@@ -235,10 +253,7 @@ pub struct Manifest {
 impl Manifest {
     /// Every block of the file, in file order.
     pub fn blocks(&self) -> impl Iterator<Item = &Block> {
-        self.tensors
-            .iter()
-            .flat_map(|t| &t.blocks)
-            .chain(self.side_files.iter().flat_map(|f| &f.blocks))
+        self.tensors.iter().flat_map(|t| &t.blocks).chain(self.side_files.iter().flat_map(|f| &f.blocks))
     }
 }
 

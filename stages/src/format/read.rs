@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::write::footer_hash;
 use super::{
-    block_sizes, Block, Manifest, Mode, Source, END_MAGIC, FOOTER_LEN, MAGIC, MAX_MANIFEST_LEN,
-    PREAMBLE_LEN, VERSION,
+    block_sizes, Block, Manifest, Mode, Source, END_MAGIC, FOOTER_LEN, MAGIC, MAX_MANIFEST_LEN, PREAMBLE_LEN, VERSION,
 };
 use crate::checkpoint::{is_safe_relative, parse_header};
 use crate::encode::max_sparse_len;
@@ -40,8 +39,7 @@ impl DeltaReader {
         }
         let read = |offset: u64, len: u64| -> Result<Vec<u8>> {
             let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, offset)
-                .map_err(|e| Error::io(path, e))?;
+            file.read_exact_at(&mut buf, offset).map_err(|e| Error::io(path, e))?;
             Ok(buf)
         };
         let pre = read(0, PREAMBLE_LEN)?;
@@ -50,7 +48,9 @@ impl DeltaReader {
         }
         let version = u32::from_le_bytes(pre[8..12].try_into().unwrap());
         if version > VERSION {
-            return Err(bad(format!("delta format version {version} is newer than this fapm reads ({VERSION}); upgrade fapm")));
+            return Err(bad(format!(
+                "delta format version {version} is newer than this fapm reads ({VERSION}); upgrade fapm"
+            )));
         }
         if version != VERSION || pre[12..16] != [0; 4] {
             return Err(bad(format!("corrupt preamble (version {version})")));
@@ -65,9 +65,7 @@ impl DeltaReader {
             return Err(bad("corrupt footer (manifest position)".into()));
         }
         if m_raw > MAX_MANIFEST_LEN {
-            return Err(bad(format!(
-                "manifest of {m_raw} bytes exceeds the {MAX_MANIFEST_LEN}-byte limit"
-            )));
+            return Err(bad(format!("manifest of {m_raw} bytes exceeds the {MAX_MANIFEST_LEN}-byte limit")));
         }
         let packed = read(m_off, m_len)?;
         if footer_hash(&packed, &footer).0[..] != footer[24..56] {
@@ -78,23 +76,15 @@ impl DeltaReader {
         if json.len() as u64 != m_raw {
             return Err(bad("manifest has the wrong length".into()));
         }
-        let manifest: Manifest =
-            serde_json::from_slice(&json).map_err(|e| bad(format!("malformed manifest: {e}")))?;
+        let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| bad(format!("malformed manifest: {e}")))?;
         validate(path, &manifest, m_off)?;
-        Ok(DeltaReader {
-            path: path.to_path_buf(),
-            manifest,
-            size,
-            file,
-        })
+        Ok(DeltaReader { path: path.to_path_buf(), manifest, size, file })
     }
 
     /// Reads one block, checks its hash and decompresses it; `what` names it in errors.
     pub fn block(&self, block: &Block, what: &str) -> Result<Vec<u8>> {
         let mut packed = vec![0u8; block.len as usize];
-        self.file
-            .read_exact_at(&mut packed, block.offset)
-            .map_err(|e| Error::io(&self.path, e))?;
+        self.file.read_exact_at(&mut packed, block.offset).map_err(|e| Error::io(&self.path, e))?;
         if blake3::hash(&packed).as_bytes() != &block.hash.0 {
             return Err(Error::tensor(
                 &self.path,
@@ -102,15 +92,10 @@ impl DeltaReader {
                 format!("block at byte {} is corrupt (hash mismatch)", block.offset),
             ));
         }
-        let raw = zstd::bulk::decompress(&packed, block.raw_len as usize).map_err(|e| {
-            Error::tensor(&self.path, what, format!("block does not decompress: {e}"))
-        })?;
+        let raw = zstd::bulk::decompress(&packed, block.raw_len as usize)
+            .map_err(|e| Error::tensor(&self.path, what, format!("block does not decompress: {e}")))?;
         if raw.len() as u64 != block.raw_len {
-            return Err(Error::tensor(
-                &self.path,
-                what,
-                "block has the wrong length",
-            ));
+            return Err(Error::tensor(&self.path, what, "block has the wrong length"));
         }
         Ok(raw)
     }
@@ -122,14 +107,11 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
     if m.format != "fapm-delta" || m.version != VERSION {
         return Err(bad(format!("format '{}' version {}", m.format, m.version)));
     }
-    if !(1..=1 << 26).contains(&m.block_elems) || !(1..=MAX_SIDE_FILE).contains(&m.raw_block_bytes)
-    {
+    if !(1..=1 << 26).contains(&m.block_elems) || !(1..=MAX_SIDE_FILE).contains(&m.raw_block_bytes) {
         return Err(bad("block sizes out of range".into()));
     }
     if m.source == Source::File && (m.shards.len() != 1 || !m.side_files.is_empty()) {
-        return Err(bad(
-            "a single-file delta must have one shard and no side files".into(),
-        ));
+        return Err(bad("a single-file delta must have one shard and no side files".into()));
     }
     let mut names = HashSet::new();
     for s in &m.shards {
@@ -153,18 +135,9 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
     let mut tensor_names = HashSet::new();
     for (si, shard) in m.shards.iter().enumerate() {
         for info in parse_header(path, &shard.header, u64::MAX)? {
-            let t = records
-                .next()
-                .ok_or_else(|| bad(format!("no record for tensor '{}'", info.name)))?;
-            if t.name != info.name
-                || t.shard != si
-                || t.dtype != info.dtype
-                || t.shape != info.shape
-            {
-                return Err(bad(format!(
-                    "record '{}' disagrees with its shard header",
-                    t.name
-                )));
+            let t = records.next().ok_or_else(|| bad(format!("no record for tensor '{}'", info.name)))?;
+            if t.name != info.name || t.shard != si || t.dtype != info.dtype || t.shape != info.shape {
+                return Err(bad(format!("record '{}' disagrees with its shard header", t.name)));
             }
             if !tensor_names.insert(t.name.as_str()) {
                 return Err(bad(format!("tensor '{}' appears twice", t.name)));
@@ -172,13 +145,10 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
             let n = t.numel();
             let diffable = t.mode != Mode::Whole;
             let typed_ok = match t.base_dtype {
-                Some(b) => {
-                    diffable && b.is_diffable() && t.dtype.is_diffable() && t.base_hash.is_some()
-                }
+                Some(b) => diffable && b.is_diffable() && t.dtype.is_diffable() && t.base_hash.is_some(),
                 None => !diffable && t.base_hash.is_none(),
             };
-            if !typed_ok || t.kept > t.candidates || t.candidates > n || (!diffable && t.kept != n)
-            {
+            if !typed_ok || t.kept > t.candidates || t.candidates > n || (!diffable && t.kept != n) {
                 return Err(bad(format!("record '{}' has inconsistent fields", t.name)));
             }
             let size = t.dtype.size() as u64;
@@ -196,11 +166,7 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
                 )));
             }
             for (b, &(_, len)) in t.blocks.iter().zip(&sizes) {
-                let (max, exact) = if diffable {
-                    (max_sparse_len(len, size as usize), false)
-                } else {
-                    (len, true)
-                };
+                let (max, exact) = if diffable { (max_sparse_len(len, size as usize), false) } else { (len, true) };
                 check_block(b, max, exact, &t.name)?;
             }
         }
@@ -219,10 +185,7 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
         }
         let sizes: Vec<_> = block_sizes(f.size, m.raw_block_bytes).collect();
         if sizes.len() != f.blocks.len() {
-            return Err(bad(format!(
-                "side file '{}' has the wrong number of blocks",
-                f.path
-            )));
+            return Err(bad(format!("side file '{}' has the wrong number of blocks", f.path)));
         }
         for (b, &(_, len)) in f.blocks.iter().zip(&sizes) {
             check_block(b, len, true, &f.path)?;

@@ -19,24 +19,14 @@ impl DeltaWriter {
     pub fn new(file: File, path: &Path) -> Result<Self> {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&preamble()).map_err(|e| Error::io(path, e))?;
-        Ok(DeltaWriter {
-            out,
-            path: path.to_path_buf(),
-            offset: PREAMBLE_LEN,
-        })
+        Ok(DeltaWriter { out, path: path.to_path_buf(), offset: PREAMBLE_LEN })
     }
 
     /// Appends one compressed block of `raw_len` decompressed bytes.
     pub fn block(&mut self, compressed: &[u8], raw_len: u64) -> Result<Block> {
-        self.out
-            .write_all(compressed)
-            .map_err(|e| Error::io(&self.path, e))?;
-        let block = Block {
-            offset: self.offset,
-            len: compressed.len() as u64,
-            raw_len,
-            hash: blake3::hash(compressed).into(),
-        };
+        self.out.write_all(compressed).map_err(|e| Error::io(&self.path, e))?;
+        let block =
+            Block { offset: self.offset, len: compressed.len() as u64, raw_len, hash: blake3::hash(compressed).into() };
         self.offset += compressed.len() as u64;
         Ok(block)
     }
@@ -44,8 +34,7 @@ impl DeltaWriter {
     /// Writes the manifest and the footer, flushes and syncs; returns the file's size.
     pub fn finish(mut self, manifest: &Manifest) -> Result<u64> {
         let json = serde_json::to_vec(manifest).expect("a manifest always serializes");
-        let packed =
-            zstd::bulk::compress(&json, ZSTD_LEVEL).map_err(|e| Error::io(&self.path, e))?;
+        let packed = zstd::bulk::compress(&json, ZSTD_LEVEL).map_err(|e| Error::io(&self.path, e))?;
         let mut footer = Vec::with_capacity(FOOTER_LEN as usize);
         footer.extend_from_slice(&self.offset.to_le_bytes());
         footer.extend_from_slice(&(packed.len() as u64).to_le_bytes());
@@ -56,10 +45,7 @@ impl DeltaWriter {
         let io = |e| Error::io(&self.path, e);
         self.out.write_all(&packed).map_err(io)?;
         self.out.write_all(&footer).map_err(io)?;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| Error::io(&self.path, e.into_error()))?;
+        let file = self.out.into_inner().map_err(|e| Error::io(&self.path, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&self.path, e))?;
         Ok(self.offset + packed.len() as u64 + FOOTER_LEN)
     }

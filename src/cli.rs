@@ -1,0 +1,127 @@
+//! The command line as clap sees it: raw flags, help text and defaults. Values are checked
+//! in `config.rs`, so that bad values exit with code 1 and usage errors with code 2.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Forgetting-aware pruning of fine-tuned checkpoints into compact, verified sparse deltas.
+///
+/// `prune` keeps the top (1 - sparsity) of each weight matrix's task vector, scored by the
+/// FAPM metric, and writes it as a delta file; `apply` rebuilds the pruned model from the base
+/// and the delta, bit-exact and verified.
+#[derive(Debug, Parser)]
+#[command(name = "fapm", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Prune a fine-tuned checkpoint's task vector into a sparse delta file.
+    Prune(PruneArgs),
+    /// Rebuild a model from the base checkpoint and a delta, verifying every hash.
+    Apply(ApplyArgs),
+    /// Show a delta's header and every tensor it holds.
+    Inspect(InspectArgs),
+    /// Check every hash in a delta; with --base, also the base and the full reconstruction.
+    Verify(VerifyArgs),
+}
+
+/// Flags shared by the commands that run a pipeline.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Worker threads [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Bound on the memory fapm allocates (channels, chunks, histograms), e.g. 512M, 2G.
+    /// Memory-mapped inputs are paged in and out by the OS. [default: 256M]
+    #[arg(long, value_name = "SIZE")]
+    pub memory_budget: Option<String>,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print one JSON summary object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fapm prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// The base (pre-trained) checkpoint: a .safetensors file or a directory.
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// The fine-tuned checkpoint: a .safetensors file or a directory.
+    #[arg(long, value_name = "PATH")]
+    pub finetuned: PathBuf,
+    /// The delta file to write.
+    #[arg(long, short, value_name = "DELTA")]
+    pub output: PathBuf,
+    /// Fraction of each pruned tensor's elements reset to the base, an exact decimal in [0, 1].
+    #[arg(long, default_value = "0.9", value_name = "S")]
+    pub sparsity: String,
+    /// Score: fapm (the paper's forgetting-aware metric) or magnitude (|delta|).
+    #[arg(long, default_value = "fapm", value_name = "METRIC")]
+    pub metric: String,
+    /// exact: keep precisely the top k; approx: one pass less, ties within 2^-7 relative.
+    #[arg(long, default_value = "exact", value_name = "MODE")]
+    pub threshold: String,
+    /// Prune only tensors whose name matches this regex (repeatable) [default: all].
+    #[arg(long, value_name = "RE")]
+    pub include: Vec<String>,
+    /// Never prune tensors whose name matches this regex (repeatable); they keep every change.
+    #[arg(long, value_name = "RE")]
+    pub exclude: Vec<String>,
+    /// Replace DELTA if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `fapm apply`.
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The base checkpoint the delta was made against.
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// The delta file.
+    #[arg(long, value_name = "DELTA")]
+    pub delta: PathBuf,
+    /// Where to write the model: a file if the fine-tuned input was a file, else a directory.
+    #[arg(long, short, value_name = "PATH")]
+    pub output: PathBuf,
+    /// Replace PATH if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `fapm inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The delta file.
+    pub delta: PathBuf,
+    /// Print the header and tensor table as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fapm verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The delta file.
+    pub delta: PathBuf,
+    /// Also check this base and the full reconstruction (writes nothing).
+    #[arg(long, value_name = "PATH")]
+    pub base: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}

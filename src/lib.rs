@@ -1,0 +1,20 @@
+//! fapm: forgetting-aware pruning of fine-tuned checkpoints into compact, verified sparse
+//! deltas, and their reconstruction.
+//!
+//! The library API mirrors the command line: [`prune`], [`apply`], [`verify`] and
+//! [`inspect`]. Byte-level work lives in the `fapm-stages` crate.
+
+pub mod config;
+pub mod output;
+pub mod pipeline;
+
+pub use fapm_stages::{Error, Result};
+pub use pipeline::apply::{apply, verify_delta, ApplySummary};
+pub use pipeline::prune::{prune, PruneSummary};
+pub use pipeline::Ctl;
+
+/// Opens a delta and returns its verified manifest (blocks are not read).
+pub fn inspect(path: &std::path::Path) -> Result<(fapm_stages::format::Manifest, u64)> {
+    let reader = fapm_stages::format::DeltaReader::open(path)?;
+    Ok((reader.manifest, reader.size))
+}

@@ -1,0 +1,510 @@
+//! `prune`: base + fine-tuned checkpoints in, sparse delta out.
+//!
+//! Stages, each on its own thread, joined by bounded channels:
+//!
+//! ```text
+//! tasks -> [plan: FAPM mean, threshold passes] -> [mask + encode, chunk windows] -> [write] -> manifest
+//! ```
+//!
+//! Planning and encoding both run their per-chunk work on the shared worker pool, so while
+//! one tensor is being encoded the next one's threshold passes use the other core. Chunks
+//! are fixed-size, results are collected in order, and the writer is single: the delta's
+//! bytes do not depend on `--threads`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use fapm_stages::checkpoint::{Checkpoint, Layout, TensorRef, INDEX_FILE};
+use fapm_stages::encode::encode_sparse;
+use fapm_stages::format::{
+    block_sizes, compress, Block, DeltaWriter, Manifest, Mode, ShardRecord, SideFile, Source, TensorRecord,
+    BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
+};
+use fapm_stages::hash::{self, Part};
+use fapm_stages::score::{convert_chunk, mean_abs, sum_abs, Metric, Scorer};
+use fapm_stages::threshold::{plan, quotas, Cut, Histogram};
+use fapm_stages::{Error, Result};
+use rayon::prelude::*;
+
+use super::{first_error, join, pool, Ctl};
+use crate::config::PruneConfig;
+use crate::output::Staged;
+
+/// The largest side file carried inside a delta (SPEC section 4).
+pub const MAX_SIDE_FILE: u64 = 64 << 20;
+
+/// What a prune run did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PruneSummary {
+    /// The delta written.
+    pub output: PathBuf,
+    /// Tensors pruned.
+    pub pruned: usize,
+    /// Diffable tensors not selected (every change kept).
+    pub dense: usize,
+    /// Tensors stored whole.
+    pub whole: usize,
+    /// Tensors only the base has (ignored).
+    pub base_only: usize,
+    /// Elements of pruned and dense tensors.
+    pub elements: u64,
+    /// Changed elements of pruned and dense tensors.
+    pub candidates: u64,
+    /// Elements kept.
+    pub kept: u64,
+    /// Side files carried.
+    pub side_files: usize,
+    /// Side files left out (over 64 MiB).
+    pub skipped_side_files: Vec<String>,
+    /// Bytes of both input checkpoints' shards.
+    pub input_bytes: u64,
+    /// Bytes of the delta.
+    pub delta_bytes: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// One output tensor and how to treat it.
+struct Task {
+    ft: TensorRef,
+    base: Option<TensorRef>,
+    mode: Mode,
+    keep: u64,
+}
+
+/// A task with its threshold decided.
+struct Planned {
+    task: Task,
+    scorer: Option<Scorer>,
+    cut: Cut,
+}
+
+/// One encoded block on its way to the writer.
+struct Encoded {
+    compressed: Vec<u8>,
+    raw_len: u64,
+    out: Part,
+    base: Option<Part>,
+    candidates: u64,
+    kept: u64,
+}
+
+/// Writer input: the blocks of a tensor, then the tensor itself.
+enum Out {
+    Block(Encoded),
+    End(Planned),
+}
+
+/// Prunes `cfg.finetuned` against `cfg.base` into the delta `cfg.output`.
+pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
+    let start = Instant::now();
+    let base = Checkpoint::open(&cfg.base)?;
+    let ft = Checkpoint::open(&cfg.finetuned)?;
+    let (tasks, base_only) = classify(cfg, &base, &ft);
+    let (side, skipped) = if ft.layout == Layout::Directory { side_files(&ft.root)? } else { Default::default() };
+    let total: u64 =
+        tasks.iter().map(|t| t.ft.info().byte_len() + t.base.as_ref().map_or(0, |b| b.info().byte_len())).sum();
+    ctl.total.store(total, std::sync::atomic::Ordering::Relaxed);
+
+    let mut summary = PruneSummary {
+        output: cfg.output.clone(),
+        base_only: base_only.len(),
+        skipped_side_files: skipped,
+        input_bytes: shard_bytes(&base) + shard_bytes(&ft),
+        ..Default::default()
+    };
+    for t in &tasks {
+        match t.mode {
+            Mode::Pruned => summary.pruned += 1,
+            Mode::Dense => summary.dense += 1,
+            Mode::Whole => summary.whole += 1,
+        }
+    }
+
+    let staged = Staged::new(&cfg.output, cfg.overwrite)?;
+    let file = File::create(staged.path()).map_err(|e| Error::io(&cfg.output, e))?;
+    let mut writer = DeltaWriter::new(file, &cfg.output)?;
+    let pool = pool(cfg.threads)?;
+    let window = window(cfg.threads, cfg.memory_budget);
+
+    let records = thread::scope(|s| {
+        let (plan_tx, plan_rx) = bounded::<Planned>(1);
+        let (out_tx, out_rx) = bounded::<Out>(window);
+        let planner = s.spawn(|| stage(ctl, || plan_stage(cfg, tasks, &pool, plan_tx, ctl)));
+        let encoder = s.spawn(|| stage(ctl, || encode_stage(plan_rx, out_tx, &pool, window, ctl)));
+        let writer = s.spawn(|| stage(ctl, || write_stage(&mut writer, out_rx, ctl)));
+        let (p, e, w) = (join(planner), join(encoder), join(writer));
+        first_error([p.map(|_| ()), e.map(|_| ())])?;
+        w
+    })?;
+    ctl.check()?;
+
+    let mut side_records = Vec::with_capacity(side.len());
+    for (rel, path, _) in &side {
+        side_records.push(write_side_file(&mut writer, rel, path)?);
+    }
+    for r in &records {
+        if r.mode != Mode::Whole {
+            summary.elements += r.numel();
+            summary.candidates += r.candidates;
+            summary.kept += r.kept;
+        }
+    }
+    summary.side_files = side_records.len();
+    let manifest = Manifest {
+        format: "fapm-delta".into(),
+        version: VERSION,
+        tool: format!("fapm {}", env!("CARGO_PKG_VERSION")),
+        metric: cfg.metric,
+        sparsity: cfg.sparsity.to_decimal(),
+        threshold: cfg.threshold,
+        include: cfg.include.iter().map(|r| r.as_str().to_owned()).collect(),
+        exclude: cfg.exclude.iter().map(|r| r.as_str().to_owned()).collect(),
+        block_elems: BLOCK_ELEMS,
+        raw_block_bytes: RAW_BLOCK_BYTES,
+        source: if ft.layout == Layout::File { Source::File } else { Source::Directory },
+        index: ft.indexed,
+        shards: ft.shards.iter().map(|s| ShardRecord { name: s.name.clone(), header: s.header.clone() }).collect(),
+        tensors: records,
+        side_files: side_records,
+        base_only,
+    };
+    summary.delta_bytes = writer.finish(&manifest)?;
+    ctl.check()?;
+    staged.commit()?;
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Runs a stage body; a real failure cancels the other stages.
+fn stage<T>(ctl: &Ctl, body: impl FnOnce() -> Result<T>) -> Result<T> {
+    let r = body();
+    if matches!(r, Err(ref e) if !matches!(e, Error::Cancelled)) {
+        ctl.cancel();
+    }
+    r
+}
+
+/// How many chunks are encoded at once: enough for every thread, within the budget.
+fn window(threads: usize, budget: u64) -> usize {
+    // A chunk in flight holds its keys (4 B/elem), converted output (<= 8 B/elem), raw and
+    // compressed payloads (<= 18 B/elem at worst), and a queued copy of the compressed bytes.
+    let per_chunk = BLOCK_ELEMS * 40;
+    let fit = (budget / 2 / per_chunk).max(1) as usize;
+    (2 * threads).clamp(1, fit)
+}
+
+fn shard_bytes(c: &Checkpoint) -> u64 {
+    c.shards.iter().map(|s| s.data_len + s.header.len() as u64 + 8).sum()
+}
+
+/// Decides each fine-tuned tensor's mode (SPEC section 2); also returns base-only names.
+fn classify(cfg: &PruneConfig, base: &Checkpoint, ft: &Checkpoint) -> (Vec<Task>, Vec<String>) {
+    let tasks = ft
+        .tensors()
+        .map(|t| {
+            let info = t.info();
+            let b = base
+                .get(&info.name)
+                .filter(|b| b.info().shape == info.shape && b.info().dtype.is_diffable() && info.dtype.is_diffable());
+            let mode = match b {
+                Some(_) if cfg.selects(&info.name) => Mode::Pruned,
+                Some(_) => Mode::Dense,
+                None => Mode::Whole,
+            };
+            let keep = cfg.sparsity.keep_count(info.numel());
+            Task { ft: t, base: b, mode, keep }
+        })
+        .collect();
+    let base_only = base.tensors().map(|t| t.info().name.clone()).filter(|n| ft.get(n).is_none()).collect();
+    (tasks, base_only)
+}
+
+/// Element ranges of a diffable tensor's blocks.
+fn elem_chunks(n: u64) -> Vec<(usize, usize)> {
+    block_sizes(n, BLOCK_ELEMS).map(|(s, l)| (s as usize, l as usize)).collect()
+}
+
+/// Stage: the FAPM mean and the cut of each tensor, in order.
+fn plan_stage(
+    cfg: &PruneConfig,
+    tasks: Vec<Task>,
+    pool: &rayon::ThreadPool,
+    tx: Sender<Planned>,
+    ctl: &Ctl,
+) -> Result<()> {
+    for task in tasks {
+        ctl.check()?;
+        let planned = plan_tensor(cfg, task, pool, ctl)?;
+        if tx.send(planned).is_err() {
+            return Ok(()); // downstream has gone; it reports why
+        }
+    }
+    Ok(())
+}
+
+fn plan_tensor(cfg: &PruneConfig, task: Task, pool: &rayon::ThreadPool, ctl: &Ctl) -> Result<Planned> {
+    let Some(base) = &task.base else {
+        return Ok(Planned { task, scorer: None, cut: Cut::All });
+    };
+    let (fi, bi) = (task.ft.info(), base.info());
+    let n = fi.numel();
+    let mut scorer = Scorer { ft: fi.dtype, base: bi.dtype, metric: cfg.metric, mean: 0.0 };
+    if task.mode == Mode::Dense {
+        return Ok(Planned { task, scorer: Some(scorer), cut: Cut::All });
+    }
+    let chunks = elem_chunks(n);
+    let (fs, bs) = (fi.dtype.size(), bi.dtype.size());
+    let (ft_bytes, base_bytes) = (task.ft.bytes(), base.bytes());
+    if cfg.metric == Metric::Fapm && task.keep > 0 {
+        let partials: Vec<f64> = pool.install(|| {
+            chunks.par_iter().map(|&(s, l)| sum_abs(bi.dtype, &base_bytes[s * bs..(s + l) * bs])).collect()
+        });
+        scorer.mean = mean_abs(partials, n);
+    }
+    let cut = plan(task.keep, cfg.threshold, |bins| {
+        ctl.check()?;
+        Ok::<_, Error>(pool.install(|| {
+            chunks
+                .par_iter()
+                .fold(
+                    || (Histogram::default(), Vec::<u32>::new()),
+                    |(mut h, mut keys), &(s, l)| {
+                        keys.resize(l, 0);
+                        scorer.keys(&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs], &mut keys);
+                        h.add(bins, &keys);
+                        (h, keys)
+                    },
+                )
+                .map(|(h, _)| h)
+                .reduce(Histogram::default, |a, b| a.merge(&b))
+        }))
+    })?;
+    Ok(Planned { task, scorer: Some(scorer), cut })
+}
+
+/// Stage: mask and encode every chunk, a window of chunks at a time, in order.
+fn encode_stage(
+    rx: Receiver<Planned>,
+    tx: Sender<Out>,
+    pool: &rayon::ThreadPool,
+    window: usize,
+    ctl: &Ctl,
+) -> Result<()> {
+    let mut keys: Vec<Vec<u32>> = vec![Vec::new(); window];
+    for planned in rx {
+        ctl.set_current(&planned.task.ft.info().name);
+        let blocks = match planned.scorer {
+            Some(scorer) => encode_diffable(&planned, scorer, pool, &mut keys, &tx, ctl)?,
+            None => encode_whole(&planned.task.ft, pool, window, &tx, ctl)?,
+        };
+        if !blocks || tx.send(Out::End(planned)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a pruned or dense tensor; `false` when the writer has gone.
+fn encode_diffable(
+    p: &Planned,
+    scorer: Scorer,
+    pool: &rayon::ThreadPool,
+    keys: &mut [Vec<u32>],
+    tx: &Sender<Out>,
+    ctl: &Ctl,
+) -> Result<bool> {
+    let base = p.task.base.as_ref().expect("diffable tensors have a base");
+    let (fi, bi) = (p.task.ft.info(), base.info());
+    let (fs, bs) = (fi.dtype.size(), bi.dtype.size());
+    let (ft_bytes, base_bytes) = (p.task.ft.bytes(), base.bytes());
+    let chunks = elem_chunks(fi.numel());
+    let mut remaining = match p.cut {
+        Cut::Level { take, .. } => take,
+        _ => 0,
+    };
+    for win in chunks.chunks(keys.len()) {
+        ctl.check()?;
+        let keys = &mut keys[..win.len()];
+        let counts: Vec<(u64, u64)> = pool.install(|| {
+            keys.par_iter_mut()
+                .zip(win)
+                .map(|(k, &(s, l))| {
+                    k.resize(l, 0);
+                    let c = scorer.keys(&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs], k);
+                    (c as u64, p.cut.at_level_in(k))
+                })
+                .collect()
+        });
+        let quota = quotas(counts.iter().map(|c| c.1), &mut remaining);
+        let encoded: Vec<std::io::Result<Encoded>> = pool.install(|| {
+            keys.par_iter()
+                .zip(win)
+                .zip(counts.par_iter().zip(quota))
+                .map(|((k, &(s, l)), (&(candidates, _), quota))| {
+                    let ft = &ft_bytes[s * fs..(s + l) * fs];
+                    let base = &base_bytes[s * bs..(s + l) * bs];
+                    let mut kept = Vec::new();
+                    p.cut.select(k, quota, &mut kept);
+                    let mut out = vec![0u8; l * fs];
+                    convert_chunk(fi.dtype, bi.dtype, base, &mut out);
+                    let mut raw = Vec::new();
+                    encode_sparse(&kept, ft, &mut out, fs, &mut raw);
+                    Ok(Encoded {
+                        compressed: compress(&raw)?,
+                        raw_len: raw.len() as u64,
+                        out: hash::part(&out, (s * fs) as u64, chunks.len()),
+                        base: Some(hash::part(base, (s * bs) as u64, chunks.len())),
+                        candidates,
+                        kept: kept.len() as u64,
+                    })
+                })
+                .collect()
+        });
+        for e in encoded {
+            let e =
+                e.map_err(|e| Error::tensor(&p.task.ft.shard.path, &fi.name, format!("compression failed: {e}")))?;
+            if tx.send(Out::Block(e)).is_err() {
+                return Ok(false);
+            }
+        }
+        let bytes: usize = win.iter().map(|&(_, l)| l * (fs + bs)).sum();
+        ctl.advance(bytes as u64);
+    }
+    Ok(true)
+}
+
+/// Encodes a whole tensor as raw blocks; `false` when the writer has gone.
+fn encode_whole(t: &TensorRef, pool: &rayon::ThreadPool, window: usize, tx: &Sender<Out>, ctl: &Ctl) -> Result<bool> {
+    let bytes = t.bytes();
+    let chunks: Vec<(u64, u64)> = block_sizes(bytes.len() as u64, RAW_BLOCK_BYTES).collect();
+    for win in chunks.chunks(window) {
+        ctl.check()?;
+        let encoded: Vec<std::io::Result<Encoded>> = pool.install(|| {
+            win.par_iter()
+                .map(|&(s, l)| {
+                    let raw = &bytes[s as usize..(s + l) as usize];
+                    Ok(Encoded {
+                        compressed: compress(raw)?,
+                        raw_len: l,
+                        out: hash::part(raw, s, chunks.len()),
+                        base: None,
+                        candidates: 0,
+                        kept: 0,
+                    })
+                })
+                .collect()
+        });
+        for e in encoded {
+            let e = e.map_err(|e| Error::tensor(&t.shard.path, &t.info().name, format!("compression failed: {e}")))?;
+            if tx.send(Out::Block(e)).is_err() {
+                return Ok(false);
+            }
+        }
+        ctl.advance(win.iter().map(|c| c.1).sum());
+    }
+    Ok(true)
+}
+
+/// Stage: appends blocks to the delta and builds each tensor's record.
+fn write_stage(writer: &mut DeltaWriter, rx: Receiver<Out>, ctl: &Ctl) -> Result<Vec<TensorRecord>> {
+    let mut records = Vec::new();
+    let (mut blocks, mut outs, mut bases) = (Vec::<Block>::new(), Vec::<Part>::new(), Vec::<Part>::new());
+    let (mut candidates, mut kept) = (0u64, 0u64);
+    for msg in rx {
+        ctl.check()?;
+        match msg {
+            Out::Block(e) => {
+                blocks.push(writer.block(&e.compressed, e.raw_len)?);
+                outs.push(e.out);
+                bases.extend(e.base);
+                candidates += e.candidates;
+                kept += e.kept;
+            }
+            Out::End(p) => {
+                let info = p.task.ft.info();
+                let base = p.task.base.as_ref();
+                let whole = p.task.mode == Mode::Whole;
+                records.push(TensorRecord {
+                    name: info.name.clone(),
+                    shard: p.task.ft.shard.position,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    mode: p.task.mode,
+                    base_dtype: base.map(|b| b.info().dtype),
+                    base_hash: base.map(|_| hash::merge(&bases)),
+                    out_hash: hash::merge(&outs),
+                    candidates: if whole { info.numel() } else { candidates },
+                    kept: if whole { info.numel() } else { kept },
+                    blocks: std::mem::take(&mut blocks),
+                });
+                outs.clear();
+                bases.clear();
+                candidates = 0;
+                kept = 0;
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Side files of a checkpoint directory, sorted: `(relative path, path, size)`, and the
+/// relative paths of those left out for being over 64 MiB.
+pub fn side_files(root: &Path) -> Result<(Vec<(String, PathBuf, u64)>, Vec<String>)> {
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    walk(root, "", 0, &mut found, &mut skipped)?;
+    found.sort();
+    skipped.sort();
+    Ok((found, skipped))
+}
+
+fn walk(
+    dir: &Path,
+    rel: &str,
+    depth: usize,
+    found: &mut Vec<(String, PathBuf, u64)>,
+    skipped: &mut Vec<String>,
+) -> Result<()> {
+    if depth > 16 {
+        return Err(Error::invalid(dir, "directories nested too deeply (a symlink loop?)"));
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let relname = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        let Ok(meta) = std::fs::metadata(&path) else { continue }; // dangling symlink
+        if meta.is_dir() {
+            walk(&path, &relname, depth + 1, found, skipped)?;
+        } else if meta.is_file() && !name.ends_with(".safetensors") && !(rel.is_empty() && name == INDEX_FILE) {
+            if meta.len() > MAX_SIDE_FILE {
+                tracing::warn!(file = %relname, size = meta.len(), "side file over 64 MiB left out of the delta");
+                skipped.push(relname);
+            } else {
+                found.push((relname, path, meta.len()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_side_file(writer: &mut DeltaWriter, rel: &str, path: &Path) -> Result<SideFile> {
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if data.len() as u64 > MAX_SIDE_FILE {
+        return Err(Error::invalid(path, "side file grew over 64 MiB while fapm ran"));
+    }
+    let mut blocks = Vec::new();
+    for (s, l) in block_sizes(data.len() as u64, RAW_BLOCK_BYTES) {
+        let raw = &data[s as usize..(s + l) as usize];
+        let packed = compress(raw).map_err(|e| Error::io(path, e))?;
+        blocks.push(writer.block(&packed, l)?);
+    }
+    Ok(SideFile { path: rel.to_owned(), size: data.len() as u64, hash: blake3::hash(&data).into(), blocks })
+}

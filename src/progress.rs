@@ -1,0 +1,145 @@
+//! What people see: logging setup, the progress bar (terminals only), peak-memory sampling,
+//! and the human-readable summaries.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use fapm::Ctl;
+
+/// Sets up `tracing` on stderr: warnings by default, more with `-v`, or as `RUST_LOG` says.
+pub fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// A background thread that draws the progress bar (when stderr is a terminal and not
+/// quiet) and samples peak anonymous memory.
+pub struct Monitor {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Monitor {
+    /// Starts monitoring `ctl`; `label` names the command on the bar.
+    pub fn start(ctl: Arc<Ctl>, label: &'static str, show_bar: bool) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(anon_memory()));
+        let bar = (show_bar && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>7} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {wide_msg}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(label);
+            bar
+        });
+        let handle = {
+            let (stop, peak) = (Arc::clone(&stop), Arc::clone(&peak));
+            thread::spawn(move || loop {
+                peak.fetch_max(anon_memory(), Ordering::Relaxed);
+                if let Some(bar) = &bar {
+                    bar.set_length(ctl.total.load(Ordering::Relaxed));
+                    bar.set_position(ctl.done.load(Ordering::Relaxed));
+                    if let Ok(c) = ctl.current.lock() {
+                        bar.set_message(c.clone());
+                    }
+                }
+                if stop.load(Ordering::Relaxed) {
+                    if let Some(bar) = &bar {
+                        bar.finish_and_clear();
+                    }
+                    return;
+                }
+                thread::sleep(Duration::from_millis(50));
+            })
+        };
+        Monitor { stop, peak, handle: Some(handle) }
+    }
+
+    /// Stops the bar and returns peak anonymous memory in bytes.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.peak.load(Ordering::Relaxed).max(anon_memory())
+    }
+}
+
+/// Resident anonymous memory (heap, stacks) of this process; memory-mapped inputs are
+/// page cache, not counted. 0 where /proc is not available.
+fn anon_memory() -> u64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return 0 };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// `1.23 GB`-style sizes (decimal units).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// A count with thousands separators.
+pub fn count(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `x / y` as a percentage, 0 when `y` is 0.
+pub fn percent(x: u64, y: u64) -> f64 {
+    if y == 0 {
+        0.0
+    } else {
+        100.0 * x as f64 / y as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(bytes(999), "999 B");
+        assert_eq!(bytes(1_234_567), "1.23 MB");
+        assert_eq!(count(1234567), "1,234,567");
+        assert_eq!(count(12), "12");
+        assert_eq!(percent(1, 0), 0.0);
+    }
+}
