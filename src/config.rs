@@ -38,6 +38,9 @@ pub struct PruneConfig {
     pub memory_budget: u64,
     /// Replace an existing output.
     pub overwrite: bool,
+    /// Elements per block of pruned and dense tensors: a power of two, at least 512
+    /// (tests use small blocks to exercise many chunks; the CLI always uses the default).
+    pub block_elems: u64,
 }
 
 impl PruneConfig {
@@ -171,6 +174,7 @@ mod tests {
             threads: 1,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             overwrite: false,
+            block_elems: fapm_stages::format::BLOCK_ELEMS,
         };
         assert!(c.selects("layers.0.mlp.weight"));
         assert!(!c.selects("layers.0.norm.weight"));

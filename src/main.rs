@@ -54,6 +54,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                 threads: config::threads(a.run.threads),
                 memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
                 overwrite: a.overwrite,
+                block_elems: fapm_stages::format::BLOCK_ELEMS,
             };
             let monitor = Monitor::start(Arc::clone(ctl), "prune", !a.run.quiet);
             let result = fapm::prune(&cfg, ctl);

@@ -21,7 +21,7 @@ use fapm_stages::checkpoint::{Checkpoint, Layout, TensorRef, INDEX_FILE};
 use fapm_stages::encode::encode_sparse;
 use fapm_stages::format::{
     block_sizes, compress, Block, DeltaWriter, Manifest, Mode, ShardRecord, SideFile, Source, TensorRecord,
-    BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
+    RAW_BLOCK_BYTES, VERSION,
 };
 use fapm_stages::hash::{self, Part};
 use fapm_stages::score::{convert_chunk, mean_abs, sum_abs, Metric, Scorer};
@@ -78,6 +78,7 @@ struct Task {
 /// A task with its threshold decided.
 struct Planned {
     task: Task,
+    block_elems: u64,
     scorer: Option<Scorer>,
     cut: Cut,
 }
@@ -128,7 +129,10 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     let file = File::create(staged.path()).map_err(|e| Error::io(&cfg.output, e))?;
     let mut writer = DeltaWriter::new(file, &cfg.output)?;
     let pool = pool(cfg.threads)?;
-    let window = window(cfg.threads, cfg.memory_budget);
+    if !cfg.block_elems.is_power_of_two() || cfg.block_elems < 512 {
+        return Err(Error::Config(format!("block size {} is not a power of two >= 512", cfg.block_elems)));
+    }
+    let window = window(cfg.threads, cfg.memory_budget, cfg.block_elems);
 
     let records = thread::scope(|s| {
         let (plan_tx, plan_rx) = bounded::<Planned>(1);
@@ -163,7 +167,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         threshold: cfg.threshold,
         include: cfg.include.iter().map(|r| r.as_str().to_owned()).collect(),
         exclude: cfg.exclude.iter().map(|r| r.as_str().to_owned()).collect(),
-        block_elems: BLOCK_ELEMS,
+        block_elems: cfg.block_elems,
         raw_block_bytes: RAW_BLOCK_BYTES,
         source: if ft.layout == Layout::File { Source::File } else { Source::Directory },
         index: ft.indexed,
@@ -189,10 +193,10 @@ fn stage<T>(ctl: &Ctl, body: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 /// How many chunks are encoded at once: enough for every thread, within the budget.
-fn window(threads: usize, budget: u64) -> usize {
+fn window(threads: usize, budget: u64, block_elems: u64) -> usize {
     // A chunk in flight holds its keys (4 B/elem), converted output (<= 8 B/elem), raw and
     // compressed payloads (<= 18 B/elem at worst), and a queued copy of the compressed bytes.
-    let per_chunk = BLOCK_ELEMS * 40;
+    let per_chunk = block_elems * 40;
     let fit = (budget / 2 / per_chunk).max(1) as usize;
     (2 * threads).clamp(1, fit)
 }
@@ -224,8 +228,8 @@ fn classify(cfg: &PruneConfig, base: &Checkpoint, ft: &Checkpoint) -> (Vec<Task>
 }
 
 /// Element ranges of a diffable tensor's blocks.
-fn elem_chunks(n: u64) -> Vec<(usize, usize)> {
-    block_sizes(n, BLOCK_ELEMS).map(|(s, l)| (s as usize, l as usize)).collect()
+fn elem_chunks(n: u64, block_elems: u64) -> Vec<(usize, usize)> {
+    block_sizes(n, block_elems).map(|(s, l)| (s as usize, l as usize)).collect()
 }
 
 /// Stage: the FAPM mean and the cut of each tensor, in order.
@@ -248,15 +252,15 @@ fn plan_stage(
 
 fn plan_tensor(cfg: &PruneConfig, task: Task, pool: &rayon::ThreadPool, ctl: &Ctl) -> Result<Planned> {
     let Some(base) = &task.base else {
-        return Ok(Planned { task, scorer: None, cut: Cut::All });
+        return Ok(Planned { task, block_elems: cfg.block_elems, scorer: None, cut: Cut::All });
     };
     let (fi, bi) = (task.ft.info(), base.info());
     let n = fi.numel();
     let mut scorer = Scorer { ft: fi.dtype, base: bi.dtype, metric: cfg.metric, mean: 0.0 };
     if task.mode == Mode::Dense {
-        return Ok(Planned { task, scorer: Some(scorer), cut: Cut::All });
+        return Ok(Planned { task, block_elems: cfg.block_elems, scorer: Some(scorer), cut: Cut::All });
     }
-    let chunks = elem_chunks(n);
+    let chunks = elem_chunks(n, cfg.block_elems);
     let (fs, bs) = (fi.dtype.size(), bi.dtype.size());
     let (ft_bytes, base_bytes) = (task.ft.bytes(), base.bytes());
     if cfg.metric == Metric::Fapm && task.keep > 0 {
@@ -283,7 +287,7 @@ fn plan_tensor(cfg: &PruneConfig, task: Task, pool: &rayon::ThreadPool, ctl: &Ct
                 .reduce(Histogram::default, |a, b| a.merge(&b))
         }))
     })?;
-    Ok(Planned { task, scorer: Some(scorer), cut })
+    Ok(Planned { task, block_elems: cfg.block_elems, scorer: Some(scorer), cut })
 }
 
 /// Stage: mask and encode every chunk, a window of chunks at a time, in order.
@@ -321,7 +325,7 @@ fn encode_diffable(
     let (fi, bi) = (p.task.ft.info(), base.info());
     let (fs, bs) = (fi.dtype.size(), bi.dtype.size());
     let (ft_bytes, base_bytes) = (p.task.ft.bytes(), base.bytes());
-    let chunks = elem_chunks(fi.numel());
+    let chunks = elem_chunks(fi.numel(), p.block_elems);
     let mut remaining = match p.cut {
         Cut::Level { take, .. } => take,
         _ => 0,

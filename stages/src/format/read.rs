@@ -107,7 +107,9 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
     if m.format != "fapm-delta" || m.version != VERSION {
         return Err(bad(format!("format '{}' version {}", m.format, m.version)));
     }
-    if !(1..=1 << 26).contains(&m.block_elems) || !(1..=MAX_SIDE_FILE).contains(&m.raw_block_bytes) {
+    // Blocks are hashed as blake3 subtrees: a power of two of at least 1 KiB each.
+    let pow2 = |x: u64, lo: u64, hi: u64| x.is_power_of_two() && (lo..=hi).contains(&x);
+    if !pow2(m.block_elems, 512, 1 << 26) || !pow2(m.raw_block_bytes, 1024, MAX_SIDE_FILE) {
         return Err(bad("block sizes out of range".into()));
     }
     if m.source == Source::File && (m.shards.len() != 1 || !m.side_files.is_empty()) {

@@ -1,0 +1,5 @@
+//! fapm's integration tests: one binary (ripgrep-style), one module per concern.
+
+mod pipeline;
+mod reference;
+mod util;

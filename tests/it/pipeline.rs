@@ -1,0 +1,258 @@
+//! The streaming pipeline against the in-memory reference, on many generated checkpoints:
+//! every dtype pair, ties, zeros, NaN and Inf, empty and scalar tensors, tensors spanning
+//! many chunks, both metrics, both threshold modes, several thread counts.
+
+use std::path::Path;
+
+use fapm::config::{self, ApplyConfig, PruneConfig};
+use fapm::Ctl;
+use fapm_stages::dtype::DType;
+use fapm_stages::score::Metric as M;
+use fapm_stages::threshold::ThresholdMode;
+use proptest::prelude::*;
+
+use crate::reference::{self, Metric};
+use crate::util::{read_tensors, write_safetensors, Rng, T};
+
+const FLOATS: [DType; 4] = [DType::BF16, DType::F16, DType::F32, DType::F64];
+/// Small blocks, so that a few thousand elements span many chunks and windows.
+const BLOCK: u64 = 512;
+
+/// Encodes an f64 in `dtype` (through f32, as a checkpoint saved from f32 would be).
+fn encode(dtype: DType, x: f64) -> Vec<u8> {
+    if dtype == DType::F64 {
+        return x.to_le_bytes().to_vec();
+    }
+    reference::narrow(dtype, x as f32).to_le_bytes()[..dtype.size()].to_vec()
+}
+
+/// A base and fine-tuned pair of values for one tensor, in one of several styles.
+fn values(rng: &mut Rng, n: usize, style: u64) -> (Vec<f64>, Vec<f64>) {
+    let mut base = Vec::with_capacity(n);
+    let mut ft = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (b, f) = match style {
+            // Realistic: small weights, a fraction nudged a little.
+            0 => {
+                let b = rng.normal() * 0.02;
+                let f = if rng.below(10) < 3 { b + rng.normal() * 0.002 } else { b };
+                (b, f)
+            }
+            // Heavy ties: few distinct values and changes.
+            1 => {
+                let b = [0.0, 0.5, -0.5, 1.0, -1.0][rng.below(5) as usize];
+                let f = b + [0.0, 0.25, -0.25, 0.5][rng.below(4) as usize];
+                (b, f)
+            }
+            // Specials everywhere.
+            _ => {
+                let pick = |r: &mut Rng| match r.below(9) {
+                    0 => f64::NAN,
+                    1 => f64::INFINITY,
+                    2 => f64::NEG_INFINITY,
+                    3 => 0.0,
+                    4 => -0.0,
+                    _ => r.normal(),
+                };
+                let b = pick(rng);
+                let f = if rng.below(2) == 0 { b } else { pick(rng) };
+                (b, f)
+            }
+        };
+        base.push(b);
+        ft.push(f);
+    }
+    (base, ft)
+}
+
+struct Case {
+    base: Vec<T>,
+    ft: Vec<T>,
+}
+
+fn shape_for(rng: &mut Rng, n: usize) -> Vec<u64> {
+    match (n, rng.below(3)) {
+        (1, 0) => vec![],
+        (_, 1) if n % 4 == 0 => vec![4, n as u64 / 4],
+        _ => vec![n as u64],
+    }
+}
+
+fn gen_case(seed: u64, tensors: usize, max_n: u64) -> Case {
+    let mut rng = Rng(seed | 1);
+    let (mut base, mut ft) = (Vec::new(), Vec::new());
+    for i in 0..tensors {
+        let n = match rng.below(6) {
+            0 => rng.below(3) as usize, // empty, scalar-sized, two
+            _ => rng.below(max_n) as usize,
+        };
+        let (fd, bd) = if rng.below(3) == 0 {
+            (FLOATS[rng.below(4) as usize], FLOATS[rng.below(4) as usize])
+        } else {
+            let d = FLOATS[rng.below(4) as usize];
+            (d, d)
+        };
+        let style = rng.below(3);
+        let (b, f) = values(&mut rng, n, style);
+        let shape = shape_for(&mut rng, n);
+        let name = format!("t{i}");
+        base.push(T::new(&name, bd, &shape, b.iter().flat_map(|&x| encode(bd, x)).collect()));
+        ft.push(T::new(&name, fd, &shape, f.iter().flat_map(|&x| encode(fd, x)).collect()));
+    }
+    // A whole tensor (integers) and a tensor only the base has.
+    ft.push(T::new("ids", DType::I32, &[3], vec![1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]));
+    base.push(T::new("ids", DType::I32, &[3], vec![0; 12]));
+    base.push(T::new("base_only", DType::F32, &[1], vec![0; 4]));
+    Case { base, ft }
+}
+
+fn prune_cfg(dir: &Path, sparsity: &str, metric: M, threshold: ThresholdMode, threads: usize) -> PruneConfig {
+    PruneConfig {
+        base: dir.join("base.safetensors"),
+        finetuned: dir.join("ft.safetensors"),
+        output: dir.join(format!("d-{threads}-{sparsity}.fapm")),
+        sparsity: config::sparsity(sparsity).unwrap(),
+        metric,
+        threshold,
+        include: vec![],
+        exclude: config::regexes("--exclude", &["^t1$".into()]).unwrap(),
+        threads,
+        memory_budget: config::DEFAULT_MEMORY_BUDGET,
+        overwrite: true,
+        block_elems: BLOCK,
+    }
+}
+
+/// Prunes and applies; returns the delta's bytes and the rebuilt tensors.
+fn round_trip(cfg: &PruneConfig) -> (Vec<u8>, Vec<(String, DType, Vec<u64>, Vec<u8>)>) {
+    let ctl = Ctl::default();
+    fapm::prune(cfg, &ctl).unwrap();
+    let out = cfg.output.with_extension("out.safetensors");
+    let apply = ApplyConfig {
+        base: cfg.base.clone(),
+        delta: cfg.output.clone(),
+        output: Some(out.clone()),
+        threads: cfg.threads,
+        memory_budget: cfg.memory_budget,
+        overwrite: true,
+    };
+    fapm::apply(&apply, &ctl).unwrap();
+    (std::fs::read(&cfg.output).unwrap(), read_tensors(&out))
+}
+
+fn ref_metric(m: M) -> Metric {
+    match m {
+        M::Fapm => Metric::Fapm,
+        M::Magnitude => Metric::Magnitude,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Exact mode agrees bit for bit with the reference, whatever the thread count, and the
+    /// delta's bytes do not depend on it.
+    #[test]
+    fn exact_matches_reference(
+        seed in any::<u64>(),
+        tensors in 1usize..4,
+        sparsity in prop::sample::select(vec!["0", "1", "0.9", "0.5", "0.37", "0.999", "0.1"]),
+        magnitude in any::<bool>(),
+    ) {
+        let case = gen_case(seed, tensors, 3000);
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(&dir.path().join("base.safetensors"), &case.base);
+        write_safetensors(&dir.path().join("ft.safetensors"), &case.ft);
+        let metric = if magnitude { M::Magnitude } else { M::Fapm };
+        let (delta1, out) = round_trip(&prune_cfg(dir.path(), sparsity, metric, ThresholdMode::Exact, 1));
+        let (delta3, out3) = round_trip(&prune_cfg(dir.path(), sparsity, metric, ThresholdMode::Exact, 3));
+        prop_assert!(delta1 == delta3, "delta bytes depend on --threads");
+        prop_assert_eq!(&out, &out3);
+        prop_assert_eq!(out.len(), case.ft.len());
+        for (ft, (name, dtype, shape, bytes)) in case.ft.iter().zip(&out) {
+            prop_assert_eq!(&ft.name, name);
+            prop_assert_eq!(ft.dtype, *dtype);
+            prop_assert_eq!(&ft.shape, shape);
+            let base = case.base.iter().find(|b| b.name == ft.name).unwrap();
+            if !ft.dtype.is_diffable() {
+                prop_assert_eq!(&ft.data, bytes);
+                continue;
+            }
+            let keep = (ft.name != "t1").then(|| reference::keep_count(ft.shape.iter().product(), sparsity));
+            let (want, _) = reference::expected(ft.dtype, &ft.data, base.dtype, &base.data, ref_metric(metric), keep);
+            prop_assert!(&want == bytes, "tensor {} ({} from {}) differs", ft.name, ft.dtype, base.dtype);
+        }
+    }
+
+    /// Approx mode keeps exactly as many positions as exact mode, and everything it prunes
+    /// scores within SPEC's tolerance of everything it keeps.
+    #[test]
+    fn approx_keeps_k_within_tolerance(
+        seed in any::<u64>(),
+        sparsity in prop::sample::select(vec!["0.9", "0.5", "0.75", "0.99"]),
+        magnitude in any::<bool>(),
+    ) {
+        let case = gen_case(seed, 3, 4000);
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(&dir.path().join("base.safetensors"), &case.base);
+        write_safetensors(&dir.path().join("ft.safetensors"), &case.ft);
+        let metric = if magnitude { M::Magnitude } else { M::Fapm };
+        let (_, out) = round_trip(&prune_cfg(dir.path(), sparsity, metric, ThresholdMode::Approx, 2));
+        for (ft, (_, _, _, bytes)) in case.ft.iter().zip(&out) {
+            if ft.name == "t1" || !ft.dtype.is_diffable() {
+                continue;
+            }
+            let base = case.base.iter().find(|b| b.name == ft.name).unwrap();
+            let n: u64 = ft.shape.iter().product();
+            let (_, exact_kept) = reference::expected(ft.dtype, &ft.data, base.dtype, &base.data, ref_metric(metric), Some(reference::keep_count(n, sparsity)));
+            let conv = reference::converted(ft.dtype, base.dtype, &base.data);
+            let scores = reference::scores(ft.dtype, &ft.data, base.dtype, &base.data, ref_metric(metric));
+            let ftbits = |i| reference::bits(ft.dtype, &ft.data, i);
+            let (mut kept, mut pruned) = (Vec::new(), Vec::new());
+            for i in 0..n as usize {
+                if ftbits(i) == conv[i] {
+                    continue;
+                }
+                if reference::bits(ft.dtype, bytes, i) == ftbits(i) { kept.push(i) } else { pruned.push(i) }
+            }
+            prop_assert_eq!(kept.len(), exact_kept.len());
+            let min_kept = kept.iter().map(|&i| scores[i]).fold(f32::INFINITY, f32::min);
+            let max_pruned = pruned.iter().map(|&i| scores[i]).fold(f32::NEG_INFINITY, f32::max);
+            if !kept.is_empty() && !pruned.is_empty() {
+                if min_kept == f32::NEG_INFINITY {
+                    prop_assert_eq!(max_pruned, f32::NEG_INFINITY);
+                } else {
+                    let bound = min_kept + min_kept.abs() / 128.0 + f32::from_bits(0x0080_0000);
+                    prop_assert!(max_pruned <= bound, "pruned {} > kept {} + tolerance", max_pruned, min_kept);
+                }
+            }
+        }
+    }
+}
+
+/// Sparsity 0 rebuilds the fine-tuned file bit for bit; sparsity 1 rebuilds the base
+/// (converted to the fine-tuned dtypes) in every diffable tensor.
+#[test]
+fn sparsity_zero_and_one_are_the_endpoints() {
+    let case = gen_case(7, 4, 5000);
+    let dir = tempfile::tempdir().unwrap();
+    write_safetensors(&dir.path().join("base.safetensors"), &case.base);
+    write_safetensors(&dir.path().join("ft.safetensors"), &case.ft);
+    let mut cfg = prune_cfg(dir.path(), "0", M::Fapm, ThresholdMode::Exact, 2);
+    cfg.exclude.clear();
+    round_trip(&cfg);
+    let rebuilt = std::fs::read(cfg.output.with_extension("out.safetensors")).unwrap();
+    assert_eq!(rebuilt, std::fs::read(dir.path().join("ft.safetensors")).unwrap());
+
+    let cfg = prune_cfg(dir.path(), "1", M::Fapm, ThresholdMode::Exact, 2);
+    let (_, out) = round_trip(&cfg);
+    for (ft, (name, _, _, bytes)) in case.ft.iter().zip(&out) {
+        if !ft.dtype.is_diffable() || name == "t1" {
+            continue;
+        }
+        let base = case.base.iter().find(|b| &b.name == name).unwrap();
+        let conv = reference::converted(ft.dtype, base.dtype, &base.data);
+        let want: Vec<u8> = conv.iter().flat_map(|c| c.to_le_bytes()[..ft.dtype.size()].to_vec()).collect();
+        assert_eq!(&want, bytes, "{name}");
+    }
+}

@@ -1,0 +1,101 @@
+//! Test helpers: writing safetensors files, reading tensors back, running the binary.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use fapm_stages::checkpoint::Checkpoint;
+use fapm_stages::dtype::DType;
+
+/// A tensor to write: name, dtype, shape, little-endian bytes.
+#[derive(Clone, Debug)]
+pub struct T {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+impl T {
+    pub fn new(name: &str, dtype: DType, shape: &[u64], data: Vec<u8>) -> T {
+        assert_eq!(data.len() as u64, shape.iter().product::<u64>() * dtype.size() as u64, "{name}");
+        T { name: name.into(), dtype, shape: shape.to_vec(), data }
+    }
+}
+
+/// Serializes tensors as one safetensors file, in the given order, contiguous.
+pub fn safetensors_bytes(tensors: &[T], metadata: Option<&str>) -> Vec<u8> {
+    let mut header = String::from("{");
+    if let Some(m) = metadata {
+        header.push_str(&format!("\"__metadata__\":{m},"));
+    }
+    let mut offset = 0;
+    for (i, t) in tensors.iter().enumerate() {
+        if i > 0 {
+            header.push(',');
+        }
+        let end = offset + t.data.len();
+        header.push_str(&format!(
+            "{}:{{\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{offset},{end}]}}",
+            serde_json::to_string(&t.name).unwrap(),
+            t.dtype.name(),
+            t.shape
+        ));
+        offset = end;
+    }
+    header.push('}');
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    for t in tensors {
+        out.extend_from_slice(&t.data);
+    }
+    out
+}
+
+pub fn write_safetensors(path: &Path, tensors: &[T]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&safetensors_bytes(tensors, Some("{\"format\":\"pt\"}"))).unwrap();
+}
+
+/// Every tensor of a checkpoint: name -> (dtype, shape, bytes).
+pub fn read_tensors(path: &Path) -> Vec<(String, DType, Vec<u64>, Vec<u8>)> {
+    let c = Checkpoint::open(path).unwrap();
+    c.tensors().map(|t| (t.info().name.clone(), t.info().dtype, t.info().shape.clone(), t.bytes().to_vec())).collect()
+}
+
+/// The fapm binary built for these tests.
+pub fn fapm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fapm"))
+}
+
+/// Runs fapm with `args`; returns its output.
+pub fn run(args: &[&str]) -> Output {
+    fapm().args(args).output().unwrap()
+}
+
+/// A fixture path under `fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+}
+
+/// A tiny deterministic generator (xorshift*), so tests need no extra crates.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f64 {
+        let (u, v) = (self.unit().max(1e-12), self.unit());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
