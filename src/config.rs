@@ -95,7 +95,14 @@ pub fn threshold(text: &str) -> Result<ThresholdMode, Error> {
 pub fn regexes(flag: &str, patterns: &[String]) -> Result<Vec<Regex>, Error> {
     patterns
         .iter()
-        .map(|p| Regex::new(p).map_err(|e| Error::Config(format!("invalid {flag} pattern '{p}': {e}"))))
+        .map(|p| {
+            Regex::new(p).map_err(|e| {
+                // regex explains with a multi-line diagram; its last line says what is wrong.
+                let text = e.to_string();
+                let why = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+                Error::Config(format!("invalid {flag} pattern '{p}': {}", why.trim_start_matches("error: ")))
+            })
+        })
         .collect()
 }
 

@@ -33,7 +33,8 @@ fn main() -> ExitCode {
     match run(cli.command, &ctl) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // One line, whatever the error's own formatting.
+            eprintln!("error: {}", e.to_string().replace('\n', " "));
             ExitCode::from(1)
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod prune;
+pub mod side;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;

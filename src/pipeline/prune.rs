@@ -17,7 +17,7 @@ use std::thread;
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use fapm_stages::checkpoint::{Checkpoint, Layout, TensorRef, INDEX_FILE};
+use fapm_stages::checkpoint::{Checkpoint, Layout, TensorRef};
 use fapm_stages::encode::encode_sparse;
 use fapm_stages::format::{
     block_sizes, compress, Block, DeltaWriter, Manifest, Mode, ShardRecord, SideFile, Source, TensorRecord,
@@ -32,9 +32,6 @@ use rayon::prelude::*;
 use super::{first_error, join, pool, Ctl};
 use crate::config::PruneConfig;
 use crate::output::Staged;
-
-/// The largest side file carried inside a delta (SPEC section 4).
-pub const MAX_SIDE_FILE: u64 = 64 << 20;
 
 /// What a prune run did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -105,7 +102,8 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     let base = Checkpoint::open(&cfg.base)?;
     let ft = Checkpoint::open(&cfg.finetuned)?;
     let (tasks, base_only) = classify(cfg, &base, &ft);
-    let (side, skipped) = if ft.layout == Layout::Directory { side_files(&ft.root)? } else { Default::default() };
+    let (side, skipped) =
+        if ft.layout == Layout::Directory { super::side::side_files(&ft.root)? } else { Default::default() };
     let total: u64 =
         tasks.iter().map(|t| t.ft.info().byte_len() + t.base.as_ref().map_or(0, |b| b.info().byte_len())).sum();
     ctl.total.store(total, std::sync::atomic::Ordering::Relaxed);
@@ -147,8 +145,8 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     ctl.check()?;
 
     let mut side_records = Vec::with_capacity(side.len());
-    for (rel, path, _) in &side {
-        side_records.push(write_side_file(&mut writer, rel, path)?);
+    for f in &side {
+        side_records.push(write_side_file(&mut writer, &f.rel, &f.path)?);
     }
     for r in &records {
         if r.mode != Mode::Whole {
@@ -455,53 +453,9 @@ fn write_stage(writer: &mut DeltaWriter, rx: Receiver<Out>, ctl: &Ctl) -> Result
     Ok(records)
 }
 
-/// Side files of a checkpoint directory, sorted: `(relative path, path, size)`, and the
-/// relative paths of those left out for being over 64 MiB.
-pub fn side_files(root: &Path) -> Result<(Vec<(String, PathBuf, u64)>, Vec<String>)> {
-    let mut found = Vec::new();
-    let mut skipped = Vec::new();
-    walk(root, "", 0, &mut found, &mut skipped)?;
-    found.sort();
-    skipped.sort();
-    Ok((found, skipped))
-}
-
-fn walk(
-    dir: &Path,
-    rel: &str,
-    depth: usize,
-    found: &mut Vec<(String, PathBuf, u64)>,
-    skipped: &mut Vec<String>,
-) -> Result<()> {
-    if depth > 16 {
-        return Err(Error::invalid(dir, "directories nested too deeply (a symlink loop?)"));
-    }
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        let path = entry.path();
-        let relname = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
-        let Ok(meta) = std::fs::metadata(&path) else { continue }; // dangling symlink
-        if meta.is_dir() {
-            walk(&path, &relname, depth + 1, found, skipped)?;
-        } else if meta.is_file() && !name.ends_with(".safetensors") && !(rel.is_empty() && name == INDEX_FILE) {
-            if meta.len() > MAX_SIDE_FILE {
-                tracing::warn!(file = %relname, size = meta.len(), "side file over 64 MiB left out of the delta");
-                skipped.push(relname);
-            } else {
-                found.push((relname, path, meta.len()));
-            }
-        }
-    }
-    Ok(())
-}
-
 fn write_side_file(writer: &mut DeltaWriter, rel: &str, path: &Path) -> Result<SideFile> {
     let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if data.len() as u64 > MAX_SIDE_FILE {
+    if data.len() as u64 > super::side::MAX_SIDE_FILE {
         return Err(Error::invalid(path, "side file grew over 64 MiB while fapm ran"));
     }
     let mut blocks = Vec::new();

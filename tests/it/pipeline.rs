@@ -12,7 +12,7 @@ use fapm_stages::threshold::ThresholdMode;
 use proptest::prelude::*;
 
 use crate::reference::{self, Metric};
-use crate::util::{read_tensors, write_safetensors, Rng, T};
+use crate::util::{read_tensors, write_safetensors, Rng, Tensors, T};
 
 const FLOATS: [DType; 4] = [DType::BF16, DType::F16, DType::F32, DType::F64];
 /// Small blocks, so that a few thousand elements span many chunks and windows.
@@ -124,7 +124,7 @@ fn prune_cfg(dir: &Path, sparsity: &str, metric: M, threshold: ThresholdMode, th
 }
 
 /// Prunes and applies; returns the delta's bytes and the rebuilt tensors.
-fn round_trip(cfg: &PruneConfig) -> (Vec<u8>, Vec<(String, DType, Vec<u64>, Vec<u8>)>) {
+fn round_trip(cfg: &PruneConfig) -> (Vec<u8>, Tensors) {
     let ctl = Ctl::default();
     fapm::prune(cfg, &ctl).unwrap();
     let out = cfg.output.with_extension("out.safetensors");
@@ -209,8 +209,8 @@ proptest! {
             let scores = reference::scores(ft.dtype, &ft.data, base.dtype, &base.data, ref_metric(metric));
             let ftbits = |i| reference::bits(ft.dtype, &ft.data, i);
             let (mut kept, mut pruned) = (Vec::new(), Vec::new());
-            for i in 0..n as usize {
-                if ftbits(i) == conv[i] {
+            for (i, &c) in conv.iter().enumerate() {
+                if ftbits(i) == c {
                     continue;
                 }
                 if reference::bits(ft.dtype, bytes, i) == ftbits(i) { kept.push(i) } else { pruned.push(i) }

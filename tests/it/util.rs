@@ -57,8 +57,11 @@ pub fn write_safetensors(path: &Path, tensors: &[T]) {
     f.write_all(&safetensors_bytes(tensors, Some("{\"format\":\"pt\"}"))).unwrap();
 }
 
-/// Every tensor of a checkpoint: name -> (dtype, shape, bytes).
-pub fn read_tensors(path: &Path) -> Vec<(String, DType, Vec<u64>, Vec<u8>)> {
+/// Tensors read back: (name, dtype, shape, bytes) in checkpoint order.
+pub type Tensors = Vec<(String, DType, Vec<u64>, Vec<u8>)>;
+
+/// Every tensor of a checkpoint, in order.
+pub fn read_tensors(path: &Path) -> Tensors {
     let c = Checkpoint::open(path).unwrap();
     c.tensors().map(|t| (t.info().name.clone(), t.info().dtype, t.info().shape.clone(), t.bytes().to_vec())).collect()
 }

@@ -1,0 +1,204 @@
+//! The binary on the checked-in fixtures: round trips, agreement with the independent
+//! Python reference (fixtures/reference.py), exit codes, output hygiene.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::util::{fixture, run};
+
+const PAIRS: [(&str, &str); 3] = [
+    ("single/base.safetensors", "single/finetuned.safetensors"),
+    ("sharded/base", "sharded/finetuned"),
+    ("plain/base", "plain/finetuned"),
+];
+
+fn ok(args: &[&str]) -> std::process::Output {
+    let out = run(args);
+    assert!(out.status.success(), "fapm {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Asserts two files or directory trees have identical names and bytes.
+fn assert_same_tree(a: &Path, b: &Path) {
+    if a.is_file() {
+        assert!(std::fs::read(a).unwrap() == std::fs::read(b).unwrap(), "{} != {}", a.display(), b.display());
+        return;
+    }
+    let names = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(a), names(b), "{} vs {}", a.display(), b.display());
+    for n in names(a) {
+        assert_same_tree(&a.join(&n), &b.join(&n));
+    }
+}
+
+fn prune_apply(dir: &Path, base: &str, ft: &str, extra: &[&str]) -> std::path::PathBuf {
+    let (base, ft) = (fixture(base), fixture(ft));
+    let delta = dir.join("d.fapm");
+    let out = dir.join(if ft.is_file() { "out.safetensors" } else { "out" });
+    let mut args = vec!["prune", "--base", base.to_str().unwrap(), "--finetuned", ft.to_str().unwrap()];
+    args.extend(["-o", delta.to_str().unwrap(), "--quiet"]);
+    args.extend(extra);
+    ok(&args);
+    ok(&["verify", delta.to_str().unwrap(), "--base", base.to_str().unwrap(), "-q"]);
+    ok(&[
+        "apply",
+        "--base",
+        base.to_str().unwrap(),
+        "--delta",
+        delta.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    out
+}
+
+/// fapm and an independent implementation of SPEC.md agree bit for bit on every fixture,
+/// with several option sets.
+#[test]
+fn fixtures_agree_with_the_python_reference() {
+    let options: [&[&str]; 3] =
+        [&[], &["--metric", "magnitude", "--sparsity", "0.5"], &["--sparsity", "0.75", "--exclude", "norm|embed"]];
+    for (base, ft) in PAIRS {
+        for opts in options {
+            let dir = tempfile::tempdir().unwrap();
+            let out = prune_apply(dir.path(), base, ft, opts);
+            let reference = dir.path().join("reference");
+            let status = Command::new("python3")
+                .arg(fixture("reference.py"))
+                .args(["--base", fixture(base).to_str().unwrap(), "--finetuned", fixture(ft).to_str().unwrap()])
+                .args(["--output", reference.to_str().unwrap()])
+                .args(opts)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("python3 runs the reference");
+            assert!(status.success());
+            assert_same_tree(&out, &reference);
+        }
+    }
+}
+
+/// Sparsity 0 gives back the fine-tuned checkpoint: shards, side files and index.
+#[test]
+fn sparsity_zero_rebuilds_the_finetuned_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = prune_apply(dir.path(), "sharded/base", "sharded/finetuned", &["--sparsity", "0"]);
+    let ft = fixture("sharded/finetuned");
+    for entry in std::fs::read_dir(&ft).unwrap() {
+        let name = entry.unwrap().file_name();
+        // Dot files are not carried (docs/FORMAT.md); the index is regenerated.
+        if !name.to_string_lossy().starts_with('.') && name != "model.safetensors.index.json" {
+            assert_same_tree(&ft.join(&name), &out.join(&name));
+        }
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let orig: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ft.join("model.safetensors.index.json")).unwrap()).unwrap();
+    assert_eq!(index["weight_map"], orig["weight_map"]);
+    assert!(!out.join(".hidden_note").exists());
+}
+
+/// The delta's bytes do not depend on --threads or on how often prune runs.
+#[test]
+fn deltas_are_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
+    let mut bytes = Vec::new();
+    for threads in ["1", "2", "3", "1"] {
+        let delta = dir.path().join(format!("d{threads}.fapm"));
+        ok(&["prune", "--base", base.to_str().unwrap(), "--finetuned", ft.to_str().unwrap(), "-o"]
+            .into_iter()
+            .chain([delta.to_str().unwrap(), "--threads", threads, "-q", "--overwrite"])
+            .collect::<Vec<_>>());
+        bytes.push(std::fs::read(&delta).unwrap());
+    }
+    assert!(bytes.windows(2).all(|w| w[0] == w[1]));
+}
+
+/// Bad values exit 1 with one `error:` line naming the problem; usage errors exit 2.
+#[test]
+fn errors_have_exit_codes_and_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.fapm");
+    let (base, ft) = (fixture("single/base.safetensors"), fixture("single/finetuned.safetensors"));
+    let (b, f, o) = (base.to_str().unwrap(), ft.to_str().unwrap(), d.to_str().unwrap());
+    let cases: [(&[&str], i32, &str); 6] = [
+        (&["prune", "--base", "/nonexistent/x", "--finetuned", f, "-o", o], 1, "/nonexistent/x"),
+        (&["prune", "--base", b, "--finetuned", f, "-o", o, "--sparsity", "1.5"], 1, "sparsity"),
+        (&["prune", "--base", b, "--finetuned", f, "-o", o, "--metric", "l2"], 1, "metric"),
+        (&["prune", "--base", b, "--finetuned", f, "-o", o, "--include", "("], 1, "--include"),
+        (&["prune", "--base", b, "--finetuned", f, "-o", o, "--bogus"], 2, "--bogus"),
+        (&["inspect", b], 1, "not a fapm delta"),
+    ];
+    for (args, code, needle) in cases {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        if code == 1 {
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert!(stderr.starts_with("error: "), "{stderr}");
+        }
+        assert!(!d.exists(), "no partial output after {args:?}");
+    }
+}
+
+/// An existing output is kept unless --overwrite.
+#[test]
+fn existing_output_is_kept_without_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.fapm");
+    std::fs::write(&d, b"precious").unwrap();
+    let (base, ft) = (fixture("single/base.safetensors"), fixture("single/finetuned.safetensors"));
+    let args =
+        ["prune", "--base", base.to_str().unwrap(), "--finetuned", ft.to_str().unwrap(), "-o", d.to_str().unwrap()];
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--overwrite"));
+    assert_eq!(std::fs::read(&d).unwrap(), b"precious");
+    ok(&[&args[..], &["--overwrite", "-q"]].concat());
+    assert_ne!(std::fs::read(&d).unwrap(), b"precious");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name() != "d.fapm").collect();
+    assert!(leftovers.is_empty(), "temporary files left behind");
+}
+
+/// --json prints one parseable object on stdout; on a pipe, stderr has no escape codes.
+#[test]
+fn json_and_piped_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.fapm");
+    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
+    let out = ok(&[
+        "prune",
+        "--base",
+        base.to_str().unwrap(),
+        "--finetuned",
+        ft.to_str().unwrap(),
+        "-o",
+        d.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["command"], "prune");
+    assert!(v["kept"].as_u64().unwrap() > 0);
+    assert!(v["kept"].as_u64() <= v["candidates"].as_u64());
+    assert!(!out.stderr.contains(&0x1b), "escape codes on a pipe");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kept"));
+    let out = ok(&["inspect", d.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kept: u64 = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["mode"] != "whole")
+        .map(|t| t["kept"].as_u64().unwrap())
+        .sum();
+    assert!(kept > 0);
+    assert_eq!(v["sparsity"], "0.9");
+}
