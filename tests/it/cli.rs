@@ -202,3 +202,32 @@ fn json_and_piped_output() {
     assert!(kept > 0);
     assert_eq!(v["sparsity"], "0.9");
 }
+
+/// The delta of the sharded fixture is byte-identical to the checked-in golden file, so any
+/// change to the format (or to which positions are kept) is noticed. After an intended
+/// change, regenerate with `FAPM_BLESS=1 cargo test --test it golden` and bump the format
+/// version if the layout changed (docs/FORMAT.md).
+#[test]
+fn golden_delta_catches_format_drift() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.fapm");
+    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
+    ok(&[
+        "prune",
+        "--base",
+        base.to_str().unwrap(),
+        "--finetuned",
+        ft.to_str().unwrap(),
+        "-o",
+        d.to_str().unwrap(),
+        "-q",
+    ]);
+    let golden = fixture("golden/sharded-s0.9-fapm.fapm");
+    let got = std::fs::read(&d).unwrap();
+    if std::env::var_os("FAPM_BLESS").is_some() {
+        std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
+        std::fs::write(&golden, &got).unwrap();
+    }
+    let want = std::fs::read(&golden).expect("the golden delta exists (FAPM_BLESS=1 writes it)");
+    assert!(got == want, "the delta of fixtures/sharded differs from {}", golden.display());
+}
