@@ -90,6 +90,14 @@ struct Encoded {
     kept: u64,
 }
 
+/// Per-worker buffers reused from chunk to chunk.
+#[derive(Default)]
+struct Scratch {
+    kept: Vec<u32>,
+    out: Vec<u8>,
+    raw: Vec<u8>,
+}
+
 /// Writer input: the blocks of a tensor, then the tensor itself.
 enum Out {
     Block(Encoded),
@@ -272,16 +280,11 @@ fn plan_tensor(cfg: &PruneConfig, task: Task, pool: &rayon::ThreadPool, ctl: &Ct
         Ok::<_, Error>(pool.install(|| {
             chunks
                 .par_iter()
-                .fold(
-                    || (Histogram::default(), Vec::<u32>::new()),
-                    |(mut h, mut keys), &(s, l)| {
-                        keys.resize(l, 0);
-                        scorer.keys(&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs], &mut keys);
-                        h.add(bins, &keys);
-                        (h, keys)
-                    },
-                )
-                .map(|(h, _)| h)
+                .fold(Histogram::default, |mut h, &(s, l)| {
+                    let (ft, base) = (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs]);
+                    scorer.for_each_keys(ft, base, |keys| h.add(bins, keys));
+                    h
+                })
                 .reduce(Histogram::default, |a, b| a.merge(&b))
         }))
     })?;
@@ -331,37 +334,41 @@ fn encode_diffable(
     for win in chunks.chunks(keys.len()) {
         ctl.check()?;
         let keys = &mut keys[..win.len()];
-        let counts: Vec<(u64, u64)> = pool.install(|| {
+        let counts: Vec<(u64, Option<u64>)> = pool.install(|| {
             keys.par_iter_mut()
                 .zip(win)
                 .map(|(k, &(s, l))| {
                     k.resize(l, 0);
                     let c = scorer.keys(&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs], k);
-                    (c as u64, p.cut.at_level_in(k))
+                    (c as u64, if p.cut.is_partial() { Some(p.cut.at_level_in(k)) } else { None })
                 })
                 .collect()
         });
-        let quota = quotas(counts.iter().map(|c| c.1), &mut remaining);
+        let quota = if p.cut.is_partial() {
+            quotas(counts.iter().map(|c| c.1.unwrap_or(0)), &mut remaining)
+        } else {
+            vec![u64::MAX; win.len()]
+        };
         let encoded: Vec<std::io::Result<Encoded>> = pool.install(|| {
             keys.par_iter()
                 .zip(win)
                 .zip(counts.par_iter().zip(quota))
-                .map(|((k, &(s, l)), (&(candidates, _), quota))| {
+                .map_init(Scratch::default, |scratch, ((k, &(s, l)), (&(candidates, at_level), quota))| {
                     let ft = &ft_bytes[s * fs..(s + l) * fs];
                     let base = &base_bytes[s * bs..(s + l) * bs];
-                    let mut kept = Vec::new();
-                    p.cut.select(k, quota, &mut kept);
-                    let mut out = vec![0u8; l * fs];
-                    convert_chunk(fi.dtype, bi.dtype, base, &mut out);
-                    let mut raw = Vec::new();
-                    encode_sparse(&kept, ft, &mut out, fs, &mut raw);
+                    let Scratch { kept, out, raw } = scratch;
+                    kept.resize(kept.len().max(l), 0);
+                    let n = p.cut.select(k, quota, at_level, kept);
+                    out.resize(l * fs, 0);
+                    convert_chunk(fi.dtype, bi.dtype, base, out);
+                    encode_sparse(&kept[..n], ft, out, fs, raw);
                     Ok(Encoded {
-                        compressed: compress(&raw)?,
+                        compressed: compress(raw)?,
                         raw_len: raw.len() as u64,
-                        out: hash::part(&out, (s * fs) as u64, chunks.len()),
+                        out: hash::part(out, (s * fs) as u64, chunks.len()),
                         base: Some(hash::part(base, (s * bs) as u64, chunks.len())),
                         candidates,
-                        kept: kept.len() as u64,
+                        kept: n as u64,
                     })
                 })
                 .collect()

@@ -85,12 +85,12 @@ pub enum Bins {
 /// A 65,536-bin histogram of keys.
 #[derive(Clone)]
 pub struct Histogram {
-    counts: Vec<u64>,
+    counts: Box<[u64; 1 << 16]>,
 }
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram { counts: vec![0; 1 << 16] }
+        Histogram { counts: Box::new([0; 1 << 16]) }
     }
 }
 
@@ -116,7 +116,7 @@ impl Histogram {
 
     /// Adds another histogram's counts to this one.
     pub fn merge(mut self, other: &Histogram) -> Histogram {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
             *a += b;
         }
         self
@@ -199,13 +199,25 @@ impl Cut {
         }
     }
 
-    /// Pushes the chunk-relative index of every kept position of `keys` onto `kept`,
-    /// keeping at most `quota` boundary candidates (the first ones).
-    pub fn select(&self, keys: &[u32], mut quota: u64, kept: &mut Vec<u32>) {
+    /// Writes the chunk-relative index of every kept position of `keys` to the front of
+    /// `kept` (at least `keys.len()` long) and returns how many there are. At most `quota`
+    /// boundary candidates are kept (the first ones); `at_level` is the chunk's boundary
+    /// count when known (else it is counted when needed).
+    pub fn select(&self, keys: &[u32], quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
         match *self {
-            Cut::Nothing => {}
-            Cut::All => kept.extend((0..keys.len() as u32).filter(|&i| keys[i as usize] != NOT_CANDIDATE)),
+            Cut::Nothing => 0,
+            Cut::All => keep_at_least(keys, 1, kept),
             Cut::Level { shift, level, .. } => {
+                // The smallest key at the level, and the smallest above it.
+                let lo = (level << shift).max(1) as u64;
+                let hi = (level as u64 + 1) << shift;
+                let at_level = if quota == 0 { 0 } else { at_level.unwrap_or_else(|| self.at_level_in(keys)) };
+                if quota >= at_level {
+                    // The quota covers the whole level (or there is none): a plain threshold.
+                    let t = if quota == 0 { hi } else { lo };
+                    return u32::try_from(t).map_or(0, |t| keep_at_least(keys, t, kept));
+                }
+                let (mut quota, mut n) = (quota, 0);
                 for (i, &k) in keys.iter().enumerate() {
                     if k == NOT_CANDIDATE {
                         continue;
@@ -213,12 +225,26 @@ impl Cut {
                     let l = k >> shift;
                     if l > level || (l == level && quota > 0) {
                         quota -= (l == level) as u64;
-                        kept.push(i as u32);
+                        kept[n] = i as u32;
+                        n += 1;
                     }
                 }
+                n
             }
         }
     }
+}
+
+/// Writes the index of every key `>= t` (`t >= 1`) to the front of `kept`, branch-free;
+/// returns how many.
+fn keep_at_least(keys: &[u32], t: u32, kept: &mut [u32]) -> usize {
+    let kept = &mut kept[..keys.len()];
+    let mut n = 0;
+    for (i, &k) in keys.iter().enumerate() {
+        kept[n] = i as u32;
+        n += (k >= t) as usize; // n <= i, so the next write stays in bounds
+    }
+    n
 }
 
 /// Splits a cut's boundary quota over chunks in index order, given each chunk's boundary count.
@@ -267,12 +293,13 @@ mod tests {
     }
 
     fn kept(keys: &[u32], cut: &Cut) -> Vec<u32> {
-        let mut out = Vec::new();
+        let mut out = vec![0; keys.len()];
         let quota = match cut {
             Cut::Level { take, .. } => *take,
             _ => 0,
         };
-        cut.select(keys, quota, &mut out);
+        let n = cut.select(keys, quota, None, &mut out);
+        out.truncate(n);
         out
     }
 
