@@ -258,43 +258,82 @@ const DIVERGING: [Rgb; 7] = [
     [178, 24, 43],
 ];
 
+/// The `q`-quantile of a non-empty slice (nearest rank; reorders the slice).
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    *v.select_nth_unstable_by(i, f64::total_cmp).1
+}
+
 /// How values map to [0, 1] and which ticks the colour bar shows.
 struct Mapping {
     scale: Scale,
+    /// Bottom of a log or linear scale; the linear threshold of a symmetric-log one.
     lo: f64,
+    /// Top of the scale.
     hi: f64,
+    /// Bottom of a symmetric-log scale, as a magnitude (the two signs scale separately).
+    neg: f64,
 }
 
 impl Mapping {
+    /// Fits the scale to the values: log and symmetric-log scales span the 0.5th to 99.5th
+    /// percentile (a few extreme blocks, such as near-zero base weights, would otherwise
+    /// wash everything else out); values beyond the ends take the end colours.
     fn new(scale: Scale, values: &[f64], shared_max: Option<f64>) -> Self {
-        let finite = values.iter().copied().filter(|v| v.is_finite());
+        let mut finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
         match scale {
             Scale::Log => {
-                let pos: Vec<f64> = finite.filter(|&v| v > 0.0).collect();
-                let hi = pos.iter().copied().fold(f64::MIN, f64::max);
-                let lo = pos.iter().copied().fold(f64::MAX, f64::min);
-                let (lo, hi) = if pos.is_empty() {
+                finite.retain(|&v| v > 0.0);
+                let (lo, hi) = if finite.is_empty() {
                     (0.1, 1.0)
                 } else {
+                    let (lo, hi) = (
+                        percentile(&mut finite, 0.005),
+                        percentile(&mut finite, 0.995),
+                    );
                     (lo.max(hi * 1e-6).min(hi / 10f64.sqrt()), hi)
                 };
-                Mapping { scale, lo, hi }
-            }
-            Scale::SymLog => {
-                let m = finite.map(f64::abs).fold(0.0, f64::max);
-                let m = if m > 0.0 { m } else { 1.0 };
                 Mapping {
                     scale,
-                    lo: m * 1e-3,
-                    hi: m,
+                    lo,
+                    hi,
+                    neg: 0.0,
+                }
+            }
+            Scale::SymLog => {
+                let side = |positive: bool| {
+                    let mut abs: Vec<f64> = finite
+                        .iter()
+                        .filter(|&&v| (v > 0.0) == positive && v != 0.0)
+                        .map(|v| v.abs())
+                        .collect();
+                    if abs.is_empty() {
+                        0.0
+                    } else {
+                        percentile(&mut abs, 0.99)
+                    }
+                };
+                let (pos, neg) = (side(true), side(false));
+                let (pos, neg) = match (pos > 0.0, neg > 0.0) {
+                    (true, true) => (pos, neg),
+                    (true, false) => (pos, pos),
+                    (false, true) => (neg, neg),
+                    (false, false) => (1.0, 1.0),
+                };
+                Mapping {
+                    scale,
+                    lo: pos.min(neg) * 1e-3,
+                    hi: pos,
+                    neg,
                 }
             }
             Scale::Linear => {
-                let m = shared_max.unwrap_or_else(|| finite.fold(0.0, f64::max));
+                let m = shared_max.unwrap_or_else(|| finite.iter().copied().fold(0.0, f64::max));
                 Mapping {
                     scale,
                     lo: 0.0,
                     hi: if m > 0.0 { m } else { 1.0 },
+                    neg: 0.0,
                 }
             }
         }
@@ -303,12 +342,17 @@ impl Mapping {
     fn t(&self, v: f64) -> f64 {
         match self.scale {
             Scale::Log => {
-                let v = v.max(self.lo);
+                let v = v.clamp(self.lo, self.hi);
                 (v / self.lo).log10() / (self.hi / self.lo).log10()
             }
             Scale::SymLog => {
-                let f = |x: f64| x.signum() * (1.0 + x.abs() / self.lo).log10();
-                0.5 + 0.5 * f(v) / f(self.hi)
+                let v = v.clamp(-self.neg, self.hi);
+                let f = |x: f64| (1.0 + x.abs() / self.lo).log10();
+                if v >= 0.0 {
+                    0.5 + 0.5 * f(v) / f(self.hi)
+                } else {
+                    0.5 - 0.5 * f(v) / f(self.neg)
+                }
             }
             Scale::Linear => v / self.hi,
         }
@@ -342,8 +386,8 @@ impl Mapping {
                 t
             }
             Scale::SymLog => {
-                let m = self.hi;
-                vec![-m, -m / 10.0, -m / 100.0, 0.0, m / 100.0, m / 10.0, m]
+                let (m, n) = (self.hi, self.neg);
+                vec![-n, -n / 10.0, -n / 100.0, 0.0, m / 100.0, m / 10.0, m]
             }
             Scale::Linear => (0..=4).map(|i| self.hi * i as f64 / 4.0).collect(),
         }
@@ -451,9 +495,10 @@ mod tests {
         assert_eq!(m.color(1.0), SEQUENTIAL[8]);
         assert_eq!(m.color(1e-9), SEQUENTIAL[0]);
         assert_eq!(m.color(f64::NAN), NO_DATA);
-        let s = Mapping::new(Scale::SymLog, &[-2.0, 1.0], None);
+        let s = Mapping::new(Scale::SymLog, &[-200.0, 1.0], None);
         assert_eq!(s.color(0.0), DIVERGING[3]);
-        assert_eq!(s.color(-2.0), DIVERGING[0]);
-        assert_eq!(s.color(2.0), DIVERGING[6]);
+        assert_eq!(s.color(-200.0), DIVERGING[0]);
+        assert_eq!(s.color(1.0), DIVERGING[6]);
+        assert_eq!(s.color(-1e9), DIVERGING[0]);
     }
 }

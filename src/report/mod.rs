@@ -294,7 +294,10 @@ fn write_report(cfg: &ReportConfig, dir: &Path) -> Result<Written, Error> {
             intro: format!(
                 "{} x {} ({} base, {} fine-tuned); {:.2}% of positions changed; \
                  mean(|W_base|) = {:.4e}. Each pixel is one block of the matrix \
-                 (rows top to bottom, columns left to right); grey means no finite value.",
+                 (rows top to bottom, columns left to right); grey means no finite value. Log \
+                 colour bars span the 0.5th to 99.5th percentile of the blocks (the score's, \
+                 each sign's 99th percentile of |S|, scaled separately); blocks beyond take the \
+                 end colours.",
                 p.rows,
                 p.cols,
                 p.base.info().dtype,

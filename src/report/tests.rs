@@ -282,3 +282,38 @@ fn heatmap_blocks_cover_a_tensor_larger_than_a_chunk() {
     let mean = kept.iter().sum::<f64>() / kept.len() as f64;
     assert!((mean - 0.1).abs() < 0.01, "{mean}");
 }
+
+/// Renders a sample report to `$FAPM_REPORT_SAMPLE` for looking at the pictures:
+/// `FAPM_REPORT_SAMPLE=/tmp/sample cargo test --lib render_sample -- --ignored`.
+#[test]
+#[ignore]
+fn render_sample_report() {
+    let out = PathBuf::from(std::env::var("FAPM_REPORT_SAMPLE").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(7);
+    let (mut base, mut ft): (Vec<Raw>, Vec<Raw>) = (Vec::new(), Vec::new());
+    for layer in 0..6 {
+        for (part, r, c) in [("q_proj", 256, 256), ("up_proj", 384, 256)] {
+            let (b, f) = matrix(&mut rng, r, c);
+            let name = format!("model.layers.{layer}.{part}.weight");
+            let shape = vec![r as u64, c as u64];
+            base.push((name.clone(), "BF16", shape.clone(), bf16_bytes(&b)));
+            ft.push((name, "BF16", shape, bf16_bytes(&f)));
+        }
+    }
+    let (bp, fp) = (
+        dir.path().join("b.safetensors"),
+        dir.path().join("f.safetensors"),
+    );
+    write_safetensors(&bp, &base);
+    write_safetensors(&fp, &ft);
+    let cfg = ReportConfig {
+        base: bp,
+        finetuned: fp,
+        output: out,
+        tensors: Vec::new(),
+        overwrite: true,
+    };
+    let s = report(&cfg).unwrap();
+    eprintln!("{s:#?}");
+}
