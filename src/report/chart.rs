@@ -67,15 +67,10 @@ impl Chart {
     }
 
     fn x_extent(&self) -> (f64, f64) {
-        let xs = self
-            .series
-            .iter()
-            .flat_map(|s| s.points.iter().map(|p| p.0));
+        let xs = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
         let ticks = self.x_ticks.iter().flatten().map(|t| t.0);
-        let (lo, hi) = xs
-            .chain(ticks)
-            .filter(|x| x.is_finite())
-            .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+        let (lo, hi) =
+            xs.chain(ticks).filter(|x| x.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
         if lo > hi {
             (0.0, 1.0)
         } else {
@@ -88,11 +83,7 @@ impl Chart {
         if let Some(r) = self.y_range {
             return r;
         }
-        let ys = self
-            .series
-            .iter()
-            .flat_map(|s| s.points.iter().map(|p| p.1))
-            .filter(|&y| self.usable(y));
+        let ys = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|&y| self.usable(y));
         let (lo, hi) = ys.fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
         if lo > hi {
             return if self.y_log { (0.1, 1.0) } else { (0.0, 1.0) };
@@ -113,10 +104,7 @@ impl Chart {
         if self.y_log {
             let (a, b) = (lo.log10().round() as i32, hi.log10().round() as i32);
             let step = ((b - a) / 6 + 1).max(1);
-            (a..=b)
-                .filter(|e| (e - a) % step == 0)
-                .map(|e| 10f64.powi(e))
-                .collect()
+            (a..=b).filter(|e| (e - a) % step == 0).map(|e| 10f64.powi(e)).collect()
         } else {
             let step = nice_step((hi - lo) / 5.0);
             let n = ((hi - lo) / step).round() as i64;
@@ -178,14 +166,7 @@ pub fn render(chart: &Chart) -> Canvas {
     }
     c.fill_rect(left, top, 1, bottom - top + 1, INK);
     c.fill_rect(left, bottom, right - left + 1, 1, INK);
-    c.text(
-        (left + right) / 2,
-        HEIGHT as i64 - 18,
-        &chart.x_label,
-        1,
-        Align::Center,
-        INK,
-    );
+    c.text((left + right) / 2, HEIGHT as i64 - 18, &chart.x_label, 1, Align::Center, INK);
     c.text_up(14, (top + bottom) / 2, &chart.y_label, 1, INK);
     // Lines, then dots on top when there are few points.
     for s in &chart.series {
@@ -225,11 +206,7 @@ mod tests {
             y_log,
             y_range: None,
             x_ticks: None,
-            series: vec![Series {
-                label: "a".into(),
-                color: FAPM,
-                points,
-            }],
+            series: vec![Series { label: "a".into(), color: FAPM, points }],
         }
     }
 

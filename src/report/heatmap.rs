@@ -116,9 +116,7 @@ pub fn grid_dims(rows: u64, cols: u64) -> (usize, usize) {
 
 /// First index of each block when `n` indices are split into `g` blocks (then `n`).
 fn bounds(n: u64, g: usize) -> Vec<u64> {
-    (1..=g as u64)
-        .map(|j| (j as u128 * n as u128).div_ceil(g as u128) as u64)
-        .collect()
+    (1..=g as u64).map(|j| (j as u128 * n as u128).div_ceil(g as u128) as u64).collect()
 }
 
 fn block_of(x: u64, n: u64, g: usize) -> usize {
@@ -129,20 +127,12 @@ fn block_of(x: u64, n: u64, g: usize) -> usize {
 /// (magnitude, FAPM) at [`MAP_SPARSITY`] and `mean` is the FAPM base mean.
 pub fn accumulate(pair: &Pair, mean: f32, cuts: [BinCut; 2]) -> Grid {
     let (gh, gw) = grid_dims(pair.rows, pair.cols);
-    let mut grid = Grid {
-        rows: pair.rows,
-        cols: pair.cols,
-        gh,
-        gw,
-        cells: vec![Cell::default(); gh * gw],
-    };
+    let mut grid = Grid { rows: pair.rows, cols: pair.cols, gh, gw, cells: vec![Cell::default(); gh * gw] };
     let rb = bounds(pair.rows, gh);
     let cb = bounds(pair.cols, gw);
     let (ftd, based) = pair.dtypes();
     pair.for_chunks(|start, ft, base| {
-        with_elems!(ftd, based, |F, B| add_chunk::<F, B>(
-            &mut grid, &rb, &cb, start, ft, base, mean, cuts
-        ))
+        with_elems!(ftd, based, |F, B| add_chunk::<F, B>(&mut grid, &rb, &cb, start, ft, base, mean, cuts))
     });
     grid
 }
@@ -248,15 +238,8 @@ const SEQUENTIAL: [Rgb; 9] = [
 ];
 
 /// Blue for negative, white for zero, red for positive.
-const DIVERGING: [Rgb; 7] = [
-    [33, 102, 172],
-    [103, 169, 207],
-    [209, 229, 240],
-    [247, 247, 247],
-    [253, 219, 199],
-    [239, 138, 98],
-    [178, 24, 43],
-];
+const DIVERGING: [Rgb; 7] =
+    [[33, 102, 172], [103, 169, 207], [209, 229, 240], [247, 247, 247], [253, 219, 199], [239, 138, 98], [178, 24, 43]];
 
 /// The `q`-quantile of a non-empty slice (nearest rank; reorders the slice).
 fn percentile(v: &mut [f64], q: f64) -> f64 {
@@ -287,26 +270,15 @@ impl Mapping {
                 let (lo, hi) = if finite.is_empty() {
                     (0.1, 1.0)
                 } else {
-                    let (lo, hi) = (
-                        percentile(&mut finite, 0.005),
-                        percentile(&mut finite, 0.995),
-                    );
+                    let (lo, hi) = (percentile(&mut finite, 0.005), percentile(&mut finite, 0.995));
                     (lo.max(hi * 1e-6).min(hi / 10f64.sqrt()), hi)
                 };
-                Mapping {
-                    scale,
-                    lo,
-                    hi,
-                    neg: 0.0,
-                }
+                Mapping { scale, lo, hi, neg: 0.0 }
             }
             Scale::SymLog => {
                 let side = |positive: bool| {
-                    let mut abs: Vec<f64> = finite
-                        .iter()
-                        .filter(|&&v| (v > 0.0) == positive && v != 0.0)
-                        .map(|v| v.abs())
-                        .collect();
+                    let mut abs: Vec<f64> =
+                        finite.iter().filter(|&&v| (v > 0.0) == positive && v != 0.0).map(|v| v.abs()).collect();
                     if abs.is_empty() {
                         0.0
                     } else {
@@ -320,21 +292,11 @@ impl Mapping {
                     (false, true) => (neg, neg),
                     (false, false) => (1.0, 1.0),
                 };
-                Mapping {
-                    scale,
-                    lo: pos.min(neg) * 1e-3,
-                    hi: pos,
-                    neg,
-                }
+                Mapping { scale, lo: pos.min(neg) * 1e-3, hi: pos, neg }
             }
             Scale::Linear => {
                 let m = shared_max.unwrap_or_else(|| finite.iter().copied().fold(0.0, f64::max));
-                Mapping {
-                    scale,
-                    lo: 0.0,
-                    hi: if m > 0.0 { m } else { 1.0 },
-                    neg: 0.0,
-                }
+                Mapping { scale, lo: 0.0, hi: if m > 0.0 { m } else { 1.0 }, neg: 0.0 }
             }
         }
     }
@@ -371,15 +333,9 @@ impl Mapping {
     fn ticks(&self) -> Vec<f64> {
         match self.scale {
             Scale::Log => {
-                let (a, b) = (
-                    self.lo.log10().ceil() as i32,
-                    self.hi.log10().floor() as i32,
-                );
+                let (a, b) = (self.lo.log10().ceil() as i32, self.hi.log10().floor() as i32);
                 let step = ((b - a) / 6 + 1).max(1);
-                let mut t: Vec<f64> = (a..=b)
-                    .filter(|e| (e - a) % step == 0)
-                    .map(|e| 10f64.powi(e))
-                    .collect();
+                let mut t: Vec<f64> = (a..=b).filter(|e| (e - a) % step == 0).map(|e| 10f64.powi(e)).collect();
                 if t.len() < 2 {
                     t = vec![self.lo, self.hi];
                 }
@@ -414,10 +370,7 @@ pub fn render(grid: &Grid, q: Quantity, name: &str, shared_max: Option<f64>) -> 
         grid.rows.div_ceil(grid.gh as u64),
         grid.cols.div_ceil(grid.gw as u64)
     );
-    let text_w = [q.title().len() * 12, name.len() * 6, subtitle.len() * 6]
-        .into_iter()
-        .max()
-        .unwrap_or(0) as i64;
+    let text_w = [q.title().len() * 12, name.len() * 6, subtitle.len() * 6].into_iter().max().unwrap_or(0) as i64;
     let width = (bar_x + 16 + 6 + label_w + 14).max(text_w + 28);
     let height = y0 + bar_h + 30;
     let mut c = Canvas::new(width as usize, height as usize, WHITE);
@@ -437,22 +390,11 @@ pub fn render(grid: &Grid, q: Quantity, name: &str, shared_max: Option<f64>) -> 
     c.text(x0 - 4, y0 + img_h - 7, &last_row, 1, Align::Right, MUTED);
     c.text(x0, y0 + img_h + 5, "0", 1, Align::Left, MUTED);
     let last_col = (grid.cols - 1).to_string();
-    c.text(
-        x0 + img_w,
-        y0 + img_h + 5,
-        &last_col,
-        1,
-        Align::Right,
-        MUTED,
-    );
+    c.text(x0 + img_w, y0 + img_h + 5, &last_col, 1, Align::Right, MUTED);
     // Colour bar: top is the highest value.
     for y in 0..bar_h {
         let t = 1.0 - y as f64 / (bar_h - 1).max(1) as f64;
-        let col = if q.scale() == Scale::SymLog {
-            ramp(&DIVERGING, t)
-        } else {
-            ramp(&SEQUENTIAL, t)
-        };
+        let col = if q.scale() == Scale::SymLog { ramp(&DIVERGING, t) } else { ramp(&SEQUENTIAL, t) };
         c.fill_rect(bar_x, y0 + y, 16, 1, col);
     }
     c.outline(bar_x - 1, y0 - 1, 18, bar_h + 2, INK);

@@ -148,14 +148,8 @@ mod tests {
                 title: "T".into(),
                 intro: "i".into(),
                 figures: vec![
-                    Figure {
-                        file: "one.png".into(),
-                        caption: "c \"1\"".into(),
-                    },
-                    Figure {
-                        file: "two.png".into(),
-                        caption: "c2".into(),
-                    },
+                    Figure { file: "one.png".into(), caption: "c \"1\"".into() },
+                    Figure { file: "two.png".into(), caption: "c2".into() },
                 ],
             }],
             table_head: vec!["name".into()],

@@ -64,10 +64,7 @@ pub fn report(cfg: &ReportConfig) -> Result<ReportSummary, Error> {
         .to_string_lossy()
         .into_owned();
     if out.symlink_metadata().is_ok() && !cfg.overwrite {
-        return Err(Error::Config(format!(
-            "{}: already exists (pass --overwrite to replace it)",
-            out.display()
-        )));
+        return Err(Error::Config(format!("{}: already exists (pass --overwrite to replace it)", out.display())));
     }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -91,11 +88,7 @@ pub fn report(cfg: &ReportConfig) -> Result<ReportSummary, Error> {
         return Err(e);
     }
     let (files, summary) = files;
-    Ok(ReportSummary {
-        output: out.clone(),
-        files: files.into_iter().map(|f| out.join(f)).collect(),
-        ..summary
-    })
+    Ok(ReportSummary { output: out.clone(), files: files.into_iter().map(|f| out.join(f)).collect(), ..summary })
 }
 
 /// Renames `tmp` to `out`, moving an existing `out` aside first and deleting it after.
@@ -116,11 +109,7 @@ fn move_into_place(tmp: &Path, out: &Path, parent: &Path, name: &str) -> Result<
     }
     if had_old {
         let meta = old.symlink_metadata().map_err(|e| Error::io(&old, e))?;
-        let removed = if meta.is_dir() {
-            std::fs::remove_dir_all(&old)
-        } else {
-            std::fs::remove_file(&old)
-        };
+        let removed = if meta.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
         removed.map_err(|e| Error::io(&old, e))?;
     }
     Ok(())
@@ -161,9 +150,7 @@ fn heatmap_choice(pairs: &[Pair], res: &[regex::Regex]) -> Result<Vec<usize>, Er
     if res.is_empty() {
         let n = pairs.len();
         let k = DEFAULT_HEATMAP_TENSORS.min(n);
-        let mut picks: Vec<usize> = (0..k)
-            .map(|i| if k == 1 { 0 } else { i * (n - 1) / (k - 1) })
-            .collect();
+        let mut picks: Vec<usize> = (0..k).map(|i| if k == 1 { 0 } else { i * (n - 1) / (k - 1) }).collect();
         picks.dedup();
         return Ok(picks);
     }
@@ -174,22 +161,14 @@ fn heatmap_choice(pairs: &[Pair], res: &[regex::Regex]) -> Result<Vec<usize>, Er
             )));
         }
     }
-    Ok((0..pairs.len())
-        .filter(|&i| res.iter().any(|re| re.is_match(&pairs[i].name)))
-        .collect())
+    Ok((0..pairs.len()).filter(|&i| res.iter().any(|re| re.is_match(&pairs[i].name))).collect())
 }
 
 /// A file-name-safe version of a tensor name.
 fn file_stem(i: usize, name: &str) -> String {
     let clean: String = name
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '_' })
         .take(80)
         .collect();
     format!("t{i:03}-{clean}")
@@ -208,16 +187,10 @@ fn write_report(cfg: &ReportConfig, dir: &Path) -> Result<Written, Error> {
     let ft = Checkpoint::open(&cfg.finetuned)?;
     let (pairs, other) = pairs(&base, &ft);
     if pairs.is_empty() {
-        return Err(Error::invalid(
-            &cfg.finetuned,
-            "has no 2-D floating tensor that the base has with the same shape",
-        ));
+        return Err(Error::invalid(&cfg.finetuned, "has no 2-D floating tensor that the base has with the same shape"));
     }
     let chosen = heatmap_choice(&pairs, &cfg.tensors)?;
-    let sparsities: Vec<Sparsity> = SPARSITIES
-        .iter()
-        .map(|s| Sparsity::parse(s).expect("constant sparsity"))
-        .collect();
+    let sparsities: Vec<Sparsity> = SPARSITIES.iter().map(|s| Sparsity::parse(s).expect("constant sparsity")).collect();
     let mut scratch = Scratch::default();
     let stats: Vec<TensorStats> = pairs
         .iter()
@@ -280,14 +253,10 @@ fn write_report(cfg: &ReportConfig, dir: &Path) -> Result<Written, Error> {
         let stem = file_stem(i, &p.name);
         let mut figures = Vec::new();
         for q in Quantity::ALL {
-            let shared =
-                matches!(q, Quantity::KeptMagnitude | Quantity::KeptFapm).then_some(kept_max);
+            let shared = matches!(q, Quantity::KeptMagnitude | Quantity::KeptFapm).then_some(kept_max);
             let canvas = heatmap::render(&grid, q, &p.name, shared);
             let file = write(format!("{stem}-{}.png", q.slug()), canvas)?;
-            figures.push(Figure {
-                file,
-                caption: heatmap_caption(q, s.mean),
-            });
+            figures.push(Figure { file, caption: heatmap_caption(q, s.mean) });
         }
         sections.push(Section {
             title: format!("Heatmaps of {}", p.name),
@@ -316,10 +285,7 @@ fn write_report(cfg: &ReportConfig, dir: &Path) -> Result<Written, Error> {
         let (n, r) = per_layer(&stats, j, sp);
         let figures = vec![
             Figure {
-                caption: format!(
-                    "Share of each tensor's task-vector L2 norm kept at sparsity {}",
-                    pct(sp)
-                ),
+                caption: format!("Share of each tensor's task-vector L2 norm kept at sparsity {}", pct(sp)),
                 file: write(format!("layers-norm-{tag}.png"), n)?,
             },
             Figure {
@@ -381,12 +347,7 @@ fn write_report(cfg: &ReportConfig, dir: &Path) -> Result<Written, Error> {
     names.extend(files);
     Ok((
         names,
-        ReportSummary {
-            output: PathBuf::new(),
-            files: Vec::new(),
-            tensors_charted: pairs.len(),
-            heatmap_tensors,
-        },
+        ReportSummary { output: PathBuf::new(), files: Vec::new(), tensors_charted: pairs.len(), heatmap_tensors },
     ))
 }
 
@@ -422,11 +383,7 @@ fn heatmap_caption(q: Quantity, mean: f32) -> String {
 }
 
 fn sparsity_ticks() -> Vec<(f64, String)> {
-    SPARSITIES
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as f64, pct(s)))
-        .collect()
+    SPARSITIES.iter().enumerate().map(|(i, s)| (i as f64, pct(s))).collect()
 }
 
 /// The two whole-model charts (norm kept, relative change), one point per sparsity.
@@ -446,9 +403,7 @@ fn overview(stats: &[TensorStats]) -> (png::Canvas, png::Canvas) {
             .map(|(m, (label, color))| Series {
                 label: label.to_string(),
                 color: *color,
-                points: (0..SPARSITIES.len())
-                    .map(|j| (j as f64, f(&sum(m, j))))
-                    .collect(),
+                points: (0..SPARSITIES.len()).map(|j| (j as f64, f(&sum(m, j)))).collect(),
             })
             .collect::<Vec<_>>()
     };
@@ -484,11 +439,7 @@ fn per_layer(stats: &[TensorStats], j: usize, sp: &str) -> (png::Canvas, png::Ca
             .map(|(m, (label, color))| Series {
                 label: label.to_string(),
                 color: *color,
-                points: stats
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| (i as f64, f(s, &s.kept[m][j])))
-                    .collect(),
+                points: stats.iter().enumerate().map(|(i, s)| (i as f64, f(s, &s.kept[m][j]))).collect(),
             })
             .collect::<Vec<_>>()
     };
@@ -516,10 +467,7 @@ fn per_layer(stats: &[TensorStats], j: usize, sp: &str) -> (png::Canvas, png::Ca
 }
 
 fn table(pairs: &[Pair], stats: &[TensorStats]) -> Vec<Vec<String>> {
-    let j = SPARSITIES
-        .iter()
-        .position(|s| *s == MAP_SPARSITY)
-        .expect("the map sparsity is charted");
+    let j = SPARSITIES.iter().position(|s| *s == MAP_SPARSITY).expect("the map sparsity is charted");
     pairs
         .iter()
         .zip(stats)

@@ -47,11 +47,7 @@ impl Canvas {
         for _ in 0..width * height {
             pixels.extend_from_slice(&bg);
         }
-        Canvas {
-            width,
-            height,
-            pixels,
-        }
+        Canvas { width, height, pixels }
     }
 
     /// Sets one pixel; points outside the canvas are ignored.
@@ -168,8 +164,7 @@ impl Canvas {
     /// Encodes the canvas as an 8-bit RGB PNG at `path`.
     pub fn write_png(&self, path: &Path) -> Result<(), Error> {
         let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-        let mut enc =
-            png::Encoder::new(BufWriter::new(file), self.width as u32, self.height as u32);
+        let mut enc = png::Encoder::new(BufWriter::new(file), self.width as u32, self.height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         enc.set_compression(png::Compression::Best);

@@ -50,11 +50,7 @@ impl Pair {
         let mut start = 0;
         while start < n {
             let end = (start + CHUNK).min(n);
-            f(
-                start as u64,
-                &ft[start * fs..end * fs],
-                &base[start * bs..end * bs],
-            );
+            f(start as u64, &ft[start * fs..end * fs], &base[start * bs..end * bs]);
             start = end;
         }
     }
@@ -149,12 +145,7 @@ pub struct KeyBins {
 
 impl Default for KeyBins {
     fn default() -> Self {
-        KeyBins {
-            count: vec![0; 1 << 16],
-            d2: vec![0.0; 1 << 16],
-            rel: vec![0.0; 1 << 16],
-            rel_n: vec![0; 1 << 16],
-        }
+        KeyBins { count: vec![0; 1 << 16], d2: vec![0.0; 1 << 16], rel: vec![0.0; 1 << 16], rel_n: vec![0; 1 << 16] }
     }
 }
 
@@ -190,11 +181,7 @@ impl KeyBins {
             if left == 0 {
                 break;
             }
-            let share = if c <= left {
-                1.0
-            } else {
-                left as f64 / c as f64
-            };
+            let share = if c <= left { 1.0 } else { left as f64 / c as f64 };
             out.d2 += self.d2[b] * share;
             out.rel += self.rel[b] * share;
             out.rel_n += self.rel_n[b] as f64 * share;
@@ -208,18 +195,12 @@ impl KeyBins {
     pub fn cut(&self, k: u64) -> BinCut {
         let mut left = k;
         if left == 0 {
-            return BinCut {
-                bin: u32::MAX,
-                frac: 0.0,
-            };
+            return BinCut { bin: u32::MAX, frac: 0.0 };
         }
         for b in (0..self.count.len()).rev() {
             let c = self.count[b];
             if c >= left {
-                return BinCut {
-                    bin: b as u32,
-                    frac: left as f64 / c as f64,
-                };
+                return BinCut { bin: b as u32, frac: left as f64 / c as f64 };
             }
             left -= c;
         }
@@ -263,22 +244,13 @@ pub fn tensor_stats(pair: &Pair, sparsities: &[Sparsity], scratch: &mut Scratch)
     let (mut candidates, mut total_d2) = (0u64, 0f64);
     pair.for_chunks(|_, ft, base| {
         let [mag, fapm] = &mut scratch.bins;
-        let (c, d2) = with_elems!(ftd, based, |F, B| bin_chunk::<F, B>(
-            ft, base, mean, mag, fapm
-        ));
+        let (c, d2) = with_elems!(ftd, based, |F, B| bin_chunk::<F, B>(ft, base, mean, mag, fapm));
         candidates += c;
         total_d2 += d2;
     });
     let n = pair.numel();
-    let kept_of = |bins: &KeyBins| -> Vec<Kept> {
-        sparsities
-            .iter()
-            .map(|s| bins.kept(s.keep_count(n)))
-            .collect()
-    };
-    let map_k = Sparsity::parse(MAP_SPARSITY)
-        .expect("constant sparsity")
-        .keep_count(n);
+    let kept_of = |bins: &KeyBins| -> Vec<Kept> { sparsities.iter().map(|s| bins.kept(s.keep_count(n))).collect() };
+    let map_k = Sparsity::parse(MAP_SPARSITY).expect("constant sparsity").keep_count(n);
     TensorStats {
         name: pair.name.clone(),
         n,
@@ -290,13 +262,7 @@ pub fn tensor_stats(pair: &Pair, sparsities: &[Sparsity], scratch: &mut Scratch)
     }
 }
 
-fn bin_chunk<F: Elem, B: Elem>(
-    ft: &[u8],
-    base: &[u8],
-    mean: f32,
-    mag: &mut KeyBins,
-    fapm: &mut KeyBins,
-) -> (u64, f64) {
+fn bin_chunk<F: Elem, B: Elem>(ft: &[u8], base: &[u8], mean: f32, mag: &mut KeyBins, fapm: &mut KeyBins) -> (u64, f64) {
     let n = ft.len() / F::SIZE;
     let (mut candidates, mut total) = (0u64, 0f64);
     for i in 0..n {
@@ -307,11 +273,7 @@ fn bin_chunk<F: Elem, B: Elem>(
         }
         let (f, p) = (F::to_f32(fb), B::to_f32(bb));
         let d = f - p;
-        let d2 = if d.is_finite() {
-            (d as f64) * (d as f64)
-        } else {
-            0.0
-        };
+        let d2 = if d.is_finite() { (d as f64) * (d as f64) } else { 0.0 };
         let rel = d.abs() / p.abs();
         candidates += 1;
         total += d2;

@@ -43,9 +43,7 @@ fn f32_bytes(xs: &[f32]) -> Vec<u8> {
 }
 
 fn bf16_bytes(xs: &[f32]) -> Vec<u8> {
-    xs.iter()
-        .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
-        .collect()
+    xs.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect()
 }
 
 /// A base and a fine-tuned matrix: base weights whose scale varies by row, and a task
@@ -73,10 +71,7 @@ pub(super) fn matrix(rng: &mut Rng, rows: usize, cols: usize) -> (Vec<f32>, Vec<
 fn write_pair(dir: &Path) -> (PathBuf, PathBuf) {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (mut base, mut ft): (Vec<Raw>, Vec<Raw>) = (Vec::new(), Vec::new());
-    for (i, (r, c)) in [(64usize, 48usize), (40, 40), (17, 300)]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, (r, c)) in [(64usize, 48usize), (40, 40), (17, 300)].into_iter().enumerate() {
         let (b, f) = matrix(&mut rng, r, c);
         let name = format!("layers.{i}.proj.weight");
         let shape = vec![r as u64, c as u64];
@@ -100,13 +95,7 @@ fn write_pair(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn config(dir: &Path, base: PathBuf, ft: PathBuf) -> ReportConfig {
-    ReportConfig {
-        base,
-        finetuned: ft,
-        output: dir.join("report"),
-        tensors: Vec::new(),
-        overwrite: false,
-    }
+    ReportConfig { base, finetuned: ft, output: dir.join("report"), tensors: Vec::new(), overwrite: false }
 }
 
 fn png_size(path: &Path) -> (u32, u32) {
@@ -131,10 +120,7 @@ fn report_writes_every_picture_and_the_page_shows_them() {
     let html = std::fs::read_to_string(&summary.files[0]).unwrap();
     for f in &summary.files[1..] {
         let name = f.file_name().unwrap().to_str().unwrap();
-        assert!(
-            html.contains(&format!("src=\"{name}\"")),
-            "{name} not shown"
-        );
+        assert!(html.contains(&format!("src=\"{name}\"")), "{name} not shown");
         let (w, h) = png_size(f);
         assert!(w >= 200 && h >= 150, "{name}: {w}x{h}");
     }
@@ -202,10 +188,7 @@ fn one_pair(dir: &Path, base: &[f32], ft: &[f32], rows: u64, cols: u64) -> Pair 
     let (bp, fp) = (dir.join("b.safetensors"), dir.join("f.safetensors"));
     write_safetensors(&bp, &[("w".into(), "F32", shape.clone(), f32_bytes(base))]);
     write_safetensors(&fp, &[("w".into(), "F32", shape, f32_bytes(ft))]);
-    let (b, f) = (
-        Checkpoint::open(&bp).unwrap(),
-        Checkpoint::open(&fp).unwrap(),
-    );
+    let (b, f) = (Checkpoint::open(&bp).unwrap(), Checkpoint::open(&fp).unwrap());
     let (mut p, other) = pairs(&b, &f);
     assert_eq!(other, 0);
     p.remove(0)
@@ -221,10 +204,7 @@ fn kept_norm_is_one_at_sparsity_zero_and_never_grows() {
     let s = stats::tensor_stats(&pair, &sp, &mut Scratch::default());
     assert!(s.candidates > 0 && s.total_d2 > 0.0);
     for m in 0..2 {
-        let fr: Vec<f64> = s.kept[m]
-            .iter()
-            .map(|k| k.norm_fraction(s.total_d2))
-            .collect();
+        let fr: Vec<f64> = s.kept[m].iter().map(|k| k.norm_fraction(s.total_d2)).collect();
         assert!((fr[0] - 1.0).abs() < 1e-12, "{fr:?}");
         assert_eq!(*fr.last().unwrap(), 0.0);
         assert!(fr.windows(2).all(|w| w[1] <= w[0] + 1e-12), "{fr:?}");
@@ -241,9 +221,7 @@ fn magnitude_curve_matches_a_sort() {
     // Distinct powers of two land in distinct bins, so the bins are exact here.
     let n = 64usize;
     let base = vec![1.0f32; n];
-    let ft: Vec<f32> = (0..n)
-        .map(|i| 1.0 + (2f32).powi(i as i32 % 20 - 10))
-        .collect();
+    let ft: Vec<f32> = (0..n).map(|i| 1.0 + (2f32).powi(i as i32 % 20 - 10)).collect();
     let dir = tempfile::tempdir().unwrap();
     let pair = one_pair(dir.path(), &base, &ft, 8, 8);
     let sp = [Sparsity::parse("0.75").unwrap()];
@@ -301,19 +279,10 @@ fn render_sample_report() {
             ft.push((name, "BF16", shape, bf16_bytes(&f)));
         }
     }
-    let (bp, fp) = (
-        dir.path().join("b.safetensors"),
-        dir.path().join("f.safetensors"),
-    );
+    let (bp, fp) = (dir.path().join("b.safetensors"), dir.path().join("f.safetensors"));
     write_safetensors(&bp, &base);
     write_safetensors(&fp, &ft);
-    let cfg = ReportConfig {
-        base: bp,
-        finetuned: fp,
-        output: out,
-        tensors: Vec::new(),
-        overwrite: true,
-    };
+    let cfg = ReportConfig { base: bp, finetuned: fp, output: out, tensors: Vec::new(), overwrite: true };
     let s = report(&cfg).unwrap();
     eprintln!("{s:#?}");
 }

@@ -231,3 +231,35 @@ fn golden_delta_catches_format_drift() {
     let want = std::fs::read(&golden).expect("the golden delta exists (FAPM_BLESS=1 writes it)");
     assert!(got == want, "the delta of fixtures/sharded differs from {}", golden.display());
 }
+
+/// `fapm report` writes an index.html and valid PNGs it links to, for a sharded model.
+#[test]
+fn report_writes_linked_pngs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
+    let o = ok(&[
+        "report",
+        "--base",
+        base.to_str().unwrap(),
+        "--finetuned",
+        ft.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["tensors_charted"].as_u64().unwrap() > 0);
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    let mut pngs = 0;
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".png") {
+            let bytes = std::fs::read(out.join(&name)).unwrap();
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{name}");
+            assert!(html.contains(&name), "index.html does not show {name}");
+            pngs += 1;
+        }
+    }
+    assert!(pngs >= 4);
+}
