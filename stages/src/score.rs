@@ -194,6 +194,23 @@ macro_rules! with_elems {
 
 /// Sum of `|pre|` over a chunk of base bytes, each element widened to f32, summed in f64.
 pub fn sum_abs(base: DType, bytes: &[u8]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { sum_abs_avx2(base, bytes) };
+    }
+    sum_abs_generic(base, bytes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_abs_avx2(base: DType, bytes: &[u8]) -> f64 {
+    sum_abs_generic(base, bytes)
+}
+
+#[inline(always)]
+fn sum_abs_generic(base: DType, bytes: &[u8]) -> f64 {
+    #[inline(always)]
     fn go<B: Elem>(bytes: &[u8]) -> f64 {
         // Eight independent f64 lanes, added in a fixed order: fast and deterministic.
         let mut acc = [0f64; 8];
@@ -307,7 +324,13 @@ fn keys_typed<F: Elem, B: Elem, const FAPM: bool>(ft: &[u8], base: &[u8], mean: 
     let mut candidates = 0usize;
     for ((k, f), b) in keys.iter_mut().zip(ft.chunks_exact(F::SIZE)).zip(base.chunks_exact(B::SIZE)) {
         let (fb, bb) = (F::load(f), B::load(b));
-        let changed = fb.into() != convert::<F, B>(bb.into());
+        let (fu, cu) = (fb.into(), convert::<F, B>(bb.into()));
+        // Compare at the element's width, so that the loop runs on 16- or 32-bit lanes.
+        let changed = match F::SIZE {
+            2 => fu as u16 != cu as u16,
+            4 => fu as u32 != cu as u32,
+            _ => fu != cu,
+        };
         let kk = key(score(metric, F::score_f32(fb), B::score_f32(bb), mean));
         *k = if changed { kk } else { NOT_CANDIDATE };
         candidates += changed as usize;
