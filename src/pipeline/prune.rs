@@ -25,7 +25,7 @@ use fapm_stages::format::{
 };
 use fapm_stages::hash::{self, Part};
 use fapm_stages::score::{convert_chunk, mean_abs, sum_abs, Metric, Scorer};
-use fapm_stages::threshold::{plan, quotas, Cut, Histogram};
+use fapm_stages::threshold::{guess, plan, quotas, Counts, Cut, Histogram, ThresholdMode};
 use fapm_stages::{Error, Result};
 use rayon::prelude::*;
 
@@ -89,6 +89,10 @@ struct Encoded {
     candidates: u64,
     kept: u64,
 }
+
+/// Elements per piece of the boundary-guessing sample, and the stride between pieces.
+const SAMPLE_PIECE: usize = 256;
+const SAMPLE_STRIDE: usize = 32;
 
 /// Per-worker buffers reused from chunk to chunk.
 #[derive(Default)]
@@ -275,19 +279,41 @@ fn plan_tensor(cfg: &PruneConfig, task: Task, pool: &rayon::ThreadPool, ctl: &Ct
         });
         scorer.mean = mean_abs(partials, n);
     }
-    let cut = plan(task.keep, cfg.threshold, |bins| {
+    let slice = |s: usize, l: usize| (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs]);
+    // A strided sample (1/32 of the tensor) to guess the boundary bin, so that the first
+    // pass can refine it at once and exact mode usually needs no second pass.
+    let guess = (cfg.threshold == ThresholdMode::Exact && task.keep > 0).then(|| {
+        let n = n as usize;
+        let (mut sample, mut sample_n) = (Histogram::default(), 0u64);
+        for s in (0..n).step_by(SAMPLE_PIECE * SAMPLE_STRIDE) {
+            let l = SAMPLE_PIECE.min(n - s);
+            let (ft, base) = slice(s, l);
+            scorer.for_each_keys(ft, base, |keys| sample.add_high(keys));
+            sample_n += l as u64;
+        }
+        guess(task.keep, n as u64, &sample, sample_n)
+    });
+    let min_len = (chunks.len() / (2 * cfg.threads.max(1))).max(1);
+    let mut passes = 0;
+    let cut = plan(task.keep, cfg.threshold, guess.flatten(), |bins| {
         ctl.check()?;
+        passes += 1;
         Ok::<_, Error>(pool.install(|| {
             chunks
                 .par_iter()
-                .fold(Histogram::default, |mut h, &(s, l)| {
-                    let (ft, base) = (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs]);
-                    scorer.for_each_keys(ft, base, |keys| h.add(bins, keys));
-                    h
-                })
-                .reduce(Histogram::default, |a, b| a.merge(&b))
+                .with_min_len(min_len)
+                .fold(
+                    || Counts::new(bins),
+                    |mut c, &(s, l)| {
+                        let (ft, base) = slice(s, l);
+                        scorer.for_each_keys(ft, base, |keys| c.add(bins, keys));
+                        c
+                    },
+                )
+                .reduce(|| Counts::new(bins), |a, b| a.merge(&b))
         }))
     })?;
+    tracing::debug!(tensor = %fi.name, passes, ?guess, mean = scorer.mean, ?cut, "planned");
     Ok(Planned { task, block_elems: cfg.block_elems, scorer: Some(scorer), cut })
 }
 
