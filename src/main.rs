@@ -67,6 +67,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                 let mut v = serde_json::to_value(&s).expect("a summary serializes");
                 v["command"] = json!("prune");
                 v["kept_fraction"] = json!(s.kept as f64 / (s.elements.max(1)) as f64);
+                v["compression_ratio"] = json!(s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64);
                 v["throughput_gb_per_s"] = json!(throughput);
                 v["peak_memory_bytes"] = json!(peak);
                 println!("{v}");
@@ -85,10 +86,10 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                     percent(s.candidates, s.elements)
                 );
                 eprintln!(
-                    "size    inputs {} -> delta {} ({:.1}x smaller than the inputs)",
-                    bytes(s.input_bytes),
+                    "size    fine-tuned model {} -> delta {} ({:.1}x smaller)",
+                    bytes(s.finetuned_bytes),
                     bytes(s.delta_bytes),
-                    s.input_bytes as f64 / s.delta_bytes.max(1) as f64
+                    s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64
                 );
                 if !s.skipped_side_files.is_empty() {
                     eprintln!("skipped side files over 64 MiB: {}", s.skipped_side_files.join(", "));

@@ -58,6 +58,8 @@ pub struct PruneSummary {
     pub skipped_side_files: Vec<String>,
     /// Bytes of both input checkpoints' shards.
     pub input_bytes: u64,
+    /// Bytes of the fine-tuned checkpoint's shards.
+    pub finetuned_bytes: u64,
     /// Bytes of the delta.
     pub delta_bytes: u64,
     /// Wall-clock seconds.
@@ -125,6 +127,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         base_only: base_only.len(),
         skipped_side_files: skipped,
         input_bytes: shard_bytes(&base) + shard_bytes(&ft),
+        finetuned_bytes: shard_bytes(&ft),
         ..Default::default()
     };
     for t in &tasks {
