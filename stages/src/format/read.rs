@@ -14,6 +14,10 @@ use crate::checkpoint::{is_safe_relative, parse_header};
 use crate::encode::max_sparse_len;
 use crate::error::{Error, Result};
 
+/// The largest ratio of decompressed to compressed manifest bytes a reader accepts (above
+/// the first MiB).
+pub const MAX_MANIFEST_RATIO: u64 = 64;
+
 /// The largest side file a delta may carry (SPEC section 4).
 pub const MAX_SIDE_FILE: u64 = 64 << 20;
 
@@ -31,9 +35,17 @@ pub struct DeltaReader {
 impl DeltaReader {
     /// Opens `path`, checks preamble, footer and manifest hash, and validates the manifest.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let bad = |msg: String| Error::invalid(path, msg);
+        // Checked before opening: opening a FIFO would block.
+        if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
+            return Err(bad("not a regular file".into()));
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(bad("not a regular file".into()));
+        }
+        let size = meta.len();
         if size < PREAMBLE_LEN + FOOTER_LEN {
             return Err(bad(format!("{size} bytes is too short for a fapm delta")));
         }
@@ -66,6 +78,13 @@ impl DeltaReader {
         }
         if m_raw > MAX_MANIFEST_LEN {
             return Err(bad(format!("manifest of {m_raw} bytes exceeds the {MAX_MANIFEST_LEN}-byte limit")));
+        }
+        // A real manifest (hashes, shard headers) compresses a few times at most: a far higher
+        // claimed ratio is a decompression bomb, refused before allocating for it.
+        if m_raw > MAX_MANIFEST_RATIO.saturating_mul(m_len).max(1 << 20) {
+            return Err(bad(format!(
+                "manifest of {m_raw} bytes from {m_len} compressed exceeds the {MAX_MANIFEST_RATIO}:1 limit"
+            )));
         }
         let packed = read(m_off, m_len)?;
         if footer_hash(&packed, &footer).0[..] != footer[24..56] {
