@@ -17,7 +17,7 @@ use std::thread;
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use fapm_stages::checkpoint::{Checkpoint, Layout, TensorRef};
+use fapm_stages::checkpoint::{is_safe_relative, Checkpoint, Layout, TensorRef};
 use fapm_stages::encode::encode_sparse;
 use fapm_stages::format::{
     block_sizes, compress, Block, DeltaWriter, Manifest, Mode, ShardRecord, SideFile, Source, TensorRecord,
@@ -101,6 +101,9 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     let start = Instant::now();
     let base = Checkpoint::open(&cfg.base)?;
     let ft = Checkpoint::open(&cfg.finetuned)?;
+    if let Some(s) = ft.shards.iter().find(|s| ft.layout == Layout::Directory && !is_safe_relative(&s.name)) {
+        return Err(Error::invalid(&s.path, "this shard name cannot be stored in a delta (non-UTF-8 or '\\')"));
+    }
     let (tasks, base_only) = classify(cfg, &base, &ft);
     let (side, skipped) =
         if ft.layout == Layout::Directory { super::side::side_files(&ft.root)? } else { Default::default() };

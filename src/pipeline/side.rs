@@ -42,8 +42,15 @@ fn walk(dir: &Path, rel: &str, depth: usize, found: &mut Vec<SideSource>, skippe
     }
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            tracing::warn!(file = %entry.path().display(), "side file with a non-UTF-8 name left out of the delta");
+            continue;
+        };
         if name.starts_with('.') {
+            continue;
+        }
+        if name.contains('\\') {
+            tracing::warn!(file = %entry.path().display(), "side file with a '\\' in its name left out of the delta");
             continue;
         }
         let path = entry.path();
