@@ -7,6 +7,7 @@
 pub mod config;
 pub mod output;
 pub mod pipeline;
+pub mod sigbus;
 
 pub use fapm_stages::{Error, Result};
 pub use pipeline::apply::{apply, verify_delta, ApplySummary};

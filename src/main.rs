@@ -16,6 +16,7 @@ use cli::{Cli, Command};
 use progress::{bytes, count, percent, Monitor};
 
 fn main() -> ExitCode {
+    fapm::sigbus::install();
     let cli = Cli::parse();
     let quiet = match &cli.command {
         Command::Prune(a) => a.run.quiet,
