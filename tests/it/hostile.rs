@@ -382,6 +382,25 @@ fn truncated_newer_and_bomb_deltas_are_refused() {
     fs::write(&bad, &bomb).unwrap();
     assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", "limit"], "manifest bomb");
 
+    // A manifest of 8 MiB that compresses to a few hundred bytes, with a valid footer hash.
+    let raw = vec![b' '; 8 << 20];
+    let packed = zstd::bulk::compress(&raw, 3).unwrap();
+    let mut file = good[..16].to_vec();
+    file.extend_from_slice(&packed);
+    let mut footer = Vec::new();
+    for word in [16, packed.len() as u64, raw.len() as u64] {
+        footer.extend_from_slice(&word.to_le_bytes());
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&good[..16]);
+    h.update(&packed);
+    h.update(&footer);
+    footer.extend_from_slice(h.finalize().as_bytes());
+    footer.extend_from_slice(b"FAPMEND1");
+    file.extend_from_slice(&footer);
+    fs::write(&bad, &file).unwrap();
+    assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", "64:1"], "manifest ratio bomb");
+
     // Crafted manifests with valid hashes: absurd block and tensor sizes.
     let m = DeltaReader::open(&delta).unwrap().manifest;
     let mut huge_blocks = m.clone();
@@ -669,10 +688,22 @@ fn big_pair(dir: &Path) -> (PathBuf, PathBuf) {
     (base, ft)
 }
 
-/// Sends `signal` to a child after `delay`; returns its output.
-fn interrupt(mut cmd: Command, signal: libc::c_int, delay: Duration) -> Output {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+/// Waits until process `pid` has `path` memory-mapped (so it is past start-up and reading),
+/// then `delay` more.
+fn wait_mapped(pid: u32, path: &Path, delay: Duration) {
+    let path = fs::canonicalize(path).unwrap();
+    let start = std::time::Instant::now();
+    while !fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default().contains(s(&path)) {
+        assert!(start.elapsed() < Duration::from_secs(30), "{} never mapped", path.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(delay);
+}
+
+/// Sends `signal` to a child once it maps `input`, after `delay`; returns its output.
+fn interrupt(mut cmd: Command, input: &Path, signal: libc::c_int, delay: Duration) -> Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_mapped(child.id(), input, delay);
     // SAFETY: kill on the pid of our own child, which has not been waited for yet.
     unsafe { libc::kill(child.id() as libc::pid_t, signal) };
     child.wait_with_output().unwrap()
@@ -687,7 +718,7 @@ fn interruption_leaves_nothing_behind() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let mut cmd = fapm();
         cmd.args(["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--threads", "1"]);
-        let o = interrupt(cmd, signal, Duration::from_millis(300));
+        let o = interrupt(cmd, &ft, signal, Duration::from_millis(200));
         assert_error(&o, &["interrupted"], "interrupted prune");
         assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors"]), Vec::<String>::new());
     }
@@ -697,7 +728,7 @@ fn interruption_leaves_nothing_behind() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let mut cmd = fapm();
         cmd.args(["apply", "--base", s(&base), "--delta", s(&delta), "-o", s(&out), "-q", "--threads", "1"]);
-        let o = interrupt(cmd, signal, Duration::from_millis(300));
+        let o = interrupt(cmd, &base, signal, Duration::from_millis(100));
         assert_error(&o, &["interrupted"], "interrupted apply");
         assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors", "d.fapm"]), Vec::<String>::new());
     }
@@ -715,7 +746,7 @@ fn a_shard_truncated_under_the_map_is_a_clean_error() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_mapped(child.id(), &ft, Duration::from_millis(100));
     fs::OpenOptions::new().write(true).open(&ft).unwrap().set_len(4096).unwrap();
     let o = child.wait_with_output().unwrap();
     assert_error(&o, &["memory-mapped input file changed or was truncated"], "truncated shard");
@@ -754,4 +785,33 @@ fn special_files_are_refused_without_hanging() {
     assert_error(&o, &["not a regular file"], "a directory as a delta");
     assert!(!d.exists());
     let _ = ft;
+}
+
+/// A base shard truncated while `apply` reads it into a directory: the SIGBUS guard removes
+/// the temporary directory's files and the directory itself.
+#[test]
+fn a_base_truncated_during_apply_leaves_no_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = big_pair(dir.path());
+    let (base_dir, ft_dir) = (dir.path().join("base"), dir.path().join("ft"));
+    for (file, d) in [(&base, &base_dir), (&ft, &ft_dir)] {
+        fs::create_dir_all(d.join("sub")).unwrap();
+        fs::rename(file, d.join("sub/model.safetensors")).unwrap();
+        fs::write(d.join("model.safetensors.index.json"), br#"{"weight_map":{"w":"sub/model.safetensors"}}"#).unwrap();
+    }
+    let delta = dir.path().join("d.fapm");
+    let o =
+        run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "-q", "--sparsity", "0.5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("out");
+    let child = fapm()
+        .args(["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out), "-q", "--threads", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_mapped(child.id(), &base_dir.join("sub/model.safetensors"), Duration::from_millis(50));
+    fs::OpenOptions::new().write(true).open(base_dir.join("sub/model.safetensors")).unwrap().set_len(4096).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_error(&o, &["memory-mapped input file changed or was truncated"], "truncated base");
+    assert_eq!(leftovers(dir.path(), &["base", "ft", "d.fapm"]), Vec::<String>::new());
 }
