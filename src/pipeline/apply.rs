@@ -82,7 +82,8 @@ pub fn apply(cfg: &ApplyConfig, ctl: &Ctl) -> Result<ApplySummary> {
     let staged = cfg.output.as_deref().map(|o| Staged::new(o, cfg.overwrite)).transpose()?;
     let outputs = staged.as_ref().map(|s| create_outputs(m, s, cfg.output.as_deref().unwrap())).transpose()?;
     let pool = pool(cfg.threads)?;
-    let mut summary = run(&delta, Some(&bases), outputs.as_ref(), &pool, window(cfg), ctl)?;
+    let window = window(cfg.threads, cfg.memory_budget, m.block_elems);
+    let mut summary = run(&delta, Some(&bases), outputs.as_ref(), &pool, window, ctl)?;
     if let (Some(staged), Some(out)) = (&staged, &cfg.output) {
         write_side_files(&delta, staged, out)?;
         if m.index {
@@ -110,17 +111,19 @@ pub fn verify_delta(path: &Path, threads: usize, ctl: &Ctl) -> Result<ApplySumma
     let start = Instant::now();
     let delta = DeltaReader::open(path)?;
     let pool = pool(threads)?;
-    let mut summary = run(&delta, None, None, &pool, 2 * threads, ctl)?;
+    let window = window(threads, crate::config::DEFAULT_MEMORY_BUDGET, delta.manifest.block_elems);
+    let mut summary = run(&delta, None, None, &pool, window, ctl)?;
     check_side_files(&delta)?;
     summary.side_files = delta.manifest.side_files.len();
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
 
-fn window(cfg: &ApplyConfig) -> usize {
-    // An item holds a block (compressed + raw), the output chunk and nothing else.
-    let per_item = fapm_stages::format::BLOCK_ELEMS * 30;
-    (2 * cfg.threads).clamp(1, (cfg.memory_budget / 2 / per_item).max(1) as usize)
+fn window(threads: usize, memory_budget: u64, block_elems: u64) -> usize {
+    // An item holds a block (compressed + raw), the output chunk and nothing else; the block
+    // size is the delta's (validated to at most MAX_BLOCK_ELEMS), not this build's default.
+    let per_item = block_elems.max(fapm_stages::format::RAW_BLOCK_BYTES / 8) * 30;
+    (2 * threads).clamp(1, (memory_budget / 2 / per_item).max(1) as usize)
 }
 
 /// The base tensor of every pruned and dense record, checked for name, dtype and shape.

@@ -21,7 +21,7 @@ use fapm_stages::checkpoint::{is_safe_relative, Checkpoint, Layout, TensorRef};
 use fapm_stages::encode::encode_sparse;
 use fapm_stages::format::{
     block_sizes, compress, Block, DeltaWriter, Manifest, Mode, ShardRecord, SideFile, Source, TensorRecord,
-    RAW_BLOCK_BYTES, VERSION,
+    MAX_BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
 };
 use fapm_stages::hash::{self, Part};
 use fapm_stages::score::{convert_chunk, mean_abs, sum_abs, Metric, Scorer};
@@ -130,8 +130,11 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     let file = File::create(staged.path()).map_err(|e| Error::io(&cfg.output, e))?;
     let mut writer = DeltaWriter::new(file, &cfg.output)?;
     let pool = pool(cfg.threads)?;
-    if !cfg.block_elems.is_power_of_two() || cfg.block_elems < 512 {
-        return Err(Error::Config(format!("block size {} is not a power of two >= 512", cfg.block_elems)));
+    if !cfg.block_elems.is_power_of_two() || !(512..=MAX_BLOCK_ELEMS).contains(&cfg.block_elems) {
+        return Err(Error::Config(format!(
+            "block size {} is not a power of two in 512..={MAX_BLOCK_ELEMS}",
+            cfg.block_elems
+        )));
     }
     let window = window(cfg.threads, cfg.memory_budget, cfg.block_elems);
 

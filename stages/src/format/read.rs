@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use super::write::footer_hash;
 use super::{
-    block_sizes, Block, Manifest, Mode, Source, END_MAGIC, FOOTER_LEN, MAGIC, MAX_MANIFEST_LEN, PREAMBLE_LEN, VERSION,
+    block_sizes, Block, Manifest, Mode, Source, END_MAGIC, FOOTER_LEN, MAGIC, MAX_BLOCK_ELEMS, MAX_MANIFEST_LEN,
+    PREAMBLE_LEN, VERSION,
 };
 use crate::checkpoint::{is_safe_relative, parse_header};
 use crate::encode::max_sparse_len;
@@ -128,7 +129,7 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
     }
     // Blocks are hashed as blake3 subtrees: a power of two of at least 1 KiB each.
     let pow2 = |x: u64, lo: u64, hi: u64| x.is_power_of_two() && (lo..=hi).contains(&x);
-    if !pow2(m.block_elems, 512, 1 << 26) || !pow2(m.raw_block_bytes, 1024, MAX_SIDE_FILE) {
+    if !pow2(m.block_elems, 512, MAX_BLOCK_ELEMS) || !pow2(m.raw_block_bytes, 1024, MAX_SIDE_FILE) {
         return Err(bad("block sizes out of range".into()));
     }
     if m.source == Source::File && (m.shards.len() != 1 || !m.side_files.is_empty()) {
