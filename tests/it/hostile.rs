@@ -815,3 +815,36 @@ fn a_base_truncated_during_apply_leaves_no_directory() {
     assert_error(&o, &["memory-mapped input file changed or was truncated"], "truncated base");
     assert_eq!(leftovers(dir.path(), &["base", "ft", "d.fapm"]), Vec::<String>::new());
 }
+
+/// Symlinked directories in a fine-tuned checkpoint (a loop, or a tree that looks
+/// exponentially large through links) end in a clean error, not a hang.
+#[test]
+fn symlinked_directory_loops_are_refused_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = small_pair(dir.path());
+    let ft_dir = dir.path().join("ftdir");
+    fs::create_dir(&ft_dir).unwrap();
+    fs::rename(&ft, ft_dir.join("model.safetensors")).unwrap();
+    for name in ["a", "b", "c"] {
+        std::os::unix::fs::symlink(".", ft_dir.join(name)).unwrap();
+    }
+    let d = dir.path().join("d.fapm");
+    let o = run_or_kill(&["prune", "--base", s(&base), "--finetuned", s(&ft_dir), "-o", s(&d), "-q"]);
+    assert_error(&o, &["ftdir", "symlink loop"], "a symlink loop");
+    // No loop, but 2^14 paths through links: refused by the directory budget.
+    for name in ["a", "b", "c"] {
+        fs::remove_file(ft_dir.join(name)).unwrap();
+    }
+    let mut prev = ft_dir.join("l0");
+    fs::create_dir(&prev).unwrap();
+    for i in 1..14 {
+        let next = ft_dir.join(format!("l{i}"));
+        fs::create_dir(&next).unwrap();
+        std::os::unix::fs::symlink(&next, prev.join("x")).unwrap();
+        std::os::unix::fs::symlink(&next, prev.join("y")).unwrap();
+        prev = next;
+    }
+    let o = run_or_kill(&["prune", "--base", s(&base), "--finetuned", s(&ft_dir), "-o", s(&d), "-q"]);
+    assert_error(&o, &["ftdir", "directories"], "an exponential tree of links");
+    assert!(!d.exists());
+}
