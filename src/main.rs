@@ -34,11 +34,22 @@ fn main() -> ExitCode {
     match run(cli.command, &ctl) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, whatever the error's own formatting.
-            eprintln!("error: {}", e.to_string().replace('\n', " "));
+            eprintln!("error: {}", one_line(&e.to_string()));
             ExitCode::from(1)
         }
     }
+}
+
+/// One line, whatever the error's own formatting, with control characters from hostile file
+/// and tensor names escaped (no line breaks, no terminal escape sequences).
+fn one_line(msg: &str) -> String {
+    msg.chars()
+        .flat_map(|c| match c {
+            '\n' => " ".chars().collect::<Vec<_>>(),
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => c.escape_default().collect(),
+            c => vec![c],
+        })
+        .collect()
 }
 
 fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {

@@ -848,3 +848,19 @@ fn symlinked_directory_loops_are_refused_quickly() {
     assert_error(&o, &["ftdir", "directories"], "an exponential tree of links");
     assert!(!d.exists());
 }
+
+/// A hostile tensor name (line breaks, a terminal escape) still gives one clean error line.
+#[test]
+fn hostile_names_cannot_forge_output_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = small_pair(dir.path());
+    let bad = dir.path().join("bad.safetensors");
+    let name = "evil\nerror: fake\r\u{1b}[2Jx";
+    let header =
+        format!(r#"{{{}:{{"dtype":"F7","shape":[1],"data_offsets":[0,1]}}}}"#, serde_json::to_string(name).unwrap());
+    fs::write(&bad, raw_shard(&header, &[0])).unwrap();
+    let d = dir.path().join("d.fapm");
+    let o = run(&["prune", "--base", s(&base), "--finetuned", s(&bad), "-o", s(&d), "-q"]);
+    let stderr = assert_error(&o, &["bad.safetensors", "unknown dtype"], "a hostile tensor name");
+    assert!(!stderr.contains('\u{1b}') && !stderr.contains('\r'), "{stderr:?}");
+}
