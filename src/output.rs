@@ -43,6 +43,11 @@ impl Staged {
         }
     }
 
+    /// Creates the temporary path as a new file (never following a symlink planted there).
+    pub fn create_file(&self, path: &Path) -> Result<fs::File> {
+        fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|e| Error::io(&self.dest, e))
+    }
+
     /// The temporary path to write to.
     pub fn path(&self) -> &Path {
         &self.tmp

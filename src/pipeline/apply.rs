@@ -168,7 +168,7 @@ fn create_outputs(m: &Manifest, staged: &Staged, dest: &Path) -> Result<Outputs>
         create_parents(staged, &path, dest)?;
         let infos = parse_header(&path, &shard.header, u64::MAX)?;
         let data_len = infos.iter().map(|t| t.end).max().unwrap_or(0);
-        let file = File::create(&path).map_err(|e| Error::io(dest, e))?;
+        let file = staged.create_file(&path)?;
         staged.track(&path);
         let mut head = (shard.header.len() as u64).to_le_bytes().to_vec();
         head.extend_from_slice(shard.header.as_bytes());

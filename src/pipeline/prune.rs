@@ -11,7 +11,6 @@
 //! are fixed-size, results are collected in order, and the writer is single: the delta's
 //! bytes do not depend on `--threads`.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Instant;
@@ -127,7 +126,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     }
 
     let staged = Staged::new(&cfg.output, cfg.overwrite)?;
-    let file = File::create(staged.path()).map_err(|e| Error::io(&cfg.output, e))?;
+    let file = staged.create_file(staged.path())?;
     let mut writer = DeltaWriter::new(file, &cfg.output)?;
     let pool = pool(cfg.threads)?;
     if !cfg.block_elems.is_power_of_two() || !(512..=MAX_BLOCK_ELEMS).contains(&cfg.block_elems) {
