@@ -452,14 +452,23 @@ fn crafted_paths_never_escape_the_output() {
     let bad = work.join("bad.fapm");
     let out = work.join("out");
     let mut cases: Vec<(String, Manifest)> = Vec::new();
-    for p in
-        ["../evil", "../../evil", "/tmp/fapm-evil", "tok/../../evil", "./evil", "", "a\\..\\evil", "model.safetensors"]
-    {
+    for p in [
+        "../evil",
+        "../../evil",
+        "/tmp/fapm-evil",
+        "tok/../../evil",
+        "./evil",
+        "",
+        "a\\..\\evil",
+        "model.safetensors",
+        "model.safetensors.index.json",
+    ] {
         let mut mm = m.clone();
         mm.side_files[0].path = p.into();
         cases.push((format!("side file '{p}'"), mm));
     }
-    for p in ["../x.safetensors", "/tmp/fapm-evil.safetensors", "a/../../x.safetensors"] {
+    for p in ["../x.safetensors", "/tmp/fapm-evil.safetensors", "a/../../x.safetensors", "model.safetensors.index.json"]
+    {
         let mut mm = m.clone();
         mm.shards[0].name = p.into();
         cases.push((format!("shard '{p}'"), mm));
