@@ -15,7 +15,7 @@
 use std::cell::UnsafeCell;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// How many temporary paths can be registered at once.
 pub const SLOTS: usize = 256;
@@ -87,10 +87,20 @@ pub fn install() {
     }
 }
 
+/// Set by the first thread to enter the handler: several workers may fault at once, and
+/// only one may print and clean up.
+static ENTERED: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn handler(_signal: libc::c_int) {
-    // SAFETY: write, unlink, rmdir and _exit are async-signal-safe; slot paths are
+    // SAFETY: write, unlink, rmdir, pause and _exit are async-signal-safe; slot paths are
     // NUL-terminated and stable while READY.
     unsafe {
+        if ENTERED.swap(true, Ordering::SeqCst) {
+            // Another thread is cleaning up and will end the process.
+            loop {
+                libc::pause();
+            }
+        }
         libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
         // Files first, then directories, innermost first: a few passes of rmdir suffice for
         // the shallow trees fapm writes.

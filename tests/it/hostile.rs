@@ -751,7 +751,7 @@ fn a_shard_truncated_under_the_map_is_a_clean_error() {
     let (base, ft) = big_pair(dir.path());
     let delta = dir.path().join("d.fapm");
     let child = fapm()
-        .args(["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--threads", "1"])
+        .args(["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--threads", "2"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
