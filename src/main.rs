@@ -233,7 +233,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         };
         println!(
             "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",
-            t.name,
+            one_line(&t.name),
             t.mode.name(),
             dtype,
             format!("{:?}", t.shape),
@@ -242,7 +242,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         );
     }
     for f in &m.side_files {
-        println!("side file {}  ({})", f.path, bytes(f.size));
+        println!("side file {}  ({})", one_line(&f.path), bytes(f.size));
     }
     Ok(())
 }

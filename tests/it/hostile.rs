@@ -872,4 +872,12 @@ fn hostile_names_cannot_forge_output_lines() {
     let o = run(&["prune", "--base", s(&base), "--finetuned", s(&bad), "-o", s(&d), "-q"]);
     let stderr = assert_error(&o, &["bad.safetensors", "unknown dtype"], "a hostile tensor name");
     assert!(!stderr.contains('\u{1b}') && !stderr.contains('\r'), "{stderr:?}");
+    // A valid checkpoint with such a name: `inspect` escapes it too.
+    let ft = dir.path().join("named.safetensors");
+    write_safetensors(&ft, &[T::new(name, DType::F32, &[1], f32s([1.0]))]);
+    let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&d), "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["inspect", s(&d)]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && stdout.contains("evil") && !stdout.contains('\u{1b}'), "{stdout:?}");
 }
