@@ -31,6 +31,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check every hash in a delta; with --base, also the base and the full reconstruction.
     Verify(VerifyArgs),
+    /// Draw FAPM's pictures for your model: heatmaps and kept-norm charts, as PNG + index.html.
+    Report(ReportArgs),
 }
 
 /// Flags shared by the commands that run a pipeline.
@@ -124,4 +126,31 @@ pub struct VerifyArgs {
     pub base: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// `fapm report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The base checkpoint.
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// The fine-tuned checkpoint.
+    #[arg(long, value_name = "PATH")]
+    pub finetuned: PathBuf,
+    /// The directory to write (index.html and PNG files).
+    #[arg(long, short, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Draw heatmaps for the matrices whose name matches this regex (repeatable)
+    /// [default: up to 4 matrices spread over the model].
+    #[arg(long, value_name = "RE")]
+    pub tensor: Vec<String>,
+    /// Replace DIR if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print one JSON summary object on stdout.
+    #[arg(long)]
+    pub json: bool,
 }

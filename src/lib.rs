@@ -7,12 +7,14 @@
 pub mod config;
 pub mod output;
 pub mod pipeline;
+pub mod report;
 pub mod sigbus;
 
 pub use fapm_stages::{Error, Result};
 pub use pipeline::apply::{apply, verify_delta, ApplySummary};
 pub use pipeline::prune::{prune, PruneSummary};
 pub use pipeline::Ctl;
+pub use report::{report, ReportConfig, ReportSummary};
 
 /// Opens a delta and returns its verified manifest (blocks are not read).
 pub fn inspect(path: &std::path::Path) -> Result<(fapm_stages::format::Manifest, u64)> {

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Prune(a) => a.run.quiet,
         Command::Apply(a) => a.run.quiet,
         Command::Verify(a) => a.run.quiet,
+        Command::Report(a) => a.quiet,
         Command::Inspect(_) => false,
     };
     progress::init_logging(cli.verbose, quiet);
@@ -143,6 +144,35 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
             report_apply("verified", result?, peak, a.run.json, a.run.quiet);
         }
         Command::Inspect(a) => inspect(&a.delta, a.json)?,
+        Command::Report(a) => {
+            let cfg = fapm::ReportConfig {
+                base: a.base,
+                finetuned: a.finetuned,
+                output: a.output,
+                tensors: config::regexes("--tensor", &a.tensor)?,
+                overwrite: a.overwrite,
+            };
+            let start = std::time::Instant::now();
+            let s = fapm::report(&cfg)?;
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"command": "report", "output": s.output, "files": s.files,
+                           "tensors_charted": s.tensors_charted, "heatmap_tensors": s.heatmap_tensors,
+                           "seconds": start.elapsed().as_secs_f64()})
+                );
+            }
+            if !a.quiet {
+                eprintln!(
+                    "report   {} tensors charted, heatmaps of {}; {} files in {:.2} s",
+                    s.tensors_charted,
+                    s.heatmap_tensors.join(", "),
+                    s.files.len(),
+                    start.elapsed().as_secs_f64()
+                );
+                eprintln!("open     {}", s.output.join("index.html").display());
+            }
+        }
     }
     Ok(())
 }

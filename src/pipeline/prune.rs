@@ -24,7 +24,7 @@ use fapm_stages::format::{
 };
 use fapm_stages::hash::{self, Part};
 use fapm_stages::score::{convert_chunk, mean_abs, sum_abs, Metric, Scorer};
-use fapm_stages::threshold::{plan, quotas, Cut, Histogram};
+use fapm_stages::threshold::{guess, plan, quotas, Counts, Cut, Histogram, ThresholdMode};
 use fapm_stages::{Error, Result};
 use rayon::prelude::*;
 
@@ -87,6 +87,18 @@ struct Encoded {
     base: Option<Part>,
     candidates: u64,
     kept: u64,
+}
+
+/// Elements per piece of the boundary-guessing sample, and the stride between pieces.
+const SAMPLE_PIECE: usize = 256;
+const SAMPLE_STRIDE: usize = 32;
+
+/// Per-worker buffers reused from chunk to chunk.
+#[derive(Default)]
+struct Scratch {
+    kept: Vec<u32>,
+    out: Vec<u8>,
+    raw: Vec<u8>,
 }
 
 /// Writer input: the blocks of a tensor, then the tensor itself.
@@ -272,24 +284,41 @@ fn plan_tensor(cfg: &PruneConfig, task: Task, pool: &rayon::ThreadPool, ctl: &Ct
         });
         scorer.mean = mean_abs(partials, n);
     }
-    let cut = plan(task.keep, cfg.threshold, |bins| {
+    let slice = |s: usize, l: usize| (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs]);
+    // A strided sample (1/32 of the tensor) to guess the boundary bin, so that the first
+    // pass can refine it at once and exact mode usually needs no second pass.
+    let guess = (cfg.threshold == ThresholdMode::Exact && task.keep > 0).then(|| {
+        let n = n as usize;
+        let (mut sample, mut sample_n) = (Histogram::default(), 0u64);
+        for s in (0..n).step_by(SAMPLE_PIECE * SAMPLE_STRIDE) {
+            let l = SAMPLE_PIECE.min(n - s);
+            let (ft, base) = slice(s, l);
+            scorer.for_each_keys(ft, base, |keys| sample.add_high(keys));
+            sample_n += l as u64;
+        }
+        guess(task.keep, n as u64, &sample, sample_n)
+    });
+    let min_len = (chunks.len() / (2 * cfg.threads.max(1))).max(1);
+    let mut passes = 0;
+    let cut = plan(task.keep, cfg.threshold, guess.flatten(), |bins| {
         ctl.check()?;
+        passes += 1;
         Ok::<_, Error>(pool.install(|| {
             chunks
                 .par_iter()
+                .with_min_len(min_len)
                 .fold(
-                    || (Histogram::default(), Vec::<u32>::new()),
-                    |(mut h, mut keys), &(s, l)| {
-                        keys.resize(l, 0);
-                        scorer.keys(&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs], &mut keys);
-                        h.add(bins, &keys);
-                        (h, keys)
+                    || Counts::new(bins),
+                    |mut c, &(s, l)| {
+                        let (ft, base) = slice(s, l);
+                        scorer.for_each_keys(ft, base, |keys| c.add(bins, keys));
+                        c
                     },
                 )
-                .map(|(h, _)| h)
-                .reduce(Histogram::default, |a, b| a.merge(&b))
+                .reduce(|| Counts::new(bins), |a, b| a.merge(&b))
         }))
     })?;
+    tracing::debug!(tensor = %fi.name, passes, ?guess, mean = scorer.mean, ?cut, "planned");
     Ok(Planned { task, block_elems: cfg.block_elems, scorer: Some(scorer), cut })
 }
 
@@ -336,37 +365,41 @@ fn encode_diffable(
     for win in chunks.chunks(keys.len()) {
         ctl.check()?;
         let keys = &mut keys[..win.len()];
-        let counts: Vec<(u64, u64)> = pool.install(|| {
+        let counts: Vec<(u64, Option<u64>)> = pool.install(|| {
             keys.par_iter_mut()
                 .zip(win)
                 .map(|(k, &(s, l))| {
                     k.resize(l, 0);
                     let c = scorer.keys(&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs], k);
-                    (c as u64, p.cut.at_level_in(k))
+                    (c as u64, if p.cut.is_partial() { Some(p.cut.at_level_in(k)) } else { None })
                 })
                 .collect()
         });
-        let quota = quotas(counts.iter().map(|c| c.1), &mut remaining);
+        let quota = if p.cut.is_partial() {
+            quotas(counts.iter().map(|c| c.1.unwrap_or(0)), &mut remaining)
+        } else {
+            vec![u64::MAX; win.len()]
+        };
         let encoded: Vec<std::io::Result<Encoded>> = pool.install(|| {
             keys.par_iter()
                 .zip(win)
                 .zip(counts.par_iter().zip(quota))
-                .map(|((k, &(s, l)), (&(candidates, _), quota))| {
+                .map_init(Scratch::default, |scratch, ((k, &(s, l)), (&(candidates, at_level), quota))| {
                     let ft = &ft_bytes[s * fs..(s + l) * fs];
                     let base = &base_bytes[s * bs..(s + l) * bs];
-                    let mut kept = Vec::new();
-                    p.cut.select(k, quota, &mut kept);
-                    let mut out = vec![0u8; l * fs];
-                    convert_chunk(fi.dtype, bi.dtype, base, &mut out);
-                    let mut raw = Vec::new();
-                    encode_sparse(&kept, ft, &mut out, fs, &mut raw);
+                    let Scratch { kept, out, raw } = scratch;
+                    kept.resize(kept.len().max(l), 0);
+                    let n = p.cut.select(k, quota, at_level, kept);
+                    out.resize(l * fs, 0);
+                    convert_chunk(fi.dtype, bi.dtype, base, out);
+                    encode_sparse(&kept[..n], ft, out, fs, raw);
                     Ok(Encoded {
-                        compressed: compress(&raw)?,
+                        compressed: compress(raw)?,
                         raw_len: raw.len() as u64,
-                        out: hash::part(&out, (s * fs) as u64, chunks.len()),
+                        out: hash::part(out, (s * fs) as u64, chunks.len()),
                         base: Some(hash::part(base, (s * bs) as u64, chunks.len())),
                         candidates,
-                        kept: kept.len() as u64,
+                        kept: n as u64,
                     })
                 })
                 .collect()

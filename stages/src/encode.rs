@@ -83,6 +83,7 @@ fn read_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
 /// fine-tuned chunk; `kept` ascending chunk-relative indices; `size` bytes per element.
 pub fn encode_sparse(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: &mut Vec<u8>) {
     raw.clear();
+    raw.reserve(10 + kept.len() * (5 + size));
     push_varint(raw, kept.len() as u64);
     let mut next = 0u64;
     for &i in kept {
@@ -91,16 +92,35 @@ pub fn encode_sparse(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: 
     }
     let planes_at = raw.len();
     raw.resize(planes_at + kept.len() * size, 0);
-    let (_, planes) = raw.split_at_mut(planes_at);
+    let planes = &mut raw[planes_at..];
+    match size {
+        1 => encode_values::<1>(kept, ft, out, planes),
+        2 => encode_values::<2>(kept, ft, out, planes),
+        4 => encode_values::<4>(kept, ft, out, planes),
+        8 => encode_values::<8>(kept, ft, out, planes),
+        _ => unreachable!("element size {size}"),
+    }
+}
+
+fn encode_values<const W: usize>(kept: &[u32], ft: &[u8], out: &mut [u8], planes: &mut [u8]) {
+    let n = kept.len();
     for (j, &i) in kept.iter().enumerate() {
         let i = i as usize;
-        let f = read_bits(ft, i, size);
-        let z = delta_value(f, read_bits(out, i, size), size);
-        for p in 0..size {
-            planes[p * kept.len() + j] = (z >> (8 * (size - 1 - p))) as u8;
+        let f: [u8; W] = ft[i * W..(i + 1) * W].try_into().expect("W bytes");
+        let o: &mut [u8; W] = (&mut out[i * W..(i + 1) * W]).try_into().expect("W bytes");
+        let z = delta_value(le_bits(&f), le_bits(o), W);
+        for p in 0..W {
+            planes[p * n + j] = (z >> (8 * (W - 1 - p))) as u8;
         }
-        out[i * size..(i + 1) * size].copy_from_slice(&ft[i * size..(i + 1) * size]);
+        *o = f;
     }
+}
+
+#[inline(always)]
+fn le_bits<const W: usize>(b: &[u8; W]) -> u64 {
+    let mut x = [0u8; 8];
+    x[..W].copy_from_slice(b);
+    u64::from_le_bytes(x)
 }
 
 /// The largest raw payload a chunk of `elems` elements of `size` bytes can have.

@@ -73,50 +73,43 @@ pub enum ThresholdMode {
     Approx,
 }
 
-/// Which bits of the key a histogram counts.
+/// What one streaming pass counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bins {
-    /// The high 16 bits of every candidate's key.
-    High,
-    /// The low 16 bits of candidates whose high 16 bits equal this bin.
-    LowWithin(u32),
+pub struct Bins {
+    /// Count the high 16 bits of every candidate's key.
+    pub high: bool,
+    /// Count the low 16 bits of the candidates whose high 16 bits lie in
+    /// `low.0 .. low.0 + low.1` (one histogram per high bin).
+    pub low: (u32, u32),
 }
+
+/// How many boundary bins a pass refines on a guess: the guessed bin and four either side.
+pub const GUESS_SPAN: u32 = 9;
 
 /// A 65,536-bin histogram of keys.
 #[derive(Clone)]
 pub struct Histogram {
-    counts: Vec<u64>,
+    counts: Box<[u64; 1 << 16]>,
 }
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram { counts: vec![0; 1 << 16] }
+        Histogram { counts: Box::new([0; 1 << 16]) }
     }
 }
 
 impl Histogram {
-    /// Counts the candidate keys of one chunk.
-    pub fn add(&mut self, bins: Bins, keys: &[u32]) {
-        match bins {
-            Bins::High => {
-                for &k in keys {
-                    self.counts[(k >> 16) as usize] += 1;
-                }
-                self.counts[0] = 0; // NOT_CANDIDATE lives in bin 0, which no score reaches
-            }
-            Bins::LowWithin(hi) => {
-                for &k in keys {
-                    if k >> 16 == hi && k != NOT_CANDIDATE {
-                        self.counts[(k & 0xffff) as usize] += 1;
-                    }
-                }
-            }
+    /// Counts the high 16 bits of the candidate keys among `keys`.
+    pub fn add_high(&mut self, keys: &[u32]) {
+        for &k in keys {
+            self.counts[(k >> 16) as usize] += 1;
         }
+        self.counts[0] = 0; // NOT_CANDIDATE lives in bin 0, which no score reaches
     }
 
     /// Adds another histogram's counts to this one.
     pub fn merge(mut self, other: &Histogram) -> Histogram {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
             *a += b;
         }
         self
@@ -142,6 +135,54 @@ impl Histogram {
     }
 }
 
+/// The histograms one pass produces, as its [`Bins`] asks.
+#[derive(Clone)]
+pub struct Counts {
+    high: Option<Histogram>,
+    low: Vec<Histogram>,
+}
+
+impl Counts {
+    /// Empty counts for `bins`.
+    pub fn new(bins: Bins) -> Self {
+        Counts { high: bins.high.then(Histogram::default), low: vec![Histogram::default(); bins.low.1 as usize] }
+    }
+
+    /// Counts one piece of keys.
+    pub fn add(&mut self, bins: Bins, keys: &[u32]) {
+        if let Some(h) = &mut self.high {
+            h.add_high(keys);
+        }
+        let (first, n) = bins.low;
+        if n > 0 {
+            for &k in keys {
+                let bin = (k >> 16).wrapping_sub(first);
+                if bin < n && k != NOT_CANDIDATE {
+                    self.low[bin as usize].counts[(k & 0xffff) as usize] += 1;
+                }
+            }
+        }
+    }
+
+    /// Adds another pass's counts (over other chunks) to these.
+    pub fn merge(self, other: &Counts) -> Counts {
+        Counts {
+            high: match (self.high, &other.high) {
+                (Some(a), Some(b)) => Some(a.merge(b)),
+                (a, _) => a,
+            },
+            low: self.low.into_iter().zip(&other.low).map(|(a, b)| a.merge(b)).collect(),
+        }
+    }
+}
+
+/// Guesses the boundary bin of the k-th largest of `n` keys from the high histogram of a
+/// sample of `sample_n` of them; `None` when the sample is too small to say.
+pub fn guess(k: u64, n: u64, sample: &Histogram, sample_n: u64) -> Option<u32> {
+    let sk = ((k as u128 * sample_n as u128) / (n.max(1) as u128)).max(1) as u64;
+    (sample.total() >= sk).then(|| sample.boundary(sk).0)
+}
+
 /// What the mask stage keeps of a tensor's candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
@@ -163,13 +204,28 @@ pub enum Cut {
     },
 }
 
-/// Finds the cut that keeps `k` candidates. `pass` streams the tensor once and returns a
-/// histogram; it is called once (approx, or when the boundary bin is taken whole) or twice.
-pub fn plan<E>(k: u64, mode: ThresholdMode, mut pass: impl FnMut(Bins) -> Result<Histogram, E>) -> Result<Cut, E> {
+/// Finds the cut that keeps `k` candidates. `pass` streams the tensor once and returns the
+/// counts its [`Bins`] ask for. The first pass counts high bits and, in exact mode, refines
+/// the bins around `guess` at the same time; a second pass is needed only when the boundary
+/// bin is split and was not among them.
+pub fn plan<E>(
+    k: u64,
+    mode: ThresholdMode,
+    guess: Option<u32>,
+    mut pass: impl FnMut(Bins) -> Result<Counts, E>,
+) -> Result<Cut, E> {
     if k == 0 {
         return Ok(Cut::Nothing);
     }
-    let high = pass(Bins::High)?;
+    let low = match (mode, guess) {
+        (ThresholdMode::Exact, Some(g)) => {
+            let first = g.saturating_sub(GUESS_SPAN / 2).max(1);
+            (first, GUESS_SPAN.min((1 << 16) - first))
+        }
+        _ => (0, 0),
+    };
+    let mut first = pass(Bins { high: true, low })?;
+    let high = first.high.take().expect("asked for");
     if high.total() <= k {
         return Ok(Cut::All);
     }
@@ -177,8 +233,11 @@ pub fn plan<E>(k: u64, mode: ThresholdMode, mut pass: impl FnMut(Bins) -> Result
     if mode == ThresholdMode::Approx || take == at_level {
         return Ok(Cut::Level { shift: 16, level: bin, take, at_level });
     }
-    let low = pass(Bins::LowWithin(bin))?;
-    let (lo, take, at_level) = low.boundary(take);
+    let refined = match bin.checked_sub(low.0).filter(|&i| i < low.1) {
+        Some(i) => first.low.swap_remove(i as usize),
+        None => pass(Bins { high: false, low: (bin, 1) })?.low.pop().expect("asked for"),
+    };
+    let (lo, take, at_level) = refined.boundary(take);
     Ok(Cut::Level { shift: 0, level: (bin << 16) | lo, take, at_level })
 }
 
@@ -199,13 +258,25 @@ impl Cut {
         }
     }
 
-    /// Pushes the chunk-relative index of every kept position of `keys` onto `kept`,
-    /// keeping at most `quota` boundary candidates (the first ones).
-    pub fn select(&self, keys: &[u32], mut quota: u64, kept: &mut Vec<u32>) {
+    /// Writes the chunk-relative index of every kept position of `keys` to the front of
+    /// `kept` (at least `keys.len()` long) and returns how many there are. At most `quota`
+    /// boundary candidates are kept (the first ones); `at_level` is the chunk's boundary
+    /// count when known (else it is counted when needed).
+    pub fn select(&self, keys: &[u32], quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
         match *self {
-            Cut::Nothing => {}
-            Cut::All => kept.extend((0..keys.len() as u32).filter(|&i| keys[i as usize] != NOT_CANDIDATE)),
+            Cut::Nothing => 0,
+            Cut::All => keep_at_least(keys, 1, kept),
             Cut::Level { shift, level, .. } => {
+                // The smallest key at the level, and the smallest above it.
+                let lo = (level << shift).max(1) as u64;
+                let hi = (level as u64 + 1) << shift;
+                let at_level = if quota == 0 { 0 } else { at_level.unwrap_or_else(|| self.at_level_in(keys)) };
+                if quota >= at_level {
+                    // The quota covers the whole level (or there is none): a plain threshold.
+                    let t = if quota == 0 { hi } else { lo };
+                    return u32::try_from(t).map_or(0, |t| keep_at_least(keys, t, kept));
+                }
+                let (mut quota, mut n) = (quota, 0);
                 for (i, &k) in keys.iter().enumerate() {
                     if k == NOT_CANDIDATE {
                         continue;
@@ -213,12 +284,26 @@ impl Cut {
                     let l = k >> shift;
                     if l > level || (l == level && quota > 0) {
                         quota -= (l == level) as u64;
-                        kept.push(i as u32);
+                        kept[n] = i as u32;
+                        n += 1;
                     }
                 }
+                n
             }
         }
     }
+}
+
+/// Writes the index of every key `>= t` (`t >= 1`) to the front of `kept`, branch-free;
+/// returns how many.
+fn keep_at_least(keys: &[u32], t: u32, kept: &mut [u32]) -> usize {
+    let kept = &mut kept[..keys.len()];
+    let mut n = 0;
+    for (i, &k) in keys.iter().enumerate() {
+        kept[n] = i as u32;
+        n += (k >= t) as usize; // n <= i, so the next write stays in bounds
+    }
+    n
 }
 
 /// Splits a cut's boundary quota over chunks in index order, given each chunk's boundary count.
@@ -258,21 +343,51 @@ mod tests {
     }
 
     fn cut_of(keys: &[u32], k: u64, mode: ThresholdMode) -> Cut {
-        plan::<()>(k, mode, |bins| {
-            let mut h = Histogram::default();
-            h.add(bins, keys);
-            Ok(h)
+        let with_guess = |guess| {
+            let mut passes = 0;
+            let cut = plan::<()>(k, mode, guess, |bins| {
+                passes += 1;
+                let mut c = Counts::new(bins);
+                c.add(bins, keys);
+                Ok(c)
+            })
+            .unwrap();
+            (cut, passes)
+        };
+        let (cut, _) = with_guess(None);
+        // A guess changes how many passes are needed, never the cut.
+        for g in [1, 0x8000, 0xbf80, 0xffff] {
+            assert_eq!(with_guess(Some(g)).0, cut);
+        }
+        cut
+    }
+
+    #[test]
+    fn a_right_guess_saves_the_second_pass() {
+        let keys: Vec<u32> = [1.0f32, 1.0, 1.0, 2.0, 3.0, 1.0 + 1e-6].iter().map(|&s| key(s)).collect();
+        let mut sample = Histogram::default();
+        sample.add_high(&keys);
+        let g = guess(3, 6, &sample, 6);
+        let mut passes = 0;
+        let cut = plan::<()>(3, ThresholdMode::Exact, g, |bins| {
+            passes += 1;
+            let mut c = Counts::new(bins);
+            c.add(bins, &keys);
+            Ok(c)
         })
-        .unwrap()
+        .unwrap();
+        assert_eq!(passes, 1);
+        assert_eq!(kept(&keys, &cut), [3, 4, 5]);
     }
 
     fn kept(keys: &[u32], cut: &Cut) -> Vec<u32> {
-        let mut out = Vec::new();
+        let mut out = vec![0; keys.len()];
         let quota = match cut {
             Cut::Level { take, .. } => *take,
             _ => 0,
         };
-        cut.select(keys, quota, &mut out);
+        let n = cut.select(keys, quota, None, &mut out);
+        out.truncate(n);
         out
     }
 

@@ -202,3 +202,64 @@ fn json_and_piped_output() {
     assert!(kept > 0);
     assert_eq!(v["sparsity"], "0.9");
 }
+
+/// The delta of the sharded fixture is byte-identical to the checked-in golden file, so any
+/// change to the format (or to which positions are kept) is noticed. After an intended
+/// change, regenerate with `FAPM_BLESS=1 cargo test --test it golden` and bump the format
+/// version if the layout changed (docs/FORMAT.md).
+#[test]
+fn golden_delta_catches_format_drift() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.fapm");
+    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
+    ok(&[
+        "prune",
+        "--base",
+        base.to_str().unwrap(),
+        "--finetuned",
+        ft.to_str().unwrap(),
+        "-o",
+        d.to_str().unwrap(),
+        "-q",
+    ]);
+    let golden = fixture("golden/sharded-s0.9-fapm.fapm");
+    let got = std::fs::read(&d).unwrap();
+    if std::env::var_os("FAPM_BLESS").is_some() {
+        std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
+        std::fs::write(&golden, &got).unwrap();
+    }
+    let want = std::fs::read(&golden).expect("the golden delta exists (FAPM_BLESS=1 writes it)");
+    assert!(got == want, "the delta of fixtures/sharded differs from {}", golden.display());
+}
+
+/// `fapm report` writes an index.html and valid PNGs it links to, for a sharded model.
+#[test]
+fn report_writes_linked_pngs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
+    let o = ok(&[
+        "report",
+        "--base",
+        base.to_str().unwrap(),
+        "--finetuned",
+        ft.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["tensors_charted"].as_u64().unwrap() > 0);
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    let mut pngs = 0;
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".png") {
+            let bytes = std::fs::read(out.join(&name)).unwrap();
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{name}");
+            assert!(html.contains(&name), "index.html does not show {name}");
+            pngs += 1;
+        }
+    }
+    assert!(pngs >= 4);
+}

@@ -36,7 +36,7 @@ pub const MAX_BLOCK_ELEMS: u64 = 1 << 22;
 /// Bytes per block of a whole tensor or side file.
 pub const RAW_BLOCK_BYTES: u64 = 4 << 20;
 /// The zstd level of every block and of the manifest.
-pub const ZSTD_LEVEL: i32 = 3;
+pub const ZSTD_LEVEL: i32 = 1;
 
 thread_local! {
     static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };

@@ -1,0 +1,166 @@
+//! The report's single self-contained `index.html`: what FAPM is, then every picture with a
+//! caption that says how to read it, then the per-tensor numbers as a table.
+
+use std::fmt::Write as _;
+
+/// One picture on the page.
+pub struct Figure {
+    /// Its file name, relative to the page.
+    pub file: String,
+    /// What it shows and how to read it (plain text).
+    pub caption: String,
+}
+
+/// A titled group of pictures.
+pub struct Section {
+    /// The heading.
+    pub title: String,
+    /// A paragraph under the heading (plain text).
+    pub intro: String,
+    /// The pictures, laid out in a grid.
+    pub figures: Vec<Figure>,
+}
+
+/// Everything the page shows.
+pub struct Page {
+    /// The base checkpoint, as given.
+    pub base: String,
+    /// The fine-tuned checkpoint, as given.
+    pub finetuned: String,
+    /// Facts about the inputs, one per list item (plain text).
+    pub facts: Vec<String>,
+    /// Sections of pictures, in order.
+    pub sections: Vec<Section>,
+    /// Table header cells.
+    pub table_head: Vec<String>,
+    /// Table rows.
+    pub table: Vec<Vec<String>>,
+}
+
+/// Escapes text for HTML element content and attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = "body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;\
+max-width:1600px;padding:0 1.5em;color:#222;line-height:1.45}\
+h1{margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}\
+code{background:#f3f3f3;padding:0 .25em;border-radius:3px}\
+.grid{display:flex;flex-wrap:wrap;gap:1.2em}\
+figure{margin:0;max-width:780px}figure img{max-width:100%;border:1px solid #e3e3e3}\
+figcaption{font-size:.9em;color:#444;margin-top:.3em}\
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.2em .5em;\
+text-align:right}td:first-child,th:first-child{text-align:left;font-family:monospace}\
+.note{color:#555;font-size:.9em}";
+
+const EXPLAIN: &str = "<p>Fine-tuning changes a model's weights by a <em>task vector</em> \
+<code>dW = W_ft - W_base</code>. Keeping only a small part of it (pruning the rest back to the \
+base weights) gives a compact delta, and <em>which</em> part is kept decides how much of the new \
+skill survives and how much of the base model's knowledge is lost. <strong>Magnitude</strong> \
+pruning keeps the largest <code>|dW|</code>. It tends to keep changes to weights that were small \
+in the base model: those are large <em>relative</em> changes <code>|dW| / |W_base|</code>, and \
+large relative changes are what make a model forget. The <strong>Forgetting-Aware Pruning \
+Metric</strong> (FAPM, EMNLP 2025) scores every position by</p>\
+<p style=\"text-align:center\"><code>S = |dW| - mean(|W_base|) &middot; |dW| / |W_base|</code></p>\
+<p>per weight matrix, and keeps the top-scoring positions (for instance the top 10%). The \
+second term penalises large relative changes, so FAPM keeps most of the task vector's norm \
+while keeping the relative changes it applies small. The pictures below show this for your own \
+pair of checkpoints.</p>";
+
+/// Renders the whole page.
+pub fn render(page: &Page) -> String {
+    let mut h = String::new();
+    h.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
+    h.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
+    h.push_str("<title>fapm report</title>\n");
+    let _ = writeln!(h, "<style>{STYLE}</style>\n</head>\n<body>");
+    h.push_str("<h1>fapm report: what forgetting-aware pruning keeps</h1>\n");
+    let _ = writeln!(
+        h,
+        "<p class=\"note\">base <code>{}</code><br>fine-tuned <code>{}</code></p>",
+        esc(&page.base),
+        esc(&page.finetuned)
+    );
+    h.push_str(EXPLAIN);
+    h.push('\n');
+    if !page.facts.is_empty() {
+        h.push_str("<ul>\n");
+        for f in &page.facts {
+            let _ = writeln!(h, "<li>{}</li>", esc(f));
+        }
+        h.push_str("</ul>\n");
+    }
+    for s in &page.sections {
+        let _ = writeln!(h, "<h2>{}</h2>\n<p>{}</p>", esc(&s.title), esc(&s.intro));
+        h.push_str("<div class=\"grid\">\n");
+        for f in &s.figures {
+            let _ = writeln!(
+                h,
+                "<figure><a href=\"{0}\"><img src=\"{0}\" alt=\"{1}\"></a>\
+                 <figcaption>{1}</figcaption></figure>",
+                esc(&f.file),
+                esc(&f.caption)
+            );
+        }
+        h.push_str("</div>\n");
+    }
+    if !page.table.is_empty() {
+        h.push_str("<h2>Per-tensor numbers</h2>\n<table>\n<tr>");
+        for c in &page.table_head {
+            let _ = write!(h, "<th>{}</th>", esc(c));
+        }
+        h.push_str("</tr>\n");
+        for row in &page.table {
+            h.push_str("<tr>");
+            for c in row {
+                let _ = write!(h, "<td>{}</td>", esc(c));
+            }
+            h.push_str("</tr>\n");
+        }
+        h.push_str("</table>\n");
+    }
+    h.push_str("</body>\n</html>\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_shows_every_figure_and_escapes_text() {
+        let page = Page {
+            base: "a<b>.safetensors".into(),
+            finetuned: "ft".into(),
+            facts: vec!["x & y".into()],
+            sections: vec![Section {
+                title: "T".into(),
+                intro: "i".into(),
+                figures: vec![
+                    Figure { file: "one.png".into(), caption: "c \"1\"".into() },
+                    Figure { file: "two.png".into(), caption: "c2".into() },
+                ],
+            }],
+            table_head: vec!["name".into()],
+            table: vec![vec!["w".into()]],
+        };
+        let html = render(&page);
+        assert!(html.contains("<img src=\"one.png\""));
+        assert!(html.contains("<img src=\"two.png\""));
+        assert!(html.contains("a&lt;b&gt;.safetensors"));
+        assert!(html.contains("x &amp; y"));
+        assert!(html.contains("c &quot;1&quot;"));
+        assert!(html.ends_with("</html>\n"));
+    }
+}

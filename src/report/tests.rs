@@ -1,0 +1,288 @@
+//! Tests of the whole report on small synthetic checkpoint pairs written by hand.
+
+use std::path::Path;
+
+use super::*;
+
+/// A tensor to write: name, dtype name, shape, little-endian bytes.
+pub(super) type Raw = (String, &'static str, Vec<u64>, Vec<u8>);
+
+/// Writes a safetensors file by hand: 8-byte header length, JSON header, data.
+pub(super) fn write_safetensors(path: &Path, tensors: &[Raw]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, dtype, shape, bytes) in tensors {
+        let begin = data.len();
+        data.extend_from_slice(bytes);
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [begin, data.len()]}),
+        );
+    }
+    let text = serde_json::to_string(&header).unwrap();
+    let mut file = (text.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(text.as_bytes());
+    file.extend_from_slice(&data);
+    std::fs::write(path, file).unwrap();
+}
+
+/// A deterministic xorshift generator giving floats in [-1, 1).
+pub(super) struct Rng(u64);
+
+impl Rng {
+    pub(super) fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn f32_bytes(xs: &[f32]) -> Vec<u8> {
+    xs.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bf16_bytes(xs: &[f32]) -> Vec<u8> {
+    xs.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect()
+}
+
+/// A base and a fine-tuned matrix: base weights whose scale varies by row, and a task
+/// vector that is large on the small-weight rows (large relative changes) in places.
+pub(super) fn matrix(rng: &mut Rng, rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut base = Vec::with_capacity(rows * cols);
+    let mut ft = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let scale = if r % 8 < 2 { 0.002 } else { 0.05 };
+        for c in 0..cols {
+            let b = rng.next() * scale;
+            let mut d = rng.next() * 0.004;
+            if (c / 8) % 3 == 0 {
+                d *= 4.0;
+            }
+            base.push(b);
+            ft.push(if rng.next() > 0.8 { b } else { b + d });
+        }
+    }
+    (base, ft)
+}
+
+/// Writes a pair: three 2-D matrices (F32 base, BF16 fine-tuned for one of them), a 1-D
+/// norm, an integer tensor and a tensor only the fine-tuned model has.
+fn write_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut base, mut ft): (Vec<Raw>, Vec<Raw>) = (Vec::new(), Vec::new());
+    for (i, (r, c)) in [(64usize, 48usize), (40, 40), (17, 300)].into_iter().enumerate() {
+        let (b, f) = matrix(&mut rng, r, c);
+        let name = format!("layers.{i}.proj.weight");
+        let shape = vec![r as u64, c as u64];
+        base.push((name.clone(), "F32", shape.clone(), f32_bytes(&b)));
+        if i == 1 {
+            ft.push((name, "BF16", shape, bf16_bytes(&f)));
+        } else {
+            ft.push((name, "F32", shape, f32_bytes(&f)));
+        }
+    }
+    let norm: Vec<f32> = (0..16).map(|i| 1.0 + i as f32 * 0.01).collect();
+    base.push(("norm.weight".into(), "F32", vec![16], f32_bytes(&norm)));
+    ft.push(("norm.weight".into(), "F32", vec![16], f32_bytes(&norm)));
+    let ids: Vec<u8> = (0..8i64).flat_map(|x| x.to_le_bytes()).collect();
+    ft.push(("position_ids".into(), "I64", vec![8], ids));
+    ft.push(("head.bias".into(), "F32", vec![4], f32_bytes(&[1.0; 4])));
+    let (bp, fp) = (dir.join("base.safetensors"), dir.join("ft.safetensors"));
+    write_safetensors(&bp, &base);
+    write_safetensors(&fp, &ft);
+    (bp, fp)
+}
+
+fn config(dir: &Path, base: PathBuf, ft: PathBuf) -> ReportConfig {
+    ReportConfig { base, finetuned: ft, output: dir.join("report"), tensors: Vec::new(), overwrite: false }
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    let decoder = ::png::Decoder::new(std::fs::File::open(path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    (info.width, info.height)
+}
+
+#[test]
+fn report_writes_every_picture_and_the_page_shows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path());
+    let cfg = config(dir.path(), b, f);
+    let summary = report(&cfg).unwrap();
+    assert_eq!(summary.tensors_charted, 3);
+    assert_eq!(summary.heatmap_tensors.len(), 3);
+    assert_eq!(summary.files[0], cfg.output.join("index.html"));
+    // index + 2 overview + 3 tensors x 6 heatmaps + 5 sparsities x 2 per-layer charts.
+    assert_eq!(summary.files.len(), 1 + 2 + 18 + 10);
+    let html = std::fs::read_to_string(&summary.files[0]).unwrap();
+    for f in &summary.files[1..] {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        assert!(html.contains(&format!("src=\"{name}\"")), "{name} not shown");
+        let (w, h) = png_size(f);
+        assert!(w >= 200 && h >= 150, "{name}: {w}x{h}");
+    }
+    let (w, h) = png_size(&cfg.output.join("overview-norm.png"));
+    assert_eq!((w as usize, h as usize), (chart::WIDTH, chart::HEIGHT));
+    // Every image the page references was written.
+    for part in html.split("src=\"").skip(1) {
+        let name = &part[..part.find('"').unwrap()];
+        assert!(cfg.output.join(name).is_file(), "{name} missing");
+    }
+    // Nothing is left beside the output.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("fapm-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn existing_output_needs_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path());
+    let mut cfg = config(dir.path(), b, f);
+    cfg.tensors = vec![regex::Regex::new(r"layers\.1\.").unwrap()];
+    std::fs::create_dir(&cfg.output).unwrap();
+    std::fs::write(cfg.output.join("stale.txt"), "x").unwrap();
+    let err = report(&cfg).unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+    cfg.overwrite = true;
+    let summary = report(&cfg).unwrap();
+    assert_eq!(summary.heatmap_tensors, ["layers.1.proj.weight"]);
+    assert!(!cfg.output.join("stale.txt").exists());
+    assert!(cfg.output.join("index.html").is_file());
+}
+
+#[test]
+fn bad_inputs_name_the_file_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path());
+    let mut cfg = config(dir.path(), b.clone(), f.clone());
+    cfg.tensors = vec![regex::Regex::new("nothing-like-this").unwrap()];
+    let err = report(&cfg).unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+    assert!(err.to_string().contains("nothing-like-this"));
+
+    let missing = dir.path().join("missing.safetensors");
+    let cfg = config(dir.path(), missing.clone(), f);
+    let err = report(&cfg).unwrap_err().to_string();
+    assert!(err.contains("missing.safetensors"), "{err}");
+
+    let truncated = dir.path().join("short.safetensors");
+    std::fs::write(&truncated, [1, 2, 3]).unwrap();
+    let cfg = config(dir.path(), b, truncated);
+    let err = report(&cfg).unwrap_err().to_string();
+    assert!(err.contains("short.safetensors"), "{err}");
+    assert!(!cfg.output.exists());
+    let n = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(n, 3, "only the three inputs remain");
+}
+
+/// Opens a one-matrix pair and returns its `Pair`.
+fn one_pair(dir: &Path, base: &[f32], ft: &[f32], rows: u64, cols: u64) -> Pair {
+    let shape = vec![rows, cols];
+    let (bp, fp) = (dir.join("b.safetensors"), dir.join("f.safetensors"));
+    write_safetensors(&bp, &[("w".into(), "F32", shape.clone(), f32_bytes(base))]);
+    write_safetensors(&fp, &[("w".into(), "F32", shape, f32_bytes(ft))]);
+    let (b, f) = (Checkpoint::open(&bp).unwrap(), Checkpoint::open(&fp).unwrap());
+    let (mut p, other) = pairs(&b, &f);
+    assert_eq!(other, 0);
+    p.remove(0)
+}
+
+#[test]
+fn kept_norm_is_one_at_sparsity_zero_and_never_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = matrix(&mut Rng(42), 40, 50);
+    let pair = one_pair(dir.path(), &b, &f, 40, 50);
+    let levels = ["0", "0.1", "0.5", "0.75", "0.9", "0.95", "0.99", "1"];
+    let sp: Vec<Sparsity> = levels.iter().map(|s| Sparsity::parse(s).unwrap()).collect();
+    let s = stats::tensor_stats(&pair, &sp, &mut Scratch::default());
+    assert!(s.candidates > 0 && s.total_d2 > 0.0);
+    for m in 0..2 {
+        let fr: Vec<f64> = s.kept[m].iter().map(|k| k.norm_fraction(s.total_d2)).collect();
+        assert!((fr[0] - 1.0).abs() < 1e-12, "{fr:?}");
+        assert_eq!(*fr.last().unwrap(), 0.0);
+        assert!(fr.windows(2).all(|w| w[1] <= w[0] + 1e-12), "{fr:?}");
+    }
+    // FAPM trades a little norm for much smaller relative changes.
+    let j = 4; // 0.9
+    let (mag, fapm) = (&s.kept[0][j], &s.kept[1][j]);
+    assert!(mag.norm_fraction(s.total_d2) >= fapm.norm_fraction(s.total_d2));
+    assert!(fapm.mean_rel() < mag.mean_rel(), "{fapm:?} {mag:?}");
+}
+
+#[test]
+fn magnitude_curve_matches_a_sort() {
+    // Distinct powers of two land in distinct bins, so the bins are exact here.
+    let n = 64usize;
+    let base = vec![1.0f32; n];
+    let ft: Vec<f32> = (0..n).map(|i| 1.0 + (2f32).powi(i as i32 % 20 - 10)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let pair = one_pair(dir.path(), &base, &ft, 8, 8);
+    let sp = [Sparsity::parse("0.75").unwrap()];
+    let s = stats::tensor_stats(&pair, &sp, &mut Scratch::default());
+    let mut d2: Vec<f64> = (0..n)
+        .map(|i| {
+            let d = (ft[i] - base[i]) as f64;
+            d * d
+        })
+        .collect();
+    d2.sort_by(|a, b| b.total_cmp(a));
+    let total: f64 = d2.iter().sum();
+    let top: f64 = d2[..16].iter().sum();
+    let got = s.kept[0][0].norm_fraction(s.total_d2);
+    assert!((got - (top / total).sqrt()).abs() < 1e-9, "{got}");
+    assert_eq!(s.kept[0][0].count, 16.0);
+}
+
+#[test]
+fn heatmap_blocks_cover_a_tensor_larger_than_a_chunk() {
+    let (rows, cols) = (1030u64, 1031u64);
+    let n = (rows * cols) as usize;
+    assert!(n > stats::CHUNK);
+    let base: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 + 1.0) * 1e-3).collect();
+    let ft: Vec<f32> = base.iter().map(|b| b * 1.5).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let pair = one_pair(dir.path(), &base, &ft, rows, cols);
+    let s = stats::tensor_stats(&pair, &[], &mut Scratch::default());
+    let grid = heatmap::accumulate(&pair, s.mean, s.map_cut);
+    assert_eq!((grid.gh, grid.gw), (256, 256));
+    // Every relative change is 0.5, so every block's mean is 0.5.
+    let rel = grid.values(Quantity::Relative);
+    assert!(rel.iter().all(|v| (v - 0.5).abs() < 1e-6));
+    // The kept shares average to 10% over the matrix (blocks are near-equal in size).
+    let kept = grid.values(Quantity::KeptFapm);
+    let mean = kept.iter().sum::<f64>() / kept.len() as f64;
+    assert!((mean - 0.1).abs() < 0.01, "{mean}");
+}
+
+/// Renders a sample report to `$FAPM_REPORT_SAMPLE` for looking at the pictures:
+/// `FAPM_REPORT_SAMPLE=/tmp/sample cargo test --lib render_sample -- --ignored`.
+#[test]
+#[ignore]
+fn render_sample_report() {
+    let out = PathBuf::from(std::env::var("FAPM_REPORT_SAMPLE").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(7);
+    let (mut base, mut ft): (Vec<Raw>, Vec<Raw>) = (Vec::new(), Vec::new());
+    for layer in 0..6 {
+        for (part, r, c) in [("q_proj", 256, 256), ("up_proj", 384, 256)] {
+            let (b, f) = matrix(&mut rng, r, c);
+            let name = format!("model.layers.{layer}.{part}.weight");
+            let shape = vec![r as u64, c as u64];
+            base.push((name.clone(), "BF16", shape.clone(), bf16_bytes(&b)));
+            ft.push((name, "BF16", shape, bf16_bytes(&f)));
+        }
+    }
+    let (bp, fp) = (dir.path().join("b.safetensors"), dir.path().join("f.safetensors"));
+    write_safetensors(&bp, &base);
+    write_safetensors(&fp, &ft);
+    let cfg = ReportConfig { base: bp, finetuned: fp, output: out, tensors: Vec::new(), overwrite: true };
+    let s = report(&cfg).unwrap();
+    eprintln!("{s:#?}");
+}
