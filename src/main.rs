@@ -153,7 +153,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                 overwrite: a.overwrite,
             };
             let start = std::time::Instant::now();
-            let s = fapm::report(&cfg)?;
+            let s = fapm::report::report_with(&cfg, ctl)?;
             if a.json {
                 println!(
                     "{}",

@@ -676,11 +676,17 @@ fn a_full_disk_leaves_nothing_behind() {
 
 /// A pair big enough (2 x 100 MB of F32) that prune takes a while.
 fn big_pair(dir: &Path) -> (PathBuf, PathBuf) {
-    let n = 25 << 20;
+    big_pair_shaped(dir, &[25 << 20])
+}
+
+/// [`big_pair`] with a given shape (of 25 Mi elements).
+fn big_pair_shaped(dir: &Path, shape: &[u64]) -> (PathBuf, PathBuf) {
+    let n: usize = 25 << 20;
+    assert_eq!(shape.iter().product::<u64>(), n as u64);
     let (base, ft) = (dir.join("base.safetensors"), dir.join("ft.safetensors"));
     for (path, shift) in [(&base, 0u32), (&ft, 1)] {
         let mut f = std::io::BufWriter::new(fs::File::create(path).unwrap());
-        let header = format!(r#"{{"w":{{"dtype":"F32","shape":[{n}],"data_offsets":[0,{}]}}}}"#, 4 * n);
+        let header = format!(r#"{{"w":{{"dtype":"F32","shape":{shape:?},"data_offsets":[0,{}]}}}}"#, 4 * n);
         f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
         f.write_all(header.as_bytes()).unwrap();
         let mut chunk = Vec::with_capacity(4 << 20);
@@ -880,4 +886,17 @@ fn hostile_names_cannot_forge_output_lines() {
     let o = run(&["inspect", s(&d)]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && stdout.contains("evil") && !stdout.contains('\u{1b}'), "{stdout:?}");
+}
+
+/// Ctrl-C during `fapm report` stops it, with no output and no temporary directory left.
+#[test]
+fn interrupted_report_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = big_pair_shaped(dir.path(), &[5 << 10, 5 << 10]);
+    let out = dir.path().join("report");
+    let mut cmd = fapm();
+    cmd.args(["report", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "-q"]);
+    let o = interrupt(cmd, &ft, libc::SIGINT, Duration::from_millis(100));
+    assert_error(&o, &["interrupted"], "interrupted report");
+    assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors"]), Vec::<String>::new());
 }
