@@ -8,6 +8,7 @@ pub mod config;
 pub mod output;
 pub mod pipeline;
 pub mod report;
+pub mod sigbus;
 
 pub use fapm_stages::{Error, Result};
 pub use pipeline::apply::{apply, verify_delta, ApplySummary};

@@ -16,6 +16,7 @@ use cli::{Cli, Command};
 use progress::{bytes, count, percent, Monitor};
 
 fn main() -> ExitCode {
+    fapm::sigbus::install();
     let cli = Cli::parse();
     let quiet = match &cli.command {
         Command::Prune(a) => a.run.quiet,
@@ -34,11 +35,22 @@ fn main() -> ExitCode {
     match run(cli.command, &ctl) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, whatever the error's own formatting.
-            eprintln!("error: {}", e.to_string().replace('\n', " "));
+            eprintln!("error: {}", one_line(&e.to_string()));
             ExitCode::from(1)
         }
     }
+}
+
+/// One line, whatever the error's own formatting, with control characters from hostile file
+/// and tensor names escaped (no line breaks, no terminal escape sequences).
+fn one_line(msg: &str) -> String {
+    msg.chars()
+        .flat_map(|c| match c {
+            '\n' => " ".chars().collect::<Vec<_>>(),
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => c.escape_default().collect(),
+            c => vec![c],
+        })
+        .collect()
 }
 
 fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
@@ -142,7 +154,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                 overwrite: a.overwrite,
             };
             let start = std::time::Instant::now();
-            let s = fapm::report(&cfg)?;
+            let s = fapm::report::report_with(&cfg, ctl)?;
             if a.json {
                 println!(
                     "{}",
@@ -252,7 +264,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         };
         println!(
             "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",
-            t.name,
+            one_line(&t.name),
             t.mode.name(),
             dtype,
             format!("{:?}", t.shape),
@@ -261,7 +273,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         );
     }
     for f in &m.side_files {
-        println!("side file {}  ({})", f.path, bytes(f.size));
+        println!("side file {}  ({})", one_line(&f.path), bytes(f.size));
     }
     Ok(())
 }

@@ -3,15 +3,20 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use fapm_stages::{Error, Result};
 
+use crate::sigbus::{self, Registration};
+
 /// A temporary file or directory that becomes `dest` on [`Staged::commit`] and is removed
-/// if dropped first (after an error or an interruption).
+/// if dropped first (after an error or an interruption). The temporary path, and every path
+/// given to [`Staged::track`], is registered with the SIGBUS guard (src/sigbus.rs) until then.
 pub struct Staged {
     tmp: PathBuf,
     dest: PathBuf,
     committed: bool,
+    guards: Mutex<Vec<Registration>>,
 }
 
 impl Staged {
@@ -26,7 +31,21 @@ impl Staged {
         if fs::symlink_metadata(&tmp).is_ok() {
             remove(&tmp);
         }
-        Ok(Staged { tmp, dest: dest.to_path_buf(), committed: false })
+        let guards = Mutex::new(vec![sigbus::register(&tmp)]);
+        Ok(Staged { tmp, dest: dest.to_path_buf(), committed: false, guards })
+    }
+
+    /// Registers a file or directory created inside a temporary directory with the SIGBUS
+    /// guard, so that it is removed too if the process dies of SIGBUS.
+    pub fn track(&self, path: &Path) {
+        if let Ok(mut g) = self.guards.lock() {
+            g.push(sigbus::register(path));
+        }
+    }
+
+    /// Creates the temporary path as a new file (never following a symlink planted there).
+    pub fn create_file(&self, path: &Path) -> Result<fs::File> {
+        fs::OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|e| Error::io(&self.dest, e))
     }
 
     /// The temporary path to write to.
@@ -44,12 +63,20 @@ impl Staged {
                 fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
                 remove(&old);
                 self.committed = true;
+                self.untrack();
                 return Ok(());
             }
         }
         fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
         self.committed = true;
+        self.untrack();
         Ok(())
+    }
+
+    fn untrack(&self) {
+        if let Ok(mut g) = self.guards.lock() {
+            g.clear();
+        }
     }
 }
 

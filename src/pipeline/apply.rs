@@ -62,6 +62,8 @@ struct Done {
 
 /// Where reconstructed tensors go.
 struct Outputs {
+    /// The destination, to name in errors.
+    dest: PathBuf,
     files: Vec<File>,
     /// Per shard: byte offset of the data buffer in the file.
     data_start: Vec<u64>,
@@ -78,11 +80,12 @@ pub fn apply(cfg: &ApplyConfig, ctl: &Ctl) -> Result<ApplySummary> {
     let m = &delta.manifest;
     let bases = resolve_base(m, &base)?;
     let staged = cfg.output.as_deref().map(|o| Staged::new(o, cfg.overwrite)).transpose()?;
-    let outputs = staged.as_ref().map(|s| create_outputs(m, s.path(), cfg.output.as_deref().unwrap())).transpose()?;
+    let outputs = staged.as_ref().map(|s| create_outputs(m, s, cfg.output.as_deref().unwrap())).transpose()?;
     let pool = pool(cfg.threads)?;
-    let mut summary = run(&delta, Some(&bases), outputs.as_ref(), &pool, window(cfg), ctl)?;
+    let window = window(cfg.threads, cfg.memory_budget, m.block_elems);
+    let mut summary = run(&delta, Some(&bases), outputs.as_ref(), &pool, window, ctl)?;
     if let (Some(staged), Some(out)) = (&staged, &cfg.output) {
-        write_side_files(&delta, staged.path(), out)?;
+        write_side_files(&delta, staged, out)?;
         if m.index {
             write_index(m, &staged.path().join(INDEX_FILE), out)?;
         }
@@ -108,17 +111,19 @@ pub fn verify_delta(path: &Path, threads: usize, ctl: &Ctl) -> Result<ApplySumma
     let start = Instant::now();
     let delta = DeltaReader::open(path)?;
     let pool = pool(threads)?;
-    let mut summary = run(&delta, None, None, &pool, 2 * threads, ctl)?;
+    let window = window(threads, crate::config::DEFAULT_MEMORY_BUDGET, delta.manifest.block_elems);
+    let mut summary = run(&delta, None, None, &pool, window, ctl)?;
     check_side_files(&delta)?;
     summary.side_files = delta.manifest.side_files.len();
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
 
-fn window(cfg: &ApplyConfig) -> usize {
-    // An item holds a block (compressed + raw), the output chunk and nothing else.
-    let per_item = fapm_stages::format::BLOCK_ELEMS * 30;
-    (2 * cfg.threads).clamp(1, (cfg.memory_budget / 2 / per_item).max(1) as usize)
+fn window(threads: usize, memory_budget: u64, block_elems: u64) -> usize {
+    // An item holds a block (compressed + raw), the output chunk and nothing else; the block
+    // size is the delta's (validated to at most MAX_BLOCK_ELEMS), not this build's default.
+    let per_item = block_elems.max(fapm_stages::format::RAW_BLOCK_BYTES / 8) * 30;
+    (2 * threads).clamp(1, (memory_budget / 2 / per_item).max(1) as usize)
 }
 
 /// The base tensor of every pruned and dense record, checked for name, dtype and shape.
@@ -152,19 +157,19 @@ fn resolve_base(m: &Manifest, base: &Checkpoint) -> Result<Vec<Option<TensorRef>
 }
 
 /// Creates the output file or directory of shards, headers written and data sized.
-fn create_outputs(m: &Manifest, tmp: &Path, dest: &Path) -> Result<Outputs> {
+fn create_outputs(m: &Manifest, staged: &Staged, dest: &Path) -> Result<Outputs> {
+    let tmp = staged.path();
     if m.source == Source::Directory {
         fs::create_dir(tmp).map_err(|e| Error::io(dest, e))?;
     }
-    let mut out = Outputs { files: Vec::new(), data_start: Vec::new(), begin: Vec::new() };
+    let mut out = Outputs { dest: dest.to_path_buf(), files: Vec::new(), data_start: Vec::new(), begin: Vec::new() };
     for shard in &m.shards {
         let path = if m.source == Source::File { tmp.to_path_buf() } else { tmp.join(&shard.name) };
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(|e| Error::io(dest, e))?;
-        }
+        create_parents(staged, &path, dest)?;
         let infos = parse_header(&path, &shard.header, u64::MAX)?;
         let data_len = infos.iter().map(|t| t.end).max().unwrap_or(0);
-        let file = File::create(&path).map_err(|e| Error::io(dest, e))?;
+        let file = staged.create_file(&path)?;
+        staged.track(&path);
         let mut head = (shard.header.len() as u64).to_le_bytes().to_vec();
         head.extend_from_slice(shard.header.as_bytes());
         file.write_all_at(&head, 0).map_err(|e| Error::io(dest, e))?;
@@ -272,7 +277,7 @@ fn item(
     };
     if let Some(o) = outputs {
         let offset = o.data_start[t.shard] + o.begin[it.tensor] + byte_start;
-        o.files[t.shard].write_all_at(&bytes, offset).map_err(|e| Error::io(&delta.path, e))?;
+        o.files[t.shard].write_all_at(&bytes, offset).map_err(|e| Error::io(&o.dest, e))?;
     }
     let out = with_base.then(|| hash::part(&bytes, byte_start, it.parts));
     Ok(Done { out, base: base_part, kept })
@@ -327,14 +332,29 @@ fn check_side_files(delta: &DeltaReader) -> Result<()> {
     (0..delta.manifest.side_files.len()).try_for_each(|i| side_file(delta, i).map(|_| ()))
 }
 
-fn write_side_files(delta: &DeltaReader, dir: &Path, dest: &Path) -> Result<()> {
+fn write_side_files(delta: &DeltaReader, staged: &Staged, dest: &Path) -> Result<()> {
     for (i, f) in delta.manifest.side_files.iter().enumerate() {
         let data = side_file(delta, i)?;
-        let path = dir.join(&f.path);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(|e| Error::io(dest, e))?;
-        }
+        let path = staged.path().join(&f.path);
+        create_parents(staged, &path, dest)?;
+        staged.track(&path);
         fs::write(&path, data).map_err(|e| Error::io(dest.join(&f.path), e))?;
+    }
+    Ok(())
+}
+
+/// Creates the missing directories between the staged directory and `path`, registering
+/// each with the SIGBUS guard.
+fn create_parents(staged: &Staged, path: &Path, dest: &Path) -> Result<()> {
+    let Some(parent) = path.parent() else { return Ok(()) };
+    let Ok(rel) = parent.strip_prefix(staged.path()) else { return Ok(()) };
+    let mut dir = staged.path().to_path_buf();
+    for part in rel.components() {
+        dir.push(part);
+        if !dir.is_dir() {
+            fs::create_dir(&dir).map_err(|e| Error::io(dest, e))?;
+            staged.track(&dir);
+        }
     }
     Ok(())
 }

@@ -11,17 +11,16 @@
 //! are fixed-size, results are collected in order, and the writer is single: the delta's
 //! bytes do not depend on `--threads`.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use fapm_stages::checkpoint::{Checkpoint, Layout, TensorRef};
+use fapm_stages::checkpoint::{is_safe_relative, Checkpoint, Layout, TensorRef};
 use fapm_stages::encode::encode_sparse;
 use fapm_stages::format::{
     block_sizes, compress, Block, DeltaWriter, Manifest, Mode, ShardRecord, SideFile, Source, TensorRecord,
-    RAW_BLOCK_BYTES, VERSION,
+    MAX_BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
 };
 use fapm_stages::hash::{self, Part};
 use fapm_stages::score::{convert_chunk, mean_abs, sum_abs, Metric, Scorer};
@@ -115,6 +114,9 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     let start = Instant::now();
     let base = Checkpoint::open(&cfg.base)?;
     let ft = Checkpoint::open(&cfg.finetuned)?;
+    if let Some(s) = ft.shards.iter().find(|s| ft.layout == Layout::Directory && !is_safe_relative(&s.name)) {
+        return Err(Error::invalid(&s.path, "this shard name cannot be stored in a delta (non-UTF-8 or '\\')"));
+    }
     let (tasks, base_only) = classify(cfg, &base, &ft);
     let (side, skipped) =
         if ft.layout == Layout::Directory { super::side::side_files(&ft.root)? } else { Default::default() };
@@ -139,11 +141,14 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     }
 
     let staged = Staged::new(&cfg.output, cfg.overwrite)?;
-    let file = File::create(staged.path()).map_err(|e| Error::io(&cfg.output, e))?;
+    let file = staged.create_file(staged.path())?;
     let mut writer = DeltaWriter::new(file, &cfg.output)?;
     let pool = pool(cfg.threads)?;
-    if !cfg.block_elems.is_power_of_two() || cfg.block_elems < 512 {
-        return Err(Error::Config(format!("block size {} is not a power of two >= 512", cfg.block_elems)));
+    if !cfg.block_elems.is_power_of_two() || !(512..=MAX_BLOCK_ELEMS).contains(&cfg.block_elems) {
+        return Err(Error::Config(format!(
+            "block size {} is not a power of two in 512..={MAX_BLOCK_ELEMS}",
+            cfg.block_elems
+        )));
     }
     let window = window(cfg.threads, cfg.memory_budget, cfg.block_elems);
 

@@ -6,6 +6,7 @@
 //! side files; names starting with '.' are skipped (`.git`, `.cache`); files over 64 MiB are
 //! left out with a warning.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use fapm_stages::checkpoint::INDEX_FILE;
@@ -30,35 +31,70 @@ pub struct SideSource {
 pub fn side_files(root: &Path) -> Result<(Vec<SideSource>, Vec<String>)> {
     let mut found = Vec::new();
     let mut skipped = Vec::new();
-    walk(root, "", 0, &mut found, &mut skipped)?;
+    let mut walk_state = Walk { ancestors: Vec::new(), dirs: 0 };
+    walk_state.walk(root, "", &mut found, &mut skipped)?;
     found.sort_by(|a, b| a.rel.cmp(&b.rel));
     skipped.sort();
     Ok((found, skipped))
 }
 
-fn walk(dir: &Path, rel: &str, depth: usize, found: &mut Vec<SideSource>, skipped: &mut Vec<String>) -> Result<()> {
-    if depth > 16 {
-        return Err(Error::invalid(dir, "directories nested too deeply (a symlink loop?)"));
-    }
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
+/// The largest number of directories visited while looking for side files: symlinked
+/// directories can make a small tree look exponentially large.
+const MAX_DIRS: usize = 10_000;
+
+/// A depth-first walk that follows symlinks but refuses loops and runaway trees.
+struct Walk {
+    /// (device, inode) of the directories from the root to the current one.
+    ancestors: Vec<(u64, u64)>,
+    /// Directories visited so far.
+    dirs: usize,
+}
+
+impl Walk {
+    fn walk(&mut self, dir: &Path, rel: &str, found: &mut Vec<SideSource>, skipped: &mut Vec<String>) -> Result<()> {
+        let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+        let id = (meta.dev(), meta.ino());
+        if self.ancestors.len() > 16 || self.ancestors.contains(&id) {
+            return Err(Error::invalid(dir, "directories nested too deeply or a symlink loop"));
         }
-        let path = entry.path();
-        let relname = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
-        let Ok(meta) = std::fs::metadata(&path) else { continue }; // dangling symlink
-        if meta.is_dir() {
-            walk(&path, &relname, depth + 1, found, skipped)?;
-        } else if meta.is_file() && !name.ends_with(".safetensors") && !(rel.is_empty() && name == INDEX_FILE) {
-            if meta.len() > MAX_SIDE_FILE {
-                tracing::warn!(file = %relname, size = meta.len(), "side file over 64 MiB left out of the delta");
-                skipped.push(relname);
-            } else {
-                found.push(SideSource { rel: relname, path, size: meta.len() });
+        self.dirs += 1;
+        if self.dirs > MAX_DIRS {
+            return Err(Error::invalid(dir, format!("more than {MAX_DIRS} directories (symlinked directories?)")));
+        }
+        self.ancestors.push(id);
+        let r = self.entries(dir, rel, found, skipped);
+        self.ancestors.pop();
+        r
+    }
+
+    fn entries(&mut self, dir: &Path, rel: &str, found: &mut Vec<SideSource>, skipped: &mut Vec<String>) -> Result<()> {
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                tracing::warn!(file = %entry.path().display(), "side file with a non-UTF-8 name left out of the delta");
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            if name.contains('\\') {
+                tracing::warn!(file = %entry.path().display(), "side file with a '\\' in its name left out of the delta");
+                continue;
+            }
+            let path = entry.path();
+            let relname = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let Ok(meta) = std::fs::metadata(&path) else { continue }; // dangling symlink
+            if meta.is_dir() {
+                self.walk(&path, &relname, found, skipped)?;
+            } else if meta.is_file() && !name.ends_with(".safetensors") && !(rel.is_empty() && name == INDEX_FILE) {
+                if meta.len() > MAX_SIDE_FILE {
+                    tracing::warn!(file = %relname, size = meta.len(), "side file over 64 MiB left out of the delta");
+                    skipped.push(relname);
+                } else {
+                    found.push(SideSource { rel: relname, path, size: meta.len() });
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
 }

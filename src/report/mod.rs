@@ -14,6 +14,7 @@ mod stats;
 
 use std::path::{Path, PathBuf};
 
+use crate::pipeline::Ctl;
 use fapm_stages::checkpoint::Checkpoint;
 use fapm_stages::threshold::Sparsity;
 use fapm_stages::Error;
@@ -57,6 +58,11 @@ pub struct ReportSummary {
 /// Writes the report for `cfg`: all pictures and `index.html`, into a temporary directory
 /// beside `cfg.output` that is renamed into place once complete.
 pub fn report(cfg: &ReportConfig) -> Result<ReportSummary, Error> {
+    report_with(cfg, &Ctl::default())
+}
+
+/// [`report`], stopping with `Cancelled` between tensors once `ctl` is cancelled (Ctrl-C).
+pub fn report_with(cfg: &ReportConfig, ctl: &Ctl) -> Result<ReportSummary, Error> {
     let out = &cfg.output;
     let name = out
         .file_name()
@@ -75,7 +81,10 @@ pub fn report(cfg: &ReportConfig) -> Result<ReportSummary, Error> {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_report(cfg, &tmp);
+    // Removed by the SIGBUS guard (with every picture written into it) if an input shard is
+    // truncated under its memory map.
+    let guards = std::sync::Mutex::new(vec![crate::sigbus::register(&tmp)]);
+    let result = write_report(cfg, &tmp, ctl, &guards);
     let files = match result {
         Ok(f) => f,
         Err(e) => {
@@ -182,7 +191,12 @@ fn pct(s: &str) -> String {
 type Written = (Vec<String>, ReportSummary);
 
 /// Computes everything and writes it into `dir`; returns the file names written.
-fn write_report(cfg: &ReportConfig, dir: &Path) -> Result<Written, Error> {
+fn write_report(
+    cfg: &ReportConfig,
+    dir: &Path,
+    ctl: &Ctl,
+    guards: &std::sync::Mutex<Vec<crate::sigbus::Registration>>,
+) -> Result<Written, Error> {
     let base = Checkpoint::open(&cfg.base)?;
     let ft = Checkpoint::open(&cfg.finetuned)?;
     let (pairs, other) = pairs(&base, &ft);
@@ -192,18 +206,20 @@ fn write_report(cfg: &ReportConfig, dir: &Path) -> Result<Written, Error> {
     let chosen = heatmap_choice(&pairs, &cfg.tensors)?;
     let sparsities: Vec<Sparsity> = SPARSITIES.iter().map(|s| Sparsity::parse(s).expect("constant sparsity")).collect();
     let mut scratch = Scratch::default();
-    let stats: Vec<TensorStats> = pairs
-        .iter()
-        .map(|p| {
-            let s = stats::tensor_stats(p, &sparsities, &mut scratch);
-            tracing::debug!(tensor = %s.name, candidates = s.candidates, "report: tensor binned");
-            s
-        })
-        .collect();
+    let mut stats: Vec<TensorStats> = Vec::with_capacity(pairs.len());
+    for p in &pairs {
+        ctl.check()?;
+        let s = stats::tensor_stats(p, &sparsities, &mut scratch);
+        tracing::debug!(tensor = %s.name, candidates = s.candidates, "report: tensor binned");
+        stats.push(s);
+    }
     drop(scratch);
 
     let mut files = Vec::new();
     let mut write = |name: String, canvas: png::Canvas| -> Result<String, Error> {
+        if let Ok(mut g) = guards.lock() {
+            g.push(crate::sigbus::register(&dir.join(&name)));
+        }
         canvas.write_png(&dir.join(&name))?;
         files.push(name.clone());
         Ok(name)
@@ -242,6 +258,7 @@ fn write_report(cfg: &ReportConfig, dir: &Path) -> Result<Written, Error> {
     // Heatmaps.
     let mut heatmap_tensors = Vec::new();
     for &i in &chosen {
+        ctl.check()?;
         let (p, s) = (&pairs[i], &stats[i]);
         let grid = heatmap::accumulate(p, s.mean, s.map_cut);
         let kept_max = grid

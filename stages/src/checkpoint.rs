@@ -98,6 +98,10 @@ pub struct Shard {
 impl Shard {
     /// Opens, maps and validates one safetensors file.
     pub fn open(path: &Path, name: String) -> Result<Self> {
+        // Checked before opening too: opening a FIFO would block.
+        if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
+            return Err(Error::invalid(path, "not a regular file"));
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {

@@ -30,6 +30,9 @@ pub const FOOTER_LEN: u64 = 64;
 pub const MAX_MANIFEST_LEN: u64 = 1 << 30;
 /// Elements per block of a pruned or dense tensor.
 pub const BLOCK_ELEMS: u64 = 1 << 20;
+/// The largest block of a pruned or dense tensor a delta may declare: it bounds the memory
+/// one block needs when read (output chunk and decompressed payload).
+pub const MAX_BLOCK_ELEMS: u64 = 1 << 22;
 /// Bytes per block of a whole tensor or side file.
 pub const RAW_BLOCK_BYTES: u64 = 4 << 20;
 /// The zstd level of every block and of the manifest.

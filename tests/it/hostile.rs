@@ -1,0 +1,902 @@
+//! Hostile input and faults (docs/SECURITY.md): malformed checkpoints, corrupted and crafted
+//! deltas, the wrong base, a full disk, an unwritable destination, interruption, and a shard
+//! truncated under its memory map. No panic, no partial output, every corruption caught.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use fapm::config::{self, ApplyConfig};
+use fapm::Ctl;
+use fapm_stages::checkpoint::Checkpoint;
+use fapm_stages::dtype::DType;
+use fapm_stages::format::{DeltaReader, DeltaWriter, Manifest};
+use proptest::prelude::*;
+
+use crate::util::{fapm, fixture, run, safetensors_bytes, write_safetensors, Rng, T};
+
+/// Asserts a failed run: exit code 1, one `error:` line on stderr containing every needle.
+fn assert_error(out: &Output, needles: &[&str], what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
+    assert!(stderr.starts_with("error: "), "{what}: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{what}: '{n}' not in {stderr}");
+    }
+    stderr
+}
+
+/// Entries of `dir` other than `keep`: temporaries or partial outputs left behind.
+fn leftovers(dir: &Path, keep: &[&str]) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !keep.contains(&n.as_str()))
+        .collect()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn f32s(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
+    values.into_iter().flat_map(f32::to_le_bytes).collect()
+}
+
+/// A small valid pair: two F32 tensors and an I64 one.
+fn small_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.safetensors");
+    let ft = dir.join("ft.safetensors");
+    let b = f32s((0..64).map(|i| i as f32 * 0.25));
+    let f = f32s((0..64).map(|i| i as f32 * 0.25 + if i % 3 == 0 { 0.125 } else { 0.0 }));
+    let ids: Vec<u8> = (0..4u64).flat_map(u64::to_le_bytes).collect();
+    write_safetensors(&base, &[T::new("a", DType::F32, &[8, 8], b.clone()), T::new("b", DType::F32, &[64], b)]);
+    write_safetensors(
+        &ft,
+        &[
+            T::new("a", DType::F32, &[8, 8], f.clone()),
+            T::new("b", DType::F32, &[64], f),
+            T::new("ids", DType::I64, &[4], ids),
+        ],
+    );
+    (base, ft)
+}
+
+/// A safetensors file from a literal header and data buffer.
+fn raw_shard(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// A malformed checkpoint: how to lay it out, and what the error must name.
+struct Case {
+    name: &'static str,
+    /// Files to write under the case directory: (relative path, bytes).
+    files: Vec<(&'static str, Vec<u8>)>,
+    /// The checkpoint path, relative to the case directory ("" for the directory itself).
+    path: &'static str,
+    /// Substrings of the error line (besides the case directory).
+    needles: Vec<&'static str>,
+}
+
+fn malformed_checkpoints() -> Vec<Case> {
+    let good = safetensors_bytes(&[T::new("w", DType::F32, &[4], f32s([1.0, 2.0, 3.0, 4.0]))], None);
+    let tensor = |header: &str, data_len: usize| raw_shard(header, &vec![0; data_len]);
+    let one = |name, bytes: Vec<u8>, needles: Vec<&'static str>| Case {
+        name,
+        files: vec![("m.safetensors", bytes)],
+        path: "m.safetensors",
+        needles: [vec!["m.safetensors"], needles].concat(),
+    };
+    let mut huge_len = good.clone();
+    huge_len[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut past_end = good.clone();
+    past_end[..8].copy_from_slice(&(good.len() as u64).to_le_bytes());
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let index = |map: &str| format!(r#"{{"metadata":{{}},"weight_map":{map}}}"#).into_bytes();
+    vec![
+        one("empty file", vec![], vec!["too short"]),
+        one("three bytes", vec![1, 2, 3], vec!["too short"]),
+        one("truncated data", good[..good.len() - 3].to_vec(), vec!["'w'", "outside"]),
+        one("truncated header", good[..20].to_vec(), vec!["past the end"]),
+        one("header length u64::MAX", huge_len, vec!["limit"]),
+        one("header length past the end", past_end, vec!["past the end"]),
+        one("header not JSON", raw_shard("{not json", &[]), vec!["malformed header"]),
+        one(
+            "header not UTF-8",
+            raw_shard("{\"\u{ff}\":1}", &[]).iter().map(|&b| if b == 0xc3 { 0xff } else { b }).collect(),
+            vec!["UTF-8"],
+        ),
+        one("header deeply nested", raw_shard(&deep, &[]), vec!["malformed header"]),
+        one("header a list", raw_shard("[1]", &[]), vec!["malformed header"]),
+        one(
+            "unknown dtype",
+            tensor(r#"{"w":{"dtype":"F7","shape":[1],"data_offsets":[0,1]}}"#, 1),
+            vec!["'w'", "dtype"],
+        ),
+        one(
+            "shape disagrees with offsets",
+            tensor(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4),
+            vec!["'w'", "needs 8"],
+        ),
+        one(
+            "offsets out of range",
+            tensor(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#, 4),
+            vec!["'w'", "outside"],
+        ),
+        one(
+            "offsets reversed",
+            tensor(r#"{"w":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}}"#, 4),
+            vec!["'w'", "outside"],
+        ),
+        one(
+            "offsets negative",
+            tensor(r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[-1,0]}}"#, 4),
+            vec!["'w'", "malformed header entry"],
+        ),
+        one(
+            "overlapping tensors",
+            tensor(
+                r#"{"v":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"w":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                6,
+            ),
+            vec!["'w'", "overlaps"],
+        ),
+        one(
+            "shape overflows",
+            tensor(r#"{"w":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, 8),
+            vec!["'w'", "too large"],
+        ),
+        one(
+            "duplicate tensor in one header",
+            tensor(
+                r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                2,
+            ),
+            vec!["duplicate", "'w'"],
+        ),
+        one("bad metadata", tensor(r#"{"__metadata__":{"a":[1]}}"#, 0), vec!["__metadata__"]),
+        Case {
+            name: "duplicate tensor across shards",
+            files: vec![("a.safetensors", good.clone()), ("b.safetensors", good.clone())],
+            path: "",
+            needles: vec!["b.safetensors", "'w'", "a.safetensors"],
+        },
+        Case {
+            name: "index names a missing shard",
+            files: vec![
+                ("a.safetensors", good.clone()),
+                ("model.safetensors.index.json", index(r#"{"w":"zz.safetensors"}"#)),
+            ],
+            path: "",
+            needles: vec!["model.safetensors.index.json", "zz.safetensors"],
+        },
+        Case {
+            name: "index path outside the directory",
+            files: vec![
+                ("a.safetensors", good.clone()),
+                ("model.safetensors.index.json", index(r#"{"w":"../a.safetensors"}"#)),
+            ],
+            path: "",
+            needles: vec!["model.safetensors.index.json", "'w'", "outside"],
+        },
+        Case {
+            name: "index absolute path",
+            files: vec![
+                ("a.safetensors", good.clone()),
+                ("model.safetensors.index.json", index(r#"{"w":"/etc/passwd"}"#)),
+            ],
+            path: "",
+            needles: vec!["model.safetensors.index.json", "'w'", "outside"],
+        },
+        Case {
+            name: "index names the wrong shard",
+            files: vec![
+                ("a.safetensors", good.clone()),
+                ("b.safetensors", tensor(r#"{"v":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 1)),
+                ("model.safetensors.index.json", index(r#"{"w":"b.safetensors","v":"b.safetensors"}"#)),
+            ],
+            path: "",
+            needles: vec!["model.safetensors.index.json", "'w'"],
+        },
+        Case {
+            name: "index malformed",
+            files: vec![
+                ("a.safetensors", good.clone()),
+                ("model.safetensors.index.json", b"{\"weight_map\":".to_vec()),
+            ],
+            path: "",
+            needles: vec!["model.safetensors.index.json", "malformed"],
+        },
+        Case {
+            name: "index without weight_map",
+            files: vec![("a.safetensors", good.clone()), ("model.safetensors.index.json", b"{}".to_vec())],
+            path: "",
+            needles: vec!["model.safetensors.index.json", "weight_map"],
+        },
+        Case { name: "empty directory", files: vec![], path: "", needles: vec!["no *.safetensors"] },
+        Case {
+            name: "directory without weights",
+            files: vec![("config.json", b"{}".to_vec()), ("sub/x.safetensors", good.clone())],
+            path: "",
+            needles: vec!["no *.safetensors"],
+        },
+        Case {
+            name: "a bad shard among good ones",
+            files: vec![("a.safetensors", good.clone()), ("b.safetensors", good[..30].to_vec())],
+            path: "",
+            needles: vec!["b.safetensors"],
+        },
+        Case { name: "missing path", files: vec![], path: "nope.safetensors", needles: vec!["nope.safetensors"] },
+    ]
+}
+
+/// Every malformed checkpoint, as the fine-tuned or the base input, exits 1 with one error
+/// line naming the file (and tensor), and leaves no output.
+#[test]
+fn malformed_checkpoints_are_clean_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = small_pair(dir.path());
+    let delta = dir.path().join("d.fapm");
+    for (i, case) in malformed_checkpoints().into_iter().enumerate() {
+        let root = dir.path().join(format!("case{i}"));
+        fs::create_dir(&root).unwrap();
+        for (rel, bytes) in &case.files {
+            let p = root.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, bytes).unwrap();
+        }
+        let path = if case.path.is_empty() { root.clone() } else { root.join(case.path) };
+        let err = Checkpoint::open(&path).err().unwrap_or_else(|| panic!("{}: accepted", case.name));
+        let msg = err.to_string();
+        assert!(msg.contains(s(&root)), "{}: {msg}", case.name);
+        for n in &case.needles {
+            assert!(msg.contains(n), "{}: '{n}' not in {msg}", case.name);
+        }
+        for (b, f) in [(s(&base), s(&path)), (s(&path), s(&ft))] {
+            let out = run(&["prune", "--base", b, "--finetuned", f, "-o", s(&delta), "-q"]);
+            assert_error(&out, &case.needles, case.name);
+            assert!(!delta.exists(), "{}: output left behind", case.name);
+        }
+    }
+    assert_eq!(leftovers(dir.path(), &[]).iter().filter(|n| n.contains("fapm")).count(), 0);
+}
+
+/// A delta of the single fixture (sparsity 0.9), and the fixture's base.
+fn fixture_delta(dir: &Path) -> (PathBuf, PathBuf) {
+    let base = fixture("single/base.safetensors");
+    let ft = fixture("single/finetuned.safetensors");
+    let delta = dir.join("d.fapm");
+    let out = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (delta, base)
+}
+
+fn verify_in_process(delta: &Path) -> fapm::Result<fapm::ApplySummary> {
+    fapm::verify_delta(delta, 1, &Ctl::default())
+}
+
+fn apply_in_process(base: &Path, delta: &Path, output: Option<PathBuf>) -> fapm::Result<fapm::ApplySummary> {
+    let cfg = ApplyConfig {
+        base: base.to_path_buf(),
+        delta: delta.to_path_buf(),
+        output,
+        threads: 1,
+        memory_budget: config::DEFAULT_MEMORY_BUDGET,
+        overwrite: false,
+    };
+    fapm::apply(&cfg, &Ctl::default())
+}
+
+/// One flipped bit anywhere in a delta is caught by `verify` and by `apply`: every byte of
+/// the fixture delta gets one random bit flipped (every bit of the preamble, footer and a
+/// few block and manifest bytes), `verify` in-process on all of them, `apply` on a sample,
+/// and the binary on a few.
+#[test]
+fn every_flipped_bit_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, base) = fixture_delta(dir.path());
+    let good = fs::read(&delta).unwrap();
+    assert!(verify_in_process(&delta).is_ok());
+    let bad = dir.path().join("bad.fapm");
+    let out = dir.path().join("out.safetensors");
+    let mut rng = Rng(0x5eed);
+    let len = good.len();
+    let mut flips: Vec<(usize, u8)> = (0..len).map(|i| (i, rng.below(8) as u8)).collect();
+    for i in (0..16).chain(len - 64..len).chain([len / 3, len / 2, len - 100]) {
+        flips.extend((0..8).map(|b| (i, b)));
+    }
+    let started = std::time::Instant::now();
+    for (n, &(i, bit)) in flips.iter().enumerate() {
+        let mut bytes = good.clone();
+        bytes[i] ^= 1 << bit;
+        fs::write(&bad, &bytes).unwrap();
+        let r = std::panic::catch_unwind(|| verify_in_process(&bad).map(|_| ()));
+        assert!(matches!(r, Ok(Err(_))), "byte {i} bit {bit}: verify did not fail cleanly");
+        if n % 97 == 0 {
+            let r = apply_in_process(&base, &bad, Some(out.clone()));
+            assert!(r.is_err(), "byte {i} bit {bit}: apply accepted it");
+            assert!(!out.exists());
+        }
+        if n % 4001 == 0 {
+            let o = run(&["verify", s(&bad), "--base", s(&base)]);
+            assert_error(&o, &["bad.fapm"], "verify of a flipped bit");
+            let o = run(&["apply", "--base", s(&base), "--delta", s(&bad), "-o", s(&out), "-q"]);
+            assert_error(&o, &["bad.fapm"], "apply of a flipped bit");
+        }
+    }
+    eprintln!("{} flips of a {len}-byte delta in {:?}", flips.len(), started.elapsed());
+
+    // Every bit of a small delta with two tensors and a side file.
+    let small = dir.path().join("small");
+    let (ft_dir, base_dir) = (small.join("ft"), small.join("base"));
+    fs::create_dir_all(&ft_dir).unwrap();
+    fs::create_dir_all(&base_dir).unwrap();
+    let (b, f) = small_pair(&small);
+    fs::rename(b, base_dir.join("model.safetensors")).unwrap();
+    fs::rename(f, ft_dir.join("model.safetensors")).unwrap();
+    fs::write(ft_dir.join("config.json"), b"{}").unwrap();
+    let small_delta = small.join("d.fapm");
+    let o = run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&small_delta), "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let good = fs::read(&small_delta).unwrap();
+    for i in 0..good.len() * 8 {
+        let mut bytes = good.clone();
+        bytes[i / 8] ^= 1 << (i % 8);
+        fs::write(&bad, &bytes).unwrap();
+        let r = std::panic::catch_unwind(|| verify_in_process(&bad).map(|_| ()));
+        assert!(matches!(r, Ok(Err(_))), "small delta byte {} bit {}: verify did not fail cleanly", i / 8, i % 8);
+    }
+    eprintln!("every bit of a {}-byte delta in {:?}", good.len(), started.elapsed());
+    assert_eq!(leftovers(dir.path(), &["d.fapm", "bad.fapm", "small"]), Vec::<String>::new());
+    assert_eq!(leftovers(&small, &["base", "ft", "d.fapm"]), Vec::<String>::new());
+}
+
+/// Truncated deltas, a newer format version and absurd sizes are refused up front.
+#[test]
+fn truncated_newer_and_bomb_deltas_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, base) = fixture_delta(dir.path());
+    let good = fs::read(&delta).unwrap();
+    let bad = dir.path().join("bad.fapm");
+    for cut in [0, 1, 15, 16, 79, 80, good.len() / 2, good.len() - 64, good.len() - 1] {
+        fs::write(&bad, &good[..cut]).unwrap();
+        let o = run(&["verify", s(&bad)]);
+        assert_error(&o, &["bad.fapm"], &format!("delta cut at {cut}"));
+    }
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    fs::write(&bad, &newer).unwrap();
+    assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", "newer"], "newer version");
+    let o = run(&["apply", "--base", s(&base), "--delta", s(&bad), "-o", s(&dir.path().join("o")), "-q"]);
+    assert_error(&o, &["bad.fapm", "newer"], "apply of a newer version");
+    // A manifest claiming 2^40 decompressed bytes: refused before any allocation.
+    let mut bomb = good.clone();
+    let at = good.len() - 64 + 16;
+    bomb[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    fs::write(&bad, &bomb).unwrap();
+    assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", "limit"], "manifest bomb");
+
+    // A manifest of 8 MiB that compresses to a few hundred bytes, with a valid footer hash.
+    let raw = vec![b' '; 8 << 20];
+    let packed = zstd::bulk::compress(&raw, 3).unwrap();
+    let mut file = good[..16].to_vec();
+    file.extend_from_slice(&packed);
+    let mut footer = Vec::new();
+    for word in [16, packed.len() as u64, raw.len() as u64] {
+        footer.extend_from_slice(&word.to_le_bytes());
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&good[..16]);
+    h.update(&packed);
+    h.update(&footer);
+    footer.extend_from_slice(h.finalize().as_bytes());
+    footer.extend_from_slice(b"FAPMEND1");
+    file.extend_from_slice(&footer);
+    fs::write(&bad, &file).unwrap();
+    assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", "64:1"], "manifest ratio bomb");
+
+    // Crafted manifests with valid hashes: absurd block and tensor sizes.
+    let m = DeltaReader::open(&delta).unwrap().manifest;
+    let mut huge_blocks = m.clone();
+    huge_blocks.block_elems = 1 << 23;
+    let mut huge_tensor = m.clone();
+    let t = huge_tensor.tensors.iter_mut().find(|t| t.blocks.len() == 1).unwrap();
+    t.shape = vec![1 << 40];
+    let mut lying_block = m.clone();
+    lying_block.tensors[0].blocks[0].raw_len = u64::MAX;
+    for (what, manifest) in [("block size", huge_blocks), ("tensor size", huge_tensor), ("block length", lying_block)] {
+        rewrite(&delta, &bad, &manifest);
+        let o = run(&["verify", s(&bad)]);
+        assert_error(&o, &["bad.fapm", "inconsistent manifest"], what);
+    }
+}
+
+/// Writes `manifest` with the blocks of `from` (same order and sizes) as a new delta `to`.
+fn rewrite(from: &Path, to: &Path, manifest: &Manifest) {
+    let original = fs::read(from).unwrap();
+    let reader = DeltaReader::open(from).unwrap();
+    let mut w = DeltaWriter::new(fs::File::create(to).unwrap(), to).unwrap();
+    for b in reader.manifest.blocks() {
+        w.block(&original[b.offset as usize..(b.offset + b.len) as usize], b.raw_len).unwrap();
+    }
+    w.finish(manifest).unwrap();
+}
+
+/// Names inside a delta are not paths to trust: a side file or shard that would land
+/// outside `--output` is refused, even with every hash valid, and nothing is written.
+#[test]
+fn crafted_paths_never_escape_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = dir.path().join("pair");
+    let (base_dir, ft_dir) = (pair.join("base"), pair.join("ft"));
+    fs::create_dir_all(&base_dir).unwrap();
+    fs::create_dir_all(ft_dir.join("tok")).unwrap();
+    let (b, f) = small_pair(&pair);
+    fs::rename(b, base_dir.join("model.safetensors")).unwrap();
+    fs::rename(f, ft_dir.join("model.safetensors")).unwrap();
+    fs::write(ft_dir.join("tok/config.json"), b"{\"x\":1}").unwrap();
+    let delta = dir.path().join("d.fapm");
+    let o = run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = DeltaReader::open(&delta).unwrap().manifest;
+    assert_eq!(m.side_files.len(), 1);
+
+    let work = dir.path().join("work");
+    fs::create_dir(&work).unwrap();
+    let bad = work.join("bad.fapm");
+    let out = work.join("out");
+    let mut cases: Vec<(String, Manifest)> = Vec::new();
+    for p in [
+        "../evil",
+        "../../evil",
+        "/tmp/fapm-evil",
+        "tok/../../evil",
+        "./evil",
+        "",
+        "a\\..\\evil",
+        "model.safetensors",
+        "model.safetensors.index.json",
+    ] {
+        let mut mm = m.clone();
+        mm.side_files[0].path = p.into();
+        cases.push((format!("side file '{p}'"), mm));
+    }
+    for p in ["../x.safetensors", "/tmp/fapm-evil.safetensors", "a/../../x.safetensors", "model.safetensors.index.json"]
+    {
+        let mut mm = m.clone();
+        mm.shards[0].name = p.into();
+        cases.push((format!("shard '{p}'"), mm));
+    }
+    for (what, mm) in cases {
+        rewrite(&delta, &bad, &mm);
+        for args in
+            [vec!["apply", "--base", s(&base_dir), "--delta", s(&bad), "-o", s(&out), "-q"], vec!["verify", s(&bad)]]
+        {
+            assert_error(&run(&args), &["bad.fapm"], &what);
+        }
+        assert_eq!(leftovers(&work, &["bad.fapm"]), Vec::<String>::new(), "{what}");
+        assert!(!dir.path().join("evil").exists() && !dir.path().join("x.safetensors").exists(), "{what}");
+        assert!(!Path::new("/tmp/fapm-evil").exists() && !Path::new("/tmp/fapm-evil.safetensors").exists());
+    }
+    // The untouched delta still applies, inside the output.
+    let o = run(&["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out), "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(fs::read(out.join("tok/config.json")).unwrap(), b"{\"x\":1}");
+}
+
+/// `apply` and `verify --base` name the first tensor (in the delta's order) whose base
+/// bytes differ.
+#[test]
+fn the_wrong_base_names_the_first_differing_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, base) = fixture_delta(dir.path());
+    let m = DeltaReader::open(&delta).unwrap().manifest;
+    let diffable: Vec<&str> = m.tensors.iter().filter(|t| t.base_hash.is_some()).map(|t| t.name.as_str()).collect();
+    let (first, later) = (diffable[1], diffable[diffable.len() - 1]);
+    let ckpt = Checkpoint::open(&base).unwrap();
+    let mut bytes = fs::read(&base).unwrap();
+    for name in [later, first] {
+        let t = ckpt.get(name).unwrap();
+        let at = 8 + t.shard.header.len() + t.info().begin as usize;
+        bytes[at] ^= 0x01;
+    }
+    let wrong = dir.path().join("wrong.safetensors");
+    fs::write(&wrong, bytes).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let needle = format!("'{first}'");
+    let o = run(&["apply", "--base", s(&wrong), "--delta", s(&delta), "-o", s(&out), "-q"]);
+    assert_error(&o, &["wrong.safetensors", &needle, "differs"], "apply on the wrong base");
+    let o = run(&["verify", s(&delta), "--base", s(&wrong), "-q"]);
+    assert_error(&o, &["wrong.safetensors", &needle, "differs"], "verify on the wrong base");
+    assert!(!out.exists());
+    // A base missing a tensor, or with another shape, is named too.
+    let other = dir.path().join("other.safetensors");
+    write_safetensors(&other, &[T::new(first, DType::F32, &[1], f32s([0.0]))]);
+    let o = run(&["apply", "--base", s(&other), "--delta", s(&delta), "-o", s(&out), "-q"]);
+    assert_error(&o, &["other.safetensors"], "apply on an unrelated base");
+    assert_eq!(leftovers(dir.path(), &["d.fapm", "wrong.safetensors", "other.safetensors"]), Vec::<String>::new());
+}
+
+/// One random mutation of `bytes`: flip, insert, delete or truncate.
+fn mutate(bytes: &[u8], kind: u8, at: usize, value: u8) -> Vec<u8> {
+    let mut v = bytes.to_vec();
+    let at = at % v.len().max(1);
+    match kind % 4 {
+        0 if !v.is_empty() => v[at] ^= 1 << (value % 8),
+        1 => v.insert(at, value),
+        2 if !v.is_empty() => {
+            v.remove(at);
+        }
+        _ => v.truncate(at),
+    }
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Mutated checkpoint files give a clean error or a checkpoint whose every tensor can be
+    /// read; prune on them gives a clean error or a delta that verifies.
+    #[test]
+    fn mutated_checkpoints_never_panic(kinds in prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 1..4)) {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, ft) = small_pair(dir.path());
+        let mut bytes = fs::read(&ft).unwrap();
+        for (k, at, v) in kinds {
+            bytes = mutate(&bytes, k, at, v);
+        }
+        fs::write(&ft, &bytes).unwrap();
+        let r = std::panic::catch_unwind(|| {
+            let c = Checkpoint::open(&ft)?;
+            let total: usize = c.tensors().map(|t| t.bytes().len()).sum();
+            Ok::<_, fapm::Error>(total)
+        });
+        prop_assert!(r.is_ok(), "Checkpoint::open panicked");
+        if let Ok(Err(e)) = &r {
+            prop_assert!(e.to_string().contains("ft.safetensors"), "{e}");
+        }
+        let delta = dir.path().join("d.fapm");
+        let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q"]);
+        prop_assert!(matches!(o.status.code(), Some(0 | 1)), "{}", String::from_utf8_lossy(&o.stderr));
+        prop_assert_eq!(o.status.success(), matches!(r, Ok(Ok(_))));
+        if o.status.success() {
+            prop_assert!(verify_in_process(&delta).is_ok());
+        } else {
+            prop_assert!(!delta.exists());
+        }
+    }
+
+    /// Mutated deltas are refused, in-process and by the binary, with no output left.
+    #[test]
+    fn mutated_deltas_are_refused(kinds in prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 1..4)) {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, ft) = small_pair(dir.path());
+        let delta = dir.path().join("d.fapm");
+        let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--sparsity", "0.5"]);
+        prop_assert!(o.status.success());
+        let good = fs::read(&delta).unwrap();
+        let mut bytes = good.clone();
+        for (k, at, v) in kinds {
+            bytes = mutate(&bytes, k, at, v);
+        }
+        prop_assume!(bytes != good);
+        fs::write(&delta, &bytes).unwrap();
+        let out = dir.path().join("out.safetensors");
+        let r = std::panic::catch_unwind(|| verify_in_process(&delta).map(|_| ()));
+        prop_assert!(matches!(r, Ok(Err(_))), "verify: {r:?}");
+        let r = std::panic::catch_unwind(|| apply_in_process(&base, &delta, Some(out.clone())).map(|_| ()));
+        prop_assert!(matches!(r, Ok(Err(_))), "apply: {r:?}");
+        prop_assert!(!out.exists());
+        let o = run(&["apply", "--base", s(&base), "--delta", s(&delta), "-o", s(&out), "-q"]);
+        prop_assert_eq!(o.status.code(), Some(1));
+        prop_assert!(!out.exists());
+    }
+}
+
+/// An output that cannot be created is a clean error naming it.
+#[test]
+fn unwritable_destinations_are_clean_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = small_pair(dir.path());
+    let blocker = dir.path().join("file");
+    fs::write(&blocker, b"x").unwrap();
+    for dest in [dir.path().join("missing/d.fapm"), blocker.join("d.fapm")] {
+        let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&dest), "-q"]);
+        assert_error(&o, &[s(&dest)], "unwritable prune output");
+    }
+    let delta = dir.path().join("d.fapm");
+    assert!(run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q"]).status.success());
+    let dest = blocker.join("out.safetensors");
+    let o = run(&["apply", "--base", s(&base), "--delta", s(&delta), "-o", s(&dest), "-q"]);
+    assert_error(&o, &[s(&dest)], "unwritable apply output");
+    assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors", "file", "d.fapm"]), Vec::<String>::new());
+}
+
+/// A tmpfs of `kib` KiB mounted at a new directory under `parent`, unmounted on drop; `None`
+/// (with a note) when mounting is not permitted.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(parent: &Path, kib: u64) -> Option<Tmpfs> {
+        let dir = parent.join("small");
+        fs::create_dir(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs", s(&dir)])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|st| st.success());
+        if !ok {
+            eprintln!("note: cannot mount a tmpfs here (not root?); disk-full test skipped");
+            return None;
+        }
+        Some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Random (incompressible) F32 tensors of `n` elements, base and fine-tuned.
+fn random_pair(dir: &Path, n: usize, seed: u64) -> (PathBuf, PathBuf) {
+    let mut rng = Rng(seed);
+    let b: Vec<u8> = (0..n).flat_map(|_| (rng.next() as u32).to_le_bytes()).collect();
+    let f: Vec<u8> = (0..n).flat_map(|_| (rng.next() as u32).to_le_bytes()).collect();
+    let (base, ft) = (dir.join("base.safetensors"), dir.join("ft.safetensors"));
+    write_safetensors(&base, &[T::new("w", DType::F32, &[n as u64], b)]);
+    write_safetensors(&ft, &[T::new("w", DType::F32, &[n as u64], f)]);
+    (base, ft)
+}
+
+/// A full disk while writing the delta or the model: exit 1 naming the output, nothing left.
+#[test]
+fn a_full_disk_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = random_pair(dir.path(), 256 * 1024, 7);
+    let Some(small) = Tmpfs::mount(dir.path(), 200) else { return };
+    let delta = small.0.join("d.fapm");
+    let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--sparsity", "0"]);
+    assert_error(&o, &["d.fapm", "No space left"], "prune onto a full disk");
+    assert_eq!(leftovers(&small.0, &[]), Vec::<String>::new());
+    let big = dir.path().join("d.fapm");
+    assert!(run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&big), "-q"]).status.success());
+    let out = small.0.join("out.safetensors");
+    let o = run(&["apply", "--base", s(&base), "--delta", s(&big), "-o", s(&out), "-q"]);
+    assert_error(&o, &["out.safetensors", "No space left"], "apply onto a full disk");
+    assert_eq!(leftovers(&small.0, &[]), Vec::<String>::new());
+}
+
+/// A pair big enough (2 x 100 MB of F32) that prune takes a while.
+fn big_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    big_pair_shaped(dir, &[25 << 20])
+}
+
+/// [`big_pair`] with a given shape (of 25 Mi elements).
+fn big_pair_shaped(dir: &Path, shape: &[u64]) -> (PathBuf, PathBuf) {
+    let n: usize = 25 << 20;
+    assert_eq!(shape.iter().product::<u64>(), n as u64);
+    let (base, ft) = (dir.join("base.safetensors"), dir.join("ft.safetensors"));
+    for (path, shift) in [(&base, 0u32), (&ft, 1)] {
+        let mut f = std::io::BufWriter::new(fs::File::create(path).unwrap());
+        let header = format!(r#"{{"w":{{"dtype":"F32","shape":{shape:?},"data_offsets":[0,{}]}}}}"#, 4 * n);
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        let mut chunk = Vec::with_capacity(4 << 20);
+        for start in (0..n).step_by(1 << 20) {
+            chunk.clear();
+            for i in start..start + (1 << 20) {
+                let x = (i as u32).wrapping_mul(2_654_435_761) >> 9;
+                chunk.extend_from_slice(&(x as f32 * 1e-6 + (i as u32 % 7 * shift) as f32 * 1e-7).to_le_bytes());
+            }
+            f.write_all(&chunk).unwrap();
+        }
+        f.flush().unwrap();
+    }
+    (base, ft)
+}
+
+/// Waits until process `pid` has `path` memory-mapped (so it is past start-up and reading),
+/// then `delay` more.
+fn wait_mapped(pid: u32, path: &Path, delay: Duration) {
+    let path = fs::canonicalize(path).unwrap();
+    let start = std::time::Instant::now();
+    while !fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default().contains(s(&path)) {
+        assert!(start.elapsed() < Duration::from_secs(30), "{} never mapped", path.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(delay);
+}
+
+/// Sends `signal` to a child once it maps `input`, after `delay`; returns its output.
+fn interrupt(mut cmd: Command, input: &Path, signal: libc::c_int, delay: Duration) -> Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_mapped(child.id(), input, delay);
+    // SAFETY: kill on the pid of our own child, which has not been waited for yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    child.wait_with_output().unwrap()
+}
+
+/// SIGINT or SIGTERM in the middle of prune or apply: exit 1, no output, no temporaries.
+#[test]
+fn interruption_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = big_pair(dir.path());
+    let delta = dir.path().join("d.fapm");
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut cmd = fapm();
+        cmd.args(["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--threads", "1"]);
+        let o = interrupt(cmd, &ft, signal, Duration::from_millis(200));
+        assert_error(&o, &["interrupted"], "interrupted prune");
+        assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors"]), Vec::<String>::new());
+    }
+    let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--sparsity", "0.5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("out.safetensors");
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut cmd = fapm();
+        cmd.args(["apply", "--base", s(&base), "--delta", s(&delta), "-o", s(&out), "-q", "--threads", "1"]);
+        let o = interrupt(cmd, &base, signal, Duration::from_millis(100));
+        assert_error(&o, &["interrupted"], "interrupted apply");
+        assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors", "d.fapm"]), Vec::<String>::new());
+    }
+}
+
+/// A shard truncated while fapm reads it through its memory map: the SIGBUS guard prints
+/// one error line, removes the temporary output and exits 1 (not a signal death).
+#[test]
+fn a_shard_truncated_under_the_map_is_a_clean_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = big_pair(dir.path());
+    let delta = dir.path().join("d.fapm");
+    let child = fapm()
+        .args(["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--threads", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_mapped(child.id(), &ft, Duration::from_millis(100));
+    fs::OpenOptions::new().write(true).open(&ft).unwrap().set_len(4096).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_error(&o, &["memory-mapped input file changed or was truncated"], "truncated shard");
+    assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors"]), Vec::<String>::new());
+}
+
+/// Runs `args` and kills the process if it has not finished after 20 s (a hang).
+fn run_or_kill(args: &[&str]) -> Output {
+    let mut child = fapm().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("fapm {args:?} hangs");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A FIFO or a directory given as a checkpoint file or a delta is refused without blocking.
+#[test]
+fn special_files_are_refused_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = small_pair(dir.path());
+    let fifo = dir.path().join("pipe.safetensors");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let d = dir.path().join("d.fapm");
+    let o = run_or_kill(&["prune", "--base", s(&base), "--finetuned", s(&fifo), "-o", s(&d), "-q"]);
+    assert_error(&o, &["pipe.safetensors", "not a regular file"], "a FIFO as a checkpoint");
+    let o = run_or_kill(&["verify", s(&fifo)]);
+    assert_error(&o, &["pipe.safetensors", "not a regular file"], "a FIFO as a delta");
+    let o = run_or_kill(&["apply", "--base", s(&base), "--delta", s(dir.path()), "-o", s(&d), "-q"]);
+    assert_error(&o, &["not a regular file"], "a directory as a delta");
+    assert!(!d.exists());
+    let _ = ft;
+}
+
+/// A base shard truncated while `apply` reads it into a directory: the SIGBUS guard removes
+/// the temporary directory's files and the directory itself.
+#[test]
+fn a_base_truncated_during_apply_leaves_no_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = big_pair(dir.path());
+    let (base_dir, ft_dir) = (dir.path().join("base"), dir.path().join("ft"));
+    for (file, d) in [(&base, &base_dir), (&ft, &ft_dir)] {
+        fs::create_dir_all(d.join("sub")).unwrap();
+        fs::rename(file, d.join("sub/model.safetensors")).unwrap();
+        fs::write(d.join("model.safetensors.index.json"), br#"{"weight_map":{"w":"sub/model.safetensors"}}"#).unwrap();
+    }
+    let delta = dir.path().join("d.fapm");
+    let o =
+        run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "-q", "--sparsity", "0.5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("out");
+    let child = fapm()
+        .args(["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out), "-q", "--threads", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_mapped(child.id(), &base_dir.join("sub/model.safetensors"), Duration::from_millis(50));
+    fs::OpenOptions::new().write(true).open(base_dir.join("sub/model.safetensors")).unwrap().set_len(4096).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_error(&o, &["memory-mapped input file changed or was truncated"], "truncated base");
+    assert_eq!(leftovers(dir.path(), &["base", "ft", "d.fapm"]), Vec::<String>::new());
+}
+
+/// Symlinked directories in a fine-tuned checkpoint (a loop, or a tree that looks
+/// exponentially large through links) end in a clean error, not a hang.
+#[test]
+fn symlinked_directory_loops_are_refused_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = small_pair(dir.path());
+    let ft_dir = dir.path().join("ftdir");
+    fs::create_dir(&ft_dir).unwrap();
+    fs::rename(&ft, ft_dir.join("model.safetensors")).unwrap();
+    for name in ["a", "b", "c"] {
+        std::os::unix::fs::symlink(".", ft_dir.join(name)).unwrap();
+    }
+    let d = dir.path().join("d.fapm");
+    let o = run_or_kill(&["prune", "--base", s(&base), "--finetuned", s(&ft_dir), "-o", s(&d), "-q"]);
+    assert_error(&o, &["ftdir", "symlink loop"], "a symlink loop");
+    // No loop, but 2^14 paths through links: refused by the directory budget.
+    for name in ["a", "b", "c"] {
+        fs::remove_file(ft_dir.join(name)).unwrap();
+    }
+    let mut prev = ft_dir.join("l0");
+    fs::create_dir(&prev).unwrap();
+    for i in 1..14 {
+        let next = ft_dir.join(format!("l{i}"));
+        fs::create_dir(&next).unwrap();
+        std::os::unix::fs::symlink(&next, prev.join("x")).unwrap();
+        std::os::unix::fs::symlink(&next, prev.join("y")).unwrap();
+        prev = next;
+    }
+    let o = run_or_kill(&["prune", "--base", s(&base), "--finetuned", s(&ft_dir), "-o", s(&d), "-q"]);
+    assert_error(&o, &["ftdir", "directories"], "an exponential tree of links");
+    assert!(!d.exists());
+}
+
+/// A hostile tensor name (line breaks, a terminal escape) still gives one clean error line.
+#[test]
+fn hostile_names_cannot_forge_output_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = small_pair(dir.path());
+    let bad = dir.path().join("bad.safetensors");
+    let name = "evil\nerror: fake\r\u{1b}[2Jx";
+    let header =
+        format!(r#"{{{}:{{"dtype":"F7","shape":[1],"data_offsets":[0,1]}}}}"#, serde_json::to_string(name).unwrap());
+    fs::write(&bad, raw_shard(&header, &[0])).unwrap();
+    let d = dir.path().join("d.fapm");
+    let o = run(&["prune", "--base", s(&base), "--finetuned", s(&bad), "-o", s(&d), "-q"]);
+    let stderr = assert_error(&o, &["bad.safetensors", "unknown dtype"], "a hostile tensor name");
+    assert!(!stderr.contains('\u{1b}') && !stderr.contains('\r'), "{stderr:?}");
+    // A valid checkpoint with such a name: `inspect` escapes it too.
+    let ft = dir.path().join("named.safetensors");
+    write_safetensors(&ft, &[T::new(name, DType::F32, &[1], f32s([1.0]))]);
+    let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&d), "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["inspect", s(&d)]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && stdout.contains("evil") && !stdout.contains('\u{1b}'), "{stdout:?}");
+}
+
+/// Ctrl-C during `fapm report` stops it, with no output and no temporary directory left.
+#[test]
+fn interrupted_report_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = big_pair_shaped(dir.path(), &[5 << 10, 5 << 10]);
+    let out = dir.path().join("report");
+    let mut cmd = fapm();
+    cmd.args(["report", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "-q"]);
+    let o = interrupt(cmd, &ft, libc::SIGINT, Duration::from_millis(100));
+    assert_error(&o, &["interrupted"], "interrupted report");
+    assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors"]), Vec::<String>::new());
+}
