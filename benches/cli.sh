@@ -42,27 +42,33 @@ warm() { cat "$BASE"/*.safetensors "$FT"/*.safetensors >/dev/null; }
 echo "warming the page cache ..." >&2
 warm
 
-# measure NAME CMD...: runs CMD N times; records the median wall seconds and the max peak RSS.
-declare -A SECS RSS
+# measure NAME CMD...: runs CMD N times; records the median wall seconds, the median CPU
+# seconds (user + sys: less sensitive than wall time to other jobs on the machine) and the
+# max peak RSS.
+declare -A SECS CPU RSS
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 measure() {
     local name=$1
     shift
-    local times=() peak=0
+    local times=() cpus=() peak=0
     for _ in $(seq "$N"); do
-        /usr/bin/time -f '%e %M' -o "$OUT/time.txt" "$@" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" || {
+        /usr/bin/time -f '%e %M %U %S' -o "$OUT/time.txt" "$@" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" || {
             echo "$name failed:" >&2
             cat "$OUT/$name.stderr" >&2
             exit 1
         }
-        read -r s kb <"$OUT/time.txt"
+        read -r s kb u k <"$OUT/time.txt"
         times+=("$s")
+        cpus+=("$(awk -v u="$u" -v k="$k" 'BEGIN {print u + k}')")
         ((kb > peak)) && peak=$kb
     done
-    SECS[$name]=$(printf '%s\n' "${times[@]}" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}')
+    SECS[$name]=$(printf '%s\n' "${times[@]}" | median)
+    CPU[$name]=$(printf '%s\n' "${cpus[@]}" | median)
     RSS[$name]=$peak
-    echo "  $name: ${times[*]} s (median ${SECS[$name]})" >&2
+    echo "  $name: ${times[*]} s (median ${SECS[$name]}), cpu ${cpus[*]} s" >&2
 }
 
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "measuring (N=$N) ..." >&2
 measure floor_cat sh -c "cat '$BASE'/*.safetensors '$FT'/*.safetensors >/dev/null"
 measure floor_copy sh -c "cat '$BASE'/*.safetensors >'$OUT/copy.bin'"
@@ -76,17 +82,18 @@ measure apply "$FAPM" apply --base "$BASE" --delta "$OUT/exact.fapm" --output "$
 measure verify "$FAPM" verify "$OUT/exact.fapm" --base "$BASE"
 
 row() { # name input_bytes floor_name
-    local s=${SECS[$1]} rss=${RSS[$1]}
+    local s=${SECS[$1]} c=${CPU[$1]} rss=${RSS[$1]}
     local ratio=-
     [[ -n ${3:-} ]] && ratio=$(awk -v a="$s" -v b="${SECS[$3]}" 'BEGIN {printf "%.1fx %s", a / b, "'"$3"'"}')
-    awk -v n="$1" -v s="$s" -v b="$2" -v r="$rss" -v q="$ratio" \
-        'BEGIN {printf "| %-13s | %7.2f | %7.3f | %8.0f | %s |\n", n, s, b / s / 1e9, r / 1024, q}'
+    awk -v n="$1" -v s="$s" -v c="$c" -v b="$2" -v r="$rss" -v q="$ratio" \
+        'BEGIN {printf "| %-13s | %7.2f | %7.2f | %7.3f | %8.0f | %s |\n", n, s, c, b / s / 1e9, r / 1024, q}'
 }
 echo
+echo "load average before the runs: $LOAD0"
 echo "pair: $PAIR ($(awk -v b="$both_bytes" 'BEGIN {printf "%.2f", b / 1e9}') GB both models), N=$N, $(nproc) cores"
 echo
-echo "| run           | median s | input GB/s | peak RSS MiB | vs floor |"
-echo "|---------------|---------:|-----------:|-------------:|----------|"
+echo "| run           | median s | CPU s | input GB/s | peak RSS MiB | vs floor |"
+echo "|---------------|---------:|------:|-----------:|-------------:|----------|"
 row floor_cat "$both_bytes"
 row floor_copy "$base_bytes"
 row prune_exact "$both_bytes" floor_cat
