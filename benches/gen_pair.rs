@@ -217,7 +217,15 @@ fn structure(spec: &Spec, seed: u64, tensor: u64) -> Structure {
 }
 
 /// Generates elements `[start, start + len)` of a tensor, bf16 little-endian, base and ft.
-fn chunk(spec: &Spec, st: &Structure, seed: u64, tensor: u64, index: u64, start: u64, len: usize) -> (Vec<u8>, Vec<u8>) {
+fn chunk(
+    spec: &Spec,
+    st: &Structure,
+    seed: u64,
+    tensor: u64,
+    index: u64,
+    start: u64,
+    len: usize,
+) -> (Vec<u8>, Vec<u8>) {
     let mut rng = Rng(splitmix(seed ^ splitmix(tensor << 32 ^ index) ^ 0x5eed));
     let (_, cols) = spec.rows_cols();
     let (mut row, mut col) = ((start / cols) as usize, (start % cols) as usize);

@@ -36,6 +36,13 @@ impl Rng {
     }
 }
 
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// A chunk pair: base ~ N(0, 0.02), ft = base + small task vector with 1% larger rows.
 fn pair_f32() -> (Vec<f32>, Vec<f32>) {
     let mut rng = Rng(7);
@@ -80,6 +87,35 @@ fn stages(c: &mut Criterion) {
     let mut keys32 = vec![0u32; N];
     g.bench_function(BenchmarkId::new("keys_fapm", "f32_f32"), |b| {
         b.iter(|| s32.keys(black_box(&ft32), black_box(&base32), &mut keys32))
+    });
+
+    // Same kernels with the other candidate density: every bf16 element changed (d = 1e-3),
+    // and half of the f32 elements unchanged (every other element copied from the base).
+    // They tell branch mispredictions on the candidate test apart from the per-element cost.
+    let ft16_all =
+        to_bf16(&bf.iter().enumerate().map(|(i, &b)| b + if i % 2 == 0 { 1e-3 } else { -1e-3 }).collect::<Vec<_>>());
+    let ft32_half: Vec<u8> = {
+        let half: Vec<f32> = ff
+            .iter()
+            .zip(&bf)
+            .enumerate()
+            .map(|(i, (&f, &b))| if splitmix(i as u64) & 1 == 0 { b } else { f })
+            .collect();
+        to_f32_bytes(&half)
+    };
+    let mut k2 = vec![0u32; N];
+    eprintln!(
+        "bf16 all-changed chunk: {} candidates; f32 half chunk: {}",
+        s16.keys(&ft16_all, &base16, &mut k2),
+        s32.keys(&ft32_half, &base32, &mut k2)
+    );
+    g.throughput(Throughput::Bytes((base16.len() + ft16.len()) as u64));
+    g.bench_function(BenchmarkId::new("keys_fapm", "bf16_bf16_all_changed"), |b| {
+        b.iter(|| s16.keys(black_box(&ft16_all), black_box(&base16), &mut k2))
+    });
+    g.throughput(Throughput::Bytes((base32.len() + ft32.len()) as u64));
+    g.bench_function(BenchmarkId::new("keys_fapm", "f32_f32_half_changed"), |b| {
+        b.iter(|| s32.keys(black_box(&ft32_half), black_box(&base32), &mut k2))
     });
 
     s16.keys(&ft16, &base16, &mut keys);
