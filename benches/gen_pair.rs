@@ -57,7 +57,7 @@ fn parse_count(s: &str) -> Result<u64, String> {
         _ => (s, 1.0),
     };
     let v: f64 = num.parse().map_err(|e| format!("bad count {s:?}: {e}"))?;
-    if !(v > 0.0) {
+    if v.is_nan() || v <= 0.0 {
         return Err(format!("bad count {s:?}"));
     }
     Ok((v * mult) as u64)
