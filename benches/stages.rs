@@ -1,0 +1,190 @@
+//! Per-stage throughput of the byte-level stages on one chunk of a realistic bf16 (or f32)
+//! task vector: about 40% of the elements changed, as `gen_pair` makes them.
+//!
+//! Throughput is bytes of the stage's input per second: both tensors' chunk bytes for
+//! scoring, the keys for histograms and selection, the fine-tuned chunk for encode and
+//! decode, the raw payload for compression.
+//!
+//! ```text
+//! cargo bench --bench stages
+//! ```
+
+use std::time::Duration;
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fapm_stages::dtype::DType;
+use fapm_stages::encode::{decode_sparse, encode_sparse};
+use fapm_stages::format::compress;
+use fapm_stages::hash;
+use fapm_stages::score::{convert_chunk, sum_abs, Metric, Scorer};
+use fapm_stages::threshold::{plan, Bins, Histogram, ThresholdMode};
+
+const N: usize = 1 << 20;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = (self.0 as u128).wrapping_mul((self.0 ^ 0xe703_7ed1_a0b4_28db) as u128);
+        (t >> 64) as u64 ^ t as u64
+    }
+    fn normal(&mut self) -> f32 {
+        let r = self.next();
+        let s = (r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48);
+        (s as f32 * (1.0 / 65536.0) - 2.0) * 1.732_050_8
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A chunk pair: base ~ N(0, 0.02), ft = base + small task vector with 1% larger rows.
+fn pair_f32() -> (Vec<f32>, Vec<f32>) {
+    let mut rng = Rng(7);
+    let mut base = Vec::with_capacity(N);
+    let mut ft = Vec::with_capacity(N);
+    for i in 0..N {
+        let b = 0.02 * rng.normal();
+        let big = if (i / 2048) % 100 == 0 { 12.0 } else { 1.0 };
+        base.push(b);
+        ft.push(b + 4e-5 * big * rng.normal());
+    }
+    (base, ft)
+}
+
+fn to_bf16(xs: &[f32]) -> Vec<u8> {
+    xs.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect()
+}
+
+fn to_f32_bytes(xs: &[f32]) -> Vec<u8> {
+    xs.iter().flat_map(|&x| x.to_le_bytes()).collect()
+}
+
+fn stages(c: &mut Criterion) {
+    let (bf, ff) = pair_f32();
+    let (base16, ft16) = (to_bf16(&bf), to_bf16(&ff));
+    let (base32, ft32) = (to_f32_bytes(&bf), to_f32_bytes(&ff));
+    let mean = (bf.iter().map(|x| x.abs() as f64).sum::<f64>() / N as f64) as f32;
+    let s16 = Scorer { ft: DType::BF16, base: DType::BF16, metric: Metric::Fapm, mean };
+    let s32 = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Fapm, mean };
+    let mut keys = vec![0u32; N];
+    let cand16 = s16.keys(&ft16, &base16, &mut keys);
+    eprintln!("bf16 chunk: {cand16} of {N} elements changed");
+
+    let mut g = c.benchmark_group("stages");
+    g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500)).sample_size(20);
+
+    g.throughput(Throughput::Bytes((base16.len() + ft16.len()) as u64));
+    g.bench_function(BenchmarkId::new("keys_fapm", "bf16_bf16"), |b| {
+        b.iter(|| s16.keys(black_box(&ft16), black_box(&base16), &mut keys))
+    });
+    g.throughput(Throughput::Bytes((base32.len() + ft32.len()) as u64));
+    let mut keys32 = vec![0u32; N];
+    g.bench_function(BenchmarkId::new("keys_fapm", "f32_f32"), |b| {
+        b.iter(|| s32.keys(black_box(&ft32), black_box(&base32), &mut keys32))
+    });
+
+    // Same kernels with the other candidate density: every bf16 element changed (d = 1e-3),
+    // and half of the f32 elements unchanged (every other element copied from the base).
+    // They tell branch mispredictions on the candidate test apart from the per-element cost.
+    let ft16_all =
+        to_bf16(&bf.iter().enumerate().map(|(i, &b)| b + if i % 2 == 0 { 1e-3 } else { -1e-3 }).collect::<Vec<_>>());
+    let ft32_half: Vec<u8> = {
+        let half: Vec<f32> = ff
+            .iter()
+            .zip(&bf)
+            .enumerate()
+            .map(|(i, (&f, &b))| if splitmix(i as u64) & 1 == 0 { b } else { f })
+            .collect();
+        to_f32_bytes(&half)
+    };
+    let mut k2 = vec![0u32; N];
+    eprintln!(
+        "bf16 all-changed chunk: {} candidates; f32 half chunk: {}",
+        s16.keys(&ft16_all, &base16, &mut k2),
+        s32.keys(&ft32_half, &base32, &mut k2)
+    );
+    g.throughput(Throughput::Bytes((base16.len() + ft16.len()) as u64));
+    g.bench_function(BenchmarkId::new("keys_fapm", "bf16_bf16_all_changed"), |b| {
+        b.iter(|| s16.keys(black_box(&ft16_all), black_box(&base16), &mut k2))
+    });
+    g.throughput(Throughput::Bytes((base32.len() + ft32.len()) as u64));
+    g.bench_function(BenchmarkId::new("keys_fapm", "f32_f32_half_changed"), |b| {
+        b.iter(|| s32.keys(black_box(&ft32_half), black_box(&base32), &mut k2))
+    });
+
+    s16.keys(&ft16, &base16, &mut keys);
+    g.throughput(Throughput::Bytes((N * 4) as u64));
+    g.bench_function(BenchmarkId::new("histogram_add", "high"), |b| {
+        let mut h = Histogram::default();
+        b.iter(|| h.add(Bins::High, black_box(&keys)))
+    });
+    g.bench_function(BenchmarkId::new("histogram_add", "low_within"), |b| {
+        let mut h = Histogram::default();
+        let bin = keys.iter().copied().filter(|&k| k != 0).max().unwrap_or(0) >> 16;
+        b.iter(|| h.add(Bins::LowWithin(bin), black_box(&keys)))
+    });
+
+    // The cut that keeps 10% of the chunk, as the pipeline plans it.
+    let k = (N / 10) as u64;
+    let cut = plan::<()>(k, ThresholdMode::Exact, |bins| {
+        let mut h = Histogram::default();
+        h.add(bins, &keys);
+        Ok(h)
+    })
+    .expect("plan");
+    g.bench_function(BenchmarkId::new("cut_select", "10pct"), |b| {
+        let mut kept = Vec::with_capacity(N);
+        b.iter(|| {
+            kept.clear();
+            cut.select(black_box(&keys), u64::MAX, &mut kept)
+        })
+    });
+    let mut kept = Vec::new();
+    cut.select(&keys, k, &mut kept);
+    eprintln!("kept {} of {N}", kept.len());
+
+    g.throughput(Throughput::Bytes(base16.len() as u64));
+    g.bench_function(BenchmarkId::new("sum_abs", "bf16"), |b| b.iter(|| sum_abs(DType::BF16, black_box(&base16))));
+
+    let mut out = base16.clone();
+    let mut raw = Vec::new();
+    g.throughput(Throughput::Bytes(ft16.len() as u64));
+    g.bench_function(BenchmarkId::new("encode_sparse", "bf16_10pct"), |b| {
+        b.iter(|| encode_sparse(black_box(&kept), black_box(&ft16), &mut out, 2, &mut raw))
+    });
+    encode_sparse(&kept, &ft16, &mut out, 2, &mut raw);
+
+    g.throughput(Throughput::Bytes(raw.len() as u64));
+    g.bench_function(BenchmarkId::new("compress_zstd3", "encoded_10pct"), |b| b.iter(|| compress(black_box(&raw))));
+    let z = compress(&raw).expect("compress");
+    eprintln!("raw {} B -> zstd {} B ({:.2} B per kept value)", raw.len(), z.len(), z.len() as f64 / kept.len() as f64);
+
+    g.throughput(Throughput::Bytes(ft16.len() as u64));
+    let mut dec = base16.clone();
+    g.bench_function(BenchmarkId::new("decode_sparse", "bf16_10pct"), |b| {
+        b.iter(|| decode_sparse(black_box(&raw), &mut dec, 2).expect("decode"))
+    });
+
+    g.throughput(Throughput::Bytes(ft16.len() as u64));
+    g.bench_function(BenchmarkId::new("hash_part", "2MiB"), |b| b.iter(|| hash::part(black_box(&ft16), 0, 2)));
+
+    let mut conv = vec![0u8; base16.len()];
+    g.throughput(Throughput::Bytes(base16.len() as u64));
+    g.bench_function(BenchmarkId::new("convert_chunk", "bf16_to_bf16"), |b| {
+        b.iter(|| convert_chunk(DType::BF16, DType::BF16, black_box(&base16), &mut conv))
+    });
+    g.throughput(Throughput::Bytes(base32.len() as u64));
+    g.bench_function(BenchmarkId::new("convert_chunk", "f32_to_bf16"), |b| {
+        b.iter(|| convert_chunk(DType::BF16, DType::F32, black_box(&base32), &mut conv))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);
