@@ -17,7 +17,7 @@ use fapm_stages::encode::{decode_sparse, encode_sparse};
 use fapm_stages::format::compress;
 use fapm_stages::hash;
 use fapm_stages::score::{convert_chunk, sum_abs, Metric, Scorer};
-use fapm_stages::threshold::{plan, Bins, Histogram, ThresholdMode};
+use fapm_stages::threshold::{plan, Bins, Counts, Histogram, ThresholdMode};
 
 const N: usize = 1 << 20;
 
@@ -122,31 +122,30 @@ fn stages(c: &mut Criterion) {
     g.throughput(Throughput::Bytes((N * 4) as u64));
     g.bench_function(BenchmarkId::new("histogram_add", "high"), |b| {
         let mut h = Histogram::default();
-        b.iter(|| h.add(Bins::High, black_box(&keys)))
+        b.iter(|| h.add_high(black_box(&keys)))
     });
     g.bench_function(BenchmarkId::new("histogram_add", "low_within"), |b| {
-        let mut h = Histogram::default();
         let bin = keys.iter().copied().filter(|&k| k != 0).max().unwrap_or(0) >> 16;
-        b.iter(|| h.add(Bins::LowWithin(bin), black_box(&keys)))
+        let bins = Bins { high: false, low: (bin, 1) };
+        let mut c = Counts::new(bins);
+        b.iter(|| c.add(bins, black_box(&keys)))
     });
 
     // The cut that keeps 10% of the chunk, as the pipeline plans it.
     let k = (N / 10) as u64;
-    let cut = plan::<()>(k, ThresholdMode::Exact, |bins| {
-        let mut h = Histogram::default();
-        h.add(bins, &keys);
-        Ok(h)
+    let cut = plan::<()>(k, ThresholdMode::Exact, None, |bins| {
+        let mut c = Counts::new(bins);
+        c.add(bins, &keys);
+        Ok(c)
     })
     .expect("plan");
     g.bench_function(BenchmarkId::new("cut_select", "10pct"), |b| {
-        let mut kept = Vec::with_capacity(N);
-        b.iter(|| {
-            kept.clear();
-            cut.select(black_box(&keys), u64::MAX, &mut kept)
-        })
+        let mut kept = vec![0u32; N];
+        b.iter(|| cut.select(black_box(&keys), u64::MAX, None, &mut kept))
     });
-    let mut kept = Vec::new();
-    cut.select(&keys, k, &mut kept);
+    let mut kept = vec![0u32; N];
+    let n = cut.select(&keys, k, None, &mut kept);
+    kept.truncate(n);
     eprintln!("kept {} of {N}", kept.len());
 
     g.throughput(Throughput::Bytes(base16.len() as u64));
