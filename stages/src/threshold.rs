@@ -154,14 +154,28 @@ impl Counts {
             h.add_high(keys);
         }
         let (first, n) = bins.low;
-        if n > 0 {
-            for &k in keys {
-                let bin = (k >> 16).wrapping_sub(first);
-                if bin < n && k != NOT_CANDIDATE {
-                    self.low[bin as usize].counts[(k & 0xffff) as usize] += 1;
-                }
+        if n == 0 {
+            return;
+        }
+        let mut count = |k: u32| {
+            let bin = (k >> 16).wrapping_sub(first);
+            if bin < n && k != NOT_CANDIDATE {
+                self.low[bin as usize].counts[(k & 0xffff) as usize] += 1;
+            }
+        };
+        // Few keys fall in the refined bins: test eight at a time (vectorized), visit hits.
+        let mut groups = keys.chunks_exact(8);
+        for group in &mut groups {
+            let mut mask = 0u32;
+            for (j, &k) in group.iter().enumerate() {
+                mask |= (((k >> 16).wrapping_sub(first) < n) as u32) << j;
+            }
+            while mask != 0 {
+                count(group[mask.trailing_zeros() as usize]);
+                mask &= mask - 1;
             }
         }
+        groups.remainder().iter().for_each(|&k| count(k));
     }
 
     /// Adds another pass's counts (over other chunks) to these.
@@ -294,14 +308,29 @@ impl Cut {
     }
 }
 
-/// Writes the index of every key `>= t` (`t >= 1`) to the front of `kept`, branch-free;
-/// returns how many.
+/// Writes the index of every key `>= t` (`t >= 1`) to the front of `kept`; returns how
+/// many. Keys are compared eight at a time into a bit mask (which vectorizes), and only the
+/// set bits are visited: most groups of a 90%-sparse cut have none.
 fn keep_at_least(keys: &[u32], t: u32, kept: &mut [u32]) -> usize {
-    let kept = &mut kept[..keys.len()];
     let mut n = 0;
-    for (i, &k) in keys.iter().enumerate() {
-        kept[n] = i as u32;
-        n += (k >= t) as usize; // n <= i, so the next write stays in bounds
+    let mut groups = keys.chunks_exact(8);
+    for (g, group) in (&mut groups).enumerate() {
+        let mut mask = 0u32;
+        for (j, &k) in group.iter().enumerate() {
+            mask |= ((k >= t) as u32) << j;
+        }
+        while mask != 0 {
+            kept[n] = (g * 8) as u32 + mask.trailing_zeros();
+            n += 1;
+            mask &= mask - 1;
+        }
+    }
+    let base = keys.len() - groups.remainder().len();
+    for (j, &k) in groups.remainder().iter().enumerate() {
+        if k >= t {
+            kept[n] = (base + j) as u32;
+            n += 1;
+        }
     }
     n
 }
