@@ -115,6 +115,11 @@ pub fn threads(n: Option<usize>) -> usize {
 }
 
 /// Parses a size such as `512M`, `2GiB`, `1.5G` or `1000000` (bytes).
+///
+/// ```
+/// assert_eq!(fapm::config::size("512M").unwrap(), 512 << 20);
+/// assert!(fapm::config::size("12 parsecs").is_err());
+/// ```
 pub fn size(text: &str) -> Result<u64, Error> {
     let bad = || {
         Error::Config(format!(

@@ -47,6 +47,13 @@ pub fn score(metric: Metric, ft: f32, pre: f32, mean: f32) -> f32 {
 
 /// Maps a score to a `u32` whose unsigned order is the score order. NaN counts as `-inf`
 /// and `-0.0` as `+0.0`, so equal scores always get equal keys.
+///
+/// ```
+/// use fapm_stages::score::key;
+/// assert!(key(-2.0) < key(-1.0) && key(-1.0) < key(0.0) && key(0.0) < key(3.5));
+/// assert_eq!(key(f32::NAN), key(f32::NEG_INFINITY));
+/// assert_eq!(key(-0.0), key(0.0));
+/// ```
 #[inline(always)]
 pub fn key(s: f32) -> u32 {
     let s = if s.is_nan() { f32::NEG_INFINITY } else { s + 0.0 };

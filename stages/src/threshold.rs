@@ -46,6 +46,13 @@ impl Sparsity {
     }
 
     /// How many of `n` elements to keep: `floor(n * (1 - s))`, in exact integer arithmetic.
+    ///
+    /// ```
+    /// use fapm_stages::threshold::Sparsity;
+    /// let s = Sparsity::parse("0.9").unwrap();
+    /// assert_eq!(s.keep_count(19), 1); // 19 * 0.1 = 1.9
+    /// assert_eq!(s.keep_count(10), 1); // exact: 0.9 as an f64 would give 0.99999...
+    /// ```
     pub fn keep_count(&self, n: u64) -> u64 {
         // den <= 10^18 < 2^60, so n * (den - num) < 2^124 fits in u128.
         (n as u128 * (self.den - self.num) / self.den) as u64
