@@ -96,22 +96,28 @@ pub const GUESS_SPAN: u32 = 9;
 /// A 65,536-bin histogram of keys.
 #[derive(Clone)]
 pub struct Histogram {
-    counts: Box<[u64; 1 << 16]>,
+    /// 65,536 bins, then 8 spare slots where non-candidates are counted (and ignored).
+    counts: Box<[u64; BINS + 8]>,
 }
+
+const BINS: usize = 1 << 16;
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram { counts: Box::new([0; 1 << 16]) }
+        Histogram { counts: Box::new([0; BINS + 8]) }
     }
 }
 
 impl Histogram {
     /// Counts the high 16 bits of the candidate keys among `keys`.
     pub fn add_high(&mut self, keys: &[u32]) {
-        for &k in keys {
-            self.counts[(k >> 16) as usize] += 1;
+        // Non-candidates (often most keys) would all increment bin 0, one long chain of
+        // dependent read-modify-writes; spread them over eight spare slots instead.
+        for (i, &k) in keys.iter().enumerate() {
+            let spare = BINS + (i & 7);
+            let bin = if k == NOT_CANDIDATE { spare } else { (k >> 16) as usize };
+            self.counts[bin] += 1;
         }
-        self.counts[0] = 0; // NOT_CANDIDATE lives in bin 0, which no score reaches
     }
 
     /// Adds another histogram's counts to this one.
@@ -124,14 +130,14 @@ impl Histogram {
 
     /// The total count.
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum()
+        self.counts[..BINS].iter().sum()
     }
 
     /// The bin holding the k-th largest key (k >= 1, k <= total): `(bin, how many of the
     /// bin's entries are among the top k, the bin's count)`.
     fn boundary(&self, k: u64) -> (u32, u64, u64) {
         let mut above = 0u64;
-        for bin in (0..self.counts.len()).rev() {
+        for bin in (0..BINS).rev() {
             let c = self.counts[bin];
             if above + c >= k {
                 return (bin as u32, k - above, c);
