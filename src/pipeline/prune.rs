@@ -219,11 +219,20 @@ fn stage<T>(ctl: &Ctl, body: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// How many chunks are encoded at once: enough for every thread, within the budget.
 fn window(threads: usize, budget: u64, block_elems: u64) -> usize {
-    // A chunk in flight holds its keys (4 B/elem), converted output (<= 8 B/elem), raw and
-    // compressed payloads (<= 18 B/elem at worst), and a queued copy of the compressed bytes.
-    let per_chunk = block_elems * 40;
-    let fit = (budget / 2 / per_chunk).max(1) as usize;
-    (2 * threads).clamp(1, fit)
+    // Each worker keeps scratch buffers: kept indices (4 B/elem), the reconstructed chunk
+    // (<= 8 B/elem) and the raw block (<= 18 B/elem at worst): 30 B/elem. Each chunk of a
+    // window holds its keys (4 B/elem) and, queued for the writer, its compressed block
+    // (<= 18 B/elem at worst, about 0.5 B/elem in practice). Half the budget is for this.
+    let scratch = threads as u64 * block_elems * 30;
+    let per_chunk = block_elems * 22;
+    let fit = ((budget / 2).saturating_sub(scratch) / per_chunk) as usize;
+    // A whole number of rounds, so that no worker idles at the end of a window.
+    let rounds = (fit / threads).clamp(1, 4);
+    if fit < threads {
+        fit.max(1)
+    } else {
+        rounds * threads
+    }
 }
 
 fn shard_bytes(c: &Checkpoint) -> u64 {

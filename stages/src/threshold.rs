@@ -292,39 +292,42 @@ impl Cut {
     pub fn select(&self, keys: &[u32], quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
         match *self {
             Cut::Nothing => 0,
-            Cut::All => keep_at_least(keys, 1, kept),
+            Cut::All => keep_at_least(keys, 1, 0, kept),
             Cut::Level { shift, level, .. } => {
                 // The smallest key at the level, and the smallest above it.
-                let lo = (level << shift).max(1) as u64;
-                let hi = (level as u64 + 1) << shift;
-                let at_level = if quota == 0 { 0 } else { at_level.unwrap_or_else(|| self.at_level_in(keys)) };
-                if quota >= at_level {
-                    // The quota covers the whole level (or there is none): a plain threshold.
-                    let t = if quota == 0 { hi } else { lo };
-                    return u32::try_from(t).map_or(0, |t| keep_at_least(keys, t, kept));
+                let lo = (level << shift).max(1);
+                let above =
+                    |keys: &[u32], offset: usize, kept: &mut [u32]| match u32::try_from((level as u64 + 1) << shift) {
+                        Ok(hi) => keep_at_least(keys, hi, offset, kept),
+                        Err(_) => 0, // nothing is above the top level
+                    };
+                if quota == 0 {
+                    return above(keys, 0, kept);
                 }
-                let (mut quota, mut n) = (quota, 0);
-                for (i, &k) in keys.iter().enumerate() {
-                    if k == NOT_CANDIDATE {
-                        continue;
-                    }
-                    let l = k >> shift;
-                    if l > level || (l == level && quota > 0) {
-                        quota -= (l == level) as u64;
-                        kept[n] = i as u32;
-                        n += 1;
-                    }
+                if quota == u64::MAX || at_level.is_some_and(|a| quota >= a) {
+                    return keep_at_least(keys, lo, 0, kept);
                 }
-                n
+                // The quota runs out inside this chunk: keys at the level count up to the
+                // position of the quota-th one, and only keys above the level after it.
+                let mut seen = 0;
+                let end = keys
+                    .iter()
+                    .position(|&k| {
+                        seen += (k != NOT_CANDIDATE && k >> shift == level) as u64;
+                        seen == quota
+                    })
+                    .map_or(keys.len(), |p| p + 1);
+                let n = keep_at_least(&keys[..end], lo, 0, kept);
+                n + above(&keys[end..], end, &mut kept[n..])
             }
         }
     }
 }
 
-/// Writes the index of every key `>= t` (`t >= 1`) to the front of `kept`; returns how
-/// many. Keys are compared eight at a time into a bit mask (which vectorizes), and only the
-/// set bits are visited: most groups of a 90%-sparse cut have none.
-fn keep_at_least(keys: &[u32], t: u32, kept: &mut [u32]) -> usize {
+/// Writes `offset +` the index of every key `>= t` (`t >= 1`) to the front of `kept`;
+/// returns how many. Keys are compared eight at a time into a bit mask (which vectorizes),
+/// and only the set bits are visited: most groups of a 90%-sparse cut have none.
+fn keep_at_least(keys: &[u32], t: u32, offset: usize, kept: &mut [u32]) -> usize {
     let mut n = 0;
     let mut groups = keys.chunks_exact(8);
     for (g, group) in (&mut groups).enumerate() {
@@ -333,15 +336,15 @@ fn keep_at_least(keys: &[u32], t: u32, kept: &mut [u32]) -> usize {
             mask |= ((k >= t) as u32) << j;
         }
         while mask != 0 {
-            kept[n] = (g * 8) as u32 + mask.trailing_zeros();
+            kept[n] = (offset + g * 8) as u32 + mask.trailing_zeros();
             n += 1;
             mask &= mask - 1;
         }
     }
-    let base = keys.len() - groups.remainder().len();
+    let rest = keys.len() - groups.remainder().len();
     for (j, &k) in groups.remainder().iter().enumerate() {
         if k >= t {
-            kept[n] = (base + j) as u32;
+            kept[n] = (offset + rest + j) as u32;
             n += 1;
         }
     }
