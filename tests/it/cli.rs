@@ -263,3 +263,39 @@ fn report_writes_linked_pngs() {
     }
     assert!(pngs >= 4);
 }
+
+/// One tensor larger than the memory budget (100 MB of F32 per file, budget 64M): prune,
+/// verify and apply stay within the budget, by fapm's own accounting of its allocations.
+#[test]
+fn a_tensor_larger_than_the_budget_stays_within_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = crate::util::big_pair(dir.path());
+    let d = dir.path().join("d.fapm");
+    let out = dir.path().join("out.safetensors");
+    let (b, f, o) = (base.to_str().unwrap(), ft.to_str().unwrap(), d.to_str().unwrap());
+    let peak = |args: &[&str]| {
+        let v: serde_json::Value = serde_json::from_slice(&ok(args).stdout).unwrap();
+        v["peak_memory_bytes"].as_u64().unwrap()
+    };
+    let budget = 64 << 20;
+    let runs = [
+        peak(&["prune", "--base", b, "--finetuned", f, "-o", o, "--memory-budget", "64M", "--json", "-q"]),
+        peak(&["verify", o, "--base", b, "--memory-budget", "64M", "--json", "-q"]),
+        peak(&[
+            "apply",
+            "--base",
+            b,
+            "--delta",
+            o,
+            "-o",
+            out.to_str().unwrap(),
+            "--memory-budget",
+            "64M",
+            "--json",
+            "-q",
+        ]),
+    ];
+    for p in runs {
+        assert!(p > 0 && p < budget, "peak memory {p} bytes, budget {budget}");
+    }
+}

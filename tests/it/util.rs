@@ -102,3 +102,32 @@ impl Rng {
         (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
     }
 }
+
+/// A pair big enough (2 x 100 MB of F32) that prune takes a while.
+pub fn big_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    big_pair_shaped(dir, &[25 << 20])
+}
+
+/// [`big_pair`] with a given shape (of 25 Mi elements).
+pub fn big_pair_shaped(dir: &Path, shape: &[u64]) -> (PathBuf, PathBuf) {
+    let n: usize = 25 << 20;
+    assert_eq!(shape.iter().product::<u64>(), n as u64);
+    let (base, ft) = (dir.join("base.safetensors"), dir.join("ft.safetensors"));
+    for (path, shift) in [(&base, 0u32), (&ft, 1)] {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        let header = format!(r#"{{"w":{{"dtype":"F32","shape":{shape:?},"data_offsets":[0,{}]}}}}"#, 4 * n);
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        let mut chunk = Vec::with_capacity(4 << 20);
+        for start in (0..n).step_by(1 << 20) {
+            chunk.clear();
+            for i in start..start + (1 << 20) {
+                let x = (i as u32).wrapping_mul(2_654_435_761) >> 9;
+                chunk.extend_from_slice(&(x as f32 * 1e-6 + (i as u32 % 7 * shift) as f32 * 1e-7).to_le_bytes());
+            }
+            f.write_all(&chunk).unwrap();
+        }
+        f.flush().unwrap();
+    }
+    (base, ft)
+}
