@@ -3,7 +3,6 @@
 //! truncated under its memory map. No panic, no partial output, every corruption caught.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
