@@ -131,3 +131,61 @@ pub fn big_pair_shaped(dir: &Path, shape: &[u64]) -> (PathBuf, PathBuf) {
     }
     (base, ft)
 }
+
+/// Asserts a failed run: exit code 1, one `error:` line on stderr containing every needle.
+pub fn assert_error(out: &Output, needles: &[&str], what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
+    assert!(stderr.starts_with("error: "), "{what}: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{what}: '{n}' not in {stderr}");
+    }
+    stderr
+}
+
+/// Entries of `dir` other than `keep`: temporaries or partial outputs left behind.
+pub fn leftovers(dir: &Path, keep: &[&str]) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !keep.contains(&n.as_str()))
+        .collect()
+}
+
+/// A path as `&str`, for argument lists.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Little-endian F32 bytes.
+pub fn f32s(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
+    values.into_iter().flat_map(f32::to_le_bytes).collect()
+}
+
+/// A small valid pair: two F32 tensors and an I64 one.
+pub fn small_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.safetensors");
+    let ft = dir.join("ft.safetensors");
+    let b = f32s((0..64).map(|i| i as f32 * 0.25));
+    let f = f32s((0..64).map(|i| i as f32 * 0.25 + if i % 3 == 0 { 0.125 } else { 0.0 }));
+    let ids: Vec<u8> = (0..4u64).flat_map(u64::to_le_bytes).collect();
+    write_safetensors(&base, &[T::new("a", DType::F32, &[8, 8], b.clone()), T::new("b", DType::F32, &[64], b)]);
+    write_safetensors(
+        &ft,
+        &[
+            T::new("a", DType::F32, &[8, 8], f.clone()),
+            T::new("b", DType::F32, &[64], f),
+            T::new("ids", DType::I64, &[4], ids),
+        ],
+    );
+    (base, ft)
+}
+
+/// A safetensors file from a literal header and data buffer.
+pub fn raw_shard(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend_from_slice(data);
+    v
+}
