@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::{fixture, run};
+use crate::util::{fixture, run, s};
 
 const PAIRS: [(&str, &str); 3] = [
     ("single/base.safetensors", "single/finetuned.safetensors"),
@@ -35,25 +35,21 @@ fn assert_same_tree(a: &Path, b: &Path) {
     }
 }
 
-fn prune_apply(dir: &Path, base: &str, ft: &str, extra: &[&str]) -> std::path::PathBuf {
+/// Runs `fapm CMD --base BASE --finetuned FT -o OUT EXTRA...` on fixtures; it must succeed.
+fn on_fixture(cmd: &str, base: &str, ft: &str, out: &Path, extra: &[&str]) -> std::process::Output {
     let (base, ft) = (fixture(base), fixture(ft));
-    let delta = dir.join("d.fapm");
-    let out = dir.join(if ft.is_file() { "out.safetensors" } else { "out" });
-    let mut args = vec!["prune", "--base", base.to_str().unwrap(), "--finetuned", ft.to_str().unwrap()];
-    args.extend(["-o", delta.to_str().unwrap(), "--quiet"]);
+    let mut args = vec![cmd, "--base", s(&base), "--finetuned", s(&ft), "-o", s(out)];
     args.extend(extra);
-    ok(&args);
-    ok(&["verify", delta.to_str().unwrap(), "--base", base.to_str().unwrap(), "-q"]);
-    ok(&[
-        "apply",
-        "--base",
-        base.to_str().unwrap(),
-        "--delta",
-        delta.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-q",
-    ]);
+    ok(&args)
+}
+
+fn prune_apply(dir: &Path, base: &str, ft: &str, extra: &[&str]) -> std::path::PathBuf {
+    let delta = dir.join("d.fapm");
+    let out = dir.join(if fixture(ft).is_file() { "out.safetensors" } else { "out" });
+    on_fixture("prune", base, ft, &delta, &[&["--quiet"], extra].concat());
+    let base = fixture(base);
+    ok(&["verify", s(&delta), "--base", s(&base), "-q"]);
+    ok(&["apply", "--base", s(&base), "--delta", s(&delta), "-o", s(&out), "-q"]);
     out
 }
 
@@ -107,14 +103,10 @@ fn sparsity_zero_rebuilds_the_finetuned_checkpoint() {
 #[test]
 fn deltas_are_deterministic() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
     let mut bytes = Vec::new();
     for threads in ["1", "2", "3", "1"] {
         let delta = dir.path().join(format!("d{threads}.fapm"));
-        ok(&["prune", "--base", base.to_str().unwrap(), "--finetuned", ft.to_str().unwrap(), "-o"]
-            .into_iter()
-            .chain([delta.to_str().unwrap(), "--threads", threads, "-q", "--overwrite"])
-            .collect::<Vec<_>>());
+        on_fixture("prune", "sharded/base", "sharded/finetuned", &delta, &["--threads", threads, "-q", "--overwrite"]);
         bytes.push(std::fs::read(&delta).unwrap());
     }
     assert!(bytes.windows(2).all(|w| w[0] == w[1]));
@@ -173,17 +165,7 @@ fn existing_output_is_kept_without_overwrite() {
 fn json_and_piped_output() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("d.fapm");
-    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
-    let out = ok(&[
-        "prune",
-        "--base",
-        base.to_str().unwrap(),
-        "--finetuned",
-        ft.to_str().unwrap(),
-        "-o",
-        d.to_str().unwrap(),
-        "--json",
-    ]);
+    let out = on_fixture("prune", "sharded/base", "sharded/finetuned", &d, &["--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["command"], "prune");
     assert!(v["kept"].as_u64().unwrap() > 0);
@@ -211,17 +193,7 @@ fn json_and_piped_output() {
 fn golden_delta_catches_format_drift() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("d.fapm");
-    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
-    ok(&[
-        "prune",
-        "--base",
-        base.to_str().unwrap(),
-        "--finetuned",
-        ft.to_str().unwrap(),
-        "-o",
-        d.to_str().unwrap(),
-        "-q",
-    ]);
+    on_fixture("prune", "sharded/base", "sharded/finetuned", &d, &["-q"]);
     let golden = fixture("golden/sharded-s0.9-fapm.fapm");
     let got = std::fs::read(&d).unwrap();
     if std::env::var_os("FAPM_BLESS").is_some() {
@@ -237,17 +209,7 @@ fn golden_delta_catches_format_drift() {
 fn report_writes_linked_pngs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("report");
-    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
-    let o = ok(&[
-        "report",
-        "--base",
-        base.to_str().unwrap(),
-        "--finetuned",
-        ft.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--json",
-    ]);
+    let o = on_fixture("report", "sharded/base", "sharded/finetuned", &out, &["--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["tensors_charted"].as_u64().unwrap() > 0);
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
