@@ -176,9 +176,10 @@ impl Counts {
                 self.low[bin as usize].counts[(k & 0xffff) as usize] += 1;
             }
         };
-        // Few keys fall in the refined bins: test eight at a time (vectorized), visit hits.
-        let mut groups = keys.chunks_exact(8);
+        // Few keys fall in the refined bins: test 32 at a time (vectorized), visit hits.
+        let mut groups = keys.chunks_exact(32);
         for group in &mut groups {
+            let group: &[u32; 32] = group.try_into().expect("32 keys");
             let mut mask = 0u32;
             for (j, &k) in group.iter().enumerate() {
                 mask |= (((k >> 16).wrapping_sub(first) < n) as u32) << j;
@@ -325,18 +326,20 @@ impl Cut {
 }
 
 /// Writes `offset +` the index of every key `>= t` (`t >= 1`) to the front of `kept`;
-/// returns how many. Keys are compared eight at a time into a bit mask (which vectorizes),
-/// and only the set bits are visited: most groups of a 90%-sparse cut have none.
+/// returns how many. Keys are compared 32 at a time into a bit mask (which vectorizes), and
+/// only the set bits are visited: a 90%-sparse cut has about three per group.
 fn keep_at_least(keys: &[u32], t: u32, offset: usize, kept: &mut [u32]) -> usize {
+    const G: usize = 32;
     let mut n = 0;
-    let mut groups = keys.chunks_exact(8);
+    let mut groups = keys.chunks_exact(G);
     for (g, group) in (&mut groups).enumerate() {
+        let group: &[u32; G] = group.try_into().expect("G keys");
         let mut mask = 0u32;
         for (j, &k) in group.iter().enumerate() {
             mask |= ((k >= t) as u32) << j;
         }
         while mask != 0 {
-            kept[n] = (offset + g * 8) as u32 + mask.trailing_zeros();
+            kept[n] = (offset + g * G) as u32 + mask.trailing_zeros();
             n += 1;
             mask &= mask - 1;
         }
