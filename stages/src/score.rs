@@ -285,6 +285,11 @@ impl Scorer {
         with_elems!(self.ft, self.base, |F, B| {
             assert!(ft.len() == keys.len() * F::SIZE && base.len() == keys.len() * B::SIZE, "chunk sizes disagree");
             #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: the CPU supports AVX-512 F and BW, checked just above.
+                return unsafe { keys_avx512::<F, B>(ft, base, fapm, mean, keys) };
+            }
+            #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports AVX2, checked just above.
                 return unsafe { keys_avx2::<F, B>(ft, base, fapm, mean, keys) };
@@ -311,6 +316,17 @@ impl Scorer {
             self.keys(&ft[start * fs..(start + m) * fs], &base[start * bs..(start + m) * bs], &mut buf[..m]);
             f(&buf[..m]);
         }
+    }
+}
+
+/// [`keys_typed`] compiled for AVX-512: the same operations (no fused multiply-add), 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn keys_avx512<F: Elem, B: Elem>(ft: &[u8], base: &[u8], fapm: bool, mean: f32, keys: &mut [u32]) -> usize {
+    if fapm {
+        keys_typed::<F, B, true>(ft, base, mean, keys)
+    } else {
+        keys_typed::<F, B, false>(ft, base, mean, keys)
     }
 }
 
@@ -392,5 +408,58 @@ mod tests {
         let s = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Magnitude, mean: 0.0 };
         assert_eq!(s.keys(&ft, &base, &mut keys), 2);
         assert_eq!(keys, [NOT_CANDIDATE, key(1.0), key(0.0)]);
+    }
+
+    /// Every compiled copy of the key loop (portable, AVX2, AVX-512) gives the same keys,
+    /// whichever one this CPU would pick.
+    #[test]
+    fn every_simd_copy_agrees() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let pairs =
+            [(DType::BF16, DType::BF16), (DType::F16, DType::F32), (DType::F32, DType::F64), (DType::F64, DType::BF16)];
+        for (fd, bd) in pairs {
+            let n = 1000;
+            let base: Vec<u8> = (0..n * bd.size()).map(|_| next() as u8).collect();
+            let mut ft = base.clone();
+            if fd != bd {
+                ft = (0..n * fd.size()).map(|_| next() as u8).collect();
+            }
+            for (i, b) in ft.iter_mut().enumerate() {
+                if next() % 3 == 0 {
+                    *b ^= 1 << (i % 8);
+                }
+            }
+            assert_eq!(sum_abs(bd, &base).to_bits(), sum_abs_generic(bd, &base).to_bits());
+            for fapm in [true, false] {
+                let mut want = vec![0u32; n];
+                with_elems!(fd, bd, |F, B| if fapm {
+                    keys_typed::<F, B, true>(&ft, &base, 0.02, &mut want)
+                } else {
+                    keys_typed::<F, B, false>(&ft, &base, 0.02, &mut want)
+                });
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::arch::is_x86_feature_detected!("avx2") {
+                        let mut got = vec![0u32; n];
+                        // SAFETY: AVX2 is available, checked just above.
+                        with_elems!(fd, bd, |F, B| unsafe { keys_avx2::<F, B>(&ft, &base, fapm, 0.02, &mut got) });
+                        assert_eq!(got, want, "avx2 {fd} from {bd}");
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
+                    {
+                        let mut got = vec![0u32; n];
+                        // SAFETY: AVX-512 F and BW are available, checked just above.
+                        with_elems!(fd, bd, |F, B| unsafe { keys_avx512::<F, B>(&ft, &base, fapm, 0.02, &mut got) });
+                        assert_eq!(got, want, "avx512 {fd} from {bd}");
+                    }
+                }
+            }
+        }
     }
 }
