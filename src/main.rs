@@ -21,6 +21,11 @@ use progress::{bytes, count, percent, Monitor};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Like other Unix filters: when the reader of our output goes away (`fapm inspect | head`)
+    // end quietly instead of panicking in println!. Outputs are committed before anything is
+    // printed, so nothing partial is left.
+    // SAFETY: called first thing, before any other thread exists; SIG_DFL is a valid handler.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     fapm::sigbus::install();
     let cli = Cli::parse();
     let quiet = match &cli.command {
