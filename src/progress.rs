@@ -37,7 +37,8 @@ impl Monitor {
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(anon_memory()));
         let bar = (show_bar && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(0);
+            // Hidden until the run knows its total, so it never flashes a full, empty bar.
+            let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::hidden());
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{prefix:>7} [{bar:30}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} ETA {eta} {wide_msg}",
@@ -53,7 +54,11 @@ impl Monitor {
             thread::spawn(move || loop {
                 peak.fetch_max(anon_memory(), Ordering::Relaxed);
                 if let Some(bar) = &bar {
-                    bar.set_length(ctl.total.load(Ordering::Relaxed));
+                    let total = ctl.total.load(Ordering::Relaxed);
+                    if total > 0 && bar.is_hidden() {
+                        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    }
+                    bar.set_length(total);
                     bar.set_position(ctl.done.load(Ordering::Relaxed));
                     if let Ok(c) = ctl.current.lock() {
                         bar.set_message(c.clone());

@@ -2,7 +2,7 @@
 # Regenerates the README screenshots: a terminal session (tmux -> aha -> headless Chromium)
 # and the rendered report. Needs: apt-get install tmux aha chromium. Usage:
 #   docs/images/make-screenshots.sh BASE_DIR FINETUNED_DIR
-# with a model pair big enough that prune runs a few seconds (so the progress bar shows).
+# with any model pair (the README's come from benches/gen_pair.rs, 850M parameters).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 base=$1 ft=$2
@@ -20,28 +20,20 @@ term_html() { # ansi-file html-file
   aha --black --title fapm < "$1" | sed 's/<pre>/<pre style="font-size:14px;line-height:1.25;margin:8px">/' > "$2"
 }
 tmux kill-session -t fapm-shot 2>/dev/null || true
-tmux new-session -d -s fapm-shot -x 118 -y 24
-tmux send-keys -t fapm-shot "clear; fapm() { $fapm \"\$@\"; }; clear" Enter
+tmux new-session -d -s fapm-shot -x 150 -y 24 -c "$work"
+ln -s "$fapm" "$work/fapm"
+ln -s "$(realpath "$base")" "$work/base"
+ln -s "$(realpath "$ft")" "$work/finetuned"
+tmux send-keys -t fapm-shot "export PATH=$work:\$PATH PS1='$ '; clear" Enter
 sleep 0.5
-tmux send-keys -t fapm-shot "fapm prune --base $base --finetuned $ft --output $work/model.fapm" Enter
-for _ in $(seq 100); do # wait for the bar to be a third of the way
-  tmux capture-pane -t fapm-shot -p | grep -q '\[=\{10,\}' && break
-  sleep 0.05
-done
-tmux capture-pane -t fapm-shot -e -p > "$work/progress.ansi"
-while tmux capture-pane -t fapm-shot -p | grep -q '\[=*>* *\]'; do sleep 0.5; done
-sleep 2
-tmux send-keys -t fapm-shot "clear; fapm prune --base $base --finetuned $ft --output $work/model.fapm --overwrite && fapm apply --base $base --delta $work/model.fapm --output $work/model && fapm inspect $work/model.fapm | head -8" Enter
+tmux send-keys -t fapm-shot "clear; fapm prune --base base --finetuned finetuned --output model.fapm --overwrite && fapm apply --base base --delta model.fapm --output model && fapm inspect model.fapm | head -8" Enter
 while ! tmux capture-pane -t fapm-shot -p | grep -q 'kept / total'; do sleep 0.5; done
 sleep 1
-tmux resize-window -t fapm-shot -y 24
 tmux capture-pane -t fapm-shot -e -p > "$work/summary.ansi"
 tmux kill-session -t fapm-shot
-term_html "$work/progress.ansi" "$work/progress.html"
 term_html "$work/summary.ansi" "$work/summary.html"
-shoot "$work/progress.html" "$PWD/$out/terminal-progress.png" 1000 110
-shoot "$work/summary.html" "$PWD/$out/terminal-summary.png" 1000 500
+shoot "$work/summary.html" "$PWD/$out/terminal-summary.png" 1250 420
 "$fapm" report --base "$base" --finetuned "$ft" --output "$work/report" --quiet
 shoot "$work/report/index.html" "$PWD/$out/report.png" 1100 1400
 rm -rf "$work"
-echo "wrote $out/terminal-progress.png $out/terminal-summary.png $out/report.png"
+echo "wrote $out/terminal-summary.png $out/report.png"
