@@ -403,6 +403,15 @@ fn sparsity_ticks() -> Vec<(f64, String)> {
     SPARSITIES.iter().enumerate().map(|(i, s)| (i as f64, pct(s))).collect()
 }
 
+/// One series per metric (magnitude, then FAPM) with the points `points(m)` of metric `m`.
+fn metric_series(points: impl Fn(usize) -> Vec<(f64, f64)>) -> Vec<Series> {
+    [("magnitude", MAGNITUDE), ("FAPM", FAPM)]
+        .iter()
+        .enumerate()
+        .map(|(m, (label, color))| Series { label: label.to_string(), color: *color, points: points(m) })
+        .collect()
+}
+
 /// The two whole-model charts (norm kept, relative change), one point per sparsity.
 fn overview(stats: &[TensorStats]) -> (png::Canvas, png::Canvas) {
     let total: f64 = stats.iter().map(|s| s.total_d2).sum();
@@ -414,15 +423,7 @@ fn overview(stats: &[TensorStats]) -> (png::Canvas, png::Canvas) {
         k
     };
     let series = |f: &dyn Fn(&Kept) -> f64| {
-        [("magnitude", MAGNITUDE), ("FAPM", FAPM)]
-            .iter()
-            .enumerate()
-            .map(|(m, (label, color))| Series {
-                label: label.to_string(),
-                color: *color,
-                points: (0..SPARSITIES.len()).map(|j| (j as f64, f(&sum(m, j)))).collect(),
-            })
-            .collect::<Vec<_>>()
+        metric_series(|m| (0..SPARSITIES.len()).map(|j| (j as f64, f(&sum(m, j)))).collect())
     };
     let norm = Chart {
         title: "Task-vector norm kept".into(),
@@ -450,15 +451,7 @@ fn overview(stats: &[TensorStats]) -> (png::Canvas, png::Canvas) {
 /// The two per-tensor charts at sparsity index `j`.
 fn per_layer(stats: &[TensorStats], j: usize, sp: &str) -> (png::Canvas, png::Canvas) {
     let series = |f: &dyn Fn(&TensorStats, &Kept) -> f64| {
-        [("magnitude", MAGNITUDE), ("FAPM", FAPM)]
-            .iter()
-            .enumerate()
-            .map(|(m, (label, color))| Series {
-                label: label.to_string(),
-                color: *color,
-                points: stats.iter().enumerate().map(|(i, s)| (i as f64, f(s, &s.kept[m][j]))).collect(),
-            })
-            .collect::<Vec<_>>()
+        metric_series(|m| stats.iter().enumerate().map(|(i, s)| (i as f64, f(s, &s.kept[m][j]))).collect())
     };
     let norm = Chart {
         title: format!("Norm kept per tensor, sparsity {}", pct(sp)),

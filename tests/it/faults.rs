@@ -291,14 +291,7 @@ fn a_closed_output_pipe_is_not_a_panic() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     // Enough tensors that the table is larger than a pipe's buffer.
-    let tensors: Vec<T> =
-        (0..3000).map(|i| T::new(&format!("layer.{i}.weight"), DType::F32, &[2], f32s([1.0, 2.0]))).collect();
-    let (base, ft) = (dir.path().join("b.safetensors"), dir.path().join("f.safetensors"));
-    write_safetensors(&base, &tensors);
-    write_safetensors(&ft, &tensors);
-    let d = dir.path().join("d.fapm");
-    let out = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&d), "-q"]);
-    assert!(out.status.success());
+    let (_, d) = many_tiny_tensors(dir.path());
     let mut child = fapm().args(["inspect", s(&d)]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut first = [0u8; 16];
     child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then the pipe closes

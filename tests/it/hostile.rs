@@ -544,14 +544,7 @@ proptest! {
 #[test]
 fn many_similar_tensors_make_a_valid_delta() {
     let dir = tempfile::tempdir().unwrap();
-    let tensors: Vec<T> =
-        (0..3000).map(|i| T::new(&format!("layer.{i}.weight"), DType::F32, &[2], f32s([1.0, 2.0]))).collect();
-    let (base, ft) = (dir.path().join("b.safetensors"), dir.path().join("f.safetensors"));
-    write_safetensors(&base, &tensors);
-    write_safetensors(&ft, &tensors);
-    let d = dir.path().join("d.fapm");
-    let out = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&d), "-q"]);
-    assert!(out.status.success());
+    let (base, d) = many_tiny_tensors(dir.path());
     let out = run(&["verify", s(&d), "--base", s(&base), "-q"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

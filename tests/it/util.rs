@@ -189,3 +189,17 @@ pub fn raw_shard(header: &str, data: &[u8]) -> Vec<u8> {
     v.extend_from_slice(data);
     v
 }
+
+/// A checkpoint of 3,000 tiny identical F32 tensors as both base and fine-tuned, pruned into
+/// `dir/d.fapm`: (base, delta). Its table and manifest are large and very compressible.
+pub fn many_tiny_tensors(dir: &Path) -> (PathBuf, PathBuf) {
+    let tensors: Vec<T> =
+        (0..3000).map(|i| T::new(&format!("layer.{i}.weight"), DType::F32, &[2], f32s([1.0, 2.0]))).collect();
+    let (base, ft) = (dir.join("b.safetensors"), dir.join("f.safetensors"));
+    write_safetensors(&base, &tensors);
+    write_safetensors(&ft, &tensors);
+    let d = dir.join("d.fapm");
+    let out = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&d), "-q"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (base, d)
+}
