@@ -304,8 +304,8 @@ fn plan_tensor(cfg: &PruneConfig, task: Task, pool: &rayon::ThreadPool, ctl: &Ct
         scorer.mean = mean_abs(partials, n);
     }
     let slice = |s: usize, l: usize| (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs]);
-    // A strided sample (1/32 of the tensor) to guess the boundary bin, so that the first
-    // pass can refine it at once and exact mode usually needs no second pass.
+    // A strided sample (1/31 of the tensor) to guess the boundary bin, so that the first
+    // pass can refine it at once and, when the guess hits, exact mode needs no second pass.
     // Only worth it for tensors of several blocks: the guessed bins cost 4.5 MiB of counts.
     let worth = n >= GUESS_MIN_BLOCKS * cfg.block_elems;
     let guess = (cfg.threshold == ThresholdMode::Exact && task.keep > 0 && worth).then(|| {

@@ -319,27 +319,33 @@ impl Scorer {
     }
 }
 
-/// [`keys_typed`] compiled for AVX-512: the same operations (no fused multiply-add), 16 lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn keys_avx512<F: Elem, B: Elem>(ft: &[u8], base: &[u8], fapm: bool, mean: f32, keys: &mut [u32]) -> usize {
-    if fapm {
-        keys_typed::<F, B, true>(ft, base, mean, keys)
-    } else {
-        keys_typed::<F, B, false>(ft, base, mean, keys)
-    }
+/// Defines a copy of [`keys_typed`] compiled with more vector instructions: the same
+/// operations (no fused multiply-add), so the same keys, on wider lanes.
+macro_rules! keys_copy {
+    ($(#[$doc:meta])* $name:ident, $features:literal) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<F: Elem, B: Elem>(ft: &[u8], base: &[u8], fapm: bool, mean: f32, keys: &mut [u32]) -> usize {
+            if fapm {
+                keys_typed::<F, B, true>(ft, base, mean, keys)
+            } else {
+                keys_typed::<F, B, false>(ft, base, mean, keys)
+            }
+        }
+    };
 }
 
-/// [`keys_typed`] compiled for AVX2: the same operations (no fused multiply-add), 8 lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn keys_avx2<F: Elem, B: Elem>(ft: &[u8], base: &[u8], fapm: bool, mean: f32, keys: &mut [u32]) -> usize {
-    if fapm {
-        keys_typed::<F, B, true>(ft, base, mean, keys)
-    } else {
-        keys_typed::<F, B, false>(ft, base, mean, keys)
-    }
-}
+keys_copy!(
+    /// [`keys_typed`] for AVX-512 (16 lanes).
+    keys_avx512,
+    "avx512f,avx512bw"
+);
+keys_copy!(
+    /// [`keys_typed`] for AVX2 (8 lanes).
+    keys_avx2,
+    "avx2"
+);
 
 #[inline(always)]
 fn keys_typed<F: Elem, B: Elem, const FAPM: bool>(ft: &[u8], base: &[u8], mean: f32, keys: &mut [u32]) -> usize {
