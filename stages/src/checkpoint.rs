@@ -280,8 +280,10 @@ impl Checkpoint {
     /// Opens a `.safetensors` file or a checkpoint directory and validates every shard.
     pub fn open(root: &Path) -> Result<Self> {
         let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
+        // The index is read once: it names the shards and is checked against them.
+        let index = if meta.is_dir() { read_index(root)? } else { None };
         let (layout, names) = if meta.is_dir() {
-            (Layout::Directory, shard_names(root)?)
+            (Layout::Directory, shard_names(root, index.as_deref())?)
         } else {
             let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             (Layout::File, vec![name])
@@ -305,10 +307,9 @@ impl Checkpoint {
             }
             shards.push(Arc::new(shard));
         }
-        let indexed = layout == Layout::Directory && root.join(INDEX_FILE).is_file();
-        let ckpt = Checkpoint { root: root.to_path_buf(), layout, indexed, shards, by_name };
-        if layout == Layout::Directory {
-            ckpt.check_index()?;
+        let ckpt = Checkpoint { root: root.to_path_buf(), layout, indexed: index.is_some(), shards, by_name };
+        if let Some(map) = index {
+            ckpt.check_index(map)?;
         }
         Ok(ckpt)
     }
@@ -336,10 +337,7 @@ impl Checkpoint {
     }
 
     /// Checks that every tensor the index names is in the shard it names.
-    fn check_index(&self) -> Result<()> {
-        let Some(map) = read_index(&self.root)? else {
-            return Ok(());
-        };
+    fn check_index(&self, map: Vec<(String, String)>) -> Result<()> {
         let index_path = self.root.join(INDEX_FILE);
         for (tensor, shard) in map {
             match self.by_name.get(&tensor) {
@@ -378,11 +376,11 @@ fn read_index(dir: &Path) -> Result<Option<Vec<(String, String)>>> {
     Ok(Some(out))
 }
 
-/// The shard names of a checkpoint directory, sorted.
-fn shard_names(dir: &Path) -> Result<Vec<String>> {
-    let mut names: Vec<String> = match read_index(dir)? {
+/// The shard names of a checkpoint directory (those of its index, when it has one), sorted.
+fn shard_names(dir: &Path, index: Option<&[(String, String)]>) -> Result<Vec<String>> {
+    let mut names: Vec<String> = match index {
         Some(map) => {
-            let mut names: Vec<String> = map.into_iter().map(|(_, s)| s).collect();
+            let mut names: Vec<String> = map.iter().map(|(_, s)| s.clone()).collect();
             names.sort();
             names.dedup();
             for name in &names {
