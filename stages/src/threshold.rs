@@ -13,7 +13,6 @@ use crate::score::NOT_CANDIDATE;
 pub struct Sparsity {
     num: u128,
     den: u128,
-    text_digits: u32,
 }
 
 impl Sparsity {
@@ -42,7 +41,7 @@ impl Sparsity {
         if num > den {
             return Err(format!("invalid sparsity '{text}': it must be between 0 and 1"));
         }
-        Ok(Sparsity { num, den, text_digits: frac.len() as u32 })
+        Ok(Sparsity { num, den })
     }
 
     /// How many of `n` elements to keep: `floor(n * (1 - s))`, in exact integer arithmetic.
@@ -62,10 +61,11 @@ impl Sparsity {
     pub fn to_decimal(&self) -> String {
         let int = self.num / self.den;
         let frac = self.num % self.den;
-        if self.text_digits == 0 {
+        let digits = self.den.ilog10() as usize; // den is 10^(fraction digits given)
+        if digits == 0 {
             format!("{int}")
         } else {
-            format!("{int}.{frac:0width$}", width = self.text_digits as usize)
+            format!("{int}.{frac:0width$}", width = digits)
         }
     }
 }
