@@ -275,7 +275,7 @@ fn header(specs: &[Spec], group: &[usize]) -> Vec<u8> {
         off = end;
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(map)).expect("json");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

@@ -17,7 +17,7 @@ use fapm_stages::encode::{decode_sparse, encode_sparse};
 use fapm_stages::format::compress;
 use fapm_stages::hash;
 use fapm_stages::score::{convert_chunk, sum_abs, Metric, Scorer};
-use fapm_stages::threshold::{plan, Bins, Counts, Histogram, ThresholdMode};
+use fapm_stages::threshold::{plan, Bins, Gather, Histogram, Hits, ThresholdMode};
 
 const N: usize = 1 << 20;
 
@@ -126,22 +126,49 @@ fn stages(c: &mut Criterion) {
     });
     g.bench_function(BenchmarkId::new("histogram_add", "low_within"), |b| {
         let bin = keys.iter().copied().filter(|&k| k != 0).max().unwrap_or(0) >> 16;
-        let bins = Bins { high: false, low: (bin, 1) };
-        let mut c = Counts::new(bins);
-        b.iter(|| c.add(bins, black_box(&keys)))
+        let mut h = Histogram::default();
+        b.iter(|| h.add_low(bin, black_box(&keys)))
     });
 
-    // The cut that keeps 10% of the chunk, as the pipeline plans it.
+    // The cut that keeps 10% of the chunk, as the pipeline plans it, from a floor that
+    // gathers about 12.5% of the chunk (what the sample's floor does on the benchmark pair).
     let k = (N / 10) as u64;
-    let cut = plan::<()>(k, ThresholdMode::Exact, None, |bins| {
-        let mut c = Counts::new(bins);
-        c.add(bins, &keys);
-        Ok(c)
+    let mut sorted: Vec<u32> = keys.iter().copied().filter(|&k| k != 0).collect();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let floor = sorted.get(N / 8).map_or(1, |&k| (k & !0xffff).max(1));
+    let mut gather = Gather::default();
+    g.bench_function(BenchmarkId::new("gather", "12pct"), |b| {
+        b.iter(|| {
+            gather.start(N);
+            for (i, piece) in keys.chunks(4096).enumerate() {
+                gather.add(black_box(piece), floor, i * 4096);
+            }
+            gather.len()
+        })
+    });
+    let mut hits = Hits::default();
+    let cut = plan::<()>(k, ThresholdMode::Exact, floor, |bins| {
+        let mut h = Histogram::default();
+        match bins {
+            Bins::High { floor } => {
+                gather.start(N);
+                gather.add(&keys, floor, 0);
+                hits.copy_from(&gather);
+                h.add_high(gather.keys());
+            }
+            Bins::Low { bin } => h.add_low(bin, &keys),
+        }
+        Ok(h)
     })
     .expect("plan");
+    eprintln!("gathered {} of {N}", hits.len());
     g.bench_function(BenchmarkId::new("cut_select", "10pct"), |b| {
         let mut kept = vec![0u32; N];
         b.iter(|| cut.select(black_box(&keys), u64::MAX, None, &mut kept))
+    });
+    g.bench_function(BenchmarkId::new("cut_select_hits", "10pct"), |b| {
+        let mut kept = vec![0u32; N];
+        b.iter(|| cut.select_hits(black_box(&hits), u64::MAX, None, &mut kept))
     });
     let mut kept = vec![0u32; N];
     let n = cut.select(&keys, k, None, &mut kept);

@@ -12,6 +12,8 @@
 //! bytes do not depend on `--threads`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::thread;
 use std::time::Instant;
 
@@ -24,7 +26,7 @@ use fapm_stages::format::{
 };
 use fapm_stages::hash::{self, Part};
 use fapm_stages::score::{convert_chunk, mean_abs, sum_abs, Metric, Scorer};
-use fapm_stages::threshold::{guess, plan, quotas, Counts, Cut, Histogram, ThresholdMode};
+use fapm_stages::threshold::{floor, plan, quotas, Bins, Cut, Gather, Histogram, Hits};
 use fapm_stages::{Error, Result};
 use rayon::prelude::*;
 
@@ -74,11 +76,85 @@ struct Task {
 }
 
 /// A task with its threshold decided.
-struct Planned {
+struct Planned<'b> {
     task: Task,
     block_elems: u64,
     scorer: Option<Scorer>,
     cut: Cut,
+    /// What the threshold passes learnt of each chunk (empty when they did not run).
+    chunks: Vec<ChunkPlan<'b>>,
+}
+
+/// What the threshold passes learnt of one chunk.
+struct ChunkPlan<'b> {
+    candidates: u64,
+    /// The chunk's candidates from the last floor up, when the budget had room for them:
+    /// the encode pass then masks the chunk from them instead of scoring it again.
+    hits: Option<Held<'b>>,
+}
+
+/// Memory for gathered hits. The planner's workers copy a chunk's hits into a buffer from
+/// here when the budget has room; the encoder hands each buffer back when it is done with
+/// the chunk, for reuse (allocating fresh buffers instead cost 10% of prune's time in page
+/// faults). Buffers count against the budget for as long as they exist.
+struct HitBudget {
+    left: AtomicU64,
+    spare: Mutex<Vec<Hits>>,
+}
+
+impl HitBudget {
+    fn new(bytes: u64) -> Self {
+        HitBudget { left: AtomicU64::new(bytes), spare: Mutex::new(Vec::new()) }
+    }
+
+    fn take(&self, bytes: u64) -> bool {
+        self.left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(bytes)).is_ok()
+    }
+
+    /// A copy of what `gather` holds, or `None` when the budget has no room for it.
+    fn hold(&self, gather: &Gather) -> Option<Held<'_>> {
+        let need = Hits::bytes_for(gather.len());
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        // The smallest spare buffer that fits; else a new one, a little larger than needed
+        // so that it fits the similar chunks that follow, freeing spares to make room.
+        let fit =
+            (0..spare.len()).filter(|&i| spare[i].capacity_bytes() >= need).min_by_key(|&i| spare[i].capacity_bytes());
+        let mut hits = match fit {
+            Some(i) => spare.swap_remove(i),
+            None => loop {
+                let room = size_class(gather.len());
+                if self.take(Hits::bytes_for(room)) {
+                    break Hits::with_capacity(room);
+                }
+                let freed = spare.pop()?;
+                self.left.fetch_add(freed.capacity_bytes(), Ordering::Relaxed);
+            },
+        };
+        drop(spare);
+        hits.copy_from(gather);
+        Some(Held { hits, budget: self })
+    }
+}
+
+/// Rounds a buffer size up to one of 4 to 8 sizes per octave, so that buffers made for one
+/// chunk fit the chunks of similar tensors, at most 25% larger than needed.
+fn size_class(n: usize) -> usize {
+    let n = n.max(1 << 12);
+    let q = (n - 1).ilog2() - 2;
+    ((n - 1) >> q).wrapping_add(1) << q
+}
+
+/// A chunk's hits, held against the budget; the buffer goes back to it when dropped.
+struct Held<'b> {
+    hits: Hits,
+    budget: &'b HitBudget,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let hits = std::mem::take(&mut self.hits);
+        self.budget.spare.lock().unwrap_or_else(|e| e.into_inner()).push(hits);
+    }
 }
 
 /// One encoded block on its way to the writer.
@@ -91,11 +167,11 @@ struct Encoded {
     kept: u64,
 }
 
-/// Elements per piece of the boundary-guessing sample, and the stride between pieces.
+/// Elements per piece of the floor-guessing sample, and the stride between pieces.
 const SAMPLE_PIECE: usize = 64;
 const SAMPLE_STRIDE: usize = 31;
-/// The size, in blocks, from which a tensor's boundary bin is guessed.
-const GUESS_MIN_BLOCKS: u64 = 4;
+/// The size from which a tensor is sampled (smaller ones gather every candidate).
+const SAMPLE_MIN: u64 = 1 << 16;
 
 /// Per-worker buffers reused from chunk to chunk (allocating and zeroing them per chunk
 /// showed up as 6% of prune's time).
@@ -108,12 +184,14 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+    /// Where a threshold pass gathers a chunk's hits before the budget is asked for them.
+    static GATHER: std::cell::Cell<Gather> = std::cell::Cell::new(Gather::default());
 }
 
 /// Writer input: the blocks of a tensor, then the tensor itself.
-enum Out {
+enum Out<'b> {
     Block(Encoded),
-    End(Planned),
+    End(Planned<'b>),
 }
 
 /// Prunes `cfg.finetuned` against `cfg.base` into the delta `cfg.output`.
@@ -158,11 +236,12 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         )));
     }
     let window = window(cfg.threads, cfg.memory_budget, cfg.block_elems);
+    let hit_budget = HitBudget::new(hit_budget(cfg.threads, cfg.memory_budget, cfg.block_elems));
 
     let records = thread::scope(|s| {
         let (plan_tx, plan_rx) = bounded::<Planned>(1);
         let (out_tx, out_rx) = bounded::<Out>(window);
-        let planner = s.spawn(|| stage(ctl, || plan_stage(cfg, tasks, &pool, plan_tx, ctl)));
+        let planner = s.spawn(|| stage(ctl, || plan_stage(cfg, tasks, &pool, &hit_budget, plan_tx, ctl)));
         let encoder = s.spawn(|| stage(ctl, || encode_stage(plan_rx, out_tx, &pool, window, ctl)));
         let writer = s.spawn(|| stage(ctl, || write_stage(&mut writer, out_rx, ctl)));
         let (p, e, w) = (join(planner), join(encoder), join(writer));
@@ -235,6 +314,13 @@ fn window(threads: usize, budget: u64, block_elems: u64) -> usize {
     }
 }
 
+/// Memory for gathered hits: the half of the budget that [`window`] leaves, less the
+/// threshold passes' own buffers (per worker: a chunk's worth of hits being gathered and
+/// two histograms).
+fn hit_budget(threads: usize, budget: u64, block_elems: u64) -> u64 {
+    (budget / 2).saturating_sub(threads as u64 * (block_elems * 8 + (2 << 20)))
+}
+
 fn shard_bytes(c: &Checkpoint) -> u64 {
     c.shards.iter().map(|s| s.data_len + s.header.len() as u64 + 8).sum()
 }
@@ -267,16 +353,17 @@ fn elem_chunks(n: u64, block_elems: u64) -> Vec<(usize, usize)> {
 }
 
 /// Stage: the FAPM mean and the cut of each tensor, in order.
-fn plan_stage(
+fn plan_stage<'b>(
     cfg: &PruneConfig,
     tasks: Vec<Task>,
     pool: &rayon::ThreadPool,
-    tx: Sender<Planned>,
+    budget: &'b HitBudget,
+    tx: Sender<Planned<'b>>,
     ctl: &Ctl,
 ) -> Result<()> {
     for task in tasks {
         ctl.check()?;
-        let planned = plan_tensor(cfg, task, pool, ctl)?;
+        let planned = plan_tensor(cfg, task, pool, budget, ctl)?;
         if tx.send(planned).is_err() {
             return Ok(()); // downstream has gone; it reports why
         }
@@ -284,79 +371,129 @@ fn plan_stage(
     Ok(())
 }
 
-fn plan_tensor(cfg: &PruneConfig, task: Task, pool: &rayon::ThreadPool, ctl: &Ctl) -> Result<Planned> {
+fn plan_tensor<'b>(
+    cfg: &PruneConfig,
+    task: Task,
+    pool: &rayon::ThreadPool,
+    budget: &'b HitBudget,
+    ctl: &Ctl,
+) -> Result<Planned<'b>> {
+    let planned = |task, scorer, cut, chunks| Planned { task, block_elems: cfg.block_elems, scorer, cut, chunks };
     let Some(base) = &task.base else {
-        return Ok(Planned { task, block_elems: cfg.block_elems, scorer: None, cut: Cut::All });
+        return Ok(planned(task, None, Cut::All, Vec::new()));
     };
     let (fi, bi) = (task.ft.info(), base.info());
     let n = fi.numel();
     let mut scorer = Scorer { ft: fi.dtype, base: bi.dtype, metric: cfg.metric, mean: 0.0 };
-    if task.mode == Mode::Dense {
-        return Ok(Planned { task, block_elems: cfg.block_elems, scorer: Some(scorer), cut: Cut::All });
+    if task.mode == Mode::Dense || task.keep == 0 {
+        let cut = if task.mode == Mode::Dense { Cut::All } else { Cut::Nothing };
+        return Ok(planned(task, Some(scorer), cut, Vec::new()));
     }
     let chunks = elem_chunks(n, cfg.block_elems);
     let (fs, bs) = (fi.dtype.size(), bi.dtype.size());
     let (ft_bytes, base_bytes) = (task.ft.bytes(), base.bytes());
-    if cfg.metric == Metric::Fapm && task.keep > 0 {
+    if cfg.metric == Metric::Fapm {
         let partials: Vec<f64> = pool.install(|| {
             chunks.par_iter().map(|&(s, l)| sum_abs(bi.dtype, &base_bytes[s * bs..(s + l) * bs])).collect()
         });
         scorer.mean = mean_abs(partials, n);
     }
     let slice = |s: usize, l: usize| (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs]);
-    // A strided sample (1/31 of the tensor) to guess the boundary bin, so that the first
-    // pass can refine it at once and, when the guess hits, exact mode needs no second pass.
-    // Only worth it for tensors of several blocks: the guessed bins cost 4.5 MiB of counts.
-    let worth = n >= GUESS_MIN_BLOCKS * cfg.block_elems;
-    let guess = (cfg.threshold == ThresholdMode::Exact && task.keep > 0 && worth).then(|| {
+    // A strided sample (1/31 of the tensor) guesses a floor a little below the cut, so that
+    // the first pass gathers only the candidates that can be kept (about 1.25 k).
+    let floor = if n >= SAMPLE_MIN {
         let n = n as usize;
         let (mut sample, mut sample_n) = (Histogram::default(), 0u64);
         for s in (0..n).step_by(SAMPLE_PIECE * SAMPLE_STRIDE) {
             let l = SAMPLE_PIECE.min(n - s);
             let (ft, base) = slice(s, l);
-            scorer.for_each_keys(ft, base, |keys| sample.add_high(keys));
+            scorer.for_each_keys(ft, base, |_, keys| sample.add_high(keys));
             sample_n += l as u64;
         }
-        guess(task.keep, n as u64, &sample, sample_n)
-    });
+        floor(task.keep, n as u64, &sample, sample_n)
+    } else {
+        1
+    };
     let min_len = (chunks.len() / (2 * cfg.threads.max(1))).max(1);
-    let mut passes = 0;
-    let cut = plan(task.keep, cfg.threshold, guess.flatten(), |bins| {
+    // Room to gather a chunk's hits: twice the kept fraction, as the floor aims at 1.25x.
+    let room = (cfg.block_elems as u128 * 2 * task.keep as u128 / n as u128) as usize + 4096;
+    let mut plans: Vec<ChunkPlan<'b>> = Vec::new();
+    let mut passes = Vec::new();
+    let cut = plan(task.keep, cfg.threshold, floor, |bins| {
         ctl.check()?;
-        passes += 1;
-        Ok::<_, Error>(pool.install(|| {
-            chunks
-                .par_iter()
-                .with_min_len(min_len)
-                .fold(
-                    || Counts::new(bins),
-                    |mut c, &(s, l)| {
-                        let (ft, base) = slice(s, l);
-                        scorer.for_each_keys(ft, base, |keys| c.add(bins, keys));
-                        c
-                    },
-                )
-                .reduce_with(|a, b| a.merge(&b))
-                .unwrap_or_else(|| Counts::new(bins))
-        }))
+        passes.push(bins);
+        Ok::<_, Error>(match bins {
+            Bins::High { floor } => {
+                plans.clear(); // gives the previous pass's hits back first
+                let (high, mut gathered) = pool.install(|| {
+                    chunks
+                        .par_iter()
+                        .enumerate()
+                        .with_min_len(min_len)
+                        .fold(
+                            || (Histogram::default(), Vec::new()),
+                            |(mut high, mut gathered), (i, &(s, l))| {
+                                let (ft, base) = slice(s, l);
+                                let mut g = GATHER.take();
+                                g.start(room.min(l));
+                                let candidates =
+                                    scorer.for_each_keys(ft, base, |at, keys| g.add(keys, floor, at, &mut high));
+                                let hits = if g.finish(&mut high) { budget.hold(&g) } else { None };
+                                GATHER.set(g);
+                                gathered.push((i, ChunkPlan { candidates, hits }));
+                                (high, gathered)
+                            },
+                        )
+                        .reduce_with(|(a, mut ga), (b, gb)| {
+                            ga.extend(gb);
+                            (a.merge(&b), ga)
+                        })
+                        .unwrap_or_default()
+                });
+                gathered.sort_unstable_by_key(|g| g.0);
+                plans = gathered.into_iter().map(|g| g.1).collect();
+                high
+            }
+            Bins::Low { bin } => pool.install(|| {
+                chunks
+                    .par_iter()
+                    .zip(&plans)
+                    .with_min_len(min_len)
+                    .fold(Histogram::default, |mut low, (&(s, l), plan)| {
+                        match &plan.hits {
+                            Some(held) => low.add_low(bin, &held.hits.keys),
+                            None => {
+                                let (ft, base) = slice(s, l);
+                                scorer.for_each_keys(ft, base, |_, keys| low.add_low(bin, keys));
+                            }
+                        }
+                        low
+                    })
+                    .reduce_with(|a, b| a.merge(&b))
+                    .unwrap_or_default()
+            }),
+        })
     })?;
-    tracing::debug!(tensor = %fi.name, passes, ?guess, mean = scorer.mean, ?cut, "planned");
-    Ok(Planned { task, block_elems: cfg.block_elems, scorer: Some(scorer), cut })
+    let gathered = plans.iter().filter(|p| p.hits.is_some()).count();
+    let hits: usize = plans.iter().filter_map(|p| p.hits.as_ref()).map(|h| h.hits.len()).sum();
+    tracing::debug!(tensor = %fi.name, ?passes, floor, gathered, hits, keep = task.keep, chunks = chunks.len(), mean = scorer.mean, ?cut, "planned");
+    Ok(planned(task, Some(scorer), cut, plans))
 }
 
 /// Stage: mask and encode every chunk, a window of chunks at a time, in order.
-fn encode_stage(
-    rx: Receiver<Planned>,
-    tx: Sender<Out>,
+fn encode_stage<'b>(
+    rx: Receiver<Planned<'b>>,
+    tx: Sender<Out<'b>>,
     pool: &rayon::ThreadPool,
     window: usize,
     ctl: &Ctl,
 ) -> Result<()> {
     let mut keys: Vec<Vec<u32>> = vec![Vec::new(); window];
-    for planned in rx {
+    for mut planned in rx {
         ctl.set_current(&planned.task.ft.info().name);
+        let chunks = std::mem::take(&mut planned.chunks);
         let blocks = match planned.scorer {
-            Some(scorer) => encode_diffable(&planned, scorer, pool, &mut keys, &tx, ctl)?,
+            Some(scorer) => encode_diffable(&planned, scorer, chunks, pool, &mut keys, &tx, ctl)?,
             None => encode_whole(&planned.task.ft, pool, window, &tx, ctl)?,
         };
         if !blocks || tx.send(Out::End(planned)).is_err() {
@@ -366,13 +503,15 @@ fn encode_stage(
     Ok(())
 }
 
-/// Encodes a pruned or dense tensor; `false` when the writer has gone.
-fn encode_diffable(
+/// Encodes a pruned or dense tensor; `false` when the writer has gone. Chunks whose hits
+/// were gathered are masked from them; the others are scored again.
+fn encode_diffable<'b>(
     p: &Planned,
     scorer: Scorer,
+    plans: Vec<ChunkPlan>,
     pool: &rayon::ThreadPool,
     keys: &mut [Vec<u32>],
-    tx: &Sender<Out>,
+    tx: &Sender<Out<'b>>,
     ctl: &Ctl,
 ) -> Result<bool> {
     let base = p.task.base.as_ref().expect("diffable tensors have a base");
@@ -384,16 +523,25 @@ fn encode_diffable(
         Cut::Level { take, .. } => take,
         _ => 0,
     };
+    let mut plans = plans.into_iter();
     for win in chunks.chunks(keys.len()) {
         ctl.check()?;
         let keys = &mut keys[..win.len()];
+        let win_plans: Vec<ChunkPlan> = plans.by_ref().take(win.len()).collect();
+        let hits = |i: usize| win_plans.get(i).and_then(|c| c.hits.as_ref()).map(|h| &h.hits);
+        // Each chunk's candidates and boundary count; keys only for chunks without hits.
         let counts: Vec<(u64, Option<u64>)> = pool.install(|| {
             keys.par_iter_mut()
                 .zip(win)
-                .map(|(k, &(s, l))| {
+                .enumerate()
+                .map(|(i, (k, &(s, l)))| {
+                    let partial = p.cut.is_partial();
+                    if let (Some(h), Some(plan)) = (hits(i), win_plans.get(i)) {
+                        return (plan.candidates, partial.then(|| p.cut.at_level_in(&h.keys)));
+                    }
                     k.resize(l, 0);
                     let c = scorer.keys(&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs], k);
-                    (c as u64, if p.cut.is_partial() { Some(p.cut.at_level_in(k)) } else { None })
+                    (c as u64, partial.then(|| p.cut.at_level_in(k)))
                 })
                 .collect()
         });
@@ -406,13 +554,17 @@ fn encode_diffable(
             keys.par_iter()
                 .zip(win)
                 .zip(counts.par_iter().zip(quota))
-                .map(|((k, &(s, l)), (&(candidates, at_level), quota))| {
+                .enumerate()
+                .map(|(i, ((k, &(s, l)), (&(candidates, at_level), quota)))| {
                     let ft = &ft_bytes[s * fs..(s + l) * fs];
                     let base = &base_bytes[s * bs..(s + l) * bs];
                     let mut scratch = SCRATCH.take();
                     let Scratch { kept, out, raw } = &mut scratch;
                     kept.resize(kept.len().max(l), 0);
-                    let n = p.cut.select(k, quota, at_level, kept);
+                    let n = match hits(i) {
+                        Some(h) => p.cut.select_hits(h, quota, at_level, kept),
+                        None => p.cut.select(k, quota, at_level, kept),
+                    };
                     out.resize(l * fs, 0);
                     convert_chunk(fi.dtype, bi.dtype, base, out);
                     encode_sparse(&kept[..n], ft, out, fs, raw);
@@ -429,6 +581,7 @@ fn encode_diffable(
                 })
                 .collect()
         });
+        drop(win_plans); // gives the window's hits back to the budget
         for e in encoded {
             let e =
                 e.map_err(|e| Error::tensor(&p.task.ft.shard.path, &fi.name, format!("compression failed: {e}")))?;
@@ -443,7 +596,13 @@ fn encode_diffable(
 }
 
 /// Encodes a whole tensor as raw blocks; `false` when the writer has gone.
-fn encode_whole(t: &TensorRef, pool: &rayon::ThreadPool, window: usize, tx: &Sender<Out>, ctl: &Ctl) -> Result<bool> {
+fn encode_whole(
+    t: &TensorRef,
+    pool: &rayon::ThreadPool,
+    window: usize,
+    tx: &Sender<Out<'_>>,
+    ctl: &Ctl,
+) -> Result<bool> {
     let bytes = t.bytes();
     let chunks: Vec<(u64, u64)> = block_sizes(bytes.len() as u64, RAW_BLOCK_BYTES).collect();
     for win in chunks.chunks(window) {

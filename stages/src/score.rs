@@ -304,18 +304,22 @@ impl Scorer {
 }
 
 impl Scorer {
-    /// Computes keys a cache-sized piece at a time and hands each piece to `f`: for passes
-    /// that only need to count keys, without a buffer for the whole chunk.
-    pub fn for_each_keys(&self, ft: &[u8], base: &[u8], mut f: impl FnMut(&[u32])) {
+    /// Computes keys a cache-sized piece at a time and hands each piece to `f` with its
+    /// chunk-relative offset: for passes that only count or gather keys, without a buffer
+    /// for the whole chunk. Returns the number of candidates.
+    pub fn for_each_keys(&self, ft: &[u8], base: &[u8], mut f: impl FnMut(usize, &[u32])) -> u64 {
         const PIECE: usize = 4096;
         let (fs, bs) = (self.ft.size(), self.base.size());
         let n = ft.len() / fs;
         let mut buf = [0u32; PIECE];
+        let mut candidates = 0;
         for start in (0..n).step_by(PIECE) {
             let m = PIECE.min(n - start);
-            self.keys(&ft[start * fs..(start + m) * fs], &base[start * bs..(start + m) * bs], &mut buf[..m]);
-            f(&buf[..m]);
+            candidates +=
+                self.keys(&ft[start * fs..(start + m) * fs], &base[start * bs..(start + m) * bs], &mut buf[..m]) as u64;
+            f(start, &buf[..m]);
         }
+        candidates
     }
 }
 

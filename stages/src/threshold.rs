@@ -80,18 +80,21 @@ pub enum ThresholdMode {
     Approx,
 }
 
-/// What one streaming pass counts.
+/// What one streaming pass over a tensor counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bins {
-    /// Count the high 16 bits of every candidate's key.
-    pub high: bool,
-    /// Count the low 16 bits of the candidates whose high 16 bits lie in
-    /// `low.0 .. low.0 + low.1` (one histogram per high bin).
-    pub low: (u32, u32),
+pub enum Bins {
+    /// The high 16 bits of every candidate key `>= floor`. The pass also gathers those
+    /// candidates as [`Hits`], as far as its memory allows.
+    High {
+        /// 1 (every candidate), or a multiple of 2^16, so that bins are counted whole.
+        floor: u32,
+    },
+    /// The low 16 bits of the candidate keys whose high 16 bits are `bin`.
+    Low {
+        /// The boundary bin to refine.
+        bin: u32,
+    },
 }
-
-/// How many boundary bins a pass refines on a guess: the guessed bin and four either side.
-pub const GUESS_SPAN: u32 = 9;
 
 /// A 65,536-bin histogram of keys.
 #[derive(Clone)]
@@ -118,6 +121,12 @@ impl Histogram {
             let bin = if k == NOT_CANDIDATE { spare } else { (k >> 16) as usize };
             self.counts[bin] += 1;
         }
+    }
+
+    /// Counts the low 16 bits of the candidate keys among `keys` whose high 16 bits are `bin`.
+    pub fn add_low(&mut self, bin: u32, keys: &[u32]) {
+        // Few keys fall in the bin: test them a group at a time (vectorized), visit the hits.
+        for_each_in(keys, |k| k >> 16 == bin && k != NOT_CANDIDATE, |p| self.counts[(keys[p] & 0xffff) as usize] += 1);
     }
 
     /// Adds another histogram's counts to this one.
@@ -148,67 +157,187 @@ impl Histogram {
     }
 }
 
-/// The histograms one pass produces, as its [`Bins`] asks.
-#[derive(Clone)]
-pub struct Counts {
-    high: Option<Histogram>,
-    low: Vec<Histogram>,
+/// The candidates of one chunk whose keys are at least a floor, in index order: what the
+/// encode pass needs to mask the chunk without computing its keys again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hits {
+    /// Chunk-relative indices, ascending.
+    pub idx: Vec<u32>,
+    /// The key at each index.
+    pub keys: Vec<u32>,
 }
 
-impl Counts {
-    /// Empty counts for `bins`.
-    pub fn new(bins: Bins) -> Self {
-        Counts { high: bins.high.then(Histogram::default), low: vec![Histogram::default(); bins.low.1 as usize] }
+impl Hits {
+    /// Empty hits with room for `n`, in [`Hits::bytes_for`]`(n)` bytes.
+    pub fn with_capacity(n: usize) -> Self {
+        Hits { idx: Vec::with_capacity(n), keys: Vec::with_capacity(n) }
     }
 
-    /// Counts one piece of keys.
-    pub fn add(&mut self, bins: Bins, keys: &[u32]) {
-        if let Some(h) = &mut self.high {
-            h.add_high(keys);
+    /// The bytes that `n` hits take.
+    pub fn bytes_for(n: usize) -> u64 {
+        n as u64 * 8
+    }
+
+    /// Replaces the hits with what `gather` holds, reusing this one's buffers (growing
+    /// them to exactly the size needed when they are too small).
+    pub fn copy_from(&mut self, gather: &Gather) {
+        let n = gather.n;
+        self.idx.clear();
+        self.keys.clear();
+        self.idx.reserve_exact(n);
+        self.keys.reserve_exact(n);
+        self.idx.extend_from_slice(&gather.idx[..n]);
+        self.keys.extend_from_slice(&gather.keys[..n]);
+    }
+
+    /// How many hits there are.
+    pub fn len(&self) -> usize {
+        self.idx.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.idx.is_empty()
+    }
+
+    /// The heap bytes the hits' buffers hold.
+    pub fn capacity_bytes(&self) -> u64 {
+        (self.idx.capacity() + self.keys.capacity()) as u64 * 4
+    }
+}
+
+/// A buffer that gathers one chunk's [`Hits`], a piece of keys at a time, and counts them
+/// into a histogram. When the chunk has more hits than the buffer has room for, it still
+/// counts them all but gives up keeping them.
+#[derive(Debug, Default)]
+pub struct Gather {
+    idx: Vec<u32>,
+    keys: Vec<u32>,
+    n: usize,
+    room: usize,
+    whole: bool,
+}
+
+impl Gather {
+    /// Empties the buffer for a chunk, with room for `room` hits.
+    pub fn start(&mut self, room: usize) {
+        if self.idx.len() < room {
+            self.idx.resize(room, 0);
+            self.keys.resize(room, 0);
         }
-        let (first, n) = bins.low;
-        if n == 0 {
+        (self.n, self.room, self.whole) = (0, room, true);
+    }
+
+    /// Gathers the keys of `keys >= floor` (`floor >= 1`), at chunk-relative `offset + i`,
+    /// and counts their high bits into `high` (at once, or by [`Gather::finish`]).
+    pub fn add(&mut self, keys: &[u32], floor: u32, offset: usize, high: &mut Histogram) {
+        debug_assert!(floor > NOT_CANDIDATE);
+        if self.room - self.n < keys.len() {
+            high.add_high(self.keys());
+            (self.n, self.whole) = (0, false);
+            if self.room < keys.len() {
+                // Not even one piece fits: count it directly.
+                let mut rest = Gather::default();
+                rest.start(keys.len());
+                rest.add(keys, floor, offset, high);
+                rest.finish(high);
+                return;
+            }
+        }
+        let (idx, out) = (&mut self.idx[self.n..], &mut self.keys[self.n..]);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512 F, checked just above.
+            self.n += unsafe { gather_avx512(keys, floor, offset, idx, out) };
             return;
         }
-        let mut count = |k: u32| {
-            let bin = (k >> 16).wrapping_sub(first);
-            if bin < n && k != NOT_CANDIDATE {
-                self.low[bin as usize].counts[(k & 0xffff) as usize] += 1;
-            }
-        };
-        // Few keys fall in the refined bins: test 32 at a time (vectorized), visit hits.
-        let mut groups = keys.chunks_exact(32);
-        for group in &mut groups {
-            let group: &[u32; 32] = group.try_into().expect("32 keys");
-            let mut mask = 0u32;
-            for (j, &k) in group.iter().enumerate() {
-                mask |= (((k >> 16).wrapping_sub(first) < n) as u32) << j;
-            }
-            while mask != 0 {
-                count(group[mask.trailing_zeros() as usize]);
-                mask &= mask - 1;
-            }
-        }
-        groups.remainder().iter().for_each(|&k| count(k));
+        self.n += gather_portable(keys, floor, offset, idx, out);
     }
 
-    /// Adds another pass's counts (over other chunks) to these.
-    pub fn merge(self, other: &Counts) -> Counts {
-        Counts {
-            high: match (self.high, &other.high) {
-                (Some(a), Some(b)) => Some(a.merge(b)),
-                (a, _) => a,
-            },
-            low: self.low.into_iter().zip(&other.low).map(|(a, b)| a.merge(b)).collect(),
-        }
+    /// Counts the rest of the chunk's hits into `high`; returns whether the buffer holds
+    /// all of them.
+    pub fn finish(&mut self, high: &mut Histogram) -> bool {
+        high.add_high(self.keys());
+        self.whole
+    }
+
+    /// The keys gathered (since the buffer last ran out of room).
+    pub fn keys(&self) -> &[u32] {
+        &self.keys[..self.n]
+    }
+
+    /// How many keys are gathered.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
     }
 }
 
-/// Guesses the boundary bin of the k-th largest of `n` keys from the high histogram of a
-/// sample of `sample_n` of them; `None` when the sample is too small to say.
-pub fn guess(k: u64, n: u64, sample: &Histogram, sample_n: u64) -> Option<u32> {
-    let sk = ((k as u128 * sample_n as u128) / (n.max(1) as u128)).max(1) as u64;
-    (sample.total() >= sk).then(|| sample.boundary(sk).0)
+/// Writes `offset + i` and `keys[i]` for every `keys[i] >= floor` to the fronts of `idx`
+/// and `out`; returns how many.
+fn gather_portable(keys: &[u32], floor: u32, offset: usize, idx: &mut [u32], out: &mut [u32]) -> usize {
+    let mut n = 0;
+    for_each_in(
+        keys,
+        |k| k >= floor,
+        |p| {
+            idx[n] = (offset + p) as u32;
+            out[n] = keys[p];
+            n += 1;
+        },
+    );
+    n
+}
+
+/// [`gather_portable`] with AVX-512 compression, 16 keys at a time: each group's passing
+/// keys and indices are packed to the front of a vector that is stored whole at `n`. Every
+/// store stays within the slices when `idx` and `out` are at least `keys.len()` long, as at
+/// most one lane per key is kept (the slices are indexed, so a bug would panic, not write
+/// out of bounds).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn gather_avx512(keys: &[u32], floor: u32, offset: usize, idx: &mut [u32], out: &mut [u32]) -> usize {
+    use std::arch::x86_64::*;
+    let mut n = 0;
+    let t = _mm512_set1_epi32(floor as i32);
+    let mut at = _mm512_add_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(offset as i32),
+    );
+    let sixteen = _mm512_set1_epi32(16);
+    let mut groups = keys.chunks_exact(16);
+    for group in &mut groups {
+        // SAFETY: `group` is 16 u32 = 64 readable bytes; loadu has no alignment needs.
+        let k = unsafe { _mm512_loadu_si512(group.as_ptr().cast()) };
+        let m = _mm512_cmpge_epu32_mask(k, t);
+        let (i_dst, k_dst) = (&mut idx[n..n + 16], &mut out[n..n + 16]);
+        // SAFETY: both destinations are 16 u32 = 64 writable bytes (bounds-checked above).
+        unsafe {
+            _mm512_storeu_si512(i_dst.as_mut_ptr().cast(), _mm512_maskz_compress_epi32(m, at));
+            _mm512_storeu_si512(k_dst.as_mut_ptr().cast(), _mm512_maskz_compress_epi32(m, k));
+        }
+        n += m.count_ones() as usize;
+        at = _mm512_add_epi32(at, sixteen);
+    }
+    let done = keys.len() - groups.remainder().len();
+    n + gather_portable(groups.remainder(), floor, offset + done, &mut idx[n..], &mut out[n..])
+}
+
+/// Guesses a floor for the keys of a tensor's top `k` of `n`, from the high histogram of a
+/// sample of `sample_n` of them: the start of a bin that, by the sample, has a quarter more
+/// than k keys above it (and some margin for the sample's noise). 1 (no floor) when the
+/// sample is too small to say. A floor too high costs another pass, never a different cut.
+pub fn floor(k: u64, n: u64, sample: &Histogram, sample_n: u64) -> u32 {
+    let sk = ((k as u128 * sample_n as u128) / (n.max(1) as u128)) as u64;
+    let wanted = sk + sk / 4 + 4 * (sk as f64).sqrt() as u64 + 64;
+    if sample.total() < wanted {
+        return 1;
+    }
+    (sample.boundary(wanted).0 << 16).max(1)
 }
 
 /// What the mask stage keeps of a tensor's candidates.
@@ -233,39 +362,35 @@ pub enum Cut {
 }
 
 /// Finds the cut that keeps `k` candidates. `pass` streams the tensor once and returns the
-/// counts its [`Bins`] ask for. The first pass counts high bits and, in exact mode, refines
-/// the bins around `guess` at the same time; a second pass is needed only when the boundary
-/// bin is split and was not among them.
+/// histogram its [`Bins`] ask for. The first pass counts (and gathers) the candidates from
+/// `floor` up; when fewer than k are there, it is repeated from the bottom. Exact mode then
+/// refines the boundary bin when only some of it is kept; a pass that gathered the hits
+/// answers that from memory. The cut never reaches below the floor of the last `High` pass.
 pub fn plan<E>(
     k: u64,
     mode: ThresholdMode,
-    guess: Option<u32>,
-    mut pass: impl FnMut(Bins) -> Result<Counts, E>,
+    floor: u32,
+    mut pass: impl FnMut(Bins) -> Result<Histogram, E>,
 ) -> Result<Cut, E> {
     if k == 0 {
         return Ok(Cut::Nothing);
     }
-    let low = match (mode, guess) {
-        (ThresholdMode::Exact, Some(g)) => {
-            let first = g.saturating_sub(GUESS_SPAN / 2).max(1);
-            (first, GUESS_SPAN.min((1 << 16) - first))
+    let mut floor = floor.max(1);
+    let high = loop {
+        let high = pass(Bins::High { floor })?;
+        if floor == 1 && high.total() <= k {
+            return Ok(Cut::All);
         }
-        _ => (0, 0),
+        if high.total() >= k {
+            break high;
+        }
+        floor = 1;
     };
-    let mut first = pass(Bins { high: true, low })?;
-    let high = first.high.take().expect("asked for");
-    if high.total() <= k {
-        return Ok(Cut::All);
-    }
     let (bin, take, at_level) = high.boundary(k);
     if mode == ThresholdMode::Approx || take == at_level {
         return Ok(Cut::Level { shift: 16, level: bin, take, at_level });
     }
-    let refined = match bin.checked_sub(low.0).filter(|&i| i < low.1) {
-        Some(i) => first.low.swap_remove(i as usize),
-        None => pass(Bins { high: false, low: (bin, 1) })?.low.pop().expect("asked for"),
-    };
-    let (lo, take, at_level) = refined.boundary(take);
+    let (lo, take, at_level) = pass(Bins::Low { bin })?.boundary(take);
     Ok(Cut::Level { shift: 0, level: (bin << 16) | lo, take, at_level })
 }
 
@@ -286,27 +411,44 @@ impl Cut {
         }
     }
 
-    /// Writes the chunk-relative index of every kept position of `keys` to the front of
-    /// `kept` (at least `keys.len()` long) and returns how many there are. At most `quota`
-    /// boundary candidates are kept (the first ones); `at_level` is the chunk's boundary
-    /// count when known (else it is counted when needed).
+    /// Writes the chunk-relative index of every kept position of `keys` (a whole chunk's) to
+    /// the front of `kept` (at least `keys.len()` long) and returns how many there are. At
+    /// most `quota` boundary candidates are kept (the first ones); `at_level` is the chunk's
+    /// boundary count when known (else it is counted when needed).
     pub fn select(&self, keys: &[u32], quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
+        self.select_at(keys, |p| p as u32, quota, at_level, kept)
+    }
+
+    /// [`Cut::select`] over a chunk's gathered hits, whose floor this cut does not go below.
+    pub fn select_hits(&self, hits: &Hits, quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
+        self.select_at(&hits.keys, |p| hits.idx[p], quota, at_level, kept)
+    }
+
+    /// Selection over keys at chunk-relative indices `pos(0), pos(1), ...` (ascending).
+    #[inline(always)]
+    fn select_at(
+        &self,
+        keys: &[u32],
+        pos: impl Fn(usize) -> u32 + Copy,
+        quota: u64,
+        at_level: Option<u64>,
+        kept: &mut [u32],
+    ) -> usize {
         match *self {
             Cut::Nothing => 0,
-            Cut::All => keep_at_least(keys, 1, 0, kept),
+            Cut::All => keep_at_least(keys, 1, 0, pos, kept),
             Cut::Level { shift, level, .. } => {
                 // The smallest key at the level, and the smallest above it.
                 let lo = (level << shift).max(1);
-                let above =
-                    |keys: &[u32], offset: usize, kept: &mut [u32]| match u32::try_from((level as u64 + 1) << shift) {
-                        Ok(hi) => keep_at_least(keys, hi, offset, kept),
-                        Err(_) => 0, // nothing is above the top level
-                    };
+                let above = |start: usize, kept: &mut [u32]| match u32::try_from((level as u64 + 1) << shift) {
+                    Ok(hi) => keep_at_least(&keys[start..], hi, start, pos, kept),
+                    Err(_) => 0, // nothing is above the top level
+                };
                 if quota == 0 {
-                    return above(keys, 0, kept);
+                    return above(0, kept);
                 }
                 if quota == u64::MAX || at_level.is_some_and(|a| quota >= a) {
-                    return keep_at_least(keys, lo, 0, kept);
+                    return keep_at_least(keys, lo, 0, pos, kept);
                 }
                 // The quota runs out inside this chunk: keys at the level count up to the
                 // position of the quota-th one, and only keys above the level after it.
@@ -318,39 +460,52 @@ impl Cut {
                         seen == quota
                     })
                     .map_or(keys.len(), |p| p + 1);
-                let n = keep_at_least(&keys[..end], lo, 0, kept);
-                n + above(&keys[end..], end, &mut kept[n..])
+                let n = keep_at_least(&keys[..end], lo, 0, pos, kept);
+                n + above(end, &mut kept[n..])
             }
         }
     }
 }
 
-/// Writes `offset +` the index of every key `>= t` (`t >= 1`) to the front of `kept`;
-/// returns how many. Keys are compared 32 at a time into a bit mask (which vectorizes), and
-/// only the set bits are visited: a 90%-sparse cut has about three per group.
-fn keep_at_least(keys: &[u32], t: u32, offset: usize, kept: &mut [u32]) -> usize {
+/// Calls `visit(i)` for every `i` where `test(keys[i])`, in order. Keys are tested 32 at a
+/// time into a bit mask (which vectorizes), and only the set bits are visited: cheap when
+/// few keys pass, as in a 90%-sparse cut.
+#[inline(always)]
+fn for_each_in(keys: &[u32], test: impl Fn(u32) -> bool, mut visit: impl FnMut(usize)) {
     const G: usize = 32;
-    let mut n = 0;
     let mut groups = keys.chunks_exact(G);
     for (g, group) in (&mut groups).enumerate() {
         let group: &[u32; G] = group.try_into().expect("G keys");
         let mut mask = 0u32;
         for (j, &k) in group.iter().enumerate() {
-            mask |= ((k >= t) as u32) << j;
+            mask |= (test(k) as u32) << j;
         }
         while mask != 0 {
-            kept[n] = (offset + g * G) as u32 + mask.trailing_zeros();
-            n += 1;
+            visit(g * G + mask.trailing_zeros() as usize);
             mask &= mask - 1;
         }
     }
     let rest = keys.len() - groups.remainder().len();
     for (j, &k) in groups.remainder().iter().enumerate() {
-        if k >= t {
-            kept[n] = (offset + rest + j) as u32;
-            n += 1;
+        if test(k) {
+            visit(rest + j);
         }
     }
+}
+
+/// Writes `pos(start + i)` for every `keys[i] >= t` (`t >= 1`) to the front of `kept`;
+/// returns how many.
+#[inline(always)]
+fn keep_at_least(keys: &[u32], t: u32, start: usize, pos: impl Fn(usize) -> u32, kept: &mut [u32]) -> usize {
+    let mut n = 0;
+    for_each_in(
+        keys,
+        |k| k >= t,
+        |i| {
+            kept[n] = pos(start + i);
+            n += 1;
+        },
+    );
     n
 }
 
@@ -390,42 +545,75 @@ mod tests {
         }
     }
 
+    /// Plans a cut over `keys` from `floor`; returns it, the passes made and the hits that
+    /// the last `High` pass gathered.
+    fn plan_over(keys: &[u32], k: u64, mode: ThresholdMode, floor: u32) -> (Cut, Vec<Bins>, Hits) {
+        let (mut passes, mut hits) = (Vec::new(), Hits::default());
+        let cut = plan::<()>(k, mode, floor, |bins| {
+            passes.push(bins);
+            let mut h = Histogram::default();
+            match bins {
+                Bins::High { floor } => {
+                    let mut g = Gather::default();
+                    g.start(keys.len());
+                    g.add(keys, floor, 0, &mut h);
+                    assert!(g.finish(&mut h));
+                    hits.copy_from(&g);
+                }
+                Bins::Low { bin } => h.add_low(bin, keys),
+            }
+            Ok(h)
+        })
+        .unwrap();
+        (cut, passes, hits)
+    }
+
     fn cut_of(keys: &[u32], k: u64, mode: ThresholdMode) -> Cut {
-        let with_guess = |guess| {
-            let mut passes = 0;
-            let cut = plan::<()>(k, mode, guess, |bins| {
-                passes += 1;
-                let mut c = Counts::new(bins);
-                c.add(bins, keys);
-                Ok(c)
-            })
-            .unwrap();
-            (cut, passes)
-        };
-        let (cut, _) = with_guess(None);
-        // A guess changes how many passes are needed, never the cut.
-        for g in [1, 0x8000, 0xbf80, 0xffff] {
-            assert_eq!(with_guess(Some(g)).0, cut);
+        let (cut, ..) = plan_over(keys, k, mode, 1);
+        // A floor changes how many passes are needed, never the cut; and the hits of the
+        // last pass select what the whole chunk does.
+        for f in [1, 0x8000 << 16, 0xbf80 << 16, 0xffff << 16] {
+            let (c, _, hits) = plan_over(keys, k, mode, f);
+            assert_eq!(c, cut, "floor {f:#x}");
+            let quota = match cut {
+                Cut::Level { take, .. } => take,
+                _ => 0,
+            };
+            let mut out = vec![0; keys.len()];
+            let n = cut.select_hits(&hits, quota, None, &mut out);
+            assert_eq!(out[..n], kept(keys, &cut)[..], "floor {f:#x}");
         }
         cut
     }
 
     #[test]
-    fn a_right_guess_saves_the_second_pass() {
-        let keys: Vec<u32> = [1.0f32, 1.0, 1.0, 2.0, 3.0, 1.0 + 1e-6].iter().map(|&s| key(s)).collect();
+    fn a_floor_below_the_cut_gathers_everything_in_one_pass() {
+        // 20,000 scores with ties (each value five times), keep 2,000.
+        let scores: Vec<f32> = (0..20_000).map(|i| 1.0 + ((i * 7919) % 4000) as f32 / 64.0).collect();
+        let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();
         let mut sample = Histogram::default();
         sample.add_high(&keys);
-        let g = guess(3, 6, &sample, 6);
-        let mut passes = 0;
-        let cut = plan::<()>(3, ThresholdMode::Exact, g, |bins| {
-            passes += 1;
-            let mut c = Counts::new(bins);
-            c.add(bins, &keys);
-            Ok(c)
-        })
-        .unwrap();
-        assert_eq!(passes, 1);
-        assert_eq!(kept(&keys, &cut), [3, 4, 5]);
+        let f = floor(2000, 20_000, &sample, 20_000);
+        assert!(f > 1, "the sample is the whole tensor: it finds a floor");
+        let (cut, passes, hits) = plan_over(&keys, 2000, ThresholdMode::Exact, f);
+        assert_eq!(passes[0], Bins::High { floor: f });
+        assert!(passes[1..].iter().all(|b| matches!(b, Bins::Low { .. })), "{passes:?}");
+        assert!(hits.len() >= 2000 && hits.len() < 20_000 / 2, "{}", hits.len());
+        let mut order: Vec<u32> = (0..20_000).collect();
+        order.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
+        order.truncate(2000);
+        order.sort();
+        assert_eq!(kept(&keys, &cut), order);
+    }
+
+    #[test]
+    fn a_floor_above_the_cut_costs_a_pass_from_the_bottom() {
+        let keys: Vec<u32> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&s| key(s)).collect();
+        let high = key(3.5) & !0xffff;
+        let (cut, passes, hits) = plan_over(&keys, 3, ThresholdMode::Exact, high);
+        assert_eq!(passes[..2], [Bins::High { floor: high }, Bins::High { floor: 1 }]);
+        assert_eq!(hits.len(), 4);
+        assert_eq!(kept(&keys, &cut), [1, 2, 3]);
     }
 
     fn kept(keys: &[u32], cut: &Cut) -> Vec<u32> {
@@ -456,6 +644,57 @@ mod tests {
         let keys = [NOT_CANDIDATE, key(f32::NEG_INFINITY), NOT_CANDIDATE];
         let cut = cut_of(&keys, 3, ThresholdMode::Exact);
         assert_eq!(kept(&keys, &cut), [1]);
+    }
+
+    #[test]
+    fn every_gather_agrees_with_the_portable_one() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let keys: Vec<u32> = (0..10_007)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if x.is_multiple_of(3) {
+                    NOT_CANDIDATE
+                } else {
+                    (x >> 32) as u32
+                }
+            })
+            .collect();
+        for floor in [1, 0x4000_0000, 0x8000_0000, 0xffff_0000, u32::MAX] {
+            let mut want = (vec![0; keys.len()], vec![0; keys.len()]);
+            let n = gather_portable(&keys, floor, 5, &mut want.0, &mut want.1);
+            // Through the public path (AVX-512 where the CPU has it), in uneven pieces.
+            let pieces = [1, 15, 16, 17, 4096, 10_007];
+            let mut g = Gather::default();
+            let mut high = Histogram::default();
+            g.start(keys.len());
+            let mut at = 0;
+            for piece in pieces {
+                let end = (at + piece).min(keys.len());
+                g.add(&keys[at..end], floor, 5 + at, &mut high);
+                at = end;
+            }
+            assert!(g.finish(&mut high));
+            assert_eq!(g.len(), n, "floor {floor:#x}");
+            assert_eq!(g.idx[..n], want.0[..n]);
+            assert_eq!(g.keys[..n], want.1[..n]);
+            let mut direct = Histogram::default();
+            direct.add_high(&want.1[..n]);
+            assert_eq!(high.counts[..], direct.counts[..]);
+            // With too little room, every hit is still counted, but none kept.
+            let mut small = Histogram::default();
+            g.start(4096);
+            let mut at = 0;
+            for piece in pieces {
+                let end = (at + piece).min(keys.len());
+                g.add(&keys[at..end], floor, 5 + at, &mut small);
+                at = end;
+            }
+            assert!(!g.finish(&mut small), "the last piece alone is larger than the room");
+            assert_eq!(small.counts[..], direct.counts[..]);
+            assert!(want.1[..n].iter().all(|&k| k >= floor));
+        }
     }
 
     #[test]

@@ -73,7 +73,7 @@ struct Case {
 fn shape_for(rng: &mut Rng, n: usize) -> Vec<u64> {
     match (n, rng.below(3)) {
         (1, 0) => vec![],
-        (_, 1) if n % 4 == 0 => vec![4, n as u64 / 4],
+        (_, 1) if n.is_multiple_of(4) => vec![4, n as u64 / 4],
         _ => vec![n as u64],
     }
 }
