@@ -138,12 +138,13 @@ fn stages(c: &mut Criterion) {
     let floor = sorted.get(N / 8).map_or(1, |&k| (k & !0xffff).max(1));
     let mut gather = Gather::default();
     g.bench_function(BenchmarkId::new("gather", "12pct"), |b| {
+        let mut high = Histogram::default();
         b.iter(|| {
             gather.start(N);
             for (i, piece) in keys.chunks(4096).enumerate() {
-                gather.add(black_box(piece), floor, i * 4096);
+                gather.add(black_box(piece), floor, i * 4096, &mut high);
             }
-            gather.len()
+            gather.finish(&mut high)
         })
     });
     let mut hits = Hits::default();
@@ -152,9 +153,9 @@ fn stages(c: &mut Criterion) {
         match bins {
             Bins::High { floor } => {
                 gather.start(N);
-                gather.add(&keys, floor, 0);
+                gather.add(&keys, floor, 0, &mut h);
+                assert!(gather.finish(&mut h));
                 hits.copy_from(&gather);
-                h.add_high(gather.keys());
             }
             Bins::Low { bin } => h.add_low(bin, &keys),
         }

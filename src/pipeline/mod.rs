@@ -92,3 +92,50 @@ pub(crate) fn first_error<T>(results: impl IntoIterator<Item = Result<T>>) -> Re
         Ok(())
     }
 }
+
+/// Runs `job` on every item on the pool, at most `window` at a time, and hands the results
+/// to `sink` in the items' order as soon as each is next: a sliding window, so that no
+/// worker waits for a slower neighbour before it starts on the next item. Stops early when
+/// the run is cancelled, at `sink`'s first error, or when `sink` returns `false` (whoever
+/// it feeds has gone); returns that `false`.
+pub(crate) fn ordered<I: Send, T: Send>(
+    pool: &rayon::ThreadPool,
+    items: impl IntoIterator<Item = I>,
+    window: usize,
+    ctl: &Ctl,
+    job: impl Fn(I) -> T + Sync,
+    mut sink: impl FnMut(T) -> Result<bool>,
+) -> Result<bool> {
+    use std::collections::BTreeMap;
+    use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    let mut items = items.into_iter().enumerate();
+    let job = &job;
+    pool.in_place_scope_fifo(|scope| {
+        let (mut started, mut next) = (0, 0);
+        let mut finished = BTreeMap::new();
+        loop {
+            ctl.check()?;
+            while started - next < window.max(1) {
+                let Some((i, item)) = items.next() else { break };
+                let done = done_tx.clone();
+                scope.spawn_fifo(move |_| {
+                    // A panic is carried back and raised here, not left to hang the wait.
+                    let _ = done.send((i, catch_unwind(AssertUnwindSafe(|| job(item)))));
+                });
+                started += 1;
+            }
+            if next == started {
+                return Ok(true);
+            }
+            let (i, result) = done_rx.recv().expect("this function holds a sender");
+            finished.insert(i, result);
+            while let Some(result) = finished.remove(&next) {
+                next += 1;
+                if !sink(result.unwrap_or_else(|panic| resume_unwind(panic)))? {
+                    return Ok(false);
+                }
+            }
+        }
+    })
+}

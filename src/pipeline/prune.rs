@@ -170,13 +170,15 @@ struct Encoded {
 /// Elements per piece of the floor-guessing sample, and the stride between pieces.
 const SAMPLE_PIECE: usize = 64;
 const SAMPLE_STRIDE: usize = 31;
-/// The size from which a tensor is sampled (smaller ones gather every candidate).
+/// The size from which a tensor is sampled (smaller ones gather every candidate), or four
+/// blocks when the blocks are smaller (in tests).
 const SAMPLE_MIN: u64 = 1 << 16;
 
 /// Per-worker buffers reused from chunk to chunk (allocating and zeroing them per chunk
 /// showed up as 6% of prune's time).
 #[derive(Default)]
 struct Scratch {
+    keys: Vec<u32>,
     kept: Vec<u32>,
     out: Vec<u8>,
     raw: Vec<u8>,
@@ -296,22 +298,16 @@ fn stage<T>(ctl: &Ctl, body: impl FnOnce() -> Result<T>) -> Result<T> {
     r
 }
 
-/// How many chunks are encoded at once: enough for every thread, within the budget.
+/// How many chunks are in flight in the encode stage (and queued for the writer): at least
+/// one more than there are threads, so that none waits for the slowest, within the budget.
 fn window(threads: usize, budget: u64, block_elems: u64) -> usize {
-    // Each worker keeps scratch buffers: kept indices (4 B/elem), the reconstructed chunk
-    // (<= 8 B/elem) and the raw block (<= 18 B/elem at worst): 30 B/elem. Each chunk of a
-    // window holds its keys (4 B/elem) and, queued for the writer, its compressed block
-    // (<= 18 B/elem at worst, about 0.5 B/elem in practice). Half the budget is for this.
-    let scratch = threads as u64 * block_elems * 30;
-    let per_chunk = block_elems * 22;
-    let fit = ((budget / 2).saturating_sub(scratch) / per_chunk) as usize;
-    // A whole number of rounds, so that no worker idles at the end of a window.
-    let rounds = (fit / threads).clamp(1, 4);
-    if fit < threads {
-        fit.max(1)
-    } else {
-        rounds * threads
-    }
+    // Each worker keeps scratch buffers: keys of a chunk without hits (4 B/elem), kept
+    // indices (4 B/elem), the reconstructed chunk (<= 8 B/elem) and the raw block (<= 18
+    // B/elem at worst): 34 B/elem. Each chunk in flight holds its compressed block (<= 18
+    // B/elem at worst, about 0.5 B/elem in practice). Half the budget is for this.
+    let scratch = threads as u64 * block_elems * 34;
+    let fit = ((budget / 2).saturating_sub(scratch) / (block_elems * 18)) as usize;
+    fit.clamp(1, 4 * threads).max(threads + 1)
 }
 
 /// Memory for gathered hits: the half of the budget that [`window`] leaves, less the
@@ -361,13 +357,19 @@ fn plan_stage<'b>(
     tx: Sender<Planned<'b>>,
     ctl: &Ctl,
 ) -> Result<()> {
+    // How long the planner waits for the encoder: where the time goes (`-v`).
+    let mut blocked = std::time::Duration::ZERO;
     for task in tasks {
         ctl.check()?;
         let planned = plan_tensor(cfg, task, pool, budget, ctl)?;
-        if tx.send(planned).is_err() {
+        let t0 = Instant::now();
+        let sent = tx.send(planned);
+        blocked += t0.elapsed();
+        if sent.is_err() {
             return Ok(()); // downstream has gone; it reports why
         }
     }
+    tracing::debug!(?blocked, "planner waited for the encoder");
     Ok(())
 }
 
@@ -401,20 +403,30 @@ fn plan_tensor<'b>(
     let slice = |s: usize, l: usize| (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs]);
     // A strided sample (1/31 of the tensor) guesses a floor a little below the cut, so that
     // the first pass gathers only the candidates that can be kept (about 1.25 k).
-    let floor = if n >= SAMPLE_MIN {
-        let n = n as usize;
-        let (mut sample, mut sample_n) = (Histogram::default(), 0u64);
-        for s in (0..n).step_by(SAMPLE_PIECE * SAMPLE_STRIDE) {
-            let l = SAMPLE_PIECE.min(n - s);
-            let (ft, base) = slice(s, l);
-            scorer.for_each_keys(ft, base, |_, keys| sample.add_high(keys));
-            sample_n += l as u64;
-        }
-        floor(task.keep, n as u64, &sample, sample_n)
+    let min_len = (chunks.len() / (2 * cfg.threads.max(1))).max(1);
+    let floor = if n >= SAMPLE_MIN.min(4 * cfg.block_elems) {
+        // In parallel: the sample is the first to touch the fine-tuned tensor's pages.
+        let pieces: Vec<usize> = (0..n as usize).step_by(SAMPLE_PIECE * SAMPLE_STRIDE).collect();
+        let (sample, sample_n) = pool.install(|| {
+            pieces
+                .par_iter()
+                .with_min_len((pieces.len() / (2 * cfg.threads.max(1))).max(1))
+                .fold(
+                    || (Histogram::default(), 0u64),
+                    |(mut h, m), &s| {
+                        let l = SAMPLE_PIECE.min(n as usize - s);
+                        let (ft, base) = slice(s, l);
+                        scorer.for_each_keys(ft, base, |_, keys| h.add_high(keys));
+                        (h, m + l as u64)
+                    },
+                )
+                .reduce_with(|(a, m), (b, k)| (a.merge(&b), m + k))
+                .unwrap_or_default()
+        });
+        floor(task.keep, n, &sample, sample_n)
     } else {
         1
     };
-    let min_len = (chunks.len() / (2 * cfg.threads.max(1))).max(1);
     // Room to gather a chunk's hits: twice the kept fraction, as the floor aims at 1.25x.
     let room = (cfg.block_elems as u128 * 2 * task.keep as u128 / n as u128) as usize + 4096;
     let mut plans: Vec<ChunkPlan<'b>> = Vec::new();
@@ -480,7 +492,7 @@ fn plan_tensor<'b>(
     Ok(planned(task, Some(scorer), cut, plans))
 }
 
-/// Stage: mask and encode every chunk, a window of chunks at a time, in order.
+/// Stage: mask and encode every chunk, a sliding window of chunks at a time, in order.
 fn encode_stage<'b>(
     rx: Receiver<Planned<'b>>,
     tx: Sender<Out<'b>>,
@@ -488,18 +500,22 @@ fn encode_stage<'b>(
     window: usize,
     ctl: &Ctl,
 ) -> Result<()> {
-    let mut keys: Vec<Vec<u32>> = vec![Vec::new(); window];
-    for mut planned in rx {
+    let mut starved = std::time::Duration::ZERO;
+    loop {
+        let t0 = Instant::now();
+        let Ok(mut planned) = rx.recv() else { break };
+        starved += t0.elapsed();
         ctl.set_current(&planned.task.ft.info().name);
         let chunks = std::mem::take(&mut planned.chunks);
         let blocks = match planned.scorer {
-            Some(scorer) => encode_diffable(&planned, scorer, chunks, pool, &mut keys, &tx, ctl)?,
+            Some(scorer) => encode_diffable(&planned, scorer, chunks, pool, window, &tx, ctl)?,
             None => encode_whole(&planned.task.ft, pool, window, &tx, ctl)?,
         };
         if !blocks || tx.send(Out::End(planned)).is_err() {
             return Ok(());
         }
     }
+    tracing::debug!(?starved, "encoder waited for the planner");
     Ok(())
 }
 
@@ -510,7 +526,7 @@ fn encode_diffable<'b>(
     scorer: Scorer,
     plans: Vec<ChunkPlan>,
     pool: &rayon::ThreadPool,
-    keys: &mut [Vec<u32>],
+    window: usize,
     tx: &Sender<Out<'b>>,
     ctl: &Ctl,
 ) -> Result<bool> {
@@ -518,81 +534,75 @@ fn encode_diffable<'b>(
     let (fi, bi) = (p.task.ft.info(), base.info());
     let (fs, bs) = (fi.dtype.size(), bi.dtype.size());
     let (ft_bytes, base_bytes) = (p.task.ft.bytes(), base.bytes());
+    let slice = |s: usize, l: usize| (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs]);
     let chunks = elem_chunks(fi.numel(), p.block_elems);
-    let mut remaining = match p.cut {
-        Cut::Level { take, .. } => take,
-        _ => 0,
-    };
-    let mut plans = plans.into_iter();
-    for win in chunks.chunks(keys.len()) {
-        ctl.check()?;
-        let keys = &mut keys[..win.len()];
-        let win_plans: Vec<ChunkPlan> = plans.by_ref().take(win.len()).collect();
-        let hits = |i: usize| win_plans.get(i).and_then(|c| c.hits.as_ref()).map(|h| &h.hits);
-        // Each chunk's candidates and boundary count; keys only for chunks without hits.
-        let counts: Vec<(u64, Option<u64>)> = pool.install(|| {
-            keys.par_iter_mut()
-                .zip(win)
-                .enumerate()
-                .map(|(i, (k, &(s, l)))| {
-                    let partial = p.cut.is_partial();
-                    if let (Some(h), Some(plan)) = (hits(i), win_plans.get(i)) {
-                        return (plan.candidates, partial.then(|| p.cut.at_level_in(&h.keys)));
+    let mut plans: Vec<Option<ChunkPlan>> = plans.into_iter().map(Some).collect();
+    plans.resize_with(chunks.len(), || None);
+    // When only some of the boundary is kept, each chunk's share comes from the boundary
+    // counts of the chunks before it: count them all first (from the hits where there are).
+    let quota = if p.cut.is_partial() {
+        let at_level: Vec<u64> = pool.install(|| {
+            chunks
+                .par_iter()
+                .zip(&plans)
+                .map(|(&(s, l), plan)| match plan.as_ref().and_then(|c| c.hits.as_ref()) {
+                    Some(held) => p.cut.at_level_in(&held.hits.keys),
+                    None => {
+                        let (ft, base) = slice(s, l);
+                        let mut n = 0;
+                        scorer.for_each_keys(ft, base, |_, keys| n += p.cut.at_level_in(keys));
+                        n
                     }
-                    k.resize(l, 0);
-                    let c = scorer.keys(&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs], k);
-                    (c as u64, partial.then(|| p.cut.at_level_in(k)))
                 })
                 .collect()
         });
-        let quota = if p.cut.is_partial() {
-            quotas(counts.iter().map(|c| c.1.unwrap_or(0)), &mut remaining)
-        } else {
-            vec![u64::MAX; win.len()]
+        let mut remaining = match p.cut {
+            Cut::Level { take, .. } => take,
+            _ => 0,
         };
-        let encoded: Vec<std::io::Result<Encoded>> = pool.install(|| {
-            keys.par_iter()
-                .zip(win)
-                .zip(counts.par_iter().zip(quota))
-                .enumerate()
-                .map(|(i, ((k, &(s, l)), (&(candidates, at_level), quota)))| {
-                    let ft = &ft_bytes[s * fs..(s + l) * fs];
-                    let base = &base_bytes[s * bs..(s + l) * bs];
-                    let mut scratch = SCRATCH.take();
-                    let Scratch { kept, out, raw } = &mut scratch;
-                    kept.resize(kept.len().max(l), 0);
-                    let n = match hits(i) {
-                        Some(h) => p.cut.select_hits(h, quota, at_level, kept),
-                        None => p.cut.select(k, quota, at_level, kept),
-                    };
-                    out.resize(l * fs, 0);
-                    convert_chunk(fi.dtype, bi.dtype, base, out);
-                    encode_sparse(&kept[..n], ft, out, fs, raw);
-                    let encoded = Encoded {
-                        compressed: compress(raw)?,
-                        raw_len: raw.len() as u64,
-                        out: hash::part(out, (s * fs) as u64, chunks.len()),
-                        base: Some(hash::part(base, (s * bs) as u64, chunks.len())),
-                        candidates,
-                        kept: n as u64,
-                    };
-                    SCRATCH.set(scratch);
-                    Ok(encoded)
-                })
-                .collect()
-        });
-        drop(win_plans); // gives the window's hits back to the budget
-        for e in encoded {
-            let e =
-                e.map_err(|e| Error::tensor(&p.task.ft.shard.path, &fi.name, format!("compression failed: {e}")))?;
-            if tx.send(Out::Block(e)).is_err() {
-                return Ok(false);
+        quotas(at_level.iter().copied(), &mut remaining).into_iter().zip(at_level).map(|(q, a)| (q, Some(a))).collect()
+    } else {
+        vec![(u64::MAX, None); chunks.len()]
+    };
+    let items = chunks.iter().zip(plans).zip(quota);
+    let job = |((&(s, l), plan), (quota, at_level)): (_, (u64, Option<u64>))| -> std::io::Result<Encoded> {
+        let plan: Option<ChunkPlan> = plan;
+        let (ft, base) = slice(s, l);
+        let mut scratch = SCRATCH.take();
+        let Scratch { keys, kept, out, raw } = &mut scratch;
+        kept.resize(kept.len().max(l), 0);
+        let (candidates, n) = match plan {
+            Some(ChunkPlan { candidates, hits: Some(held) }) => {
+                (candidates, p.cut.select_hits(&held.hits, quota, at_level, kept))
             }
-        }
-        let bytes: usize = win.iter().map(|&(_, l)| l * (fs + bs)).sum();
-        ctl.advance(bytes as u64);
-    }
-    Ok(true)
+            _ => {
+                keys.resize(l, 0);
+                let c = scorer.keys(ft, base, keys);
+                (c as u64, p.cut.select(keys, quota, at_level, kept))
+            }
+        };
+        out.resize(l * fs, 0);
+        convert_chunk(fi.dtype, bi.dtype, base, out);
+        encode_sparse(&kept[..n], ft, out, fs, raw);
+        let compressed = compress(raw);
+        let encoded = compressed.map(|compressed| Encoded {
+            compressed,
+            raw_len: raw.len() as u64,
+            out: hash::part(out, (s * fs) as u64, chunks.len()),
+            base: Some(hash::part(base, (s * bs) as u64, chunks.len())),
+            candidates,
+            kept: n as u64,
+        });
+        SCRATCH.set(scratch);
+        encoded
+    };
+    let chunk_bytes = |l: usize| (l * (fs + bs)) as u64;
+    let mut sent = chunks.iter();
+    super::ordered(pool, items, window, ctl, job, |e| {
+        let e = e.map_err(|e| Error::tensor(&p.task.ft.shard.path, &fi.name, format!("compression failed: {e}")))?;
+        ctl.advance(sent.next().map_or(0, |&(_, l)| chunk_bytes(l)));
+        Ok(tx.send(Out::Block(e)).is_ok())
+    })
 }
 
 /// Encodes a whole tensor as raw blocks; `false` when the writer has gone.
@@ -605,32 +615,22 @@ fn encode_whole(
 ) -> Result<bool> {
     let bytes = t.bytes();
     let chunks: Vec<(u64, u64)> = block_sizes(bytes.len() as u64, RAW_BLOCK_BYTES).collect();
-    for win in chunks.chunks(window) {
-        ctl.check()?;
-        let encoded: Vec<std::io::Result<Encoded>> = pool.install(|| {
-            win.par_iter()
-                .map(|&(s, l)| {
-                    let raw = &bytes[s as usize..(s + l) as usize];
-                    Ok(Encoded {
-                        compressed: compress(raw)?,
-                        raw_len: l,
-                        out: hash::part(raw, s, chunks.len()),
-                        base: None,
-                        candidates: 0,
-                        kept: 0,
-                    })
-                })
-                .collect()
-        });
-        for e in encoded {
-            let e = e.map_err(|e| Error::tensor(&t.shard.path, &t.info().name, format!("compression failed: {e}")))?;
-            if tx.send(Out::Block(e)).is_err() {
-                return Ok(false);
-            }
-        }
-        ctl.advance(win.iter().map(|c| c.1).sum());
-    }
-    Ok(true)
+    let job = |&(s, l): &(u64, u64)| -> std::io::Result<Encoded> {
+        let raw = &bytes[s as usize..(s + l) as usize];
+        Ok(Encoded {
+            compressed: compress(raw)?,
+            raw_len: l,
+            out: hash::part(raw, s, chunks.len()),
+            base: None,
+            candidates: 0,
+            kept: 0,
+        })
+    };
+    super::ordered(pool, &chunks, window, ctl, job, |e| {
+        let e = e.map_err(|e| Error::tensor(&t.shard.path, &t.info().name, format!("compression failed: {e}")))?;
+        ctl.advance(e.raw_len);
+        Ok(tx.send(Out::Block(e)).is_ok())
+    })
 }
 
 /// Stage: appends blocks to the delta and builds each tensor's record.

@@ -55,14 +55,6 @@ fn read_bits(bytes: &[u8], i: usize, size: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-fn push_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 fn read_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
@@ -82,17 +74,25 @@ fn read_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
 /// `out` holds the chunk's base values converted to the fine-tuned dtype; `ft` the
 /// fine-tuned chunk; `kept` ascending chunk-relative indices; `size` bytes per element.
 pub fn encode_sparse(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: &mut Vec<u8>) {
+    // The count, then the gaps: written into room for the longest (10 and 5 bytes), then
+    // cut to length.
     raw.clear();
-    raw.reserve(10 + kept.len() * (5 + size));
-    push_varint(raw, kept.len() as u64);
-    let mut next = 0u64;
+    raw.resize(10 + kept.len() * 5, 0);
+    let gaps_at = write_varint(raw, kept.len() as u64);
+    let (mut at, mut next) = (gaps_at, 0u32);
     for &i in kept {
-        push_varint(raw, i as u64 - next);
-        next = i as u64 + 1;
+        let gap = i - next;
+        next = i + 1;
+        if gap < 0x80 {
+            raw[at] = gap as u8;
+            at += 1;
+        } else {
+            at += write_varint(&mut raw[at..], gap as u64);
+        }
     }
-    let planes_at = raw.len();
-    raw.resize(planes_at + kept.len() * size, 0);
-    let planes = &mut raw[planes_at..];
+    raw.truncate(at);
+    raw.resize(at + kept.len() * size, 0);
+    let planes = &mut raw[at..];
     match size {
         1 => encode_values::<1>(kept, ft, out, planes),
         2 => encode_values::<2>(kept, ft, out, planes),
@@ -102,12 +102,35 @@ pub fn encode_sparse(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: 
     }
 }
 
+/// Writes `v` as LEB128 to the front of `out`; returns its length.
+fn write_varint(out: &mut [u8], mut v: u64) -> usize {
+    let mut n = 0;
+    while v >= 0x80 {
+        out[n] = v as u8 | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    out[n] = v as u8;
+    n + 1
+}
+
 fn encode_values<const W: usize>(kept: &[u32], ft: &[u8], out: &mut [u8], planes: &mut [u8]) {
     let n = kept.len();
+    let (ft, _) = ft.as_chunks::<W>();
+    let (out, _) = out.as_chunks_mut::<W>();
+    if W == 2 {
+        // The common case (bf16, f16) without the generic plane loop.
+        let (hi, lo) = planes.split_at_mut(n);
+        for ((&i, h), l) in kept.iter().zip(hi).zip(lo) {
+            let (f, o) = (ft[i as usize], &mut out[i as usize]);
+            let z = delta_value(le_bits(&f), le_bits(o), W);
+            (*h, *l) = ((z >> 8) as u8, z as u8);
+            *o = f;
+        }
+        return;
+    }
     for (j, &i) in kept.iter().enumerate() {
-        let i = i as usize;
-        let f: [u8; W] = ft[i * W..(i + 1) * W].try_into().expect("W bytes");
-        let o: &mut [u8; W] = (&mut out[i * W..(i + 1) * W]).try_into().expect("W bytes");
+        let (f, o) = (ft[i as usize], &mut out[i as usize]);
         let z = delta_value(le_bits(&f), le_bits(o), W);
         for p in 0..W {
             planes[p * n + j] = (z >> (8 * (W - 1 - p))) as u8;

@@ -333,7 +333,7 @@ fn gather_avx512(keys: &[u32], floor: u32, offset: usize, idx: &mut [u32], out: 
 /// sample is too small to say. A floor too high costs another pass, never a different cut.
 pub fn floor(k: u64, n: u64, sample: &Histogram, sample_n: u64) -> u32 {
     let sk = ((k as u128 * sample_n as u128) / (n.max(1) as u128)) as u64;
-    let wanted = sk + sk / 4 + 4 * (sk as f64).sqrt() as u64 + 64;
+    let wanted = sk + sk / 8 + 4 * (sk as f64).sqrt() as u64 + 64;
     if sample.total() < wanted {
         return 1;
     }

@@ -116,7 +116,7 @@ fn interruption_leaves_nothing_behind() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let mut cmd = fapm();
         cmd.args(["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--threads", "1"]);
-        let o = interrupt(cmd, &ft, signal, Duration::from_millis(200));
+        let o = interrupt(cmd, &ft, signal, Duration::from_millis(10));
         assert_error(&o, &["interrupted"], "interrupted prune");
         assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors"]), Vec::<String>::new());
     }
@@ -126,7 +126,7 @@ fn interruption_leaves_nothing_behind() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let mut cmd = fapm();
         cmd.args(["apply", "--base", s(&base), "--delta", s(&delta), "-o", s(&out), "-q", "--threads", "1"]);
-        let o = interrupt(cmd, &base, signal, Duration::from_millis(100));
+        let o = interrupt(cmd, &base, signal, Duration::from_millis(10));
         assert_error(&o, &["interrupted"], "interrupted apply");
         assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors", "d.fapm"]), Vec::<String>::new());
     }

@@ -79,12 +79,17 @@ fn shape_for(rng: &mut Rng, n: usize) -> Vec<u64> {
 }
 
 fn gen_case(seed: u64, tensors: usize, max_n: u64) -> Case {
+    gen_case_sized(seed, tensors, 0, max_n)
+}
+
+/// [`gen_case`] with tensors of `min_n..max_n` elements (and some tiny ones).
+fn gen_case_sized(seed: u64, tensors: usize, min_n: u64, max_n: u64) -> Case {
     let mut rng = Rng(seed | 1);
     let (mut base, mut ft) = (Vec::new(), Vec::new());
     for i in 0..tensors {
         let n = match rng.below(6) {
             0 => rng.below(3) as usize, // empty, scalar-sized, two
-            _ => rng.below(max_n) as usize,
+            _ => (min_n + rng.below(max_n - min_n)) as usize,
         };
         let (fd, bd) = if rng.below(3) == 0 {
             (FLOATS[rng.below(4) as usize], FLOATS[rng.below(4) as usize])
@@ -140,6 +145,25 @@ fn round_trip(cfg: &PruneConfig) -> (Vec<u8>, Tensors) {
     (std::fs::read(&cfg.output).unwrap(), read_tensors(&out))
 }
 
+/// Every tensor of `out` is what the reference builds for exact mode.
+fn check_exact(case: &Case, out: &Tensors, metric: M, sparsity: &str) -> Result<(), TestCaseError> {
+    prop_assert_eq!(out.len(), case.ft.len());
+    for (ft, (name, dtype, shape, bytes)) in case.ft.iter().zip(out) {
+        prop_assert_eq!(&ft.name, name);
+        prop_assert_eq!(ft.dtype, *dtype);
+        prop_assert_eq!(&ft.shape, shape);
+        let base = case.base.iter().find(|b| b.name == ft.name).unwrap();
+        if !ft.dtype.is_diffable() {
+            prop_assert_eq!(&ft.data, bytes);
+            continue;
+        }
+        let keep = (ft.name != "t1").then(|| reference::keep_count(ft.shape.iter().product(), sparsity));
+        let (want, _) = reference::expected(ft.dtype, &ft.data, base.dtype, &base.data, ref_metric(metric), keep);
+        prop_assert!(&want == bytes, "tensor {} ({} from {}) differs", ft.name, ft.dtype, base.dtype);
+    }
+    Ok(())
+}
+
 fn ref_metric(m: M) -> Metric {
     match m {
         M::Fapm => Metric::Fapm,
@@ -168,20 +192,38 @@ proptest! {
         let (delta3, out3) = round_trip(&prune_cfg(dir.path(), sparsity, metric, ThresholdMode::Exact, 3));
         prop_assert!(delta1 == delta3, "delta bytes depend on --threads");
         prop_assert_eq!(&out, &out3);
-        prop_assert_eq!(out.len(), case.ft.len());
-        for (ft, (name, dtype, shape, bytes)) in case.ft.iter().zip(&out) {
-            prop_assert_eq!(&ft.name, name);
-            prop_assert_eq!(ft.dtype, *dtype);
-            prop_assert_eq!(&ft.shape, shape);
-            let base = case.base.iter().find(|b| b.name == ft.name).unwrap();
-            if !ft.dtype.is_diffable() {
-                prop_assert_eq!(&ft.data, bytes);
-                continue;
+        check_exact(&case, &out, metric, sparsity)?;
+    }
+
+    /// Tensors of many chunks, from which the threshold pass gathers the candidates above a
+    /// sampled floor: the delta is the same whether those hits all fit the memory budget,
+    /// some do, or none, in both modes; and exact mode still agrees with the reference.
+    #[test]
+    fn the_budget_for_hits_changes_nothing_but_speed(
+        seed in any::<u64>(),
+        sparsity in prop::sample::select(vec!["0.9", "0.5", "0.99", "0.75"]),
+        magnitude in any::<bool>(),
+        approx in any::<bool>(),
+    ) {
+        let case = gen_case_sized(seed, 2, 20_000, 120_000);
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(&dir.path().join("base.safetensors"), &case.base);
+        write_safetensors(&dir.path().join("ft.safetensors"), &case.ft);
+        let metric = if magnitude { M::Magnitude } else { M::Fapm };
+        let mode = if approx { ThresholdMode::Approx } else { ThresholdMode::Exact };
+        let mut deltas = Vec::new();
+        // The default budget holds every hit; 10M (below the CLI's minimum) about 1 MiB of
+        // them; 1M none.
+        for budget in [config::DEFAULT_MEMORY_BUDGET, 10 << 20, 1 << 20] {
+            let mut cfg = prune_cfg(dir.path(), sparsity, metric, mode, 2);
+            cfg.memory_budget = budget;
+            let (delta, out) = round_trip(&cfg);
+            if !approx {
+                check_exact(&case, &out, metric, sparsity)?;
             }
-            let keep = (ft.name != "t1").then(|| reference::keep_count(ft.shape.iter().product(), sparsity));
-            let (want, _) = reference::expected(ft.dtype, &ft.data, base.dtype, &base.data, ref_metric(metric), keep);
-            prop_assert!(&want == bytes, "tensor {} ({} from {}) differs", ft.name, ft.dtype, base.dtype);
+            deltas.push(delta);
         }
+        prop_assert!(deltas.windows(2).all(|w| w[0] == w[1]), "delta bytes depend on the budget");
     }
 
     /// Approx mode keeps exactly as many positions as exact mode, and everything it prunes
