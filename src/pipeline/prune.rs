@@ -511,6 +511,9 @@ fn encode_stage<'b>(
             Some(scorer) => encode_diffable(&planned, scorer, chunks, pool, window, &tx, ctl)?,
             None => encode_whole(&planned.task.ft, pool, window, &tx, ctl)?,
         };
+        // Unmap as we go, on this thread, rather than all at exit.
+        planned.task.ft.release();
+        planned.task.base.iter().for_each(TensorRef::release);
         if !blocks || tx.send(Out::End(planned)).is_err() {
             return Ok(());
         }
