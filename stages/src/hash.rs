@@ -19,13 +19,40 @@ pub enum Part {
 /// Hashes the chunk `bytes` that starts at byte `offset` of an input split into `chunks`
 /// chunks. Every chunk but the last must hold the same power-of-two number of bytes (>= 1 KiB).
 pub fn part(bytes: &[u8], offset: u64, chunks: usize) -> Part {
-    if chunks <= 1 {
-        return Part::Root(blake3::hash(bytes).into());
-    }
-    let mut h = blake3::Hasher::new();
-    h.set_input_offset(offset);
+    let mut h = PartHasher::new(offset, chunks);
     h.update(bytes);
-    Part::Chunk(h.finalize_non_root())
+    h.finish()
+}
+
+/// [`part`], fed a piece of the chunk at a time.
+pub struct PartHasher {
+    hasher: blake3::Hasher,
+    root: bool,
+}
+
+impl PartHasher {
+    /// For the chunk that starts at byte `offset` of an input split into `chunks` chunks.
+    pub fn new(offset: u64, chunks: usize) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        if chunks > 1 {
+            hasher.set_input_offset(offset);
+        }
+        PartHasher { hasher, root: chunks <= 1 }
+    }
+
+    /// Adds the next bytes of the chunk.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+    }
+
+    /// The chunk's part.
+    pub fn finish(&self) -> Part {
+        if self.root {
+            Part::Root(self.hasher.finalize().into())
+        } else {
+            Part::Chunk(self.hasher.finalize_non_root())
+        }
+    }
 }
 
 /// Merges the parts of an input, in order, into its blake3 hash. No parts: the empty input.
