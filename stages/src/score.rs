@@ -219,9 +219,10 @@ unsafe fn sum_abs_avx2(base: DType, bytes: &[u8]) -> f64 {
 fn sum_abs_generic(base: DType, bytes: &[u8]) -> f64 {
     #[inline(always)]
     fn go<B: Elem>(bytes: &[u8]) -> f64 {
-        // Eight independent f64 lanes, added in a fixed order: fast and deterministic.
-        let mut acc = [0f64; 8];
-        let mut elems = bytes.chunks_exact(8 * B::SIZE);
+        // 32 independent f64 lanes (four vectors of eight, so that the additions of one do
+        // not wait for the last), added in a fixed order: fast and deterministic.
+        let mut acc = [0f64; 32];
+        let mut elems = bytes.chunks_exact(32 * B::SIZE);
         for group in &mut elems {
             for (a, e) in acc.iter_mut().zip(group.chunks_exact(B::SIZE)) {
                 *a += B::score_f32(B::load(e)).abs() as f64;
