@@ -71,7 +71,7 @@ pub struct PruneArgs {
     /// Score: fapm (the paper's forgetting-aware metric) or magnitude (|delta|).
     #[arg(long, default_value = "fapm", value_name = "METRIC")]
     pub metric: String,
-    /// exact: keep precisely the top k; approx: one pass less, ties within 2^-7 relative.
+    /// exact: keep precisely the top k; approx: k too, choosing freely among scores within 2^-7 relative of the boundary.
     #[arg(long, default_value = "exact", value_name = "MODE")]
     pub threshold: String,
     /// Prune only tensors whose name matches this regex (repeatable) [default: all].
