@@ -30,7 +30,10 @@ fn main() -> ExitCode {
     // resident memory (the benchmark model's peak: 160 MB instead of 100 MB; 72 MB instead
     // of 50 MB under a 64M budget), which a memory budget cannot account for.
     // SAFETY: prctl(PR_SET_THP_DISABLE) sets a flag of this process and reads no memory.
-    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    };
     fapm::sigbus::install();
     let cli = Cli::parse();
     let quiet = match &cli.command {

@@ -113,6 +113,9 @@ impl HitBudget {
 
     /// A copy of what `gather` holds, or `None` when the budget has no room for it.
     fn hold(&self, gather: &Gather) -> Option<Held<'_>> {
+        if gather.is_empty() {
+            return Some(Held { hits: Hits::default(), budget: self });
+        }
         let need = Hits::bytes_for(gather.len());
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         // The smallest spare buffer that fits; else a new one, a little larger than needed
@@ -153,7 +156,9 @@ struct Held<'b> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         let hits = std::mem::take(&mut self.hits);
-        self.budget.spare.lock().unwrap_or_else(|e| e.into_inner()).push(hits);
+        if hits.capacity_bytes() > 0 {
+            self.budget.spare.lock().unwrap_or_else(|e| e.into_inner()).push(hits);
+        }
     }
 }
 
@@ -252,6 +257,11 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         let encoder = s.spawn(|| stage(ctl, || encode_stage(plan_rx, out_tx, &pool, window, ctl)));
         let writer = s.spawn(|| stage(ctl, || write_stage(&mut writer, out_rx, ctl)));
         let (p, e, w) = (join(planner), join(encoder), join(writer));
+        // The writer's own failure (a full disk) is the cause of the others' cancellation.
+        let w = match w {
+            Err(err) if !matches!(err, Error::Cancelled) => return Err(err),
+            w => w,
+        };
         first_error([p.map(|_| ()), e.map(|_| ())])?;
         w
     })?;
@@ -303,8 +313,8 @@ fn stage<T>(ctl: &Ctl, body: impl FnOnce() -> Result<T>) -> Result<T> {
     r
 }
 
-/// How many chunks are in flight in the encode stage (and queued for the writer): at least
-/// one more than there are threads, so that none waits for the slowest, within the budget.
+/// How many chunks are in flight in the encode stage (and queued for the writer): up to four
+/// per thread, as the budget allows (3 with two threads and the default budget; 1 with 64M).
 fn window(threads: usize, budget: u64, block_elems: u64) -> usize {
     // Each worker keeps scratch buffers: keys of a chunk without hits (4 B/elem), kept
     // indices (4 B/elem), the reconstructed chunk (<= 8 B/elem) and the raw block (<= 18
@@ -312,7 +322,7 @@ fn window(threads: usize, budget: u64, block_elems: u64) -> usize {
     // B/elem at worst, about 0.5 B/elem in practice). Half the budget is for this.
     let scratch = threads as u64 * block_elems * 34;
     let fit = ((budget / 2).saturating_sub(scratch) / (block_elems * 18)) as usize;
-    fit.clamp(1, 4 * threads).max(threads + 1)
+    fit.clamp(1, 4 * threads)
 }
 
 /// Memory for gathered hits: the half of the budget that [`window`] leaves, less the
@@ -432,7 +442,8 @@ fn plan_tensor<'b>(
     } else {
         1
     };
-    // Room to gather a chunk's hits: twice the kept fraction, as the floor aims at 1.25x.
+    // Room to gather a chunk's hits: twice the kept fraction, as the floor aims at 1.125 k
+    // (a chunk with more is counted but scored again in the encode stage).
     let room = (cfg.block_elems as u128 * 2 * task.keep as u128 / n as u128) as usize + 4096;
     let mut plans: Vec<ChunkPlan<'b>> = Vec::new();
     let mut passes = Vec::new();
@@ -599,11 +610,11 @@ fn encode_diffable<'b>(
             base_hash.update(b);
             convert_chunk(fi.dtype, bi.dtype, b, out);
         };
-        encode_sparse_in_pieces(&kept[..n], ft, fs, raw, piece, fill, |out| out_hash.update(out));
-        let compressed = compress(raw);
+        let len = encode_sparse_in_pieces(&kept[..n], ft, fs, raw, piece, fill, |out| out_hash.update(out));
+        let compressed = compress(&raw[..len]);
         let encoded = compressed.map(|compressed| Encoded {
             compressed,
-            raw_len: raw.len() as u64,
+            raw_len: len as u64,
             out: out_hash.finish(),
             base: Some(base_hash.finish()),
             candidates,

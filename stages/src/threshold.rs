@@ -328,7 +328,7 @@ fn gather_avx512(keys: &[u32], floor: u32, offset: usize, idx: &mut [u32], out: 
 }
 
 /// Guesses a floor for the keys of a tensor's top `k` of `n`, from the high histogram of a
-/// sample of `sample_n` of them: the start of a bin that, by the sample, has a quarter more
+/// sample of `sample_n` of them: the start of a bin that, by the sample, has an eighth more
 /// than k keys above it (and some margin for the sample's noise). 1 (no floor) when the
 /// sample is too small to say. A floor too high costs another pass, never a different cut.
 pub fn floor(k: u64, n: u64, sample: &Histogram, sample_n: u64) -> u32 {
@@ -375,7 +375,8 @@ pub fn plan<E>(
     if k == 0 {
         return Ok(Cut::Nothing);
     }
-    let mut floor = floor.max(1);
+    // A floor inside a bin would gather only part of it: round it down to the bin's start.
+    let mut floor = (floor & !0xffff).max(1);
     let high = loop {
         let high = pass(Bins::High { floor })?;
         if floor == 1 && high.total() <= k {

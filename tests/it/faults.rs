@@ -144,7 +144,7 @@ fn a_shard_truncated_under_the_map_is_a_clean_error() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_mapped(child.id(), &ft, Duration::from_millis(100));
+    wait_mapped(child.id(), &ft, Duration::ZERO);
     fs::OpenOptions::new().write(true).open(&ft).unwrap().set_len(4096).unwrap();
     let o = child.wait_with_output().unwrap();
     assert_error(&o, &["memory-mapped input file changed or was truncated"], "truncated shard");
