@@ -17,7 +17,6 @@ use fapm_stages::format::{block_sizes, DeltaReader, Manifest, Mode, Source, Tens
 use fapm_stages::hash::{self, Part};
 use fapm_stages::score::convert_chunk;
 use fapm_stages::{Error, Result};
-use rayon::prelude::*;
 
 use super::{pool, Ctl};
 use crate::config::ApplyConfig;
@@ -181,7 +180,8 @@ fn create_outputs(m: &Manifest, staged: &Staged, dest: &Path) -> Result<Outputs>
     Ok(out)
 }
 
-/// Decodes every block (onto the base when given), writes and hashes, in windows.
+/// Decodes every block (onto the base when given), writes and hashes, a sliding window of
+/// blocks at a time.
 fn run(
     delta: &DeltaReader,
     bases: Option<&[Option<TensorRef>]>,
@@ -216,6 +216,8 @@ fn run(
             let t = &m.tensors[next];
             let bases = bases.map(|b| b[next].as_ref());
             finish_tensor(delta, t, bases.flatten(), bases.is_some(), outs, base_parts, *kept)?;
+            // Unmap as we go rather than all at exit (see prune).
+            bases.flatten().iter().for_each(|b| b.release());
             summary.base_tensors_checked += bases.flatten().is_some() as usize;
             summary.tensor_bytes += t.numel() * t.dtype.size() as u64;
             outs.clear();
@@ -225,25 +227,22 @@ fn run(
         }
         Ok(())
     };
-    for win in items.chunks(window.max(1)) {
-        ctl.check()?;
-        ctl.set_current(&m.tensors[win[0].tensor].name);
-        let done: Vec<Result<Done>> = pool.install(|| {
-            win.par_iter()
-                .map(|it| item(delta, it, bases.and_then(|b| b[it.tensor].as_ref()), bases.is_some(), outputs))
-                .collect()
-        });
-        for (it, d) in win.iter().zip(done) {
-            finish(it.tensor, &mut outs, &mut base_parts, &mut kept)?;
-            let d = d?;
-            outs.extend(d.out);
-            base_parts.extend(d.base);
-            kept += d.kept;
-            let t = &m.tensors[it.tensor];
-            let unit = if t.mode == Mode::Whole { 1 } else { t.dtype.size() as u64 };
-            ctl.advance(it.len * unit);
-        }
-    }
+    // A sliding window of blocks on the pool; results are taken in order.
+    let job = |it| -> (&Item, Result<Done>) {
+        (it, item(delta, it, bases.and_then(|b| b[it.tensor].as_ref()), bases.is_some(), outputs))
+    };
+    super::ordered(pool, &items, window, ctl, job, |(it, d)| {
+        ctl.set_current(&m.tensors[it.tensor].name);
+        finish(it.tensor, &mut outs, &mut base_parts, &mut kept)?;
+        let d = d?;
+        outs.extend(d.out);
+        base_parts.extend(d.base);
+        kept += d.kept;
+        let t = &m.tensors[it.tensor];
+        let unit = if t.mode == Mode::Whole { 1 } else { t.dtype.size() as u64 };
+        ctl.advance(it.len * unit);
+        Ok(true)
+    })?;
     finish(m.tensors.len(), &mut outs, &mut base_parts, &mut kept)?;
     Ok(summary)
 }
