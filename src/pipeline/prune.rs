@@ -314,13 +314,13 @@ fn stage<T>(ctl: &Ctl, body: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 /// How many chunks are in flight in the encode stage (and queued for the writer): up to four
-/// per thread, as the budget allows (3 with two threads and the default budget; 1 with 64M).
+/// per thread, as the budget allows (4 with two threads and the default budget; 1 with 64M).
 fn window(threads: usize, budget: u64, block_elems: u64) -> usize {
     // Each worker keeps scratch buffers: keys of a chunk without hits (4 B/elem), kept
-    // indices (4 B/elem), the reconstructed chunk (<= 8 B/elem) and the raw block (<= 18
-    // B/elem at worst): 34 B/elem. Each chunk in flight holds its compressed block (<= 18
-    // B/elem at worst, about 0.5 B/elem in practice). Half the budget is for this.
-    let scratch = threads as u64 * block_elems * 34;
+    // indices (4 B/elem) and the raw block (<= 18 B/elem at worst): 26 B/elem, and a 64 KiB
+    // piece of the reconstructed chunk. Each chunk in flight holds its compressed block (<=
+    // 18 B/elem at worst, about 0.5 B/elem in practice). Half the budget is for this.
+    let scratch = threads as u64 * (block_elems * 26 + PIECE_BYTES as u64);
     let fit = ((budget / 2).saturating_sub(scratch) / (block_elems * 18)) as usize;
     fit.clamp(1, 4 * threads)
 }
