@@ -257,13 +257,14 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         let encoder = s.spawn(|| stage(ctl, || encode_stage(plan_rx, out_tx, &pool, window, ctl)));
         let writer = s.spawn(|| stage(ctl, || write_stage(&mut writer, out_rx, ctl)));
         let (p, e, w) = (join(planner), join(encoder), join(writer));
-        // The writer's own failure (a full disk) is the cause of the others' cancellation.
-        let w = match w {
-            Err(err) if !matches!(err, Error::Cancelled) => return Err(err),
-            w => w,
+        let (records, w) = match w {
+            Ok(records) => (Some(records), Ok(())),
+            Err(err) => (None, Err(err)),
         };
-        first_error([p.map(|_| ()), e.map(|_| ())])?;
-        w
+        // The writer's failure (a full disk) counts like any stage's: the first real error wins
+        // over the cancellations it caused.
+        first_error([p.map(|_| ()), e.map(|_| ()), w])?;
+        records.ok_or(Error::Cancelled) // only None when `w` was an error, returned just above
     })?;
     ctl.check()?;
 
@@ -421,14 +422,16 @@ fn plan_tensor<'b>(
     let min_len = (chunks.len() / (2 * cfg.threads.max(1))).max(1);
     let floor = if n >= SAMPLE_MIN.min(4 * cfg.block_elems) {
         // In parallel: the sample is the first to touch the fine-tuned tensor's pages.
-        let pieces: Vec<usize> = (0..n as usize).step_by(SAMPLE_PIECE * SAMPLE_STRIDE).collect();
+        let step = SAMPLE_PIECE * SAMPLE_STRIDE;
+        let pieces = (n as usize).div_ceil(step);
         let (sample, sample_n) = pool.install(|| {
-            pieces
-                .par_iter()
-                .with_min_len((pieces.len() / (2 * cfg.threads.max(1))).max(1))
+            (0..pieces)
+                .into_par_iter()
+                .map(|p| p * step)
+                .with_min_len((pieces / (2 * cfg.threads.max(1))).max(1))
                 .fold(
                     || (Histogram::default(), 0u64),
-                    |(mut h, m), &s| {
+                    |(mut h, m), s| {
                         let l = SAMPLE_PIECE.min(n as usize - s);
                         let (ft, base) = slice(s, l);
                         scorer.for_each_keys(ft, base, |_, keys| h.add_high(keys));

@@ -207,7 +207,7 @@ fn a_base_truncated_during_apply_leaves_no_directory() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_mapped(child.id(), &base_dir.join("sub/model.safetensors"), Duration::from_millis(50));
+    wait_mapped(child.id(), &base_dir.join("sub/model.safetensors"), Duration::ZERO);
     fs::OpenOptions::new().write(true).open(base_dir.join("sub/model.safetensors")).unwrap().set_len(4096).unwrap();
     let o = child.wait_with_output().unwrap();
     assert_error(&o, &["memory-mapped input file changed or was truncated"], "truncated base");
