@@ -202,6 +202,11 @@ macro_rules! with_elems {
 /// Sum of `|pre|` over a chunk of base bytes, each element widened to f32, summed in f64.
 pub fn sum_abs(base: DType, bytes: &[u8]) -> f64 {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512 F, checked just above.
+        return unsafe { sum_abs_avx512(base, bytes) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { sum_abs_avx2(base, bytes) };
@@ -212,6 +217,12 @@ pub fn sum_abs(base: DType, bytes: &[u8]) -> f64 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn sum_abs_avx2(base: DType, bytes: &[u8]) -> f64 {
+    sum_abs_generic(base, bytes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_abs_avx512(base: DType, bytes: &[u8]) -> f64 {
     sum_abs_generic(base, bytes)
 }
 
@@ -439,8 +450,8 @@ mod tests {
         assert_eq!(keys, [NOT_CANDIDATE, key(1.0), key(0.0)]);
     }
 
-    /// Every compiled copy of the key loop (portable, AVX2, AVX-512) gives the same keys,
-    /// whichever one this CPU would pick.
+    /// Every compiled copy of the key loop and of `sum_abs` (portable, AVX2, AVX-512) gives
+    /// the same keys and sums, whichever one this CPU would pick.
     #[test]
     fn every_simd_copy_agrees() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -464,7 +475,19 @@ mod tests {
                     *b ^= 1 << (i % 8);
                 }
             }
-            assert_eq!(sum_abs(bd, &base).to_bits(), sum_abs_generic(bd, &base).to_bits());
+            let sum = sum_abs_generic(bd, &base).to_bits();
+            assert_eq!(sum_abs(bd, &base).to_bits(), sum);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512 F, checked just above.
+                    assert_eq!(unsafe { sum_abs_avx512(bd, &base) }.to_bits(), sum);
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    assert_eq!(unsafe { sum_abs_avx2(bd, &base) }.to_bits(), sum);
+                }
+            }
             for fapm in [true, false] {
                 let mut want = vec![0u32; n];
                 with_elems!(fd, bd, |F, B| if fapm {
