@@ -276,7 +276,9 @@ fn item(
     };
     if let Some(o) = outputs {
         let offset = o.data_start[t.shard] + o.begin[it.tensor] + byte_start;
-        o.files[t.shard].write_all_at(&bytes, offset).map_err(|e| Error::io(&o.dest, e))?;
+        let file = &o.files[t.shard];
+        file.write_all_at(&bytes, offset).map_err(|e| Error::io(&o.dest, e))?;
+        fapm_stages::writeback::start(file, offset, bytes.len() as u64);
     }
     let out = with_base.then(|| hash::part(&bytes, byte_start, it.parts));
     Ok(Done { out, base: base_part, kept })

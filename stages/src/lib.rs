@@ -15,5 +15,6 @@ pub mod format;
 pub mod hash;
 pub mod score;
 pub mod threshold;
+pub mod writeback;
 
 pub use error::{Error, Result};
