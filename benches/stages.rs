@@ -14,7 +14,7 @@ use std::time::Duration;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fapm_stages::dtype::DType;
 use fapm_stages::encode::{decode_sparse, encode_sparse};
-use fapm_stages::format::compress;
+use fapm_stages::format::{compress, Payload};
 use fapm_stages::hash;
 use fapm_stages::score::{convert_chunk, sum_abs, Metric, Scorer};
 use fapm_stages::threshold::{plan, Bins, Gather, Histogram, Hits, ThresholdMode};
@@ -188,8 +188,10 @@ fn stages(c: &mut Criterion) {
     encode_sparse(&kept, &ft16, &mut out, 2, &mut raw);
 
     g.throughput(Throughput::Bytes(raw.len() as u64));
-    g.bench_function(BenchmarkId::new("compress_zstd", "encoded_10pct"), |b| b.iter(|| compress(black_box(&raw))));
-    let z = compress(&raw).expect("compress");
+    g.bench_function(BenchmarkId::new("compress_zstd", "encoded_10pct"), |b| {
+        b.iter(|| compress(black_box(&raw), Payload::Sparse))
+    });
+    let z = compress(&raw, Payload::Sparse).expect("compress");
     eprintln!("raw {} B -> zstd {} B ({:.2} B per kept value)", raw.len(), z.len(), z.len() as f64 / kept.len() as f64);
 
     g.throughput(Throughput::Bytes(ft16.len() as u64));

@@ -21,7 +21,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use fapm_stages::checkpoint::{is_safe_relative, Checkpoint, Layout, TensorRef};
 use fapm_stages::encode::encode_sparse_in_pieces;
 use fapm_stages::format::{
-    block_sizes, compress, Block, DeltaWriter, Manifest, Mode, ShardRecord, SideFile, Source, TensorRecord,
+    block_sizes, compress, Block, DeltaWriter, Manifest, Mode, Payload, ShardRecord, SideFile, Source, TensorRecord,
     MAX_BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
 };
 use fapm_stages::hash::{self, Part, PartHasher};
@@ -614,7 +614,7 @@ fn encode_diffable<'b>(
             convert_chunk(fi.dtype, bi.dtype, b, out);
         };
         let len = encode_sparse_in_pieces(&kept[..n], ft, fs, raw, piece, fill, |out| out_hash.update(out));
-        let compressed = compress(&raw[..len]);
+        let compressed = compress(&raw[..len], Payload::Sparse);
         let encoded = compressed.map(|compressed| Encoded {
             compressed,
             raw_len: len as u64,
@@ -648,7 +648,7 @@ fn encode_whole(
     let job = |&(s, l): &(u64, u64)| -> std::io::Result<Encoded> {
         let raw = &bytes[s as usize..(s + l) as usize];
         Ok(Encoded {
-            compressed: compress(raw)?,
+            compressed: compress(raw, Payload::Bytes)?,
             raw_len: l,
             out: hash::part(raw, s, chunks.len()),
             base: None,
@@ -713,7 +713,7 @@ fn write_side_file(writer: &mut DeltaWriter, rel: &str, path: &Path) -> Result<S
     let mut blocks = Vec::new();
     for (s, l) in block_sizes(data.len() as u64, RAW_BLOCK_BYTES) {
         let raw = &data[s as usize..(s + l) as usize];
-        let packed = compress(raw).map_err(|e| Error::io(path, e))?;
+        let packed = compress(raw, Payload::Bytes).map_err(|e| Error::io(path, e))?;
         blocks.push(writer.block(&packed, l)?);
     }
     Ok(SideFile { path: rel.to_owned(), size: data.len() as u64, hash: blake3::hash(&data).into(), blocks })
