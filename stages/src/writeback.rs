@@ -9,24 +9,33 @@
 
 use std::fs::File;
 
-/// Asks the kernel to start writing `len` bytes of `file` from `offset` to disk, without
-/// waiting for them. Only a hint: errors are left to the final sync, which reports them.
-/// A no-op where `sync_file_range` does not exist.
+/// The page size the hints are rounded to (the kernel rounds to its own pages).
+const PAGE: u64 = 4096;
+
+/// Asks the kernel to start writing to disk the whole pages of `file` inside `len` bytes
+/// from `offset`, without waiting for them. Pages shared with a neighbouring range, which
+/// another thread may still be writing, are left to the final sync (some filesystems make a
+/// writer wait for a page under write-back). Only a hint: errors are left to the final
+/// sync, which reports them. A no-op where `sync_file_range` does not exist.
 pub fn start(file: &File, offset: u64, len: u64) {
+    let (first, end) = (offset.next_multiple_of(PAGE), offset.saturating_add(len) / PAGE * PAGE);
+    if end <= first {
+        return; // also keeps a length of 0 ("to the end of the file") from the syscall
+    }
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+        let (Ok(offset), Ok(len)) = (i64::try_from(first), i64::try_from(end - first)) else { return };
         // SAFETY: sync_file_range reads no memory of ours; the fd is open for as long as
         // `file` is borrowed.
         unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (file, offset, len);
+    let _ = file;
 }
 
 /// Tracks how much of a file written front to back has been handed to [`start`], and
-/// hands it on every `STEP` bytes.
+/// hands it on every `STEP` bytes, in whole pages.
 #[derive(Debug, Default)]
 pub struct Behind {
     started: u64,
@@ -38,9 +47,10 @@ impl Behind {
 
     /// `written` bytes of `file` (from its start) are now in the kernel's hands.
     pub fn written(&mut self, file: &File, written: u64) {
-        if written >= self.started + Self::STEP {
-            start(file, self.started, written - self.started);
-            self.started = written;
+        let whole = written / PAGE * PAGE; // a partial last page waits for the next hint
+        if whole >= self.started + Self::STEP {
+            start(file, self.started, whole - self.started);
+            self.started = whole;
         }
     }
 }
@@ -55,20 +65,27 @@ mod tests {
     fn hints_follow_the_writes_and_change_nothing() {
         let mut f = tempfile::tempfile().unwrap();
         let mut behind = Behind::default();
-        let piece: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        // Pieces of a MiB and 100 bytes: the hints stop at the last whole page.
+        let piece: Vec<u8> = (0..(1 << 20) + 100).map(|i| (i % 251) as u8).collect();
         let mut started = Vec::new();
         for i in 1..=20u64 {
             f.write_all(&piece).unwrap();
-            behind.written(&f, i << 20);
-            started.push(behind.started >> 20);
+            behind.written(&f, i * piece.len() as u64);
+            started.push(behind.started);
         }
-        let want: Vec<u64> = (1..=20).map(|i| i / 8 * 8).collect();
-        assert_eq!(started, want);
+        assert!(started.iter().all(|s| s % PAGE == 0));
+        assert!(started.windows(2).all(|w| w[0] <= w[1]));
+        let moves = started.windows(2).filter(|w| w[0] != w[1]).count() + (started[0] > 0) as usize;
+        assert_eq!(moves, 2, "{started:?}"); // after 8 and 16 pieces
+                                             // The whole pages of 8 and 16 pieces (8 MiB + 800 bytes, 16 MiB + 1600 bytes).
+        assert_eq!((started[7], started[15], started[19]), (8 << 20, 16 << 20, 16 << 20));
+        start(&f, 10, 0); // nothing whole inside: no hint
+        start(&f, 4000, 5000); // the page from 4096 only
         f.sync_all().unwrap();
         let mut back = Vec::new();
         f.rewind().unwrap();
         f.read_to_end(&mut back).unwrap();
-        assert_eq!(back.len(), 20 << 20);
-        assert!(back.chunks(1 << 20).all(|c| c == piece));
+        assert_eq!(back.len(), 20 * piece.len());
+        assert!(back.chunks(piece.len()).all(|c| c == piece));
     }
 }
