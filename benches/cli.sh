@@ -73,16 +73,19 @@ measure() {
 
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "measuring (N=$N) ..." >&2
+# The commands that only read come first: writing 1.7 GB (the copy floor, apply) and
+# deleting it again leaves the machine slower for a while (freed page cache), which
+# otherwise lands on whatever runs next.
 measure floor_cat sh -c "cat '$BASE'/*.safetensors '$FT'/*.safetensors >/dev/null"
-measure floor_copy sh -c "cat '$BASE'/*.safetensors >'$OUT/copy.bin'"
-rm -f "$OUT/copy.bin"
 measure prune_exact "$FAPM" prune --base "$BASE" --finetuned "$FT" --output "$OUT/exact.fapm" \
     --threshold exact --overwrite --quiet --json
 measure prune_approx "$FAPM" prune --base "$BASE" --finetuned "$FT" --output "$OUT/approx.fapm" \
     --threshold approx --overwrite --quiet --json
 delta_bytes=$(stat -c %s "$OUT/exact.fapm")
-measure apply "$FAPM" apply --base "$BASE" --delta "$OUT/exact.fapm" --output "$OUT/applied" --overwrite --quiet
 measure verify "$FAPM" verify "$OUT/exact.fapm" --base "$BASE"
+measure floor_copy sh -c "cat '$BASE'/*.safetensors >'$OUT/copy.bin'"
+rm -f "$OUT/copy.bin"
+measure apply "$FAPM" apply --base "$BASE" --delta "$OUT/exact.fapm" --output "$OUT/applied" --overwrite --quiet
 
 row() { # name input_bytes floor_name
     local s=${SECS[$1]} c=${CPU[$1]} rss=${RSS[$1]}
