@@ -18,20 +18,24 @@ const PAGE: u64 = 4096;
 /// writer wait for a page under write-back). Only a hint: errors are left to the final
 /// sync, which reports them. A no-op where `sync_file_range` does not exist.
 pub fn start(file: &File, offset: u64, len: u64) {
-    let (first, end) = (offset.next_multiple_of(PAGE), offset.saturating_add(len) / PAGE * PAGE);
-    if end <= first {
-        return; // also keeps a length of 0 ("to the end of the file") from the syscall
-    }
+    // None also keeps a length of 0 ("to the end of the file") from the syscall.
+    let Some((first, len)) = whole_pages(offset, len) else { return };
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let (Ok(offset), Ok(len)) = (i64::try_from(first), i64::try_from(end - first)) else { return };
+        let (Ok(offset), Ok(len)) = (i64::try_from(first), i64::try_from(len)) else { return };
         // SAFETY: sync_file_range reads no memory of ours; the fd is open for as long as
         // `file` is borrowed.
         unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = file;
+    let _ = (file, first, len);
+}
+
+/// The whole pages inside `len` bytes from `offset`, as (offset, length); None if none.
+fn whole_pages(offset: u64, len: u64) -> Option<(u64, u64)> {
+    let (first, end) = (offset.next_multiple_of(PAGE), offset.saturating_add(len) / PAGE * PAGE);
+    (end > first).then(|| (first, end - first))
 }
 
 /// Tracks how much of a file written front to back has been handed to [`start`], and
@@ -79,8 +83,11 @@ mod tests {
         assert_eq!(moves, 2, "{started:?}"); // after 8 and 16 pieces
                                              // The whole pages of 8 and 16 pieces (8 MiB + 800 bytes, 16 MiB + 1600 bytes).
         assert_eq!((started[7], started[15], started[19]), (8 << 20, 16 << 20, 16 << 20));
-        start(&f, 10, 0); // nothing whole inside: no hint
-        start(&f, 4000, 5000); // the page from 4096 only
+        assert_eq!(whole_pages(10, 0), None); // never "to the end of the file"
+        assert_eq!(whole_pages(10, 4096), None); // only parts of two pages
+        assert_eq!(whole_pages(4000, 5000), Some((4096, 4096)));
+        assert_eq!(whole_pages(8192, 3 * 4096), Some((8192, 3 * 4096)));
+        start(&f, 4000, 5000);
         f.sync_all().unwrap();
         let mut back = Vec::new();
         f.rewind().unwrap();
