@@ -48,11 +48,12 @@ pub fn apply_value(base: u64, z: u64, size: usize) -> u64 {
     unord(ord(base, size).wrapping_add(d) & mask, size)
 }
 
+/// The bits of one element (at most 8 little-endian bytes) as an integer.
 #[inline(always)]
-fn read_bits(bytes: &[u8], i: usize, size: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b[..size].copy_from_slice(&bytes[i * size..(i + 1) * size]);
-    u64::from_le_bytes(b)
+fn le_bits(b: &[u8]) -> u64 {
+    let mut x = [0u8; 8];
+    x[..b.len()].copy_from_slice(b);
+    u64::from_le_bytes(x)
 }
 
 fn read_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
@@ -190,13 +191,6 @@ impl Values<'_> {
     }
 }
 
-#[inline(always)]
-fn le_bits<const W: usize>(b: &[u8; W]) -> u64 {
-    let mut x = [0u8; 8];
-    x[..W].copy_from_slice(b);
-    u64::from_le_bytes(x)
-}
-
 /// The largest raw payload a chunk of `elems` elements of `size` bytes can have.
 pub fn max_sparse_len(elems: u64, size: usize) -> u64 {
     10 + elems * (10 + size as u64)
@@ -239,7 +233,7 @@ pub fn decode_sparse(raw: &[u8], out: &mut [u8], size: usize) -> Result<u64, Str
             for p in 0..size {
                 z = (z << 8) | planes[p * count + j] as u64;
             }
-            let f = apply_value(read_bits(out, i, size), z, size);
+            let f = apply_value(le_bits(&out[i * size..(i + 1) * size]), z, size);
             out[i * size..(i + 1) * size].copy_from_slice(&f.to_le_bytes()[..size]);
         }
     }
