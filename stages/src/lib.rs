@@ -13,6 +13,7 @@ pub mod encode;
 pub mod error;
 pub mod format;
 pub mod hash;
+pub mod pack;
 pub mod score;
 pub mod threshold;
 pub mod writeback;

@@ -6,6 +6,7 @@
 //! high 16 bits of every candidate's key; the second the low 16 bits inside the boundary bin.
 //! Ties at the final level are filled in index order, so counts, not values, decide.
 
+use crate::pack::{for_each_in, pack, Pos};
 use crate::score::NOT_CANDIDATE;
 
 /// The fraction of elements to prune, an exact decimal `num / den` in `[0, 1]`.
@@ -245,13 +246,7 @@ impl Gather {
             }
         }
         let (idx, out) = (&mut self.idx[self.n..], &mut self.keys[self.n..]);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512 F, checked just above.
-            self.n += unsafe { gather_avx512(keys, floor, offset, idx, out) };
-            return;
-        }
-        self.n += gather_portable(keys, floor, offset, idx, out);
+        self.n += pack(keys, floor, Pos::From(offset as u32), idx, Some(out));
     }
 
     /// Counts the rest of the chunk's hits into `high`; returns whether the buffer holds
@@ -275,56 +270,6 @@ impl Gather {
     pub fn is_empty(&self) -> bool {
         self.n == 0
     }
-}
-
-/// Writes `offset + i` and `keys[i]` for every `keys[i] >= floor` to the fronts of `idx`
-/// and `out`; returns how many.
-fn gather_portable(keys: &[u32], floor: u32, offset: usize, idx: &mut [u32], out: &mut [u32]) -> usize {
-    let mut n = 0;
-    for_each_in(
-        keys,
-        |k| k >= floor,
-        |p| {
-            idx[n] = (offset + p) as u32;
-            out[n] = keys[p];
-            n += 1;
-        },
-    );
-    n
-}
-
-/// [`gather_portable`] with AVX-512 compression, 16 keys at a time: each group's passing
-/// keys and indices are packed to the front of a vector that is stored whole at `n`. Every
-/// store stays within the slices when `idx` and `out` are at least `keys.len()` long, as at
-/// most one lane per key is kept (the slices are indexed, so a bug would panic, not write
-/// out of bounds).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn gather_avx512(keys: &[u32], floor: u32, offset: usize, idx: &mut [u32], out: &mut [u32]) -> usize {
-    use std::arch::x86_64::*;
-    let mut n = 0;
-    let t = _mm512_set1_epi32(floor as i32);
-    let mut at = _mm512_add_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(offset as i32),
-    );
-    let sixteen = _mm512_set1_epi32(16);
-    let mut groups = keys.chunks_exact(16);
-    for group in &mut groups {
-        // SAFETY: `group` is 16 u32 = 64 readable bytes; loadu has no alignment needs.
-        let k = unsafe { _mm512_loadu_si512(group.as_ptr().cast()) };
-        let m = _mm512_cmpge_epu32_mask(k, t);
-        let (i_dst, k_dst) = (&mut idx[n..n + 16], &mut out[n..n + 16]);
-        // SAFETY: both destinations are 16 u32 = 64 writable bytes (bounds-checked above).
-        unsafe {
-            _mm512_storeu_si512(i_dst.as_mut_ptr().cast(), _mm512_maskz_compress_epi32(m, at));
-            _mm512_storeu_si512(k_dst.as_mut_ptr().cast(), _mm512_maskz_compress_epi32(m, k));
-        }
-        n += m.count_ones() as usize;
-        at = _mm512_add_epi32(at, sixteen);
-    }
-    let done = keys.len() - groups.remainder().len();
-    n + gather_portable(groups.remainder(), floor, offset + done, &mut idx[n..], &mut out[n..])
 }
 
 /// Guesses a floor for the keys of a tensor's top `k` of `n`, from the high histogram of a
@@ -417,39 +362,32 @@ impl Cut {
     /// most `quota` boundary candidates are kept (the first ones); `at_level` is the chunk's
     /// boundary count when known (else it is counted when needed).
     pub fn select(&self, keys: &[u32], quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
-        self.select_at(keys, |p| p as u32, quota, at_level, kept)
+        self.select_at(keys, Pos::From(0), quota, at_level, kept)
     }
 
     /// [`Cut::select`] over a chunk's gathered hits, whose floor this cut does not go below.
     pub fn select_hits(&self, hits: &Hits, quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
-        self.select_at(&hits.keys, |p| hits.idx[p], quota, at_level, kept)
+        self.select_at(&hits.keys, Pos::Of(&hits.idx), quota, at_level, kept)
     }
 
-    /// Selection over keys at chunk-relative indices `pos(0), pos(1), ...` (ascending).
+    /// Selection over keys at the chunk-relative indices `pos` (ascending).
     #[inline(always)]
-    fn select_at(
-        &self,
-        keys: &[u32],
-        pos: impl Fn(usize) -> u32 + Copy,
-        quota: u64,
-        at_level: Option<u64>,
-        kept: &mut [u32],
-    ) -> usize {
+    fn select_at(&self, keys: &[u32], pos: Pos<'_>, quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
         match *self {
             Cut::Nothing => 0,
-            Cut::All => keep_at_least(keys, 1, 0, pos, kept),
+            Cut::All => keep_at_least(keys, 1, pos, kept),
             Cut::Level { shift, level, .. } => {
                 // The smallest key at the level, and the smallest above it.
                 let lo = (level << shift).max(1);
                 let above = |start: usize, kept: &mut [u32]| match u32::try_from((level as u64 + 1) << shift) {
-                    Ok(hi) => keep_at_least(&keys[start..], hi, start, pos, kept),
+                    Ok(hi) => keep_at_least(&keys[start..], hi, pos.skip(start), kept),
                     Err(_) => 0, // nothing is above the top level
                 };
                 if quota == 0 {
                     return above(0, kept);
                 }
                 if quota == u64::MAX || at_level.is_some_and(|a| quota >= a) {
-                    return keep_at_least(keys, lo, 0, pos, kept);
+                    return keep_at_least(keys, lo, pos, kept);
                 }
                 // The quota runs out inside this chunk: keys at the level count up to the
                 // position of the quota-th one, and only keys above the level after it.
@@ -461,53 +399,18 @@ impl Cut {
                         seen == quota
                     })
                     .map_or(keys.len(), |p| p + 1);
-                let n = keep_at_least(&keys[..end], lo, 0, pos, kept);
+                let n = keep_at_least(&keys[..end], lo, pos, kept);
                 n + above(end, &mut kept[n..])
             }
         }
     }
 }
 
-/// Calls `visit(i)` for every `i` where `test(keys[i])`, in order. Keys are tested 32 at a
-/// time into a bit mask (which vectorizes), and only the set bits are visited: cheap when
-/// few keys pass, as in a 90%-sparse cut.
+/// Writes the position of every `keys[i] >= t` (`t >= 1`) to the front of `kept`; returns
+/// how many.
 #[inline(always)]
-fn for_each_in(keys: &[u32], test: impl Fn(u32) -> bool, mut visit: impl FnMut(usize)) {
-    const G: usize = 32;
-    let mut groups = keys.chunks_exact(G);
-    for (g, group) in (&mut groups).enumerate() {
-        let group: &[u32; G] = group.try_into().expect("G keys");
-        let mut mask = 0u32;
-        for (j, &k) in group.iter().enumerate() {
-            mask |= (test(k) as u32) << j;
-        }
-        while mask != 0 {
-            visit(g * G + mask.trailing_zeros() as usize);
-            mask &= mask - 1;
-        }
-    }
-    let rest = keys.len() - groups.remainder().len();
-    for (j, &k) in groups.remainder().iter().enumerate() {
-        if test(k) {
-            visit(rest + j);
-        }
-    }
-}
-
-/// Writes `pos(start + i)` for every `keys[i] >= t` (`t >= 1`) to the front of `kept`;
-/// returns how many.
-#[inline(always)]
-fn keep_at_least(keys: &[u32], t: u32, start: usize, pos: impl Fn(usize) -> u32, kept: &mut [u32]) -> usize {
-    let mut n = 0;
-    for_each_in(
-        keys,
-        |k| k >= t,
-        |i| {
-            kept[n] = pos(start + i);
-            n += 1;
-        },
-    );
-    n
+fn keep_at_least(keys: &[u32], t: u32, pos: Pos<'_>, kept: &mut [u32]) -> usize {
+    pack(keys, t, pos, kept, None)
 }
 
 /// Splits a cut's boundary quota over chunks in index order, given each chunk's boundary count.
@@ -648,7 +551,7 @@ mod tests {
     }
 
     #[test]
-    fn every_gather_agrees_with_the_portable_one() {
+    fn gathering_counts_every_hit_and_keeps_them_while_they_fit() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let keys: Vec<u32> = (0..10_007)
             .map(|_| {
@@ -663,9 +566,10 @@ mod tests {
             })
             .collect();
         for floor in [1, 0x4000_0000, 0x8000_0000, 0xffff_0000, u32::MAX] {
-            let mut want = (vec![0; keys.len()], vec![0; keys.len()]);
-            let n = gather_portable(&keys, floor, 5, &mut want.0, &mut want.1);
-            // Through the public path (AVX-512 where the CPU has it), in uneven pieces.
+            let want: (Vec<u32>, Vec<u32>) =
+                (0..keys.len()).filter(|&i| keys[i] >= floor).map(|i| (5 + i as u32, keys[i])).unzip();
+            let n = want.0.len();
+            // In uneven pieces (each copy of the packing loop is checked in `pack`).
             let pieces = [1, 15, 16, 17, 4096, 10_007];
             let mut g = Gather::default();
             let mut high = Histogram::default();
