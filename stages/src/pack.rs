@@ -209,11 +209,12 @@ fn gather_avx512(keys: &[u32], floor: u32, offset: u32, idx: &mut [u32], out: &m
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::score::NOT_CANDIDATE;
 
-    fn random_keys(n: usize, seed: u64) -> Vec<u32> {
+    /// `n` pseudo-random keys (xorshift from `seed`), a third of them non-candidates.
+    pub(crate) fn random_keys(n: usize, seed: u64) -> Vec<u32> {
         let mut x = seed | 1;
         (0..n)
             .map(|_| {

@@ -552,19 +552,7 @@ mod tests {
 
     #[test]
     fn gathering_counts_every_hit_and_keeps_them_while_they_fit() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let keys: Vec<u32> = (0..10_007)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                if x.is_multiple_of(3) {
-                    NOT_CANDIDATE
-                } else {
-                    (x >> 32) as u32
-                }
-            })
-            .collect();
+        let keys = crate::pack::tests::random_keys(10_007, 0x9e37_79b9_7f4a_7c15);
         for floor in [1, 0x4000_0000, 0x8000_0000, 0xffff_0000, u32::MAX] {
             let want: (Vec<u32>, Vec<u32>) =
                 (0..keys.len()).filter(|&i| keys[i] >= floor).map(|i| (5 + i as u32, keys[i])).unzip();
