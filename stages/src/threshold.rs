@@ -375,19 +375,19 @@ impl Cut {
     fn select_at(&self, keys: &[u32], pos: Pos<'_>, quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
         match *self {
             Cut::Nothing => 0,
-            Cut::All => keep_at_least(keys, 1, pos, kept),
+            Cut::All => pack(keys, 1, pos, kept, None),
             Cut::Level { shift, level, .. } => {
                 // The smallest key at the level, and the smallest above it.
                 let lo = (level << shift).max(1);
                 let above = |start: usize, kept: &mut [u32]| match u32::try_from((level as u64 + 1) << shift) {
-                    Ok(hi) => keep_at_least(&keys[start..], hi, pos.skip(start), kept),
+                    Ok(hi) => pack(&keys[start..], hi, pos.skip(start), kept, None),
                     Err(_) => 0, // nothing is above the top level
                 };
                 if quota == 0 {
                     return above(0, kept);
                 }
                 if quota == u64::MAX || at_level.is_some_and(|a| quota >= a) {
-                    return keep_at_least(keys, lo, pos, kept);
+                    return pack(keys, lo, pos, kept, None);
                 }
                 // The quota runs out inside this chunk: keys at the level count up to the
                 // position of the quota-th one, and only keys above the level after it.
@@ -399,18 +399,11 @@ impl Cut {
                         seen == quota
                     })
                     .map_or(keys.len(), |p| p + 1);
-                let n = keep_at_least(&keys[..end], lo, pos, kept);
+                let n = pack(&keys[..end], lo, pos, kept, None);
                 n + above(end, &mut kept[n..])
             }
         }
     }
-}
-
-/// Writes the position of every `keys[i] >= t` (`t >= 1`) to the front of `kept`; returns
-/// how many.
-#[inline(always)]
-fn keep_at_least(keys: &[u32], t: u32, pos: Pos<'_>, kept: &mut [u32]) -> usize {
-    pack(keys, t, pos, kept, None)
 }
 
 /// Splits a cut's boundary quota over chunks in index order, given each chunk's boundary count.
