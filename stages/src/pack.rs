@@ -2,7 +2,8 @@
 //! to the front of buffers, in order. It is the inner loop of gathering a chunk's hits and of
 //! selecting its kept positions, so beside the portable loop it has an AVX2 copy (a lane
 //! permutation per 8 keys, from a 256-entry table) and, for gathering, an AVX-512 copy
-//! (`vpcompressd` per 16 keys), chosen at run time. Every copy gives the same output (tested).
+//! (`vpcompressd` per 16 keys), chosen at run time. Every copy writes the same first `n`
+//! entries (tested); the vector copies also overwrite entries past them.
 
 /// Where the keys being packed sit in their chunk.
 #[derive(Debug, Clone, Copy)]
@@ -32,14 +33,15 @@ impl<'a> Pos<'a> {
     }
 }
 
-/// Writes the position of every `keys[i] >= floor` (`floor >= 1`) to the front of `idx`
-/// and, with `out`, the key itself to the front of `out`; returns how many. `idx`, `out`
-/// and the indices of `Pos::Of` are at least as long as `keys` (the vector copies store whole
-/// vectors past the last hit).
+/// Writes the position of every `keys[i] >= floor` to the front of `idx` and, with `out`,
+/// the key itself to the front of `out`; returns how many, `n`. Entries past the first `n`
+/// may be overwritten: `idx`, `out` and the indices of `Pos::Of` must be at least as long as
+/// `keys`, and the positions of `Pos::From` must fit a `u32` (panics otherwise).
 pub fn pack(keys: &[u32], floor: u32, pos: Pos<'_>, idx: &mut [u32], out: Option<&mut [u32]>) -> usize {
     assert!(idx.len() >= keys.len(), "pack: {} positions for {} keys", idx.len(), keys.len());
-    if let Pos::Of(from) = pos {
-        assert!(from.len() >= keys.len(), "pack: {} indices for {} keys", from.len(), keys.len());
+    match pos {
+        Pos::Of(from) => assert!(from.len() >= keys.len(), "pack: {} indices for {} keys", from.len(), keys.len()),
+        Pos::From(offset) => assert!(offset as u64 + keys.len() as u64 <= 1 << 32, "pack: positions past u32"),
     }
     match out {
         Some(out) => {
@@ -287,9 +289,51 @@ pub(crate) mod tests {
         }
     }
 
+    /// Every 8-lane mask (all 256 permutations), keys equal to the floor, and outputs of
+    /// exactly the keys' length, so that a store past them would panic.
+    #[test]
+    fn every_mask_packs_and_ties_with_the_floor_pass() {
+        let floor = 1000;
+        for mask in 0..256u32 {
+            // Lanes in the mask get the floor itself or more, the others just below it.
+            let keys: Vec<u32> = (0..19)
+                .map(|i| if mask >> (i % 8) & 1 == 1 { floor + (i as u32 % 3) } else { floor - 1 - (i as u32 % 2) })
+                .collect();
+            let from: Vec<u32> = (0..keys.len() as u32).map(|i| 7 * i + 3).collect();
+            for of in [false, true] {
+                let want =
+                    if of { reference(&keys, floor, |i| from[i]) } else { reference(&keys, floor, |i| 9 + i as u32) };
+                let pos = if of { Pos::Of(&from) } else { Pos::From(9) };
+                let (mut idx, mut out) = (vec![0; keys.len()], vec![0; keys.len()]);
+                let n = pack(&keys, floor, pos, &mut idx, Some(&mut out));
+                assert_eq!((&idx[..n], &out[..n]), (&want.0[..], &want.1[..]), "mask {mask:#04x}, of {of}");
+                let m = pack(&keys, floor, pos, &mut idx, None);
+                assert_eq!(&idx[..m], &want.0[..], "positions only, mask {mask:#04x}, of {of}");
+            }
+        }
+    }
+
     #[test]
     #[should_panic(expected = "positions for")]
-    fn short_outputs_are_refused() {
+    fn short_positions_are_refused() {
         pack(&[1, 2, 3], 1, Pos::From(0), &mut [0; 2], None);
+    }
+
+    #[test]
+    #[should_panic(expected = "key slots for")]
+    fn short_key_slots_are_refused() {
+        pack(&[1, 2, 3], 1, Pos::From(0), &mut [0; 3], Some(&mut [0; 2]));
+    }
+
+    #[test]
+    #[should_panic(expected = "indices for")]
+    fn short_indices_are_refused() {
+        pack(&[1, 2, 3], 1, Pos::Of(&[0, 1]), &mut [0; 3], None);
+    }
+
+    #[test]
+    #[should_panic(expected = "past u32")]
+    fn positions_past_u32_are_refused() {
+        pack(&[1, 2, 3], 1, Pos::From(u32::MAX - 1), &mut [0; 3], None);
     }
 }

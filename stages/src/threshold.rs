@@ -246,7 +246,8 @@ impl Gather {
             }
         }
         let (idx, out) = (&mut self.idx[self.n..], &mut self.keys[self.n..]);
-        self.n += pack(keys, floor, Pos::From(offset as u32), idx, Some(out));
+        let offset = u32::try_from(offset).expect("chunk-relative offsets fit u32 (blocks are at most 2^22)");
+        self.n += pack(keys, floor, Pos::From(offset), idx, Some(out));
     }
 
     /// Counts the rest of the chunk's hits into `high`; returns whether the buffer holds
