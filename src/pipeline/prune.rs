@@ -175,6 +175,11 @@ struct Encoded {
 /// Elements per piece of the floor-guessing sample, and the stride between pieces.
 const SAMPLE_PIECE: usize = 64;
 const SAMPLE_STRIDE: usize = 31;
+/// The fewest sample pieces one worker scores into a histogram of its own (160 pieces, 10 Ki
+/// keys): a histogram costs 512 KiB to zero and to merge, about what scoring 10 Ki keys costs,
+/// so smaller tensors' samples are not split (splitting them was 9% of pruning a model of
+/// many small tensors).
+const SAMPLE_MIN_PIECES: usize = 160;
 /// The size from which a tensor is sampled (smaller ones gather every candidate), or four
 /// blocks when the blocks are smaller (in tests).
 const SAMPLE_MIN: u64 = 1 << 16;
@@ -428,7 +433,7 @@ fn plan_tensor<'b>(
             (0..pieces)
                 .into_par_iter()
                 .map(|p| p * step)
-                .with_min_len((pieces / (2 * cfg.threads.max(1))).max(1))
+                .with_min_len((pieces / (2 * cfg.threads.max(1))).max(SAMPLE_MIN_PIECES))
                 .fold(
                     || (Histogram::default(), 0u64),
                     |(mut h, m), s| {
