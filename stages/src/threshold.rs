@@ -118,7 +118,7 @@ type Table = [u64; BINS + 8];
 
 /// Tables of dropped histograms, cleared, for the next ones made on any thread (a pass's
 /// histograms are made on the workers and often dropped by the planner). At most four are
-/// kept: 2 MiB, within what the memory budget sets aside for histograms.
+/// kept: 2 MiB, what the memory budget sets aside for each worker's histograms.
 static SPARE_TABLES: std::sync::Mutex<Vec<Vec<u64>>> = std::sync::Mutex::new(Vec::new());
 const SPARE_MAX: usize = 4;
 
