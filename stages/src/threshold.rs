@@ -159,16 +159,21 @@ impl Histogram {
 
     /// Counts the high 16 bits of the candidate keys among `keys`.
     pub fn add_high(&mut self, keys: &[u32]) {
-        // The range and the count first, in passes that vectorize (NOT_CANDIDATE is 0, so the
-        // smallest candidate is the smallest `k - 1`, wrapping, plus one).
-        let mut candidates = 0u64;
-        for part in keys.chunks(1 << 30) {
-            candidates += part.iter().map(|&k| (k != NOT_CANDIDATE) as u32).sum::<u32>() as u64;
+        // The count and the range first, in one pass that vectorizes (NOT_CANDIDATE is 0, so
+        // the smallest candidate is the smallest `k - 1`, wrapping, plus one), a cache-sized
+        // part at a time (the part's count fits 32-bit lanes).
+        let (mut candidates, mut max, mut min) = (0u64, 0u32, u32::MAX);
+        for part in keys.chunks(4096) {
+            let (mut c, mut hi, mut lo) = (0u32, 0u32, u32::MAX);
+            for &k in part {
+                c += (k != NOT_CANDIDATE) as u32;
+                hi = hi.max(k);
+                lo = lo.min(k.wrapping_sub(1));
+            }
+            (candidates, max, min) = (candidates + c as u64, max.max(hi), min.min(lo));
         }
         if candidates > 0 {
-            let max = keys.iter().copied().max().unwrap_or(0);
-            let min = keys.iter().map(|&k| k.wrapping_sub(1)).min().unwrap_or(0).wrapping_add(1);
-            self.touch((min >> 16) as usize, (max >> 16) as usize + 1);
+            self.touch((min.wrapping_add(1) >> 16) as usize, (max >> 16) as usize + 1);
             self.total += candidates;
         }
         // Non-candidates (often most keys) would all increment bin 0, one long chain of
