@@ -5,12 +5,14 @@
 //! [`inspect`]. Byte-level work lives in the `fapm-stages` crate.
 
 pub mod config;
+pub mod merge;
 pub mod output;
 pub mod pipeline;
 pub mod report;
 pub mod sigbus;
 
 pub use fapm_stages::{Error, Result};
+pub use merge::{merge, MergeSummary};
 pub use pipeline::apply::{apply, verify_delta, ApplySummary};
 pub use pipeline::prune::{prune, PruneSummary};
 pub use pipeline::Ctl;
