@@ -60,9 +60,10 @@ pub struct PruneSummary {
     pub side_files: usize,
     /// Side files left out (over 64 MiB).
     pub skipped_side_files: Vec<String>,
-    /// Bytes of both input checkpoints' shards.
+    /// Bytes of both input checkpoints' shards (of a part: of its tensors and their base
+    /// tensors).
     pub input_bytes: u64,
-    /// Bytes of the fine-tuned checkpoint's shards.
+    /// Bytes of the fine-tuned checkpoint's shards (of a part: of its tensors).
     pub finetuned_bytes: u64,
     /// Bytes of the delta.
     pub delta_bytes: u64,
@@ -260,8 +261,13 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         output: cfg.output.clone(),
         base_only: base_only.len(),
         skipped_side_files: skipped,
-        input_bytes: shard_bytes(&base) + shard_bytes(&ft),
-        finetuned_bytes: shard_bytes(&ft),
+        // A part reads only its own tensors and their base tensors.
+        input_bytes: if cfg.part.is_some() { total } else { shard_bytes(&base) + shard_bytes(&ft) },
+        finetuned_bytes: if cfg.part.is_some() {
+            tasks.iter().map(|t| t.ft.info().byte_len()).sum()
+        } else {
+            shard_bytes(&ft)
+        },
         ..Default::default()
     };
     for t in &tasks {
