@@ -2,8 +2,8 @@
 # A one-node Slurm cluster on this machine, and fapm pruned in parts on it through deploy/slurm:
 # 1. the array job over fixtures/sharded with N = 3 and the merge job after it (afterok): the
 #    merged delta must be byte-identical to a one-machine prune, and apply of it must pass;
-# 2. one task of the array fails: the merge job is cancelled, merge names the missing part, and
-#    that task run again alone, then the merge, give the same delta.
+# 2. an array with ids 10, 12, 14 whose task 12 fails: the merge job is cancelled, merge names
+#    the missing part, and that task run again alone, then the merge, give the same delta.
 #
 # Needs root on Debian (no systemd needed): installs munge and Slurm from Debian's packages when
 # missing, and runs its own munged, slurmctld and slurmd, listening on 127.0.0.1 only, with their
@@ -15,7 +15,6 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 state=/var/spool/fapm-ci-slurm
 host=$(hostname -s)
-n=3 # parts
 daemons=(slurmd slurmctld munged)   # the order they are stopped in
 work=
 prune_job=
@@ -205,14 +204,6 @@ expect_states() {
     [ "$got" = "$2" ] || fail "job $1: expected '$2', got '$got'"
 }
 
-# submit ARGS...: deploy/slurm/submit.sh ARGS; sets prune_job and merge_job.
-submit() {
-    local out
-    out=$(bash "$repo/deploy/slurm/submit.sh" "$@")
-    echo "slurm: $out"
-    read -r prune_job merge_job < <(sed -E 's/.*prune job ([0-9]+).*merge job ([0-9]+).*/\1 \2/' <<<"$out")
-}
-
 work=$(mktemp -d)
 cd "$work"
 mkdir bin
@@ -223,43 +214,53 @@ finetuned=$repo/fixtures/sharded/finetuned
 options=(--sparsity 0.8 --metric fapm)
 fapm prune --base "$base" --finetuned "$finetuned" --output one.fapm "${options[@]}" --quiet
 
-# 1. The array job and the merge after it give the one-machine delta, and apply of it passes.
+# 1. deploy/slurm/submit.sh: the array job and the merge after it give the one-machine delta, and
+# apply of it passes.
 t=$(now)
-submit "$n" "$base" "$finetuned" parts merged.fapm "${options[@]}"
+submitted=$(bash "$repo/deploy/slurm/submit.sh" 3 "$base" "$finetuned" parts merged.fapm "${options[@]}")
+echo "slurm: $submitted"
+read -r prune_job merge_job < <(sed -E 's/.*prune job ([0-9]+).*merge job ([0-9]+).*/\1 \2/' <<<"$submitted")
 wait_jobs "$prune_job" "$merge_job"
 expect_states "$prune_job" "1 COMPLETED 2 COMPLETED 3 COMPLETED"
 expect_states "$merge_job" "- COMPLETED"
-echo "slurm: $n parts and the merge done in $(since "$t") s"
-[ "$(ls parts)" = "$(printf 'part-%s.fapm\n' 1 2 3)" ] || fail "parts/ holds: $(ls parts)"
+echo "slurm: 3 parts and the merge done in $(since "$t") s"
+parts=$(cd parts && echo *)
+[ "$parts" = "part-1.fapm part-2.fapm part-3.fapm" ] || fail "parts/ holds $parts"
 cmp one.fapm merged.fapm || fail "the merged delta differs from the one-machine delta"
 fapm apply --base "$base" --delta merged.fapm --output applied --quiet
 fapm verify merged.fapm --base "$base"
 passed=$((passed + 1))
 
-# 2. A failed task (its part's path is taken by a directory) cancels the merge; merge of the
-# parts that are there names the missing one; that task run again alone, then the merge, give
-# the same delta (the recovery deploy/slurm/README.md describes).
+# 2. By hand, as deploy/slurm/README.md says, with task ids 10, 12, 14 (fapm numbers the parts
+# from the array's first id and step). Task 12 fails (its part's path is taken by a directory):
+# the merge job is cancelled; merge of the parts that are there names the missing one; task 12
+# run again alone, then the merge, give the same delta.
 t=$(now)
-mkdir -p parts2/part-2.fapm
-submit "$n" "$base" "$finetuned" parts2 merged2.fapm "${options[@]}"
+mkdir -p parts2/part-12.fapm
+prune_job=$(sbatch --parsable --array=10-14:2 "$repo/deploy/slurm/prune.sbatch" \
+    "$base" "$finetuned" parts2 "${options[@]}")
+prune_job=${prune_job%%;*}
+merge_job=$(sbatch --parsable --dependency="afterok:$prune_job" --kill-on-invalid-dep=yes \
+    "$repo/deploy/slurm/merge.sbatch" parts2 merged2.fapm)
+merge_job=${merge_job%%;*}
 wait_jobs "$prune_job" "$merge_job"
-expect_states "$prune_job" "1 COMPLETED 2 FAILED 3 COMPLETED"
+expect_states "$prune_job" "10 COMPLETED 12 FAILED 14 COMPLETED"
 expect_states "$merge_job" "- CANCELLED"
-rmdir parts2/part-2.fapm
+rmdir parts2/part-12.fapm
 rc=0
 fapm merge parts2/part-*.fapm --output merged2.fapm 2>merge.err || rc=$?
 [ "$rc" -eq 1 ] || fail "merge of parts 1 and 3 of 3: exit $rc, expected 1"
 [ ! -e merged2.fapm ] || fail "the refused merge left merged2.fapm behind"
 grep -E '^error: .*part.*2' merge.err >/dev/null || fail "merge's error does not name part 2: $(cat merge.err)"
 echo "slurm: merge without part 2 says: $(cat merge.err)"
-prune_job=$(FAPM_PART=2/3 sbatch --parsable --array=2 "$repo/deploy/slurm/prune.sbatch" \
+prune_job=$(FAPM_PART=2/3 sbatch --parsable --array=12 "$repo/deploy/slurm/prune.sbatch" \
     "$base" "$finetuned" parts2 "${options[@]}")
 prune_job=${prune_job%%;*}
 merge_job=$(sbatch --parsable --dependency="afterok:$prune_job" \
     "$repo/deploy/slurm/merge.sbatch" parts2 merged2.fapm)
 merge_job=${merge_job%%;*}
 wait_jobs "$prune_job" "$merge_job"
-expect_states "$prune_job" "2 COMPLETED"
+expect_states "$prune_job" "12 COMPLETED"
 expect_states "$merge_job" "- COMPLETED"
 cmp one.fapm merged2.fapm || fail "the merged delta after the rerun differs from the one-machine delta"
 echo "slurm: a failed part rerun and merged in $(since "$t") s"
