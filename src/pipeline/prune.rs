@@ -685,7 +685,8 @@ fn encode_diffable<'b>(
         let (mut out_hash, mut base_hash) =
             (PartHasher::new((s * fs) as u64, chunks.len()), PartHasher::new((s * bs) as u64, base_chunks));
         let fill = |start: usize, out: &mut [u8]| {
-            let from_base = (out.len() / fs).min(diffed_here.saturating_sub(start));
+            let start = start.min(diffed_here);
+            let from_base = (out.len() / fs).min(diffed_here - start);
             let b = &base[start * bs..(start + from_base) * bs];
             base_hash.update(b);
             convert_chunk(fi.dtype, bi.dtype, b, &mut out[..from_base * fs]);
