@@ -339,7 +339,7 @@ fn write_side_files(delta: &DeltaReader, staged: &Staged, dest: &Path) -> Result
         let path = staged.path().join(&f.path);
         create_parents(staged, &path, dest)?;
         staged.track(&path);
-        fs::write(&path, data).map_err(|e| Error::io(dest.join(&f.path), e))?;
+        crate::output::write_new(&path, data).map_err(|e| Error::io(dest.join(&f.path), e))?;
     }
     Ok(())
 }
@@ -369,5 +369,5 @@ fn write_index(m: &Manifest, path: &Path, dest: &Path) -> Result<()> {
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     let mut text = serde_json::to_string_pretty(&index).expect("an index always serializes");
     text.push('\n');
-    fs::write(path, text).map_err(|e| Error::io(dest.join(INDEX_FILE), e))
+    crate::output::write_new(path, text).map_err(|e| Error::io(dest.join(INDEX_FILE), e))
 }
