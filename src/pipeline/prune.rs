@@ -214,8 +214,8 @@ enum Out<'b> {
 /// Prunes `cfg.finetuned` against `cfg.base` into the delta `cfg.output`.
 pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     let start = Instant::now();
-    let base = Checkpoint::open(&cfg.base)?;
-    let ft = Checkpoint::open(&cfg.finetuned)?;
+    let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
+    let ft = Checkpoint::open_within(&cfg.finetuned, cfg.memory_budget)?;
     if let Some(s) = ft.shards.iter().find(|s| ft.layout == Layout::Directory && !is_safe_relative(&s.name)) {
         return Err(Error::invalid(&s.path, "this shard name cannot be stored in a delta (non-UTF-8 or '\\')"));
     }
