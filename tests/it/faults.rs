@@ -167,7 +167,8 @@ fn a_killed_runs_temporaries_are_removed_by_the_next_run() {
         fs::rename(file, d.join("model.safetensors")).unwrap();
     }
     let small = dir.path().join("small.fapm");
-    let o = run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&small), "-q"]);
+    let o =
+        run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&small), "-q", "--sparsity", "0"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = dir.path().join("out");
     let stale = dir.path().join(".out.fapm-tmp.old");
