@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::Parser;
 use fapm::config::{self, ApplyConfig, PruneConfig};
 use fapm::{Ctl, Error};
+use fapm_stages::error::printable;
 use serde_json::json;
 
 use cli::{Cli, Command};
@@ -71,6 +72,11 @@ fn one_line(msg: &str) -> String {
         .collect()
 }
 
+/// A list of names from files, each escaped, comma-separated.
+fn names<S: AsRef<str>>(list: &[S]) -> String {
+    list.iter().map(|n| printable(n.as_ref())).collect::<Vec<_>>().join(", ")
+}
+
 fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
     match command {
         Command::Prune(a) => {
@@ -121,8 +127,12 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                     bytes(s.delta_bytes),
                     s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64
                 );
+                if !s.embedded_side_files.is_empty() {
+                    let (n, list) = (s.embedded_side_files.len(), names(&s.embedded_side_files));
+                    eprintln!("embedded {n} side files: {list}");
+                }
                 if !s.skipped_side_files.is_empty() {
-                    eprintln!("skipped side files over 64 MiB: {}", s.skipped_side_files.join(", "));
+                    eprintln!("skipped side files over 64 MiB: {}", names(&s.skipped_side_files));
                 }
                 eprintln!("time    {:.2} s, {:.2} GB/s of input, peak memory {}", s.seconds, throughput, bytes(peak));
                 eprintln!("wrote   {}", s.output.display());

@@ -55,6 +55,8 @@ pub struct PruneSummary {
     pub kept: u64,
     /// Side files carried.
     pub side_files: usize,
+    /// The path of every side file carried, in the delta's order.
+    pub embedded_side_files: Vec<String>,
     /// Side files left out (over 64 MiB).
     pub skipped_side_files: Vec<String>,
     /// Bytes of both input checkpoints' shards.
@@ -220,8 +222,11 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         return Err(Error::invalid(&s.path, "this shard name cannot be stored in a delta (non-UTF-8 or '\\')"));
     }
     let (tasks, base_only) = classify(cfg, &base, &ft);
-    let (side, skipped) =
-        if ft.layout == Layout::Directory { super::side::side_files(&ft.root)? } else { Default::default() };
+    let (side, skipped) = if ft.layout == Layout::Directory {
+        super::side::side_files(&ft.root, &cfg.output)?
+    } else {
+        Default::default()
+    };
     let total: u64 =
         tasks.iter().map(|t| t.ft.info().byte_len() + t.base.as_ref().map_or(0, |b| b.info().byte_len())).sum();
     ctl.total.store(total, std::sync::atomic::Ordering::Relaxed);
@@ -285,6 +290,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         }
     }
     summary.side_files = side_records.len();
+    summary.embedded_side_files = side_records.iter().map(|f| f.path.clone()).collect();
     let manifest = Manifest {
         format: "fapm-delta".into(),
         version: VERSION,
@@ -711,10 +717,7 @@ fn write_stage(writer: &mut DeltaWriter, rx: Receiver<Out>, ctl: &Ctl) -> Result
 }
 
 fn write_side_file(writer: &mut DeltaWriter, rel: &str, path: &Path) -> Result<SideFile> {
-    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if data.len() as u64 > super::side::MAX_SIDE_FILE {
-        return Err(Error::invalid(path, "side file grew over 64 MiB while fapm ran"));
-    }
+    let data = super::side::read(path)?;
     let mut blocks = Vec::new();
     for (s, l) in block_sizes(data.len() as u64, RAW_BLOCK_BYTES) {
         let raw = &data[s as usize..(s + l) as usize];

@@ -882,3 +882,87 @@ fn large_raw_blocks_stay_within_the_budget() {
     let o = run_limited(&["verify", s(&big), "--threads", "16"], fapm::config::DEFAULT_MEMORY_BUDGET);
     assert!(o.status.success(), "{:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
 }
+
+/// Runs prune of `ft_dir` (against `base_dir`) into `out` with `--json`: (stdout, stderr).
+fn prune_json(base_dir: &Path, ft_dir: &Path, out: &Path) -> (serde_json::Value, String) {
+    let o = run(&["prune", "--base", s(base_dir), "--finetuned", s(ft_dir), "-o", s(out), "--json", "--overwrite"]);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{stderr}");
+    (serde_json::from_slice(&o.stdout).unwrap(), stderr)
+}
+
+/// Hole 5: Side files: only regular files of real file systems, every embedded one named, a
+/// warning for each symlink out of the directory (none for a Hugging Face cache snapshot's
+/// links into its repository's `blobs/`), no delta inside a delta. On main the environment
+/// of the process (`/proc/self/environ`, an "empty regular file") and an old delta were
+/// embedded silently.
+#[test]
+fn prune_names_every_side_file_and_embeds_only_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base_dir, ft_dir, delta) = sub_shard_delta(dir.path());
+    let outside = dir.path().join("private");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("token.txt"), b"hf_secret").unwrap();
+    std::os::unix::fs::symlink(outside.join("token.txt"), ft_dir.join("token.txt")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/environ", ft_dir.join("environ")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", ft_dir.join("zero")).unwrap();
+    fs::copy(&delta, ft_dir.join("old.fapm")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(ft_dir.join("fifo")).status().unwrap().success());
+    fs::write(ft_dir.join("note\u{202e}txt.md"), b"x").unwrap();
+    // The delta is written into the fine-tuned directory, twice (the second replaces the first).
+    let out = ft_dir.join("new.fapm");
+    for _ in 0..2 {
+        let (json, stderr) = prune_json(&base_dir, &ft_dir, &out);
+        let embedded: Vec<&str> =
+            json["embedded_side_files"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(embedded, ["config.json", "note\u{202e}txt.md", "token.txt"], "{stderr}");
+        let warned = |needles: &[&str]| stderr.lines().any(|l| needles.iter().all(|n| l.contains(n)));
+        let target = fs::canonicalize(outside.join("token.txt")).unwrap();
+        assert!(warned(&["token.txt", s(&target), "outside"]), "{stderr}");
+        assert!(warned(&["environ", "not a regular file"]) && warned(&["old.fapm", "fapm delta"]), "{stderr}");
+        assert!(!stderr.contains('\u{202e}'), "{stderr:?}");
+        let m = DeltaReader::open(&out).unwrap().manifest;
+        assert_eq!(m.side_files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), embedded);
+    }
+
+    // A Hugging Face cache snapshot: links into the repository's blobs/, no warning.
+    let repo = dir.path().join("hub/models--org--tiny");
+    let (blobs, snap) = (repo.join("blobs"), repo.join("snapshots/0123abcd"));
+    fs::create_dir_all(&blobs).unwrap();
+    fs::create_dir_all(&snap).unwrap();
+    fs::copy(ft_dir.join("sub/model.safetensors"), blobs.join("aaaa")).unwrap();
+    fs::write(blobs.join("bbbb"), b"{}").unwrap();
+    std::os::unix::fs::symlink("../../blobs/aaaa", snap.join("model.safetensors")).unwrap();
+    std::os::unix::fs::symlink("../../blobs/bbbb", snap.join("config.json")).unwrap();
+    let base_one = dir.path().join("base1");
+    fs::create_dir(&base_one).unwrap();
+    fs::copy(base_dir.join("sub/model.safetensors"), base_one.join("model.safetensors")).unwrap();
+    let (json, stderr) = prune_json(&base_one, &snap, &dir.path().join("hf.fapm"));
+    assert_eq!(json["embedded_side_files"], serde_json::json!(["config.json"]));
+    assert!(!stderr.contains("WARN"), "{stderr}");
+}
+
+/// More side files than a delta may carry: `prune` refuses to write such a delta, and a
+/// crafted one is refused (on main, `apply` created every one of 20,000 empty files).
+#[test]
+fn the_number_of_side_files_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base_dir, ft_dir, delta) = sub_shard_delta(dir.path());
+    let mut u = unpack(&delta);
+    u.m.side_files = (0..20_000)
+        .map(|i| fapm_stages::format::SideFile { path: format!("f{i}"), ..u.m.side_files[0].clone() })
+        .collect();
+    u.side = vec![vec![]; 20_000];
+    let bad = dir.path().join("many.fapm");
+    pack(&u, &bad);
+    refused_everywhere(&bad, &base_dir, "side files", "20,000 side files");
+    let many = ft_dir.join("many");
+    fs::create_dir(&many).unwrap();
+    for i in 0..10_001 {
+        fs::write(many.join(format!("f{i}")), b"").unwrap();
+    }
+    let out = dir.path().join("o.fapm");
+    let o = run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&out), "-q"]);
+    assert_error(&o, &["side files"], "10,001 side files");
+    assert!(!out.exists());
+}
