@@ -63,18 +63,29 @@ fn main() -> ExitCode {
 /// One line, whatever the error's own formatting, with control characters from hostile file
 /// and tensor names escaped (no line breaks, no terminal escape sequences).
 fn one_line(msg: &str) -> String {
-    msg.chars()
-        .flat_map(|c| match c {
-            '\n' => " ".chars().collect::<Vec<_>>(),
-            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => c.escape_default().collect(),
-            c => vec![c],
-        })
-        .collect()
+    printable(&msg.replace('\n', " ")).into_owned()
 }
 
 /// A list of names from files, each escaped, comma-separated.
 fn names<S: AsRef<str>>(list: &[S]) -> String {
     list.iter().map(|n| printable(n.as_ref())).collect::<Vec<_>>().join(", ")
+}
+
+/// Prints a `--json` summary on stdout: one line, with every character a terminal could act
+/// on written as a JSON escape (serde_json escapes only C0 controls; DEL, C1 controls and
+/// bidirectional marks from file names would otherwise reach the terminal raw).
+fn print_json(v: &serde_json::Value) {
+    let text = v.to_string();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        // Outside strings JSON is plain ASCII, so every such character is inside a string.
+        if fapm_stages::error::needs_escape(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    println!("{out}");
 }
 
 fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
@@ -106,7 +117,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                 v["compression_ratio"] = json!(s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64);
                 v["throughput_gb_per_s"] = json!(throughput);
                 v["peak_memory_bytes"] = json!(peak);
-                println!("{v}");
+                print_json(&v);
             }
             if !a.run.quiet {
                 eprintln!(
@@ -135,7 +146,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                     eprintln!("skipped side files over 64 MiB: {}", names(&s.skipped_side_files));
                 }
                 eprintln!("time    {:.2} s, {:.2} GB/s of input, peak memory {}", s.seconds, throughput, bytes(peak));
-                eprintln!("wrote   {}", s.output.display());
+                eprintln!("wrote   {}", printable(&s.output.display().to_string()));
             }
         }
         Command::Apply(a) => {
@@ -184,22 +195,19 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
             let start = std::time::Instant::now();
             let s = fapm::report::report_with(&cfg, ctl)?;
             if a.json {
-                println!(
-                    "{}",
-                    json!({"command": "report", "output": s.output, "files": s.files,
+                print_json(&json!({"command": "report", "output": s.output, "files": s.files,
                            "tensors_charted": s.tensors_charted, "heatmap_tensors": s.heatmap_tensors,
-                           "seconds": start.elapsed().as_secs_f64()})
-                );
+                           "seconds": start.elapsed().as_secs_f64()}));
             }
             if !a.quiet {
                 eprintln!(
                     "report   {} tensors charted, heatmaps of {}; {} files in {:.2} s",
                     s.tensors_charted,
-                    s.heatmap_tensors.join(", "),
+                    names(&s.heatmap_tensors),
                     s.files.len(),
                     start.elapsed().as_secs_f64()
                 );
-                eprintln!("open     {}", s.output.join("index.html").display());
+                eprintln!("open     {}", printable(&s.output.join("index.html").display().to_string()));
             }
         }
     }
@@ -213,7 +221,7 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, qu
         v["command"] = json!(verb);
         v["throughput_gb_per_s"] = json!(throughput);
         v["peak_memory_bytes"] = json!(peak);
-        println!("{v}");
+        print_json(&v);
     }
     if quiet {
         return;
@@ -230,7 +238,7 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, qu
     }
     eprintln!("time     {:.2} s, {:.2} GB/s, peak memory {}", s.seconds, throughput, bytes(peak));
     if let Some(out) = &s.output {
-        eprintln!("wrote    {}", out.display());
+        eprintln!("wrote    {}", printable(&out.display().to_string()));
     }
 }
 
@@ -258,14 +266,20 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
             "side_files": m.side_files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
             "base_only": m.base_only,
         });
-        println!("{v}");
+        print_json(&v);
         return Ok(());
     }
-    println!("{}  ({}, format v{}, written by {})", path.display(), bytes(size), m.version, m.tool);
+    println!(
+        "{}  ({}, format v{}, written by {})",
+        printable(&path.display().to_string()),
+        bytes(size),
+        m.version,
+        printable(&m.tool)
+    );
     println!(
         "metric {}, sparsity {}, threshold {}, {} {} shard(s), {} side file(s), {} base-only tensor(s)",
         m.metric.name(),
-        m.sparsity,
+        printable(&m.sparsity),
         match m.threshold {
             fapm_stages::threshold::ThresholdMode::Exact => "exact",
             fapm_stages::threshold::ThresholdMode::Approx => "approx",
@@ -275,7 +289,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         m.side_files.len(),
         m.base_only.len()
     );
-    let width = m.tensors.iter().map(|t| t.name.len()).max().unwrap_or(6).clamp(6, 60);
+    let width = m.tensors.iter().map(|t| printable(&t.name).chars().count()).max().unwrap_or(6).clamp(6, 60);
     println!(
         "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",
         "tensor", "mode", "dtype", "shape", "kept / total", "encoded"
@@ -292,7 +306,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         };
         println!(
             "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",
-            one_line(&t.name),
+            printable(&t.name),
             t.mode.name(),
             dtype,
             format!("{:?}", t.shape),
@@ -301,7 +315,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         );
     }
     for f in &m.side_files {
-        println!("side file {}  ({})", one_line(&f.path), bytes(f.size));
+        println!("side file {}  ({})", printable(&f.path), bytes(f.size));
     }
     Ok(())
 }

@@ -966,3 +966,34 @@ fn the_number_of_side_files_is_limited() {
     assert_error(&o, &["side files"], "10,001 side files");
     assert!(!out.exists());
 }
+
+/// Hole 6: Every string from a file is escaped wherever it is printed. On main `inspect` printed
+/// the manifest's `tool` and `sparsity` raw, and `--json` let DEL, C1 controls and
+/// bidirectional marks through.
+#[test]
+fn text_from_a_delta_never_reaches_the_terminal_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, _) = fixture_delta(dir.path());
+    let mut u = unpack(&delta);
+    let evil = "\u{1b}]0;owned\u{7}\u{1b}[2J\r\u{9b}31m\u{7f}\u{202e}";
+    u.m.tool = format!("fapm {evil}");
+    u.m.sparsity = format!("0.9{evil}");
+    u.m.include = vec![evil.into()];
+    u.m.base_only = vec![evil.into()];
+    let bad = dir.path().join("bad.fapm");
+    pack(&u, &bad);
+    for json in [false, true] {
+        let args = [&["inspect", s(&bad)][..], if json { &["--json"] } else { &[] }].concat();
+        let o = run(&args);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains("owned"), "{stdout}");
+        for c in ['\u{1b}', '\u{7}', '\r', '\u{9b}', '\u{7f}', '\u{202e}'] {
+            assert!(!stdout.contains(c), "inspect (json: {json}) printed {c:?} raw: {stdout:?}");
+        }
+        if json {
+            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(v["tool"].as_str().unwrap(), u.m.tool, "escaping must keep the JSON's meaning");
+        }
+    }
+}
