@@ -9,7 +9,7 @@ use fapm_stages::Error;
 use regex::Regex;
 
 /// The default `--memory-budget`.
-pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
+pub const DEFAULT_MEMORY_BUDGET: u64 = fapm_stages::DEFAULT_MEMORY_BUDGET;
 /// The smallest `--memory-budget` fapm can work in.
 pub const MIN_MEMORY_BUDGET: u64 = 64 << 20;
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::Parser;
 use fapm::config::{self, ApplyConfig, PruneConfig};
 use fapm::{Ctl, Error};
+use fapm_stages::error::printable;
 use serde_json::json;
 
 use cli::{Cli, Command};
@@ -63,13 +64,29 @@ fn main() -> ExitCode {
 /// One line, whatever the error's own formatting, with control characters from hostile file
 /// and tensor names escaped (no line breaks, no terminal escape sequences).
 fn one_line(msg: &str) -> String {
-    msg.chars()
-        .flat_map(|c| match c {
-            '\n' => " ".chars().collect::<Vec<_>>(),
-            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => c.escape_default().collect(),
-            c => vec![c],
-        })
-        .collect()
+    printable(&msg.replace('\n', " ")).into_owned()
+}
+
+/// A list of names from files, each escaped, comma-separated.
+fn names<S: AsRef<str>>(list: &[S]) -> String {
+    list.iter().map(|n| printable(n.as_ref())).collect::<Vec<_>>().join(", ")
+}
+
+/// Prints a `--json` summary on stdout: one line, with every character a terminal could act
+/// on written as a JSON escape (serde_json escapes only C0 controls; DEL, C1 controls and
+/// bidirectional marks from file names would otherwise reach the terminal raw).
+fn print_json(v: &serde_json::Value) {
+    let text = v.to_string();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        // Outside strings JSON is plain ASCII, so every such character is inside a string.
+        if fapm_stages::error::needs_escape(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    println!("{out}");
 }
 
 fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
@@ -107,7 +124,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                 v["compression_ratio"] = json!(s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64);
                 v["throughput_gb_per_s"] = json!(throughput);
                 v["peak_memory_bytes"] = json!(peak);
-                println!("{v}");
+                print_json(&v);
             }
             if !a.run.quiet {
                 eprintln!(
@@ -128,11 +145,15 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                     bytes(s.delta_bytes),
                     s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64
                 );
+                if !s.embedded_side_files.is_empty() {
+                    let (n, list) = (s.embedded_side_files.len(), names(&s.embedded_side_files));
+                    eprintln!("embedded {n} side files: {list}");
+                }
                 if !s.skipped_side_files.is_empty() {
-                    eprintln!("skipped side files over 64 MiB: {}", s.skipped_side_files.join(", "));
+                    eprintln!("skipped side files over 64 MiB: {}", names(&s.skipped_side_files));
                 }
                 eprintln!("time    {:.2} s, {:.2} GB/s of input, peak memory {}", s.seconds, throughput, bytes(peak));
-                eprintln!("wrote   {}", s.output.display());
+                eprintln!("wrote   {}", printable(&s.output.display().to_string()));
             }
         }
         Command::Apply(a) => {
@@ -191,7 +212,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                     s.delta_bytes as f64 / s.seconds.max(1e-9) / 1e9,
                     bytes(peak)
                 );
-                eprintln!("wrote    {} ({})", s.output.display(), bytes(s.delta_bytes));
+                eprintln!("wrote    {} ({})", printable(&s.output.display().to_string()), bytes(s.delta_bytes));
             }
         }
         Command::Inspect(a) => inspect(&a.delta, a.json)?,
@@ -206,22 +227,19 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
             let start = std::time::Instant::now();
             let s = fapm::report::report_with(&cfg, ctl)?;
             if a.json {
-                println!(
-                    "{}",
-                    json!({"command": "report", "output": s.output, "files": s.files,
+                print_json(&json!({"command": "report", "output": s.output, "files": s.files,
                            "tensors_charted": s.tensors_charted, "heatmap_tensors": s.heatmap_tensors,
-                           "seconds": start.elapsed().as_secs_f64()})
-                );
+                           "seconds": start.elapsed().as_secs_f64()}));
             }
             if !a.quiet {
                 eprintln!(
                     "report   {} tensors charted, heatmaps of {}; {} files in {:.2} s",
                     s.tensors_charted,
-                    s.heatmap_tensors.join(", "),
+                    names(&s.heatmap_tensors),
                     s.files.len(),
                     start.elapsed().as_secs_f64()
                 );
-                eprintln!("open     {}", s.output.join("index.html").display());
+                eprintln!("open     {}", printable(&s.output.join("index.html").display().to_string()));
             }
         }
     }
@@ -235,7 +253,7 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, qu
         v["command"] = json!(verb);
         v["throughput_gb_per_s"] = json!(throughput);
         v["peak_memory_bytes"] = json!(peak);
-        println!("{v}");
+        print_json(&v);
     }
     if quiet {
         return;
@@ -255,7 +273,7 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, qu
     }
     eprintln!("time     {:.2} s, {:.2} GB/s, peak memory {}", s.seconds, throughput, bytes(peak));
     if let Some(out) = &s.output {
-        eprintln!("wrote    {}", out.display());
+        eprintln!("wrote    {}", printable(&out.display().to_string()));
     }
 }
 
@@ -286,14 +304,20 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
             "side_files": m.side_files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
             "base_only": m.base_only,
         });
-        println!("{v}");
+        print_json(&v);
         return Ok(());
     }
-    println!("{}  ({}, format v{}, written by {})", path.display(), bytes(size), m.version, m.tool);
+    println!(
+        "{}  ({}, format v{}, written by {})",
+        printable(&path.display().to_string()),
+        bytes(size),
+        m.version,
+        printable(&m.tool)
+    );
     println!(
         "metric {}, sparsity {}, threshold {}, {} {} shard(s), {} side file(s), {} base-only tensor(s)",
         m.metric.name(),
-        m.sparsity,
+        printable(&m.sparsity),
         match m.threshold {
             fapm_stages::threshold::ThresholdMode::Exact => "exact",
             fapm_stages::threshold::ThresholdMode::Approx => "approx",
@@ -320,7 +344,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
             p.count
         );
     }
-    let width = m.tensors.iter().map(|t| t.name.len()).max().unwrap_or(6).clamp(6, 60);
+    let width = m.tensors.iter().map(|t| printable(&t.name).chars().count()).max().unwrap_or(6).clamp(6, 60);
     println!(
         "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",
         "tensor", "mode", "dtype", "shape", "kept / total", "encoded"
@@ -337,7 +361,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         };
         println!(
             "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",
-            one_line(&t.name),
+            printable(&t.name),
             t.mode.name(),
             dtype,
             format!("{:?}", t.shape),
@@ -346,7 +370,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         );
     }
     for f in &m.side_files {
-        println!("side file {}  ({})", one_line(&f.path), bytes(f.size));
+        println!("side file {}  ({})", printable(&f.path), bytes(f.size));
     }
     Ok(())
 }

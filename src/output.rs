@@ -1,7 +1,12 @@
 //! Outputs that appear whole or not at all: everything is written under a temporary name
 //! beside the destination and renamed into place only when complete.
+//!
+//! Temporary names carry the host and the process id (`.NAME.fapm-tmp.HOST.PID`), so two
+//! runs never share one, and a run removes the temporaries of its destination left by a
+//! process of the same host that no longer exists (killed before it could clean up).
 
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -25,11 +30,13 @@ impl Staged {
         if !overwrite && fs::symlink_metadata(dest).is_ok() {
             return Err(Error::invalid(dest, "already exists (use --overwrite to replace it)"));
         }
-        let name =
-            dest.file_name().ok_or_else(|| Error::invalid(dest, "not a file or directory name"))?.to_string_lossy();
-        let tmp = dest.with_file_name(format!(".{name}.fapm-tmp.{}", std::process::id()));
+        if dest.file_name().is_none() {
+            return Err(Error::invalid(dest, "not a file or directory name"));
+        }
+        remove_stale(dest);
+        let tmp = sibling(dest, TMP, std::process::id());
         if fs::symlink_metadata(&tmp).is_ok() {
-            remove(&tmp);
+            remove(&tmp); // left by an earlier process with our id
         }
         let guards = Mutex::new(vec![sigbus::register(&tmp)]);
         Ok(Staged { tmp, dest: dest.to_path_buf(), committed: false, guards })
@@ -53,19 +60,23 @@ impl Staged {
         &self.tmp
     }
 
-    /// Moves the finished output into place, replacing an existing one.
+    /// Moves the finished output into place, replacing an existing one. When the old
+    /// destination cannot be replaced, it is left where it was.
     pub fn commit(mut self) -> Result<()> {
-        if let Ok(meta) = fs::symlink_metadata(&self.dest) {
-            if meta.is_dir() || self.tmp.is_dir() {
-                // rename cannot replace a directory: move it aside first.
-                let old = self.tmp.with_extension("old");
-                fs::rename(&self.dest, &old).map_err(|e| Error::io(&self.dest, e))?;
-                fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
-                remove(&old);
-                self.committed = true;
-                self.untrack();
-                return Ok(());
+        let existing = fs::symlink_metadata(&self.dest).ok();
+        if existing.is_some_and(|m| m.is_dir() || self.tmp.is_dir()) {
+            // rename cannot replace a directory: swap the two atomically where the system can
+            // (the old output then sits at the temporary name), else move the old one aside.
+            match exchange(&self.tmp, &self.dest) {
+                Ok(true) => {}
+                Ok(false) => replace_by_renames(&self.tmp, &self.dest, &sibling(&self.dest, OLD, std::process::id()))
+                    .map_err(|e| Error::io(&self.dest, e))?,
+                Err(e) => return Err(Error::io(&self.dest, e)),
             }
+            self.committed = true;
+            self.untrack();
+            remove(&self.tmp);
+            return Ok(());
         }
         fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
         self.committed = true;
@@ -88,6 +99,197 @@ impl Drop for Staged {
     }
 }
 
+/// Writes `contents` to `path`, which must not exist yet: inside a staged directory, a path
+/// written twice (or a symlink) is an error, never an overwrite.
+pub fn write_new(path: &Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    fs::OpenOptions::new().write(true).create_new(true).open(path)?.write_all(contents.as_ref())
+}
+
+/// The kinds of temporary beside a destination: the output being written, and (where an
+/// atomic swap is not available) the old output moved aside while the new one takes its place.
+const TMP: &str = "fapm-tmp";
+const OLD: &str = "fapm-old";
+
+/// The temporary name process `pid` of this host uses while it writes `dest`.
+pub fn temporary(dest: &Path, pid: u32) -> PathBuf {
+    sibling(dest, TMP, pid)
+}
+
+fn sibling(dest: &Path, kind: &str, pid: u32) -> PathBuf {
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    dest.with_file_name(format!(".{name}.{kind}.{}.{pid}", host()))
+}
+
+/// This machine's name, reduced to characters safe in a file name: temporaries on a shared
+/// file system are only ever judged stale by a process of the host that wrote them.
+fn host() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let len = if ok { buf.iter().position(|&b| b == 0).unwrap_or(buf.len()) } else { 0 };
+    let name: String = buf[..len.min(64)]
+        .iter()
+        .map(|&b| if b.is_ascii_alphanumeric() || b == b'-' { b as char } else { '_' })
+        .collect();
+    if name.is_empty() {
+        "host".into()
+    } else {
+        name
+    }
+}
+
+/// Removes the temporaries of `dest` left by processes of this host that no longer exist.
+/// A moved-aside old output is only removed when `dest` exists (the swap finished).
+fn remove_stale(dest: &Path) {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let host = host();
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        for kind in [TMP, OLD] {
+            let prefix = format!(".{name}.{kind}.{host}.");
+            let Some(pid) = file.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if pid != std::process::id() && !alive(pid) && (kind == TMP || fs::symlink_metadata(dest).is_ok()) {
+                remove(&entry.path());
+            }
+        }
+    }
+}
+
+/// Whether process `pid` exists on this host.
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only asks whether the process exists; it is sent to nobody.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Swaps `a` and `b` atomically; `Ok(false)` when the system or file system cannot.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+        let (a, b) = (c(a)?, c(b)?);
+        // SAFETY: both paths are NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                a.as_ptr(),
+                libc::AT_FDCWD,
+                b.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::ENOTSUP)) {
+            return Err(e);
+        }
+    }
+    let _ = (a, b);
+    Ok(false)
+}
+
+/// Replaces `dest` with `tmp` by moving `dest` aside to `old` first; if `tmp` cannot take
+/// its place, `old` is moved back, so the old output is never lost.
+fn replace_by_renames(tmp: &Path, dest: &Path, old: &Path) -> std::io::Result<()> {
+    if fs::symlink_metadata(old).is_ok() {
+        remove(old);
+    }
+    fs::rename(dest, old)?;
+    if let Err(e) = fs::rename(tmp, dest) {
+        let _ = fs::rename(old, dest);
+        return Err(e);
+    }
+    remove(old);
+    Ok(())
+}
+
 fn remove(path: &Path) {
     let _ = fs::remove_dir_all(path).or_else(|_| fs::remove_file(path));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_replacement_keeps_the_old_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dest, old) = (dir.path().join("out"), dir.path().join(".out.old"));
+        fs::create_dir(&dest).unwrap();
+        fs::write(dest.join("a"), b"old").unwrap();
+        // The new output is missing: the second rename fails.
+        assert!(replace_by_renames(&dir.path().join("missing"), &dest, &old).is_err());
+        assert_eq!(fs::read(dest.join("a")).unwrap(), b"old");
+        assert!(!old.exists());
+        let tmp = dir.path().join("new");
+        fs::create_dir(&tmp).unwrap();
+        replace_by_renames(&tmp, &dest, &old).unwrap();
+        assert!(!dest.join("a").exists() && !old.exists() && !tmp.exists());
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("d.fapm");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap(); // reaped: no process has this id any more
+        let stale = temporary(&dest, dead_pid);
+        fs::create_dir(&stale).unwrap();
+        fs::write(stale.join("x"), b"partial").unwrap();
+        let old_aside = sibling(&dest, OLD, dead_pid);
+        fs::write(&old_aside, b"previous output").unwrap();
+        let other = dir.path().join(format!(".other.fapm-tmp.{}.{dead_pid}", host()));
+        fs::write(&other, b"another destination's").unwrap();
+        let staged = Staged::new(&dest, false).unwrap();
+        assert!(!stale.exists(), "a dead process's temporary was kept");
+        // dest does not exist: the old output moved aside may be the only copy.
+        assert!(old_aside.exists() && other.exists());
+        assert_eq!(staged.path(), temporary(&dest, std::process::id()));
+        fs::write(staged.path(), b"new").unwrap();
+        staged.commit().unwrap();
+        let _ = Staged::new(&dest, true).unwrap();
+        assert!(!old_aside.exists(), "once dest exists, an old output moved aside is stale");
+        // A live process's temporary stays.
+        let live = sibling(&dest, TMP, 1);
+        fs::write(&live, b"init's").unwrap();
+        let _ = Staged::new(&dest, true).unwrap();
+        assert!(live.exists());
+    }
+
+    #[test]
+    fn committing_a_directory_over_a_directory_or_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        for existing_is_dir in [true, false] {
+            if existing_is_dir {
+                fs::create_dir(&dest).unwrap();
+                fs::write(dest.join("old"), b"1").unwrap();
+            } else {
+                fs::write(&dest, b"old file").unwrap();
+            }
+            let staged = Staged::new(&dest, true).unwrap();
+            fs::create_dir(staged.path()).unwrap();
+            fs::write(staged.path().join("new"), b"2").unwrap();
+            staged.commit().unwrap();
+            assert_eq!(fs::read(dest.join("new")).unwrap(), b"2");
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary was left");
+            fs::remove_dir_all(&dest).unwrap();
+        }
+    }
 }

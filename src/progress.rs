@@ -61,7 +61,7 @@ impl Monitor {
                     bar.set_length(total);
                     bar.set_position(ctl.done.load(Ordering::Relaxed));
                     if let Ok(c) = ctl.current.lock() {
-                        bar.set_message(c.clone());
+                        bar.set_message(fapm_stages::error::printable(&c).into_owned());
                     }
                 }
                 if stop.load(Ordering::Relaxed) {

@@ -8,7 +8,10 @@
 //! The handler may only make async-signal-safe calls (`write`, `unlink`, `rmdir`, `_exit`),
 //! so the paths to remove live in a fixed-size static table of NUL-terminated byte strings,
 //! filled by [`register`] (called by `output::Staged` for each temporary file or directory)
-//! and cleared by dropping the returned [`Registration`]. Paths longer than [`MAX_PATH`]
+//! and cleared by dropping the returned [`Registration`]. Each slot has an owner at all times,
+//! recorded in its state: a thread writing it, the table (ready), or the handler, which takes
+//! a ready slot before reading its path, so that no thread can free and rewrite the path
+//! while the handler reads it. Paths longer than [`MAX_PATH`]
 //! bytes or beyond the table's [`SLOTS`] entries are not registered: a SIGBUS then leaves them
 //! behind (documented in docs/SECURITY.md).
 
@@ -25,6 +28,8 @@ pub const MAX_PATH: usize = 1023;
 const FREE: u8 = 0;
 const WRITING: u8 = 1;
 const READY: u8 = 2;
+/// Taken by the signal handler, which will end the process: never freed again.
+const HANDLER: u8 = 3;
 
 /// The message printed when a mapped input changes under fapm.
 pub const MESSAGE: &str = "error: a memory-mapped input file changed or was truncated while fapm was reading it\n";
@@ -35,7 +40,10 @@ struct Slot {
 }
 
 // SAFETY: `path` is written only by the thread that moved `state` from FREE to WRITING, and
-// read (by the signal handler) only while `state` is READY, published with Release/Acquire.
+// read only by the signal handler after it moved `state` from READY to HANDLER. Both moves are
+// compare-exchanges, so at most one of them owns the slot; READY is published with Release and
+// taken with Acquire, so the handler sees the whole path. A slot only becomes FREE again from
+// READY (by its `Registration`), never from HANDLER.
 unsafe impl Sync for Slot {}
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -49,7 +57,9 @@ pub struct Registration(Option<usize>);
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(i) = self.0 {
-            TABLE[i].state.store(FREE, Ordering::Release);
+            // Fails only when the signal handler has taken the slot: the process is ending and
+            // the slot must stay as it is.
+            let _ = TABLE[i].state.compare_exchange(READY, FREE, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 }
@@ -92,8 +102,9 @@ pub fn install() {
 static ENTERED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn handler(_signal: libc::c_int) {
-    // SAFETY: write, unlink, rmdir, pause and _exit are async-signal-safe; slot paths are
-    // NUL-terminated and stable while READY.
+    // SAFETY: write, unlink, rmdir, pause and _exit are async-signal-safe, and atomics are
+    // lock-free; a slot's path is NUL-terminated and, once the handler holds the slot
+    // (HANDLER), nobody else writes it (see `Sync` above).
     unsafe {
         if ENTERED.swap(true, Ordering::SeqCst) {
             // Another thread is cleaning up and will end the process.
@@ -102,16 +113,21 @@ extern "C" fn handler(_signal: libc::c_int) {
             }
         }
         libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+        // Take every ready slot first: from here on, other threads can neither free nor
+        // rewrite them. A slot being written at this instant is skipped.
+        for slot in TABLE.iter() {
+            let _ = slot.state.compare_exchange(READY, HANDLER, Ordering::Acquire, Ordering::Relaxed);
+        }
         // Files first, then directories, innermost first: a few passes of rmdir suffice for
         // the shallow trees fapm writes.
         for slot in TABLE.iter() {
-            if slot.state.load(Ordering::Acquire) == READY {
+            if slot.state.load(Ordering::Acquire) == HANDLER {
                 libc::unlink((*slot.path.get()).as_ptr().cast());
             }
         }
         for _ in 0..4 {
             for slot in TABLE.iter() {
-                if slot.state.load(Ordering::Acquire) == READY {
+                if slot.state.load(Ordering::Acquire) == HANDLER {
                     libc::rmdir((*slot.path.get()).as_ptr().cast());
                 }
             }
@@ -132,5 +148,23 @@ mod tests {
         drop(a);
         assert_eq!(TABLE[i].state.load(Ordering::Acquire), FREE);
         assert!(register(Path::new(&"x".repeat(MAX_PATH + 1))).0.is_none());
+    }
+
+    /// Regression: a registration dropped while the handler held its slot freed it, so that
+    /// another thread could write a new path into it while the handler read the old one.
+    #[test]
+    fn a_slot_the_handler_holds_is_never_freed_or_rewritten() {
+        let a = register(Path::new("/tmp/held"));
+        let i = a.0.unwrap();
+        assert!(TABLE[i].state.compare_exchange(READY, HANDLER, Ordering::Acquire, Ordering::Relaxed).is_ok());
+        drop(a);
+        assert_eq!(TABLE[i].state.load(Ordering::Acquire), HANDLER);
+        let others: Vec<Registration> = (0..SLOTS).map(|_| register(Path::new("/tmp/other"))).collect();
+        assert!(others.iter().all(|r| r.0 != Some(i)));
+        // SAFETY: the slot is held (HANDLER): nobody writes it.
+        let path = unsafe { &*TABLE[i].path.get() };
+        assert_eq!(&path[..10], b"/tmp/held\0");
+        drop(others);
+        TABLE[i].state.store(FREE, Ordering::Release); // give the slot back to other tests
     }
 }

@@ -76,7 +76,7 @@ struct Outputs {
 /// (or, without an output, only checks: `verify --base`).
 pub fn apply(cfg: &ApplyConfig, ctl: &Ctl) -> Result<ApplySummary> {
     let start = Instant::now();
-    let delta = DeltaReader::open(&cfg.delta)?;
+    let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget)?;
     if let Some(p) = &delta.manifest.part {
         return Err(Error::invalid(
             &cfg.delta,
@@ -87,13 +87,13 @@ pub fn apply(cfg: &ApplyConfig, ctl: &Ctl) -> Result<ApplySummary> {
             ),
         ));
     }
-    let base = Checkpoint::open(&cfg.base)?;
+    let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
     let m = &delta.manifest;
     let bases = resolve_base(m, &base)?;
     let staged = cfg.output.as_deref().map(|o| Staged::new(o, cfg.overwrite)).transpose()?;
     let outputs = staged.as_ref().map(|s| create_outputs(m, s, cfg.output.as_deref().unwrap())).transpose()?;
     let pool = pool(cfg.threads)?;
-    let window = window(cfg.threads, cfg.memory_budget, m.block_elems);
+    let window = window(cfg.threads, cfg.memory_budget, m.block_elems, delta.block_memory());
     let mut summary = run(&delta, Some(&bases), outputs.as_ref(), &pool, window, ctl)?;
     if let (Some(staged), Some(out)) = (&staged, &cfg.output) {
         write_side_files(&delta, staged, out)?;
@@ -122,7 +122,8 @@ pub fn verify_delta(path: &Path, threads: usize, ctl: &Ctl) -> Result<ApplySumma
     let start = Instant::now();
     let delta = DeltaReader::open(path)?;
     let pool = pool(threads)?;
-    let window = window(threads, crate::config::DEFAULT_MEMORY_BUDGET, delta.manifest.block_elems);
+    let window =
+        window(threads, crate::config::DEFAULT_MEMORY_BUDGET, delta.manifest.block_elems, delta.block_memory());
     let mut summary = run(&delta, None, None, &pool, window, ctl)?;
     check_side_files(&delta)?;
     summary.side_files = delta.manifest.side_files.len();
@@ -131,10 +132,10 @@ pub fn verify_delta(path: &Path, threads: usize, ctl: &Ctl) -> Result<ApplySumma
     Ok(summary)
 }
 
-fn window(threads: usize, memory_budget: u64, block_elems: u64) -> usize {
+fn window(threads: usize, memory_budget: u64, block_elems: u64, block_memory: u64) -> usize {
     // An item holds a block (compressed + raw), the output chunk and nothing else; the block
     // size is the delta's (validated to at most MAX_BLOCK_ELEMS), not this build's default.
-    let per_item = block_elems.max(fapm_stages::format::RAW_BLOCK_BYTES / 8) * 30;
+    let per_item = (block_elems.max(fapm_stages::format::RAW_BLOCK_BYTES / 8) * 30).max(block_memory);
     (2 * threads).clamp(1, (memory_budget / 2 / per_item).max(1) as usize)
 }
 
@@ -297,7 +298,7 @@ fn item(
         file.write_all_at(&bytes, offset).map_err(|e| Error::io(&o.dest, e))?;
         fapm_stages::writeback::start(file, offset, bytes.len() as u64);
     }
-    let out = with_base.then(|| hash::part(&bytes, byte_start, it.parts));
+    let out = (with_base || t.mode == Mode::Whole).then(|| hash::part(&bytes, byte_start, it.parts));
     Ok(Done { out, base: base_part, kept })
 }
 
@@ -328,7 +329,7 @@ fn finish_tensor(
             ));
         }
     }
-    if with_base && hash::merge(outs) != t.out_hash {
+    if (with_base || t.mode == Mode::Whole) && hash::merge(outs) != t.out_hash {
         return Err(Error::tensor(&delta.path, &t.name, "reconstructed tensor does not match its recorded hash"));
     }
     Ok(())
@@ -357,7 +358,7 @@ fn write_side_files(delta: &DeltaReader, staged: &Staged, dest: &Path) -> Result
         let path = staged.path().join(&f.path);
         create_parents(staged, &path, dest)?;
         staged.track(&path);
-        fs::write(&path, data).map_err(|e| Error::io(dest.join(&f.path), e))?;
+        crate::output::write_new(&path, data).map_err(|e| Error::io(dest.join(&f.path), e))?;
     }
     Ok(())
 }
@@ -387,5 +388,5 @@ fn write_index(m: &Manifest, path: &Path, dest: &Path) -> Result<()> {
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     let mut text = serde_json::to_string_pretty(&index).expect("an index always serializes");
     text.push('\n');
-    fs::write(path, text).map_err(|e| Error::io(dest.join(INDEX_FILE), e))
+    crate::output::write_new(path, text).map_err(|e| Error::io(dest.join(INDEX_FILE), e))
 }

@@ -58,6 +58,8 @@ pub struct PruneSummary {
     pub kept: u64,
     /// Side files carried.
     pub side_files: usize,
+    /// The path of every side file carried, in the delta's order.
+    pub embedded_side_files: Vec<String>,
     /// Side files left out (over 64 MiB).
     pub skipped_side_files: Vec<String>,
     /// Bytes of both input checkpoints' shards (of a part: of its tensors and their base
@@ -230,8 +232,8 @@ enum Out<'b> {
 /// Prunes `cfg.finetuned` against `cfg.base` into the delta `cfg.output`.
 pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     let start = Instant::now();
-    let base = Checkpoint::open(&cfg.base)?;
-    let ft = Checkpoint::open(&cfg.finetuned)?;
+    let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
+    let ft = Checkpoint::open_within(&cfg.finetuned, cfg.memory_budget)?;
     if let Some(s) = ft.shards.iter().find(|s| ft.layout == Layout::Directory && !is_safe_relative(&s.name)) {
         return Err(Error::invalid(&s.path, "this shard name cannot be stored in a delta (non-UTF-8 or '\\')"));
     }
@@ -249,7 +251,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         None => (0, true),
     };
     let (side, skipped) = if ft.layout == Layout::Directory && carries_side_files {
-        super::side::side_files(&ft.root)?
+        super::side::side_files(&ft.root, &cfg.output)?
     } else {
         Default::default()
     };
@@ -322,6 +324,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         }
     }
     summary.side_files = side_records.len();
+    summary.embedded_side_files = side_records.iter().map(|f| f.path.clone()).collect();
     let manifest = Manifest {
         format: "fapm-delta".into(),
         version: VERSION,
@@ -807,10 +810,7 @@ fn write_stage(writer: &mut DeltaWriter, rx: Receiver<Out>, ctl: &Ctl) -> Result
 }
 
 fn write_side_file(writer: &mut DeltaWriter, rel: &str, path: &Path) -> Result<SideFile> {
-    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if data.len() as u64 > super::side::MAX_SIDE_FILE {
-        return Err(Error::invalid(path, "side file grew over 64 MiB while fapm ran"));
-    }
+    let data = super::side::read(path)?;
     let mut blocks = Vec::new();
     for (s, l) in block_sizes(data.len() as u64, RAW_BLOCK_BYTES) {
         let raw = &data[s as usize..(s + l) as usize];

@@ -1,19 +1,25 @@
 //! Side files: the non-weight files of a checkpoint directory (config, tokenizer, ...) that
 //! travel inside the delta so the rebuilt directory loads like the fine-tuned one.
 //!
-//! Decisions (docs/FORMAT.md): regular files found recursively, symlinks followed (Hugging
-//! Face cache snapshots are symlinks); `*.safetensors` files and the top-level index are not
-//! side files; names starting with '.' are skipped (`.git`, `.cache`); files over 64 MiB are
-//! left out with a warning.
+//! Decisions (docs/FORMAT.md, docs/SECURITY.md): regular files found recursively, symlinks
+//! followed (Hugging Face cache snapshots are symlinks into the repository's `blobs/`);
+//! `*.safetensors` files and the top-level index are not side files; names starting with '.'
+//! are skipped (`.git`, `.cache`); files over 64 MiB are left out with a warning. Side files
+//! are what people publish without looking, so: only regular files of real file systems are
+//! read (never a device, FIFO, socket or `/proc` entry, whatever a symlink points at), each
+//! with a bounded read; a symlink that leaves the directory is named in a warning with its
+//! target; fapm deltas (a delta saved inside the directory) and the output itself are left
+//! out; and `prune` names every file it embeds.
 
-use std::os::unix::fs::MetadataExt;
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use fapm_stages::checkpoint::INDEX_FILE;
+use fapm_stages::error::printable;
+pub use fapm_stages::format::{MAX_SIDE_FILE, MAX_SIDE_FILES};
 use fapm_stages::{Error, Result};
-
-/// The largest side file carried inside a delta (SPEC section 4).
-pub const MAX_SIDE_FILE: u64 = 64 << 20;
 
 /// A side file found in the fine-tuned directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,16 +32,41 @@ pub struct SideSource {
     pub size: u64,
 }
 
-/// Side files of a checkpoint directory, sorted by relative path, and the
-/// relative paths of those left out for being over 64 MiB.
-pub fn side_files(root: &Path) -> Result<(Vec<SideSource>, Vec<String>)> {
-    let mut found = Vec::new();
-    let mut skipped = Vec::new();
-    let mut walk_state = Walk { ancestors: Vec::new(), dirs: 0 };
-    walk_state.walk(root, "", &mut found, &mut skipped)?;
+/// Side files of the checkpoint directory `root`, sorted by relative path, and the relative
+/// paths of those left out for being over 64 MiB. `output` (the delta being written) is
+/// never one of them.
+pub fn side_files(root: &Path, output: &Path) -> Result<(Vec<SideSource>, Vec<String>)> {
+    let real_root = fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
+    let mut walk = Walk {
+        blobs: hf_blobs(&real_root),
+        output: real_path(output),
+        real_root,
+        ancestors: Vec::new(),
+        dirs: 0,
+        found: Vec::new(),
+        skipped: Vec::new(),
+    };
+    walk.walk(root, "")?;
+    let (mut found, mut skipped) = (walk.found, walk.skipped);
     found.sort_by(|a, b| a.rel.cmp(&b.rel));
     skipped.sort();
     Ok((found, skipped))
+}
+
+/// Reads the side file at `path` whole: a regular file of a real file system, at most
+/// 64 MiB and exactly as long as it says (a bounded read, whatever the file claims).
+pub fn read(path: &Path) -> Result<Vec<u8>> {
+    let (file, size) = open_regular(path)?
+        .ok_or_else(|| Error::invalid(path, "side file is no longer a regular file of a real file system"))?;
+    let mut data = Vec::with_capacity(size.min(MAX_SIDE_FILE) as usize);
+    file.take(MAX_SIDE_FILE + 1).read_to_end(&mut data).map_err(|e| Error::io(path, e))?;
+    if data.len() as u64 > MAX_SIDE_FILE {
+        return Err(Error::invalid(path, "side file grew over 64 MiB while fapm ran"));
+    }
+    if data.len() as u64 != size {
+        return Err(Error::invalid(path, "side file changed while fapm read it"));
+    }
+    Ok(data)
 }
 
 /// The largest number of directories visited while looking for side files: symlinked
@@ -44,15 +75,23 @@ const MAX_DIRS: usize = 10_000;
 
 /// A depth-first walk that follows symlinks but refuses loops and runaway trees.
 struct Walk {
+    /// The directory, with every symlink resolved.
+    real_root: PathBuf,
+    /// The `blobs/` folder of the Hugging Face cache repository `real_root` is a snapshot of.
+    blobs: Option<PathBuf>,
+    /// The output's path, with every symlink resolved.
+    output: Option<PathBuf>,
     /// (device, inode) of the directories from the root to the current one.
     ancestors: Vec<(u64, u64)>,
     /// Directories visited so far.
     dirs: usize,
+    found: Vec<SideSource>,
+    skipped: Vec<String>,
 }
 
 impl Walk {
-    fn walk(&mut self, dir: &Path, rel: &str, found: &mut Vec<SideSource>, skipped: &mut Vec<String>) -> Result<()> {
-        let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+    fn walk(&mut self, dir: &Path, rel: &str) -> Result<()> {
+        let meta = fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
         let id = (meta.dev(), meta.ino());
         if self.ancestors.len() > 16 || self.ancestors.contains(&id) {
             return Err(Error::invalid(dir, "directories nested too deeply or a symlink loop"));
@@ -62,39 +101,182 @@ impl Walk {
             return Err(Error::invalid(dir, format!("more than {MAX_DIRS} directories (symlinked directories?)")));
         }
         self.ancestors.push(id);
-        let r = self.entries(dir, rel, found, skipped);
+        let r = self.entries(dir, rel);
         self.ancestors.pop();
         r
     }
 
-    fn entries(&mut self, dir: &Path, rel: &str, found: &mut Vec<SideSource>, skipped: &mut Vec<String>) -> Result<()> {
-        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+    fn entries(&mut self, dir: &Path, rel: &str) -> Result<()> {
+        for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
             let entry = entry.map_err(|e| Error::io(dir, e))?;
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                tracing::warn!(file = %entry.path().display(), "side file with a non-UTF-8 name left out of the delta");
+                let file = printable(&entry.path().display().to_string()).into_owned();
+                tracing::warn!("side file {file} left out of the delta: its name is not UTF-8");
                 continue;
             };
             if name.starts_with('.') {
                 continue;
             }
-            if name.contains('\\') {
-                tracing::warn!(file = %entry.path().display(), "side file with a '\\' in its name left out of the delta");
-                continue;
-            }
             let path = entry.path();
             let relname = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
-            let Ok(meta) = std::fs::metadata(&path) else { continue }; // dangling symlink
+            if name.contains('\\') || name.chars().any(char::is_control) {
+                let file = printable(&relname);
+                tracing::warn!("side file {file} left out of the delta: a '\\' or a control character in its name");
+                continue;
+            }
+            let Ok(meta) = fs::metadata(&path) else { continue }; // dangling symlink
             if meta.is_dir() {
-                self.walk(&path, &relname, found, skipped)?;
-            } else if meta.is_file() && !name.ends_with(".safetensors") && !(rel.is_empty() && name == INDEX_FILE) {
-                if meta.len() > MAX_SIDE_FILE {
-                    tracing::warn!(file = %relname, size = meta.len(), "side file over 64 MiB left out of the delta");
-                    skipped.push(relname);
-                } else {
-                    found.push(SideSource { rel: relname, path, size: meta.len() });
+                self.check_link(&path, &relname, "directory");
+                self.walk(&path, &relname)?;
+            } else if !meta.is_file() {
+                let file = printable(&relname);
+                tracing::warn!("side file {file} left out of the delta: not a regular file (a device, FIFO or socket)");
+            } else {
+                let weights = name.ends_with(".safetensors") || (rel.is_empty() && name == INDEX_FILE);
+                if !weights {
+                    self.file(path, relname, &meta)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Considers the regular file (as `stat` says) `path`.
+    fn file(&mut self, path: PathBuf, rel: String, meta: &fs::Metadata) -> Result<()> {
+        if self.output.is_some() && real_path(&path) == self.output {
+            return Ok(()); // the delta being written, or the one it replaces
+        }
+        let shown = printable(&rel).into_owned();
+        let Some((mut file, size)) = open_regular(&path)? else {
+            tracing::warn!("side file {shown} left out of the delta: not a regular file of a real file system");
+            return Ok(());
+        };
+        let mut magic = [0u8; 8];
+        if size >= magic.len() as u64 && file.read_exact(&mut magic).is_ok() && magic == fapm_stages::format::MAGIC {
+            tracing::warn!("side file {shown} left out of the delta: it is a fapm delta");
+            return Ok(());
+        }
+        self.check_link(&path, &rel, "side file");
+        if size > MAX_SIDE_FILE {
+            tracing::warn!(size = meta.len(), "side file {shown} over 64 MiB left out of the delta");
+            self.skipped.push(rel);
+            return Ok(());
+        }
+        if self.found.len() == MAX_SIDE_FILES {
+            return Err(Error::invalid(
+                &self.real_root,
+                format!("more than {MAX_SIDE_FILES} side files; a delta carries at most {MAX_SIDE_FILES}"),
+            ));
+        }
+        self.found.push(SideSource { rel, path, size });
+        Ok(())
+    }
+
+    /// Warns when `path` is a symlink whose target is outside the directory (and not in the
+    /// `blobs/` folder of the same Hugging Face cache repository): what it points at goes
+    /// into the delta.
+    fn check_link(&self, path: &Path, rel: &str, what: &str) {
+        if !fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return;
+        }
+        let Ok(target) = fs::canonicalize(path) else { return };
+        let inside = target.starts_with(&self.real_root) || self.blobs.as_ref().is_some_and(|b| target.starts_with(b));
+        if !inside {
+            let (link, target) = (printable(rel), printable(&target.display().to_string()).into_owned());
+            tracing::warn!(
+                "{what} {link} is a symlink to {target}, outside the fine-tuned directory: what it points at goes into the delta"
+            );
+        }
+    }
+}
+
+/// The `blobs/` folder of the Hugging Face cache repository whose snapshot `dir` is
+/// (`.../models--ORG--NAME/snapshots/REV`), if it is one.
+fn hf_blobs(dir: &Path) -> Option<PathBuf> {
+    let snapshots = dir.parent()?;
+    let repo = snapshots.parent()?;
+    let name = repo.file_name()?.to_str()?;
+    let is_repo = ["models--", "datasets--", "spaces--"].iter().any(|p| name.starts_with(p));
+    (snapshots.file_name()? == "snapshots" && is_repo).then(|| repo.join("blobs"))
+}
+
+/// `path` with every symlink resolved, also when its last component does not exist yet.
+fn real_path(path: &Path) -> Option<PathBuf> {
+    fs::canonicalize(path).ok().or_else(|| {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        Some(fs::canonicalize(parent).ok()?.join(path.file_name()?))
+    })
+}
+
+/// Opens `path` for reading if it is (once opened, by its descriptor) a regular file on a
+/// file system of stored data; `None` for anything else. Opening never blocks (a FIFO put in
+/// its place after a `stat`), and `/proc`, `/sys` and the like are refused: their files claim
+/// sizes that have nothing to do with what reading them returns.
+fn open_regular(path: &Path) -> Result<Option<(File, u64)>> {
+    let file = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(Error::io(path, e)),
+        Err(_) => return Ok(None),
+    };
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || pseudo_file_system(&file) {
+        return Ok(None);
+    }
+    Ok(Some((file, meta.len())))
+}
+
+/// Whether `file` lives on a kernel pseudo file system (proc, sysfs, debugfs, ...).
+#[cfg(target_os = "linux")]
+fn pseudo_file_system(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    const PSEUDO: [i64; 9] = [
+        0x9fa0,      // proc
+        0x6265_6572, // sysfs
+        0x6462_6720, // debugfs
+        0x7472_6163, // tracefs
+        0x7363_6673, // securityfs
+        0x0027_e0eb, // cgroup
+        0x6367_7270, // cgroup2
+        0x6265_6570, // configfs
+        0xde5e_81e4, // efivarfs
+    ];
+    // SAFETY: fstatfs writes one statfs into `st`, which a zeroed value initialises.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    PSEUDO.contains(&(st.f_type as i64))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pseudo_file_system(_file: &File) -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hugging_face_snapshots_have_blobs() {
+        let snap = Path::new("/c/hub/models--org--m/snapshots/abc123");
+        assert_eq!(hf_blobs(snap), Some(PathBuf::from("/c/hub/models--org--m/blobs")));
+        assert_eq!(hf_blobs(Path::new("/home/me/snapshots/abc")), None);
+        assert_eq!(hf_blobs(Path::new("/c/hub/models--org--m/blobs")), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn proc_files_are_not_regular_files_of_stored_data() {
+        // /proc/self/environ stats as an empty regular file, yet reading it returns data.
+        assert!(open_regular(Path::new("/proc/self/environ")).unwrap().is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.json");
+        fs::write(&f, b"{}").unwrap();
+        assert_eq!(open_regular(&f).unwrap().map(|(_, n)| n), Some(2));
+        assert!(open_regular(dir.path()).unwrap().is_none());
     }
 }

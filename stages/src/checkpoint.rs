@@ -7,14 +7,16 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{Deserializer, Error as _, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::json;
+use crate::DEFAULT_MEMORY_BUDGET;
 
 /// The largest safetensors header fapm accepts (SPEC section 1).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -22,24 +24,29 @@ pub const MAX_HEADER_LEN: u64 = 100_000_000;
 /// The name of the shard index file in a sharded checkpoint directory.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// The most shards a checkpoint (and so a delta) may have: each is a file `apply` creates.
+pub const MAX_SHARDS: usize = 10_000;
+
 /// A read-only memory map of a whole file.
 pub struct Mmap {
     map: Option<memmap2::Mmap>,
 }
 
 impl Mmap {
-    /// Maps `file`, which is `path`, read-only.
+    /// Maps `file`, which is `path` and `len` bytes long, read-only.
     ///
-    /// # Safety contract
-    /// A memory map is only sound while nobody truncates or rewrites the file. fapm maps
-    /// checkpoints it only reads, documents that they must not change during a run, and
-    /// guards against truncation with a SIGBUS handler in the binary (see docs/SECURITY.md).
-    fn open(path: &Path, file: &File, len: u64) -> Result<Self> {
+    /// # Safety
+    ///
+    /// The map is shared (`MAP_SHARED`, as memmap2 maps), not a private copy: for as long as
+    /// it lives, a write to the file by anyone shows through it, and a truncation makes
+    /// reading the pages past the new end raise SIGBUS. Rust assumes the bytes behind a
+    /// `&[u8]` never change, so the caller must make sure that nobody modifies or truncates
+    /// the file while the map (or a slice of it) is in use.
+    unsafe fn map(path: &Path, file: &File, len: u64) -> Result<Self> {
         if len == 0 {
             return Ok(Mmap { map: None });
         }
-        // SAFETY: the map is read-only and private to this process; the file is an input
-        // that must not be modified while fapm runs (see the contract above).
+        // SAFETY: passed on to our caller (see `# Safety`).
         let map = unsafe { memmap2::Mmap::map(file) }.map_err(|e| Error::io(path, e))?;
         Ok(Mmap { map: Some(map) })
     }
@@ -61,8 +68,9 @@ impl Mmap {
         let start = (map.as_ptr() as usize + range.start).next_multiple_of(PAGE) - map.as_ptr() as usize;
         let end = (map.as_ptr() as usize + range.end) / PAGE * PAGE - map.as_ptr() as usize;
         if start < end {
-            // SAFETY: the map is a read-only file mapping, so MADV_DONTNEED discards no data:
-            // a later read of these bytes (by anyone, even at the same time) maps the same
+            // SAFETY: the map is a shared read-only file mapping, so MADV_DONTNEED discards no
+            // data: it drops our page-table entries, the pages stay in the page cache, and a
+            // later read of these bytes (by any thread, even at the same time) maps the same
             // file pages again. It is advice; a failure changes nothing and is ignored.
             let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
         }
@@ -118,7 +126,8 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Opens, maps and validates one safetensors file.
+    /// Opens, maps and validates one safetensors file. See [`Checkpoint::open`] for the
+    /// contract of its memory map.
     pub fn open(path: &Path, name: String) -> Result<Self> {
         // Checked before opening too: opening a FIFO would block.
         if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
@@ -129,7 +138,13 @@ impl Shard {
         if !meta.is_file() {
             return Err(Error::invalid(path, "not a regular file"));
         }
-        let map = Mmap::open(path, &file, meta.len())?;
+        // SAFETY: fapm cannot stop other processes from changing its input files; the map's
+        // contract (`Mmap::map`) is passed on to fapm's user, who promises that checkpoints do
+        // not change while fapm reads them (`Checkpoint::open`, docs/SECURITY.md). What breaks
+        // the promise is contained as far as a process can: a truncation raises SIGBUS, which
+        // the binary turns into a clean error (src/sigbus.rs), and bytes rewritten in place
+        // are caught by the delta's hashes when applied.
+        let map = unsafe { Mmap::map(path, &file, meta.len()) }?;
         let (header, data_start, tensors) = parse_shard(path, map.bytes())?;
         let data_len = (map.bytes().len() - data_start) as u64;
         Ok(Shard { path: path.to_path_buf(), name, position: 0, header, data_len, tensors, data_start, map })
@@ -161,97 +176,184 @@ pub fn parse_shard(path: &Path, bytes: &[u8]) -> Result<(String, usize, Vec<Tens
     let header_bytes = bytes.get(8..data_start).ok_or_else(|| {
         Error::invalid(path, format!("header length {header_len} runs past the end of the {}-byte file", bytes.len()))
     })?;
-    let header = std::str::from_utf8(header_bytes)
-        .map_err(|e| Error::invalid(path, format!("header is not UTF-8: {e}")))?
-        .to_owned();
+    let header =
+        std::str::from_utf8(header_bytes).map_err(|e| Error::invalid(path, format!("header is not UTF-8: {e}")))?;
     let data_len = (bytes.len() - data_start) as u64;
-    let tensors = parse_header(path, &header, data_len)?;
-    Ok((header, data_start, tensors))
+    let tensors = parse_header(path, header, data_len)?;
+    json::charge(json::string_cost(header.len())).map_err(|e| Error::invalid(path, e))?;
+    Ok((header.to_owned(), data_start, tensors))
 }
 
+/// One tensor entry of a header, as written.
 #[derive(Deserialize)]
-struct RawTensor {
-    dtype: String,
+struct RawTensor<'a> {
+    #[serde(borrow)]
+    dtype: json::Str<'a>,
+    #[serde(deserialize_with = "json::vec")]
     shape: Vec<u64>,
     data_offsets: (u64, u64),
 }
 
-/// A JSON object's entries in file order, with duplicate keys reported instead of merged.
-struct OrderedObject(Vec<(String, serde_json::Value)>);
+impl json::Heap for TensorInfo {
+    fn heap(&self) -> u64 {
+        json::string_cost(self.name.capacity()) // the shape was charged as it was parsed
+    }
+}
 
-impl<'de> Deserialize<'de> for OrderedObject {
+/// What [`parse_header`] charged to the allowance for `tensors` (and keeps charged).
+pub(crate) fn parsed_cost(tensors: &Vec<TensorInfo>) -> u64 {
+    let each: u64 = tensors.iter().map(|t| json::Heap::heap(t) + (t.shape.capacity() * size_of::<u64>()) as u64).sum();
+    each + (tensors.capacity() * size_of::<TensorInfo>()) as u64
+}
+
+/// What the header parser was reading when it stopped, to word the error.
+enum Failure {
+    /// The JSON itself, or its top level.
+    Json,
+    /// The `__metadata__` entry.
+    Metadata,
+    /// A tensor entry, and why it is refused (empty: the JSON of the entry is malformed).
+    Tensor(String, String),
+}
+
+/// Parses a header's top-level object into its tensors, in header order.
+struct HeaderVisitor<'f> {
+    data_len: u64,
+    failure: &'f mut Failure,
+}
+
+impl<'de> Visitor<'de> for HeaderVisitor<'_> {
+    type Value = Vec<TensorInfo>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        let fail = |failure: &mut Failure, name: &str, msg: String| {
+            *failure = Failure::Tensor(name.to_owned(), msg);
+            A::Error::custom("invalid tensor entry")
+        };
+        let mut tensors = Vec::new();
+        let mut metadata = false;
+        while let Some(json::Str(name)) = map.next_key()? {
+            if name == "__metadata__" {
+                *self.failure = Failure::Metadata;
+                if std::mem::replace(&mut metadata, true) {
+                    return Err(A::Error::custom("duplicate key '__metadata__'"));
+                }
+                map.next_value::<Metadata>()?;
+                *self.failure = Failure::Json;
+                continue;
+            }
+            *self.failure = Failure::Tensor(name.to_string(), String::new());
+            let raw: RawTensor = map.next_value()?;
+            let dtype = DType::parse(&raw.dtype.0).ok_or_else(|| {
+                fail(self.failure, &name, format!("unknown dtype '{}'", json::clip(&raw.dtype.0, 32)))
+            })?;
+            let (begin, end) = raw.data_offsets;
+            if begin > end || end > self.data_len {
+                let buffer = if self.data_len == u64::MAX { String::new() } else { format!("{}-byte ", self.data_len) };
+                let msg = format!("data_offsets [{begin}, {end}] outside the {buffer}data buffer");
+                return Err(fail(self.failure, &name, msg));
+            }
+            let expected = raw.shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d));
+            let Some(expected) = expected else { return Err(fail(self.failure, &name, "shape is too large".into())) };
+            if end - begin != expected {
+                let rank = raw.shape.len();
+                let shape = if rank > 8 { format!("of rank {rank}") } else { format!("{:?}", raw.shape) };
+                let msg =
+                    format!("data_offsets span {} bytes but shape {shape} of {dtype} needs {expected}", end - begin);
+                return Err(fail(self.failure, &name, msg));
+            }
+            let info = TensorInfo { name: name.into_owned(), dtype, shape: raw.shape, begin, end };
+            json::push(&mut tensors, info).map_err(A::Error::custom)?;
+            *self.failure = Failure::Json;
+        }
+        Ok(tensors)
+    }
+}
+
+/// The `__metadata__` entry: checked to map strings to strings, kept nowhere (the header
+/// text is kept verbatim).
+struct Metadata;
+
+impl<'de> Deserialize<'de> for Metadata {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = OrderedObject;
+            type Value = Metadata;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
+                f.write_str("an object of strings")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<OrderedObject, A::Error> {
-                let mut entries = Vec::new();
-                let mut seen = std::collections::HashSet::new();
-                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
-                    if !seen.insert(k.clone()) {
-                        return Err(serde::de::Error::custom(format!("duplicate key '{k}'")));
-                    }
-                    entries.push((k, v));
-                }
-                Ok(OrderedObject(entries))
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Metadata, A::Error> {
+                while map.next_entry::<IgnoredAny, json::AnyStr>()?.is_some() {}
+                Ok(Metadata)
             }
         }
         d.deserialize_map(V)
     }
 }
 
-/// Validates a safetensors header against a data buffer of `data_len` bytes.
+/// Validates a safetensors header against a data buffer of `data_len` bytes: the tensors,
+/// sorted by their offsets, must tile the buffer from 0 to its end without gap or overlap
+/// (the rule of the `safetensors` library). `data_len` is `u64::MAX` for a header recorded in
+/// a delta, whose data buffer is then the tensors' tiling. The parse allocates only what it
+/// returns (charged to the current [`json::Allowance`]) and a list of indices.
 pub fn parse_header(path: &Path, header: &str, data_len: u64) -> Result<Vec<TensorInfo>> {
-    let object: OrderedObject =
-        serde_json::from_str(header).map_err(|e| Error::invalid(path, format!("malformed header JSON: {e}")))?;
-    let mut tensors = Vec::with_capacity(object.0.len());
-    for (name, value) in object.0 {
-        if name == "__metadata__" {
-            let ok = value.as_object().is_some_and(|m| m.values().all(|v| v.is_string()));
-            if !ok {
-                return Err(Error::invalid(path, "__metadata__ must map strings to strings"));
-            }
-            continue;
+    let mut failure = Failure::Json;
+    let mut de = serde_json::Deserializer::from_str(header);
+    let parsed =
+        de.deserialize_map(HeaderVisitor { data_len, failure: &mut failure }).and_then(|t| de.end().map(|_| t));
+    let mut tensors = match (parsed, failure) {
+        (Ok(tensors), _) => tensors,
+        (Err(e), _) if e.to_string().starts_with(json::OVER_BUDGET) => {
+            return Err(Error::invalid(path, format!("header of {} bytes: {}", header.len(), json::OVER_BUDGET)));
         }
-        let raw: RawTensor = serde_json::from_value(value)
-            .map_err(|e| Error::tensor(path, &name, format!("malformed header entry: {e}")))?;
-        let dtype = DType::parse(&raw.dtype)
-            .ok_or_else(|| Error::tensor(path, &name, format!("unknown dtype '{}'", raw.dtype)))?;
-        let (begin, end) = raw.data_offsets;
-        if begin > end || end > data_len {
-            return Err(Error::tensor(
-                path,
-                &name,
-                format!("data_offsets [{begin}, {end}] outside the {data_len}-byte data buffer"),
-            ));
+        (Err(e), Failure::Json) => return Err(Error::invalid(path, format!("malformed header JSON: {e}"))),
+        (Err(e), Failure::Metadata) => {
+            return Err(Error::invalid(path, format!("__metadata__ must map strings to strings: {e}")));
         }
-        let expected = raw
-            .shape
-            .iter()
-            .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| Error::tensor(path, &name, "shape is too large"))?;
-        if end - begin != expected {
-            return Err(Error::tensor(
-                path,
-                &name,
-                format!(
-                    "data_offsets span {} bytes but shape {:?} of {dtype} needs {expected}",
-                    end - begin,
-                    raw.shape
-                ),
-            ));
+        (Err(e), Failure::Tensor(name, msg)) if msg.is_empty() => {
+            return Err(Error::tensor(path, name, format!("malformed header entry: {e}")));
         }
-        tensors.push(TensorInfo { name, dtype, shape: raw.shape, begin, end });
+        (Err(_), Failure::Tensor(name, msg)) => return Err(Error::tensor(path, name, msg)),
+    };
+    let refuse = |tensors: &[TensorInfo], i: usize, msg: String| Err(Error::tensor(path, &tensors[i].name, msg));
+    // Indices in name order, then in (begin, end) order: 4 bytes per tensor, no copies.
+    let over = |e| Error::invalid(path, e);
+    json::charge(4 * tensors.len() as u64).map_err(over)?;
+    let mut order: Vec<u32> = (0..tensors.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
+    if let Some(w) = order.windows(2).find(|w| tensors[w[0] as usize].name == tensors[w[1] as usize].name) {
+        return refuse(&tensors, w[1] as usize, "duplicate key in the header".into());
+    }
+    order.sort_unstable_by_key(|&i| (tensors[i as usize].begin, tensors[i as usize].end, i));
+    let mut pos = 0;
+    for (k, &i) in order.iter().enumerate() {
+        let t = &tensors[i as usize];
+        if t.begin < pos {
+            let prev = &tensors[order[k - 1] as usize].name;
+            return refuse(&tensors, i as usize, format!("data overlaps tensor '{prev}'"));
+        }
+        if t.begin > pos {
+            let msg = format!("starts at byte {} of the data buffer, leaving {} bytes before it that no tensor covers (tensors must tile the buffer from 0)", t.begin, t.begin - pos);
+            return refuse(&tensors, i as usize, msg);
+        }
+        pos = t.end;
+    }
+    json::refund(4 * tensors.len() as u64);
+    drop(order);
+    if data_len != u64::MAX && pos != data_len {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "the last {} bytes of the data buffer belong to no tensor (tensors must tile it to its end)",
+                data_len - pos
+            ),
+        ));
     }
     tensors.sort_by_key(|t| t.begin); // stable: header order among equal starts
-    for pair in tensors.windows(2) {
-        if pair[1].begin < pair[0].end {
-            return Err(Error::tensor(path, &pair[1].name, format!("data overlaps tensor '{}'", pair[0].name)));
-        }
-    }
     Ok(tensors)
 }
 
@@ -307,8 +409,24 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens a `.safetensors` file or a checkpoint directory and validates every shard.
+    /// Opens a `.safetensors` file or a checkpoint directory and validates every shard,
+    /// reading its headers within [`DEFAULT_MEMORY_BUDGET`] (see [`Checkpoint::open_within`]).
+    ///
+    /// # Memory maps
+    ///
+    /// Shards are memory-mapped, shared and read-only (`Mmap::map`): the caller promises
+    /// that nobody modifies or truncates them while the checkpoint is in use. Truncation
+    /// raises SIGBUS in the reading thread, which the `fapm` binary turns into a clean error;
+    /// a library user that maps files it does not control must handle SIGBUS itself.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_within(root, DEFAULT_MEMORY_BUDGET)
+    }
+
+    /// [`Checkpoint::open`], with the memory that parsing the index and the shard headers
+    /// may take (what the checkpoint keeps of them, and what the parse needs on the way)
+    /// bounded by `memory_budget`: a hostile header is refused before it can exhaust memory.
+    pub fn open_within(root: &Path, memory_budget: u64) -> Result<Self> {
+        let _allowance = json::Allowance::new(memory_budget);
         let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
         // The index is read once: it names the shards and is checked against them.
         let index = if meta.is_dir() { read_index(root)? } else { None };
@@ -324,6 +442,9 @@ impl Checkpoint {
             let path = if layout == Layout::File { root.to_path_buf() } else { root.join(&name) };
             let mut shard = Shard::open(&path, name)?;
             shard.position = shards.len();
+            // The name map: a copy of each name and a hash-table slot.
+            let names: u64 = shard.tensors.iter().map(|t| json::string_cost(t.name.len()) + 48).sum();
+            json::charge(names).map_err(|e| Error::invalid(&path, e))?;
             for (i, t) in shard.tensors.iter().enumerate() {
                 if let Some(&(other, _)) = by_name.get(&t.name) {
                     let other = &shards[other];
@@ -381,29 +502,78 @@ impl Checkpoint {
     }
 }
 
+/// The largest index file fapm reads.
+pub const MAX_INDEX_LEN: u64 = MAX_HEADER_LEN;
+
 /// The `weight_map` of a directory's index file, or `None` when there is no index.
 fn read_index(dir: &Path) -> Result<Option<Vec<(String, String)>>> {
     let path = dir.join(INDEX_FILE);
-    let text = match std::fs::read(&path) {
-        Ok(t) => t,
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(&path, e)),
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| Error::invalid(&path, format!("malformed JSON: {e}")))?;
-    let map = value
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::invalid(&path, "no \"weight_map\" object"))?;
-    let mut out = Vec::with_capacity(map.len());
-    for (tensor, shard) in map {
-        let shard = shard.as_str().ok_or_else(|| Error::tensor(&path, tensor, "weight_map value is not a string"))?;
-        if !is_safe_relative(shard) {
-            return Err(Error::tensor(&path, tensor, format!("shard path '{shard}' is outside the directory")));
-        }
-        out.push((tensor.clone(), shard.to_owned()));
+    if !meta.is_file() {
+        return Err(Error::invalid(&path, "not a regular file"));
     }
-    Ok(Some(out))
+    if meta.len() > MAX_INDEX_LEN {
+        return Err(Error::invalid(&path, format!("{} bytes exceeds the {MAX_INDEX_LEN}-byte limit", meta.len())));
+    }
+    json::charge(meta.len()).map_err(|e| Error::invalid(&path, e))?;
+    let mut text = Vec::with_capacity(meta.len() as usize);
+    let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_INDEX_LEN + 1), &mut text)
+        .map_err(|e| Error::io(&path, e))?;
+    if text.len() as u64 > MAX_INDEX_LEN {
+        return Err(Error::invalid(&path, format!("exceeds the {MAX_INDEX_LEN}-byte limit")));
+    }
+    let index: IndexFile =
+        serde_json::from_slice(&text).map_err(|e| Error::invalid(&path, format!("malformed JSON: {e}")))?;
+    json::refund(meta.len());
+    let map = index.weight_map.ok_or_else(|| Error::invalid(&path, "no \"weight_map\" object"))?.0;
+    for (tensor, shard) in &map {
+        if !is_safe_relative(shard) {
+            let msg = format!("shard path '{shard}' is outside the directory or not a plain relative path");
+            return Err(Error::tensor(&path, tensor, msg));
+        }
+    }
+    Ok(Some(map))
+}
+
+/// An index file: only `weight_map` is read; `metadata` and anything else is skipped
+/// without being kept.
+#[derive(Deserialize)]
+struct IndexFile {
+    weight_map: Option<WeightMap>,
+}
+
+/// `weight_map`: tensor name to shard path, in file order.
+struct WeightMap(Vec<(String, String)>);
+
+impl json::Heap for (String, String) {
+    fn heap(&self) -> u64 {
+        self.0.heap() + self.1.heap()
+    }
+}
+
+impl<'de> Deserialize<'de> for WeightMap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = WeightMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of tensor names to shard paths")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<WeightMap, A::Error> {
+                let mut out = Vec::new();
+                while let Some((json::Str(tensor), json::Str(shard))) = map.next_entry()? {
+                    json::push(&mut out, (tensor.into_owned(), shard.into_owned())).map_err(A::Error::custom)?;
+                }
+                Ok(WeightMap(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// The shard names of a checkpoint directory (those of its index, when it has one), sorted.
@@ -440,16 +610,20 @@ fn shard_names(dir: &Path, index: Option<&[(String, String)]>) -> Result<Vec<Str
     if names.is_empty() {
         return Err(Error::invalid(dir, "no *.safetensors files in this directory"));
     }
+    if names.len() > MAX_SHARDS {
+        return Err(Error::invalid(dir, format!("{} shards, more than the {MAX_SHARDS} fapm handles", names.len())));
+    }
     Ok(names)
 }
 
-/// Whether `p` is a relative path that stays inside its base directory ("a/b.json", not
-/// "../x", "/x", "a/../../x" or "").
+/// Whether `p` is a path in the one spelling a delta stores (SPEC section 4): relative,
+/// `/`-separated, every component non-empty and neither `.` nor `..`, no `\\` and no control
+/// character. So "a/b.json", but not "", "/x", "../x", "a//b", "a/./b", "a/" or "a\\b": two
+/// different strings that pass never name the same file.
 pub fn is_safe_relative(p: &str) -> bool {
     !p.is_empty()
-        && !p.contains('\\')
-        && !p.contains('\0')
-        && Path::new(p).components().all(|c| matches!(c, Component::Normal(_)))
+        && !p.chars().any(|c| c == '\\' || c.is_control())
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 #[cfg(test)]
@@ -495,11 +669,64 @@ mod tests {
             (r#"{"__metadata__":{"x":1}}"#, 0, "__metadata__"),
             (r#"[1,2]"#, 0, "malformed header"),
             (r#"{"a":{"dtype":"U8","shape":[1]}}"#, 1, "malformed header entry"),
+            (r#"{"__metadata__":{},"__metadata__":{}}"#, 0, "duplicate key '__metadata__'"),
+            // Tiling from 0 to the end, as the safetensors library requires.
+            (r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[4,5]}}"#, 5, "leaving 4 bytes before it"),
+            (
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"U8","shape":[1],"data_offsets":[2,3]}}"#,
+                3,
+                "leaving 1 bytes before it",
+            ),
+            (r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 3, "last 2 bytes of the data buffer"),
+            (r#"{}"#, 1, "last 1 bytes"),
+            (r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}} x"#, 1, "malformed header JSON"),
         ];
         for (header, data_len, needle) in cases {
             let err = parse(header, &vec![0; *data_len]).unwrap_err().to_string();
             assert!(err.contains(needle), "{header}: {err}");
         }
+    }
+
+    #[test]
+    fn empty_tensors_may_share_an_offset_in_either_order() {
+        for h in [
+            r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"z":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#,
+            r#"{"z":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#,
+        ] {
+            let t = parse(h, &[0; 2]).unwrap();
+            assert_eq!(t.len(), 2, "{h}");
+        }
+        assert!(parse("{}", &[]).unwrap().is_empty());
+        // A header recorded in a delta: no buffer to fill, but still tiled from 0.
+        let h = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+        let err = parse_header(Path::new("d"), h, u64::MAX).unwrap_err().to_string();
+        assert!(err.contains("leaving 1 bytes before it"), "{err}");
+        let h = r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,18446744073709551615]}}"#;
+        let err = parse_header(Path::new("d"), h, u64::MAX).unwrap_err().to_string();
+        assert!(err.contains("too large"), "{err}");
+    }
+
+    /// A header of a few MB that a generic JSON value would have parsed into gigabytes is
+    /// refused within its allowance, and the parse charges what it keeps.
+    #[test]
+    fn header_memory_is_charged_to_the_allowance() {
+        let shape = format!("[{}1]", "1,".repeat((4 << 20) - 1));
+        let h = format!(r#"{{"a":{{"dtype":"U8","shape":{shape},"data_offsets":[0,1]}}}}"#);
+        {
+            let _a = json::Allowance::new(16 << 20);
+            let err = parse(&h, &[0]).unwrap_err().to_string();
+            assert!(err.contains("memory budget"), "{err}");
+        }
+        let _a = json::Allowance::new(64 << 20);
+        assert_eq!(parse(&h, &[0]).unwrap()[0].shape.len(), 4 << 20);
+        // Many small entries: about 100 bytes each, with the list's growth.
+        let many: Vec<String> = (0..10_000)
+            .map(|i| format!(r#""t{i}":{{"dtype":"U8","shape":[],"data_offsets":[{i},{}]}}"#, i + 1))
+            .collect();
+        let h = format!("{{{}}}", many.join(","));
+        let _b = json::Allowance::new(1 << 20);
+        let err = parse(&h, &[0; 10_000]).unwrap_err().to_string();
+        assert!(err.contains("memory budget"), "{err}");
     }
 
     #[test]
@@ -517,7 +744,20 @@ mod tests {
         for ok in ["a.json", "tok/vocab.txt"] {
             assert!(is_safe_relative(ok), "{ok}");
         }
-        for bad in ["", "../a", "/etc/passwd", "a/../../b", "./a", "a\\..\\b"] {
+        for bad in [
+            "",
+            "../a",
+            "/etc/passwd",
+            "a/../../b",
+            "./a",
+            "a\\..\\b",
+            "a//b",
+            "a/./b",
+            "a/",
+            "a/.",
+            "a\u{1b}b",
+            "a\nb",
+        ] {
             assert!(!is_safe_relative(bad), "{bad}");
         }
     }

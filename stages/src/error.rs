@@ -1,5 +1,6 @@
 //! One error type for everything that touches bytes, so every message names its file and tensor.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// The result type of this crate.
@@ -56,5 +57,43 @@ impl Error {
     /// An error about one tensor of `path`.
     pub fn tensor(path: impl AsRef<Path>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Tensor { path: path.as_ref().to_path_buf(), tensor: tensor.into(), msg: msg.into() }
+    }
+}
+
+/// `s` (a name or text read from a file) made safe to print on a terminal: control
+/// characters (C0, DEL, C1), line and paragraph separators and the bidirectional controls
+/// that can reorder what a line shows are written as escapes (`\n`, `\u{1b}`, ...), so
+/// nothing from a file can move the cursor, recolour, retitle the window or forge a line.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if needs_escape(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Whether [`printable`] escapes `c`.
+pub fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on() {
+        assert!(matches!(printable("model.layers.0.weight"), Cow::Borrowed(_)));
+        assert_eq!(printable("a\nb\r\u{1b}[2J\u{7}"), "a\\nb\\r\\u{1b}[2J\\u{7}");
+        assert_eq!(printable("\u{9b}31m \u{7f} \u{202e}x \u{2028}"), "\\u{9b}31m \\u{7f} \\u{202e}x \\u{2028}");
+        assert_eq!(printable("émoji ✓ 中文"), "émoji ✓ 中文");
     }
 }

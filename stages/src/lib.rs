@@ -13,6 +13,7 @@ pub mod encode;
 pub mod error;
 pub mod format;
 pub mod hash;
+pub mod json;
 pub mod pack;
 pub mod partition;
 pub mod score;
@@ -20,3 +21,7 @@ pub mod threshold;
 pub mod writeback;
 
 pub use error::{Error, Result};
+
+/// The memory budget when none is given (`--memory-budget`): reading headers and manifests
+/// stays within it too.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;

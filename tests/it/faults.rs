@@ -132,6 +132,55 @@ fn interruption_leaves_nothing_behind() {
     }
 }
 
+/// SIGKILL leaves a temporary behind (no handler runs): the next run for that destination
+/// removes it. A moved-aside old output of an earlier run (`.out.fapm-tmp.old`, a name every
+/// process once shared) does not make `--overwrite` fail after the work is done.
+#[test]
+fn a_killed_runs_temporaries_are_removed_by_the_next_run() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = big_pair(dir.path());
+    let delta = dir.path().join("d.fapm");
+    let child = fapm()
+        .args(["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--threads", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !leftovers(dir.path(), &[]).iter().any(|n| n.starts_with(".d.fapm.fapm-tmp")) {
+        assert!(start.elapsed() < Duration::from_secs(30), "no temporary appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill on the pid of our own child, which has not been waited for yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.signal(), Some(libc::SIGKILL));
+    assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors"]).len(), 1);
+    let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q", "--sparsity", "0.5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(leftovers(dir.path(), &["base.safetensors", "ft.safetensors", "d.fapm"]), Vec::<String>::new());
+
+    let (base_dir, ft_dir) = (dir.path().join("base"), dir.path().join("ft"));
+    let (b, f) = small_pair(dir.path());
+    for (file, d) in [(&b, &base_dir), (&f, &ft_dir)] {
+        fs::create_dir(d).unwrap();
+        fs::rename(file, d.join("model.safetensors")).unwrap();
+    }
+    let small = dir.path().join("small.fapm");
+    let o =
+        run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&small), "-q", "--sparsity", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("out");
+    let stale = dir.path().join(".out.fapm-tmp.old");
+    fs::create_dir(&stale).unwrap();
+    fs::write(stale.join("x"), b"left by a killed run").unwrap();
+    for _ in 0..2 {
+        let o = run(&["apply", "--base", s(&base_dir), "--delta", s(&small), "-o", s(&out), "-q", "--overwrite"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(fs::read(out.join("model.safetensors")).unwrap(), fs::read(ft_dir.join("model.safetensors")).unwrap());
+}
+
 /// A shard truncated while fapm reads it through its memory map: the SIGBUS guard prints
 /// one error line, removes the temporary output and exits 1 (not a signal death).
 #[test]

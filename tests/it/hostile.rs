@@ -548,3 +548,452 @@ fn many_similar_tensors_make_a_valid_delta() {
     let out = run(&["verify", s(&d), "--base", s(&base), "-q"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+// ---------------------------------------------------------------------------------------
+// Crafted deltas: a stranger's file with every hash recomputed, so that each edit reaches
+// past the integrity checks to the rules behind them (docs/SECURITY.md, issue-style kinds:
+// allocations, JSON memory, paths, tiling, side files, printing).
+
+/// A delta taken apart: its manifest, every tensor's decompressed blocks and every side
+/// file's contents. Edit any of them and [`pack`] writes a delta whose hashes all match.
+struct Unpacked {
+    m: Manifest,
+    tensors: Vec<Vec<Vec<u8>>>,
+    side: Vec<Vec<u8>>,
+}
+
+fn unpack(delta: &Path) -> Unpacked {
+    let r = DeltaReader::open(delta).unwrap();
+    let tensors =
+        r.manifest.tensors.iter().map(|t| t.blocks.iter().map(|b| r.block(b, &t.name).unwrap()).collect()).collect();
+    let side = r
+        .manifest
+        .side_files
+        .iter()
+        .map(|f| f.blocks.iter().flat_map(|b| r.block(b, &f.path).unwrap()).collect())
+        .collect();
+    Unpacked { m: r.manifest, tensors, side }
+}
+
+/// Writes `u` as the delta `to` with fapm's own writer: every block compressed and hashed
+/// again, every side file's size, hash and blocks taken from its contents, manifest and
+/// footer hashed. Tensor hashes (`out_hash`, `base_hash`) are left as `u` says.
+fn pack(u: &Unpacked, to: &Path) {
+    let mut m = u.m.clone();
+    let mut w = DeltaWriter::new(fs::File::create(to).unwrap(), to).unwrap();
+    let mut block = |raw: &[u8]| w.block(&zstd::bulk::compress(raw, 1).unwrap(), raw.len() as u64).unwrap();
+    for (t, raws) in m.tensors.iter_mut().zip(&u.tensors) {
+        t.blocks = raws.iter().map(|raw| block(raw)).collect();
+    }
+    let per = m.raw_block_bytes as usize;
+    for (f, data) in m.side_files.iter_mut().zip(&u.side) {
+        f.size = data.len() as u64;
+        f.hash = blake3::hash(data).into();
+        f.blocks = data.chunks(per).map(&mut block).collect();
+    }
+    w.finish(&m).unwrap();
+}
+
+/// Replaces the manifest of `from` by the JSON text `json` (compressed, footer hashed) as
+/// `to`: for manifests too large or too odd to build as a `Manifest`.
+fn with_manifest_text(from: &Path, json: &[u8], to: &Path) {
+    let good = fs::read(from).unwrap();
+    let m_off = u64::from_le_bytes(good[good.len() - 64..good.len() - 56].try_into().unwrap()) as usize;
+    let packed = zstd::bulk::compress(json, 1).unwrap();
+    let mut file = good[..m_off].to_vec();
+    file.extend_from_slice(&packed);
+    let mut footer = Vec::new();
+    for word in [m_off as u64, packed.len() as u64, json.len() as u64] {
+        footer.extend_from_slice(&word.to_le_bytes());
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&good[..16]);
+    h.update(&packed);
+    h.update(&footer);
+    footer.extend_from_slice(h.finalize().as_bytes());
+    footer.extend_from_slice(b"FAPMEND1");
+    file.extend_from_slice(&footer);
+    fs::write(to, &file).unwrap();
+}
+
+/// The memory given to fapm where memory is the point: far more than any honest run here
+/// needs (see the control runs), far less than the hostile files asked for.
+const MEMORY_LIMIT: u64 = 1 << 30;
+
+/// Runs fapm with `args` with its data limited to `bytes` (RLIMIT_DATA: the heap and every
+/// private writable mapping, so every allocation; not the read-only maps of the inputs).
+/// An allocation past it fails, which aborts a Rust program (exit 134).
+fn run_limited(args: &[&str], bytes: u64) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = fapm();
+    cmd.args(args);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child being started.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: bytes as libc::rlim_t };
+            if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+/// `verify`, `inspect` and `apply` of `delta` each exit 1 with one error line naming it and
+/// containing `needle`, under the memory limit, and leave no output.
+fn refused_everywhere(delta: &Path, base: &Path, needle: &str, what: &str) {
+    let out = delta.with_file_name("refused-out");
+    let (d, b, o) = (s(delta), s(base), s(&out));
+    let name = delta.file_name().unwrap().to_str().unwrap();
+    for args in [vec!["verify", d], vec!["inspect", d], vec!["apply", "--base", b, "--delta", d, "-o", o, "-q"]] {
+        let o = run_limited(&args, MEMORY_LIMIT);
+        assert_error(&o, &[name, needle], &format!("{what}: {}", args[0]));
+    }
+    assert!(!out.exists(), "{what}: output written");
+}
+
+/// Hole 1: Counts and sizes from a delta are checked against what the file can hold before
+/// anything is allocated from them. On main, a 2^40-element record made `verify`, `inspect`
+/// and `apply` collect 2^30 block sizes (16 GiB) and abort.
+#[test]
+fn crafted_counts_allocate_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, base) = fixture_delta(dir.path());
+    for args in [vec!["verify", s(&delta)], vec!["inspect", s(&delta)]] {
+        let o = run_limited(&args, MEMORY_LIMIT);
+        assert!(o.status.success(), "control run under the limit: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let mut u = unpack(&delta);
+    let n: u64 = 1 << 40;
+    u.m.raw_block_bytes = 1024;
+    u.m.shards.truncate(1);
+    u.m.shards[0].header = format!(r#"{{"w":{{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}"#);
+    let mut t = u.m.tensors.iter().find(|t| t.mode == fapm_stages::format::Mode::Whole).unwrap().clone();
+    (t.name, t.dtype, t.shape, t.kept, t.candidates) = ("w".into(), DType::U8, vec![n], n, n);
+    u.m.tensors = vec![t];
+    u.tensors = vec![vec![vec![0; 1024]]];
+    let bad = dir.path().join("huge.fapm");
+    pack(&u, &bad);
+    refused_everywhere(&bad, &base, "expected 1073741824", "a 2^40-byte tensor in one block");
+}
+
+/// Hole 2: Parsing a header or manifest costs memory in proportion to what it describes, within
+/// the memory budget. On main each of these made fapm abort under the limit: a generic JSON
+/// value costs 17-34 times the text of `[1,1,...]` or `["",...]`.
+#[test]
+fn json_that_asks_for_gigabytes_is_refused_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, base) = fixture_delta(dir.path());
+    // Incompressible text, so that the manifests pass the decompression-bomb ratio.
+    let mut rng = Rng(7);
+    let noise: String = (0..96 << 10).map(|_| (b'a' + rng.below(26) as u8) as char).collect();
+    let u = unpack(&delta);
+
+    // A manifest listing 40 million base-only names (120 MB of `"",`).
+    let mut m = u.m.clone();
+    m.tool = noise.clone();
+    m.base_only = vec!["@".into()];
+    let text = serde_json::to_string(&m).unwrap();
+    let list = format!("[{}\"\"]", "\"\",".repeat(40_000_000 - 1));
+    let bad = dir.path().join("names.fapm");
+    with_manifest_text(&delta, text.replace(r#"["@"]"#, &list).as_bytes(), &bad);
+    refused_everywhere(&bad, &base, "memory budget", "40 million base-only names");
+
+    // A shard header recorded in the manifest whose one tensor has 20 million dimensions.
+    let mut m = u.m.clone();
+    m.tool = noise;
+    let shape = format!("[{}1]", "1,".repeat(20_000_000 - 1));
+    m.shards[0].header = format!(r#"{{"w":{{"dtype":"U8","shape":{shape},"data_offsets":[0,1]}}}}"#);
+    let bad = dir.path().join("shape.fapm");
+    rewrite(&delta, &bad, &m);
+    refused_everywhere(&bad, &base, "memory budget", "a 20-million-dimension shape in a delta");
+
+    // The same header in a checkpoint.
+    let ft = dir.path().join("wide.safetensors");
+    fs::write(&ft, raw_shard(&m.shards[0].header, &[0])).unwrap();
+    let out = dir.path().join("wide.fapm");
+    let o = run_limited(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "-q"], MEMORY_LIMIT);
+    assert_error(&o, &["wide.safetensors", "memory budget"], "a 20-million-dimension shape in a checkpoint");
+    assert!(!out.exists());
+}
+
+/// A directory pair whose fine-tuned shard lives in `sub/` (named by an index) with one
+/// side file `config.json`, pruned: (base dir, fine-tuned dir, delta).
+fn sub_shard_delta(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (base_dir, ft_dir) = (dir.join("base"), dir.join("ft"));
+    let (b, f) = small_pair(dir);
+    for (file, d) in [(&b, &base_dir), (&f, &ft_dir)] {
+        fs::create_dir_all(d.join("sub")).unwrap();
+        fs::rename(file, d.join("sub/model.safetensors")).unwrap();
+        let map = if d == &ft_dir {
+            r#"{"a":"sub/model.safetensors","b":"sub/model.safetensors","ids":"sub/model.safetensors"}"#
+        } else {
+            r#"{"a":"sub/model.safetensors","b":"sub/model.safetensors"}"#
+        };
+        fs::write(d.join("model.safetensors.index.json"), format!(r#"{{"weight_map":{map}}}"#)).unwrap();
+    }
+    fs::write(ft_dir.join("config.json"), b"{}").unwrap();
+    let delta = dir.join("d.fapm");
+    let o = run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&delta), "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (base_dir, ft_dir, delta)
+}
+
+/// Hole 3: Paths in a delta have one spelling, unique across shards, side files and the index.
+/// On main, a side file `sub//model.safetensors` passed the path check and the uniqueness
+/// check (a different string), and `apply` overwrote the shard it had just verified.
+#[test]
+fn two_spellings_of_one_path_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base_dir, _, delta) = sub_shard_delta(dir.path());
+    let u = unpack(&delta);
+    assert_eq!(u.m.shards[0].name, "sub/model.safetensors");
+    let bad = dir.path().join("bad.fapm");
+    let mut cases: Vec<(String, Unpacked)> = Vec::new();
+    for p in ["sub//model.safetensors", "sub/./model.safetensors", "sub/model.safetensors/", "sub", "a\u{1b}[2Jb"] {
+        let mut c = Unpacked { m: u.m.clone(), tensors: u.tensors.clone(), side: vec![b"pwned".to_vec()] };
+        c.m.side_files[0].path = p.into();
+        cases.push((format!("side file '{}'", p.escape_default()), c));
+    }
+    for p in ["sub//model.safetensors", "./sub/model.safetensors", "config.json/x.safetensors"] {
+        let mut c = Unpacked { m: u.m.clone(), tensors: u.tensors.clone(), side: u.side.clone() };
+        c.m.shards[0].name = p.into();
+        cases.push((format!("shard '{p}'"), c));
+    }
+    for (what, c) in cases {
+        pack(&c, &bad);
+        refused_everywhere(&bad, &base_dir, "inconsistent manifest", &what);
+    }
+    let out = dir.path().join("out");
+    let o = run(&["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out), "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(fs::read(out.join("sub/model.safetensors")).unwrap(), b"pwned");
+}
+
+/// Hole 4: Tensors tile every shard's data buffer from 0 without gap or overlap, in checkpoints
+/// and in the shard headers a delta records. On main, an 8 KB delta whose offsets start
+/// 16 GiB in verified, and `apply` wrote a 16 GiB (sparse) shard.
+#[test]
+fn shard_data_must_tile_from_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, base) = fixture_delta(dir.path());
+    let u = unpack(&delta);
+    let shift = |header: &str, by: &dyn Fn(&str, u64) -> u64| {
+        let mut v: serde_json::Value = serde_json::from_str(header).unwrap();
+        for (name, t) in v.as_object_mut().unwrap() {
+            if let Some(o) = t.get_mut("data_offsets") {
+                let (b, e) = (o[0].as_u64().unwrap(), o[1].as_u64().unwrap());
+                *o = serde_json::json!([by(name, b), by(name, e)]);
+            }
+        }
+        v.to_string()
+    };
+    let first = u.m.tensors[0].name.clone();
+    let bad = dir.path().join("bad.fapm");
+    let far: &dyn Fn(&str, u64) -> u64 = &|_, x| x + (16 << 30);
+    let gap: &dyn Fn(&str, u64) -> u64 = &|n, x| if n == first { x } else { x + 2 };
+    for (what, by) in [("all offsets 16 GiB in", far), ("a gap after the first tensor", gap)] {
+        let mut c = Unpacked { m: u.m.clone(), tensors: u.tensors.clone(), side: u.side.clone() };
+        c.m.shards[0].header = shift(&c.m.shards[0].header, by);
+        pack(&c, &bad);
+        refused_everywhere(&bad, &base, "tile", what);
+    }
+    // And in a checkpoint: a gap before the data, and bytes after the last tensor.
+    let good = fs::read(fixture("single/finetuned.safetensors")).unwrap();
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&good[8..8 + n]).unwrap();
+    let gap = raw_shard(&shift(header, &|_, x| x + 8), &[vec![0; 8], good[8 + n..].to_vec()].concat());
+    let trailing = [good.clone(), vec![0; 3]].concat();
+    for (what, bytes) in [("a gap before the first tensor", gap), ("bytes after the last tensor", trailing)] {
+        let ft = dir.path().join("ft.safetensors");
+        fs::write(&ft, bytes).unwrap();
+        let out = dir.path().join("o.fapm");
+        let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "-q"]);
+        assert_error(&o, &["ft.safetensors", "tile"], what);
+    }
+}
+
+/// `verify` without `--base` checks every whole tensor against its recorded hash (its
+/// bytes are all in the delta); on main it skipped them, and `apply` then refused the delta.
+#[test]
+fn verify_checks_whole_tensors_without_a_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, base) = fixture_delta(dir.path());
+    let mut u = unpack(&delta);
+    let i = u.m.tensors.iter().position(|t| t.mode == fapm_stages::format::Mode::Whole).unwrap();
+    u.tensors[i][0][0] ^= 1;
+    let bad = dir.path().join("bad.fapm");
+    pack(&u, &bad);
+    let needle = format!("'{}'", u.m.tensors[i].name);
+    assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", &needle, "recorded hash"], "verify");
+    let o = run(&["apply", "--base", s(&base), "--delta", s(&bad), "-o", s(&dir.path().join("o")), "-q"]);
+    assert_error(&o, &["bad.fapm", &needle, "recorded hash"], "apply");
+}
+
+/// `verify` refuses a delta whose `source` and `index` contradict each other, and one with
+/// no shards at all (both verified on main).
+#[test]
+fn contradictory_and_empty_deltas_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, base) = fixture_delta(dir.path());
+    let u = unpack(&delta);
+    let bad = dir.path().join("bad.fapm");
+    let mut indexed_file = Unpacked { m: u.m.clone(), tensors: u.tensors.clone(), side: vec![] };
+    indexed_file.m.index = true;
+    let mut empty = Unpacked { m: u.m.clone(), tensors: vec![], side: vec![] };
+    empty.m.source = fapm_stages::format::Source::Directory;
+    (empty.m.shards, empty.m.tensors) = (vec![], vec![]);
+    for (what, c) in [("a single file with an index", indexed_file), ("no shards", empty)] {
+        pack(&c, &bad);
+        refused_everywhere(&bad, &base, "inconsistent manifest", what);
+    }
+}
+
+/// The window of blocks in flight counts the delta's own block sizes: 64 MiB raw blocks
+/// (the most a delta may declare) do not take `verify --threads 16` past its default
+/// budget, 256 MiB, given as the process's data limit. On main it held 4 of them at once
+/// (sized for 4 MiB blocks) and aborted.
+#[test]
+fn large_raw_blocks_stay_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, _) = fixture_delta(dir.path());
+    let mut m = unpack(&delta).m;
+    let (per, blocks) = (64u64 << 20, 16u64);
+    let n = per * blocks;
+    m.raw_block_bytes = per;
+    m.shards.truncate(1);
+    m.shards[0].header = format!(r#"{{"w":{{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}"#);
+    let mut t = m.tensors.iter().find(|t| t.mode == fapm_stages::format::Mode::Whole).unwrap().clone();
+    (t.name, t.dtype, t.shape, t.kept, t.candidates) = ("w".into(), DType::U8, vec![n], n, n);
+    let zeros = vec![0u8; per as usize];
+    let mut h = blake3::Hasher::new();
+    for _ in 0..blocks {
+        h.update(&zeros);
+    }
+    t.out_hash = h.finalize().into();
+    let big = dir.path().join("big.fapm");
+    let mut w = DeltaWriter::new(fs::File::create(&big).unwrap(), &big).unwrap();
+    let packed = zstd::bulk::compress(&zeros, 1).unwrap();
+    t.blocks = (0..blocks).map(|_| w.block(&packed, per).unwrap()).collect();
+    m.tensors = vec![t];
+    w.finish(&m).unwrap();
+    drop(zeros);
+    let o = run_limited(&["verify", s(&big), "--threads", "16"], fapm::config::DEFAULT_MEMORY_BUDGET);
+    assert!(o.status.success(), "{:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+}
+
+/// Runs prune of `ft_dir` (against `base_dir`) into `out` with `--json`: (stdout, stderr).
+fn prune_json(base_dir: &Path, ft_dir: &Path, out: &Path) -> (serde_json::Value, String) {
+    let o = run(&["prune", "--base", s(base_dir), "--finetuned", s(ft_dir), "-o", s(out), "--json", "--overwrite"]);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{stderr}");
+    (serde_json::from_slice(&o.stdout).unwrap(), stderr)
+}
+
+/// Hole 5: Side files: only regular files of real file systems, every embedded one named, a
+/// warning for each symlink out of the directory (none for a Hugging Face cache snapshot's
+/// links into its repository's `blobs/`), no delta inside a delta. On main the environment
+/// of the process (`/proc/self/environ`, an "empty regular file") and an old delta were
+/// embedded silently.
+#[test]
+fn prune_names_every_side_file_and_embeds_only_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base_dir, ft_dir, delta) = sub_shard_delta(dir.path());
+    let outside = dir.path().join("private");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("token.txt"), b"hf_secret").unwrap();
+    std::os::unix::fs::symlink(outside.join("token.txt"), ft_dir.join("token.txt")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/environ", ft_dir.join("environ")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", ft_dir.join("zero")).unwrap();
+    fs::copy(&delta, ft_dir.join("old.fapm")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(ft_dir.join("fifo")).status().unwrap().success());
+    fs::write(ft_dir.join("note\u{202e}txt.md"), b"x").unwrap();
+    // The delta is written into the fine-tuned directory, twice (the second replaces the first).
+    let out = ft_dir.join("new.fapm");
+    for _ in 0..2 {
+        let (json, stderr) = prune_json(&base_dir, &ft_dir, &out);
+        let embedded: Vec<&str> =
+            json["embedded_side_files"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(embedded, ["config.json", "note\u{202e}txt.md", "token.txt"], "{stderr}");
+        let warned = |needles: &[&str]| stderr.lines().any(|l| needles.iter().all(|n| l.contains(n)));
+        let target = fs::canonicalize(outside.join("token.txt")).unwrap();
+        assert!(warned(&["token.txt", s(&target), "outside"]), "{stderr}");
+        assert!(warned(&["environ", "not a regular file"]) && warned(&["old.fapm", "fapm delta"]), "{stderr}");
+        assert!(!stderr.contains('\u{202e}'), "{stderr:?}");
+        let m = DeltaReader::open(&out).unwrap().manifest;
+        assert_eq!(m.side_files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), embedded);
+    }
+
+    // A Hugging Face cache snapshot: links into the repository's blobs/, no warning.
+    let repo = dir.path().join("hub/models--org--tiny");
+    let (blobs, snap) = (repo.join("blobs"), repo.join("snapshots/0123abcd"));
+    fs::create_dir_all(&blobs).unwrap();
+    fs::create_dir_all(&snap).unwrap();
+    fs::copy(ft_dir.join("sub/model.safetensors"), blobs.join("aaaa")).unwrap();
+    fs::write(blobs.join("bbbb"), b"{}").unwrap();
+    std::os::unix::fs::symlink("../../blobs/aaaa", snap.join("model.safetensors")).unwrap();
+    std::os::unix::fs::symlink("../../blobs/bbbb", snap.join("config.json")).unwrap();
+    let base_one = dir.path().join("base1");
+    fs::create_dir(&base_one).unwrap();
+    fs::copy(base_dir.join("sub/model.safetensors"), base_one.join("model.safetensors")).unwrap();
+    let (json, stderr) = prune_json(&base_one, &snap, &dir.path().join("hf.fapm"));
+    assert_eq!(json["embedded_side_files"], serde_json::json!(["config.json"]));
+    assert!(!stderr.contains("WARN"), "{stderr}");
+}
+
+/// More side files than a delta may carry: `prune` refuses to write such a delta, and a
+/// crafted one is refused (on main, `apply` created every one of 20,000 empty files).
+#[test]
+fn the_number_of_side_files_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base_dir, ft_dir, delta) = sub_shard_delta(dir.path());
+    let mut u = unpack(&delta);
+    u.m.side_files = (0..20_000)
+        .map(|i| fapm_stages::format::SideFile { path: format!("f{i}"), ..u.m.side_files[0].clone() })
+        .collect();
+    u.side = vec![vec![]; 20_000];
+    let bad = dir.path().join("many.fapm");
+    pack(&u, &bad);
+    refused_everywhere(&bad, &base_dir, "side files", "20,000 side files");
+    let many = ft_dir.join("many");
+    fs::create_dir(&many).unwrap();
+    for i in 0..10_001 {
+        fs::write(many.join(format!("f{i}")), b"").unwrap();
+    }
+    let out = dir.path().join("o.fapm");
+    let o = run(&["prune", "--base", s(&base_dir), "--finetuned", s(&ft_dir), "-o", s(&out), "-q"]);
+    assert_error(&o, &["side files"], "10,001 side files");
+    assert!(!out.exists());
+}
+
+/// Hole 6: Every string from a file is escaped wherever it is printed. On main `inspect` printed
+/// the manifest's `tool` and `sparsity` raw, and `--json` let DEL, C1 controls and
+/// bidirectional marks through.
+#[test]
+fn text_from_a_delta_never_reaches_the_terminal_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delta, _) = fixture_delta(dir.path());
+    let mut u = unpack(&delta);
+    let evil = "\u{1b}]0;owned\u{7}\u{1b}[2J\r\u{9b}31m\u{7f}\u{202e}";
+    u.m.tool = format!("fapm {evil}");
+    u.m.sparsity = format!("0.9{evil}");
+    u.m.include = vec![evil.into()];
+    u.m.base_only = vec![evil.into()];
+    let bad = dir.path().join("bad.fapm");
+    pack(&u, &bad);
+    for json in [false, true] {
+        let args = [&["inspect", s(&bad)][..], if json { &["--json"] } else { &[] }].concat();
+        let o = run(&args);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains("owned"), "{stdout}");
+        for c in ['\u{1b}', '\u{7}', '\r', '\u{9b}', '\u{7f}', '\u{202e}'] {
+            assert!(!stdout.contains(c), "inspect (json: {json}) printed {c:?} raw: {stdout:?}");
+        }
+        if json {
+            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(v["tool"].as_str().unwrap(), u.m.tool, "escaping must keep the JSON's meaning");
+        }
+    }
+}

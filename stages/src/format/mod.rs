@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use read::DeltaReader;
+pub use read::{DeltaReader, MAX_SIDE_FILE, MAX_SIDE_FILES};
 pub use write::DeltaWriter;
 
 use crate::dtype::DType;
@@ -112,7 +112,7 @@ impl Serialize for Hash {
 
 impl<'de> Deserialize<'de> for Hash {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = crate::json::Str::deserialize(d)?.0;
         let bad = || serde::de::Error::custom("a hash must be 64 lowercase hex digits");
         if s.len() != 64 {
             return Err(bad());
@@ -197,6 +197,7 @@ pub struct TensorRecord {
     /// The fine-tuned (and output) dtype.
     pub dtype: DType,
     /// Shape.
+    #[serde(deserialize_with = "crate::json::vec")]
     pub shape: Vec<u64>,
     /// How it is stored.
     pub mode: Mode,
@@ -214,6 +215,7 @@ pub struct TensorRecord {
     /// Positions stored (for a whole tensor: every element).
     pub kept: u64,
     /// The blocks, in order.
+    #[serde(deserialize_with = "crate::json::vec")]
     pub blocks: Vec<Block>,
 }
 
@@ -242,6 +244,7 @@ impl TensorRecord {
 #[serde(deny_unknown_fields)]
 pub struct Extended {
     /// The base tensor's shape: the row-major prefix that is pruned or dense.
+    #[serde(deserialize_with = "crate::json::vec")]
     pub base_shape: Vec<u64>,
     /// Positions stored in the appended rows (their non-zero elements).
     pub stored: u64,
@@ -258,6 +261,7 @@ pub struct SideFile {
     /// blake3 of the contents.
     pub hash: Hash,
     /// The blocks, in order.
+    #[serde(deserialize_with = "crate::json::vec")]
     pub blocks: Vec<Block>,
 }
 
@@ -267,8 +271,10 @@ pub struct SideFile {
 #[serde(deny_unknown_fields)]
 pub struct SparsityRule {
     /// The regex, as given.
+    #[serde(deserialize_with = "crate::json::string")]
     pub pattern: String,
     /// The sparsity, as the decimal given.
+    #[serde(deserialize_with = "crate::json::string")]
     pub sparsity: String,
 }
 
@@ -291,31 +297,37 @@ pub struct PartRecord {
     pub finetuned: Hash,
 }
 
-/// The self-describing header of a delta, stored at its end.
+/// The self-describing header of a delta, stored at its end. Its lists and strings are
+/// parsed through [`crate::json`], so reading one is charged to a memory allowance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Always "fapm-delta".
+    #[serde(deserialize_with = "crate::json::string")]
     pub format: String,
     /// The format version (also in the preamble).
     pub version: u32,
     /// The program that wrote it, e.g. "fapm 0.1.0".
+    #[serde(deserialize_with = "crate::json::string")]
     pub tool: String,
     /// The metric used to score.
     pub metric: Metric,
     /// The FAPM penalty strength, as the decimal given ("1" in version 1).
-    #[serde(default = "default_penalty")]
+    #[serde(default = "default_penalty", deserialize_with = "crate::json::string")]
     pub penalty: String,
     /// The sparsity, as the decimal given.
+    #[serde(deserialize_with = "crate::json::string")]
     pub sparsity: String,
     /// `--sparsity-for` rules, in the order given.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::vec")]
     pub sparsity_for: Vec<SparsityRule>,
     /// The threshold mode.
     pub threshold: ThresholdMode,
     /// `--include` patterns.
+    #[serde(deserialize_with = "crate::json::vec")]
     pub include: Vec<String>,
     /// `--exclude` patterns.
+    #[serde(deserialize_with = "crate::json::vec")]
     pub exclude: Vec<String>,
     /// Elements per block of pruned and dense tensors.
     pub block_elems: u64,
@@ -327,12 +339,16 @@ pub struct Manifest {
     /// writes a regenerated one).
     pub index: bool,
     /// Output shards.
+    #[serde(deserialize_with = "crate::json::vec")]
     pub shards: Vec<ShardRecord>,
     /// Output tensors, shard by shard in data order.
+    #[serde(deserialize_with = "crate::json::vec")]
     pub tensors: Vec<TensorRecord>,
     /// Side files.
+    #[serde(deserialize_with = "crate::json::vec")]
     pub side_files: Vec<SideFile>,
     /// Names of the tensors only the base has (ignored).
+    #[serde(deserialize_with = "crate::json::vec")]
     pub base_only: Vec<String>,
     /// Set in a part of a partitioned prune, which `merge` turns into a whole delta.
     #[serde(default, skip_serializing_if = "Option::is_none")]

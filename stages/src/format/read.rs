@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 
 use super::write::footer_hash;
 use super::{
-    block_sizes, Block, Manifest, Mode, Source, TensorRecord, END_MAGIC, FOOTER_LEN, MAGIC, MAX_BLOCK_ELEMS,
-    MAX_MANIFEST_LEN, OLDEST_VERSION, PREAMBLE_LEN, VERSION,
+    block_sizes, Block, Manifest, Mode, ShardRecord, SideFile, Source, SparsityRule, TensorRecord, END_MAGIC,
+    FOOTER_LEN, MAGIC, MAX_BLOCK_ELEMS, MAX_MANIFEST_LEN, OLDEST_VERSION, PREAMBLE_LEN, VERSION,
 };
-use crate::checkpoint::{is_safe_relative, parse_header, INDEX_FILE};
+use crate::checkpoint::{is_safe_relative, parse_header, parsed_cost, INDEX_FILE, MAX_SHARDS};
 use crate::encode::max_sparse_len;
 use crate::error::{Error, Result};
+use crate::{json, DEFAULT_MEMORY_BUDGET};
 
 /// The largest ratio of decompressed to compressed manifest bytes a reader accepts (above
 /// the first MiB). Real manifests of many similar tensors reach about 70:1 (3,000 tensors);
@@ -22,6 +23,9 @@ pub const MAX_MANIFEST_RATIO: u64 = 4096;
 
 /// The largest side file a delta may carry (SPEC section 4).
 pub const MAX_SIDE_FILE: u64 = 64 << 20;
+
+/// The most side files a delta may carry: each is a file `apply` creates.
+pub const MAX_SIDE_FILES: usize = 10_000;
 
 /// An opened delta whose manifest has been verified and checked for consistency.
 pub struct DeltaReader {
@@ -32,11 +36,20 @@ pub struct DeltaReader {
     /// The file's size.
     pub size: u64,
     file: File,
+    block_memory: u64,
 }
 
 impl DeltaReader {
-    /// Opens `path`, checks preamble, footer and manifest hash, and validates the manifest.
+    /// Opens `path`, checks preamble, footer and manifest hash, and validates the manifest,
+    /// within [`DEFAULT_MEMORY_BUDGET`] (see [`DeltaReader::open_within`]).
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_within(path, DEFAULT_MEMORY_BUDGET)
+    }
+
+    /// [`DeltaReader::open`], with the memory that reading the manifest takes at its peak
+    /// (its compressed and decompressed text, what it is parsed into, and the shard headers
+    /// parsed to check it) bounded by `memory_budget`.
+    pub fn open_within(path: &Path, memory_budget: u64) -> Result<Self> {
         let bad = |msg: String| Error::invalid(path, msg);
         // Checked before opening: opening a FIFO would block.
         if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
@@ -88,6 +101,14 @@ impl DeltaReader {
                 "manifest of {m_raw} bytes from {m_len} compressed exceeds the {MAX_MANIFEST_RATIO}:1 limit"
             )));
         }
+        // Both texts are held while the manifest is parsed; what it is parsed into is charged
+        // to what is left of the budget as it is allocated.
+        let text = m_len + m_raw;
+        let over = |msg: &str| bad(format!("manifest of {m_raw} bytes ({m_len} compressed): {msg}"));
+        if text > memory_budget {
+            return Err(over(json::OVER_BUDGET));
+        }
+        let _allowance = json::Allowance::new(memory_budget - text);
         let packed = read(m_off, m_len)?;
         if footer_hash(&pre, &packed, &footer).0[..] != footer[24..56] {
             return Err(bad("manifest hash mismatch: the delta is corrupt".into()));
@@ -97,12 +118,20 @@ impl DeltaReader {
         if json.len() as u64 != m_raw {
             return Err(bad("manifest has the wrong length".into()));
         }
-        let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| bad(format!("malformed manifest: {e}")))?;
+        let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| {
+            if e.to_string().starts_with(json::OVER_BUDGET) {
+                over(json::OVER_BUDGET)
+            } else {
+                bad(format!("malformed manifest: {e}"))
+            }
+        })?;
         if manifest.version != version {
             return Err(bad(format!("manifest version {} in a version {version} file", manifest.version)));
         }
-        validate(path, &manifest, m_off)?;
-        Ok(DeltaReader { path: path.to_path_buf(), manifest, size, file })
+        drop((json, packed));
+        json::refund(text);
+        let block_memory = validate(path, &manifest, m_off)?;
+        Ok(DeltaReader { path: path.to_path_buf(), manifest, size, file, block_memory })
     }
 
     /// Reads one block's compressed bytes and checks their hash; `what` names it in errors.
@@ -129,6 +158,14 @@ impl DeltaReader {
         }
         Ok(raw)
     }
+
+    /// The most memory decoding one block of this delta takes: its compressed and raw bytes
+    /// and, for a pruned or dense tensor, the output chunk it is decoded onto. Windows of
+    /// blocks in flight are sized from this (and the budget), not from this build's block
+    /// sizes: a delta may declare blocks of up to 64 MiB.
+    pub fn block_memory(&self) -> u64 {
+        self.block_memory
+    }
 }
 
 /// Checks the fields of one tensor record against each other; the reason when they disagree.
@@ -154,37 +191,79 @@ fn check_record(t: &TensorRecord) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
-/// Checks that a manifest describes a consistent delta whose blocks tile the file.
-fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
+impl json::Heap for Block {}
+
+impl json::Heap for ShardRecord {
+    fn heap(&self) -> u64 {
+        json::string_cost(self.name.capacity()) + json::string_cost(self.header.capacity())
+    }
+}
+
+impl json::Heap for TensorRecord {
+    fn heap(&self) -> u64 {
+        json::string_cost(self.name.capacity()) // shape and blocks were charged as parsed
+    }
+}
+
+impl json::Heap for SparsityRule {
+    fn heap(&self) -> u64 {
+        json::string_cost(self.pattern.capacity()) + json::string_cost(self.sparsity.capacity())
+    }
+}
+
+impl json::Heap for SideFile {
+    fn heap(&self) -> u64 {
+        json::string_cost(self.path.capacity())
+    }
+}
+
+/// Checks that a manifest describes a consistent delta whose blocks tile the file, before
+/// anything is allocated from its counts; returns the most memory one block needs.
+fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<u64> {
     let bad = |msg: String| Error::invalid(path, format!("inconsistent manifest: {msg}"));
     if m.format != "fapm-delta" || !m.version_fields_ok() {
-        return Err(bad(format!("format '{}' version {}", m.format, m.version)));
+        return Err(bad(format!("format '{}' version {}", json::clip(&m.format, 32), m.version)));
     }
     // Blocks are hashed as blake3 subtrees: a power of two of at least 1 KiB each.
     let pow2 = |x: u64, lo: u64, hi: u64| x.is_power_of_two() && (lo..=hi).contains(&x);
     if !pow2(m.block_elems, 512, MAX_BLOCK_ELEMS) || !pow2(m.raw_block_bytes, 1024, MAX_SIDE_FILE) {
         return Err(bad("block sizes out of range".into()));
     }
-    if m.source == Source::File && (m.shards.len() != 1 || !m.side_files.is_empty()) {
-        return Err(bad("a single-file delta must have one shard and no side files".into()));
+    if m.shards.is_empty() {
+        return Err(bad("no shards".into()));
     }
-    let mut names = HashSet::new();
-    for s in &m.shards {
-        // The index is regenerated by apply: nothing else may be written under its name.
-        if !is_safe_relative(&s.name) || s.name == INDEX_FILE || !names.insert(s.name.as_str()) {
-            return Err(bad(format!("bad shard name '{}'", s.name)));
-        }
+    if m.source == Source::File && (m.shards.len() != 1 || !m.side_files.is_empty() || m.index) {
+        return Err(bad("a single-file delta must have one shard, no side files and no index".into()));
     }
+    if m.shards.len() > MAX_SHARDS || m.side_files.len() > MAX_SIDE_FILES {
+        return Err(bad(format!(
+            "{} shards and {} side files; at most {MAX_SHARDS} and {MAX_SIDE_FILES}",
+            m.shards.len(),
+            m.side_files.len()
+        )));
+    }
+    check_paths(m).map_err(bad)?;
+
     let mut next = PREAMBLE_LEN;
-    let mut check_block = |b: &Block, max_raw: u64, exact: bool, what: &str| {
+    let mut block_memory = 0u64;
+    // `out`: bytes of the output chunk a sparse block is decoded onto (0 for raw bytes).
+    let mut check_block = |b: &Block, max_raw: u64, exact: bool, out: u64, what: &str| {
         if b.offset != next || b.raw_len > max_raw || (exact && b.raw_len != max_raw) {
-            return Err(bad(format!("block of '{what}' out of place")));
+            return Err(bad(format!("block of '{}' out of place", json::clip(what, 200))));
+        }
+        // No compressor writes more than this (max_raw is at most ~75 MB, so it fits).
+        if b.len > zstd::zstd_safe::compress_bound(b.raw_len as usize) as u64 {
+            return Err(bad(format!(
+                "block of '{}' is longer than its contents can compress to",
+                json::clip(what, 200)
+            )));
         }
         next = b
             .offset
             .checked_add(b.len)
             .filter(|&e| e <= blocks_end)
-            .ok_or_else(|| bad(format!("block of '{what}' past the end")))?;
+            .ok_or_else(|| bad(format!("block of '{}' past the end", json::clip(what, 200))))?;
+        block_memory = block_memory.max(b.len + b.raw_len + out);
         Ok(())
     };
     // A part holds the records of a contiguous run of the shard headers' tensors.
@@ -197,39 +276,41 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
     let mut tensor_names = HashSet::new();
     let mut position = 0u64;
     for (si, shard) in m.shards.iter().enumerate() {
-        for info in parse_header(path, &shard.header, u64::MAX)? {
+        let infos = parse_header(path, &shard.header, u64::MAX)?;
+        for info in &infos {
             position += 1;
             if position <= first || position - first > m.tensors.len() as u64 {
                 continue;
             }
             let t = records.next().ok_or_else(|| bad(format!("no record for tensor '{}'", info.name)))?;
             if t.name != info.name || t.shard != si || t.dtype != info.dtype || t.shape != info.shape {
-                return Err(bad(format!("record '{}' disagrees with its shard header", t.name)));
+                return Err(bad(format!("record '{}' disagrees with its shard header", json::clip(&t.name, 200))));
             }
             if !tensor_names.insert(t.name.as_str()) {
-                return Err(bad(format!("tensor '{}' appears twice", t.name)));
+                return Err(bad(format!("tensor '{}' appears twice", json::clip(&t.name, 200))));
             }
-            check_record(t).map_err(|why| bad(format!("record '{}' {why}", t.name)))?;
+            check_record(t).map_err(|why| bad(format!("record '{}' {why}", json::clip(&t.name, 200))))?;
+            // The header check proved the byte length fits in a u64.
             let size = t.dtype.size() as u64;
+            let n = info.byte_len() / size;
             let diffable = t.mode != Mode::Whole;
-            let sizes: Vec<(u64, u64)> = if diffable {
-                block_sizes(t.numel(), m.block_elems).collect()
-            } else {
-                block_sizes(t.numel() * size, m.raw_block_bytes).collect()
-            };
-            if sizes.len() != t.blocks.len() {
+            // Counted, not listed: a record may claim a tensor of 2^60 elements.
+            let (len, per) = if diffable { (n, m.block_elems) } else { (n * size, m.raw_block_bytes) };
+            if t.blocks.len() as u64 != len.div_ceil(per) {
                 return Err(bad(format!(
                     "tensor '{}' has {} blocks, expected {}",
-                    t.name,
+                    json::clip(&t.name, 200),
                     t.blocks.len(),
-                    sizes.len()
+                    len.div_ceil(per)
                 )));
             }
-            for (b, &(_, len)) in t.blocks.iter().zip(&sizes) {
-                let (max, exact) = if diffable { (max_sparse_len(len, size as usize), false) } else { (len, true) };
-                check_block(b, max, exact, &t.name)?;
+            for (b, (_, len)) in t.blocks.iter().zip(block_sizes(len, per)) {
+                let (max, exact, out) =
+                    if diffable { (max_sparse_len(len, size as usize), false, len * size) } else { (len, true, 0) };
+                check_block(b, max, exact, out, &t.name)?;
             }
         }
+        json::refund(parsed_cost(&infos));
     }
     if m.part.is_some() && position != total {
         return Err(bad(format!("the part says {total} tensors in all, the shard headers {position}")));
@@ -237,26 +318,48 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
     if records.next().is_some() {
         return Err(bad("more tensor records than shard headers declare".into()));
     }
-    let mut paths = HashSet::new();
     for f in &m.side_files {
-        if !is_safe_relative(&f.path)
-            || f.size > MAX_SIDE_FILE
-            || f.path == INDEX_FILE
-            || names.contains(f.path.as_str())
-            || !paths.insert(f.path.as_str())
-        {
-            return Err(bad(format!("bad side file '{}'", f.path)));
+        if f.size > MAX_SIDE_FILE {
+            return Err(bad(format!("side file '{}' is over 64 MiB", json::clip(&f.path, 200))));
         }
-        let sizes: Vec<_> = block_sizes(f.size, m.raw_block_bytes).collect();
-        if sizes.len() != f.blocks.len() {
-            return Err(bad(format!("side file '{}' has the wrong number of blocks", f.path)));
+        if f.blocks.len() as u64 != f.size.div_ceil(m.raw_block_bytes) {
+            return Err(bad(format!("side file '{}' has the wrong number of blocks", json::clip(&f.path, 200))));
         }
-        for (b, &(_, len)) in f.blocks.iter().zip(&sizes) {
-            check_block(b, len, true, &f.path)?;
+        for (b, (_, len)) in f.blocks.iter().zip(block_sizes(f.size, m.raw_block_bytes)) {
+            check_block(b, len, true, 0, &f.path)?;
         }
     }
     if next != blocks_end {
         return Err(bad("blocks do not fill the file".into()));
+    }
+    Ok(block_memory)
+}
+
+/// Checks every path the delta names (shards, side files, and the index `apply` writes):
+/// each in the one canonical spelling (`is_safe_relative`), no two equal, and none inside
+/// another (`a` as a file and `a/b`). So `apply` never writes one file twice.
+fn check_paths(m: &Manifest) -> std::result::Result<(), String> {
+    let mut paths: HashSet<&str> = HashSet::with_capacity(m.shards.len() + m.side_files.len() + 1);
+    paths.insert(INDEX_FILE);
+    let all = m
+        .shards
+        .iter()
+        .map(|s| ("shard", s.name.as_str()))
+        .chain(m.side_files.iter().map(|f| ("side file", f.path.as_str())));
+    for (kind, p) in all.clone() {
+        if m.source == Source::Directory && !is_safe_relative(p) {
+            return Err(format!("{kind} path '{}' is not a plain relative path", json::clip(p, 200)));
+        }
+        if !paths.insert(p) {
+            return Err(format!("{kind} path '{}' is named twice", json::clip(p, 200)));
+        }
+    }
+    for (kind, p) in all {
+        for (i, _) in p.match_indices('/') {
+            if paths.contains(&p[..i]) {
+                return Err(format!("{kind} path '{}' is inside the file '{}'", json::clip(p, 200), &p[..i]));
+            }
+        }
     }
     Ok(())
 }
