@@ -7,6 +7,7 @@
 pub mod config;
 pub mod output;
 pub mod pipeline;
+#[cfg(feature = "report")]
 pub mod report;
 pub mod sigbus;
 
@@ -14,6 +15,7 @@ pub use fapm_stages::{Error, Result};
 pub use pipeline::apply::{apply, verify_delta, ApplySummary};
 pub use pipeline::prune::{prune, PruneSummary};
 pub use pipeline::Ctl;
+#[cfg(feature = "report")]
 pub use report::{report, ReportConfig, ReportSummary};
 
 /// Opens a delta and returns its verified manifest (blocks are not read).

@@ -163,37 +163,46 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
             report_apply("verified", result?, peak, a.run.json, a.run.quiet);
         }
         Command::Inspect(a) => inspect(&a.delta, a.json)?,
-        Command::Report(a) => {
-            let cfg = fapm::ReportConfig {
-                base: a.base,
-                finetuned: a.finetuned,
-                output: a.output,
-                tensors: config::regexes("--tensor", &a.tensor)?,
-                overwrite: a.overwrite,
-            };
-            let start = std::time::Instant::now();
-            let s = fapm::report::report_with(&cfg, ctl)?;
-            if a.json {
-                println!(
-                    "{}",
-                    json!({"command": "report", "output": s.output, "files": s.files,
-                           "tensors_charted": s.tensors_charted, "heatmap_tensors": s.heatmap_tensors,
-                           "seconds": start.elapsed().as_secs_f64()})
-                );
-            }
-            if !a.quiet {
-                eprintln!(
-                    "report   {} tensors charted, heatmaps of {}; {} files in {:.2} s",
-                    s.tensors_charted,
-                    s.heatmap_tensors.join(", "),
-                    s.files.len(),
-                    start.elapsed().as_secs_f64()
-                );
-                eprintln!("open     {}", s.output.join("index.html").display());
-            }
-        }
+        Command::Report(a) => report(a, ctl)?,
     }
     Ok(())
+}
+
+#[cfg(feature = "report")]
+fn report(a: cli::ReportArgs, ctl: &Ctl) -> Result<(), Error> {
+    let cfg = fapm::ReportConfig {
+        base: a.base,
+        finetuned: a.finetuned,
+        output: a.output,
+        tensors: config::regexes("--tensor", &a.tensor)?,
+        overwrite: a.overwrite,
+    };
+    let start = std::time::Instant::now();
+    let s = fapm::report::report_with(&cfg, ctl)?;
+    if a.json {
+        println!(
+            "{}",
+            json!({"command": "report", "output": s.output, "files": s.files,
+                       "tensors_charted": s.tensors_charted, "heatmap_tensors": s.heatmap_tensors,
+                       "seconds": start.elapsed().as_secs_f64()})
+        );
+    }
+    if !a.quiet {
+        eprintln!(
+            "report   {} tensors charted, heatmaps of {}; {} files in {:.2} s",
+            s.tensors_charted,
+            s.heatmap_tensors.join(", "),
+            s.files.len(),
+            start.elapsed().as_secs_f64()
+        );
+        eprintln!("open     {}", s.output.join("index.html").display());
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "report"))]
+fn report(_: cli::ReportArgs, _: &Ctl) -> Result<(), Error> {
+    Err(Error::Config("report is not built in: build fapm with the `report` feature (on by default)".into()))
 }
 
 fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, quiet: bool) {
