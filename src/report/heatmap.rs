@@ -487,9 +487,10 @@ impl Heatmap {
         Ok(out)
     }
 
-    /// The picture as an inline `<svg>`: title, the PNG at `file` (relative to the page) at
-    /// its natural size, row and column extents, and the colour bar with its ticks.
-    pub fn svg(&self, grid: &Grid, file: &str) -> String {
+    /// The picture as an inline `<svg>` and its width: title, the PNG at `file` (relative to
+    /// the page, and a link to it at full size), row and column extents, and the colour bar
+    /// with its ticks.
+    pub fn svg(&self, grid: &Grid, file: &str) -> (String, f64) {
         let (w, h) = (self.width as f64, self.height as f64);
         let row_label = (grid.rows - 1).to_string();
         let x0 = 30.0 + text_width(&row_label, 11);
@@ -517,14 +518,14 @@ impl Heatmap {
         text(&mut s, 8.0, 42.0, Anchor::Start, 12, MUTED, &subtitle);
         let _ = write!(
             s,
-            "<image href=\"{}\" x=\"{x0:.1}\" y=\"{y0}\" width=\"{w}\" height=\"{h}\" \
-             preserveAspectRatio=\"none\" style=\"image-rendering:pixelated\"/>\
+            "<a href=\"{href}\"><image href=\"{href}\" x=\"{x0:.1}\" y=\"{y0}\" width=\"{w}\" height=\"{h}\" \
+             preserveAspectRatio=\"none\"/></a>\
              <rect x=\"{:.1}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"{INK}\"/>",
-            esc(file),
             x0 - 0.5,
             y0 - 0.5,
             w + 1.0,
-            h + 1.0
+            h + 1.0,
+            href = esc(file),
         );
         text(&mut s, x0 - 5.0, y0 + 9.0, Anchor::End, 11, MUTED, "0");
         text(&mut s, x0 - 5.0, y0 + h, Anchor::End, 11, MUTED, &row_label);
@@ -537,7 +538,7 @@ impl Heatmap {
         s.push_str("</g>");
         self.colour_bar(&mut s, file, bar_x, y0, h, &labels);
         s.push_str("</svg>");
-        s
+        (s, width)
     }
 
     /// The colour bar: a gradient from the scale's bottom (below) to its top, ticks, and an

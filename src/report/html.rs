@@ -10,6 +10,8 @@ use super::svg::esc;
 pub struct Figure {
     /// The picture: one `<svg>` element.
     pub svg: String,
+    /// Its natural width in CSS pixels; the page may draw it narrower, never wider.
+    pub width: f64,
     /// What it shows and how to read it (plain text).
     pub caption: String,
 }
@@ -45,7 +47,7 @@ max-width:1600px;padding:0 1.5em;color:#222;line-height:1.45}\
 h1{margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}\
 code{background:#f3f3f3;padding:0 .25em;border-radius:3px}\
 .grid{display:flex;flex-wrap:wrap;gap:1.2em}\
-figure{margin:0;max-width:100%}figure svg{max-width:100%;height:auto;display:block;\
+figure{margin:0}figure svg{width:100%;height:auto;display:block;\
 font-family:system-ui,-apple-system,Segoe UI,sans-serif}\
 figcaption{font-size:.9em;color:#444;margin-top:.3em}\
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.2em .5em;\
@@ -93,7 +95,16 @@ pub fn render(page: &Page) -> String {
         let _ = writeln!(h, "<h2>{}</h2>\n<p>{}</p>", esc(&s.title), esc(&s.intro));
         h.push_str("<div class=\"grid\">\n");
         for f in &s.figures {
-            let _ = writeln!(h, "<figure>{}<figcaption>{}</figcaption></figure>", f.svg, esc(&f.caption));
+            // Two figures side by side where they fit at 560 px or more, each at most its
+            // natural size: heatmaps are drawn scaled, their PNG links to the full size.
+            let _ = writeln!(
+                h,
+                "<figure style=\"flex:1 1 {:.0}px;max-width:{:.0}px\">{}<figcaption>{}</figcaption></figure>",
+                f.width.min(560.0),
+                f.width,
+                f.svg,
+                esc(&f.caption)
+            );
         }
         h.push_str("</div>\n");
     }
@@ -130,16 +141,18 @@ mod tests {
                 title: "T".into(),
                 intro: "i".into(),
                 figures: vec![
-                    Figure { svg: "<svg id=\"one\"></svg>".into(), caption: "c \"1\"".into() },
-                    Figure { svg: "<svg id=\"two\"></svg>".into(), caption: "c2".into() },
+                    Figure { svg: "<svg id=\"one\"></svg>".into(), width: 100.0, caption: "c \"1\"".into() },
+                    Figure { svg: "<svg id=\"two\"></svg>".into(), width: 900.0, caption: "c2".into() },
                 ],
             }],
             table_head: vec!["name".into()],
             table: vec![vec!["w".into()]],
         };
         let html = render(&page);
-        assert!(html.contains("<figure><svg id=\"one\"></svg><figcaption>c &quot;1&quot;</figcaption>"));
-        assert!(html.contains("<figure><svg id=\"two\"></svg>"));
+        assert!(html.contains(
+            "<figure style=\"flex:1 1 100px;max-width:100px\"><svg id=\"one\"></svg><figcaption>c &quot;1&quot;"
+        ));
+        assert!(html.contains("<figure style=\"flex:1 1 560px;max-width:900px\"><svg id=\"two\"></svg>"));
         assert!(html.contains("a&lt;b&gt;.safetensors"));
         assert!(html.contains("x &amp; y"));
         assert!(html.contains("c &quot;1&quot;"));

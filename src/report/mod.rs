@@ -200,7 +200,8 @@ fn write_heatmaps(
         let png = picture.png().map_err(|e| Error::invalid(&dest, format!("cannot encode png: {e}")))?;
         staged.track(&path);
         staged.create_file(&path)?.write_all(&png).map_err(|e| Error::io(&dest, e))?;
-        figures.push(Figure { svg: picture.svg(&grid, &name), caption: sections::heatmap_caption(q, stats.mean) });
+        let (svg, width) = picture.svg(&grid, &name);
+        figures.push(Figure { svg, width, caption: sections::heatmap_caption(q, stats.mean) });
         files.push(name);
     }
     Ok(figures)

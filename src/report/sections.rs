@@ -70,6 +70,7 @@ pub fn overview(stats: &[TensorStats]) -> Section {
         figures: vec![
             Figure {
                 svg: chart::render(&norm),
+                width: chart::WIDTH,
                 caption: "Share of the task vector's L2 norm that survives pruning, whole model (each \
                           matrix pruned to the given sparsity on its own). Higher keeps more of what \
                           fine-tuning learned."
@@ -77,6 +78,7 @@ pub fn overview(stats: &[TensorStats]) -> Section {
             },
             Figure {
                 svg: chart::render(&rel),
+                width: chart::WIDTH,
                 caption: "Mean relative change |dW| / |W_base| of the positions that are kept, whole \
                           model, log scale. Lower means the kept changes disturb the base weights less, \
                           the cause of forgetting that FAPM targets."
@@ -176,10 +178,12 @@ pub fn per_tensor(stats: &[TensorStats]) -> Vec<Section> {
                 figures: vec![
                     Figure {
                         svg: chart::render(&norm),
+                        width: chart::WIDTH,
                         caption: format!("Share of each tensor's task-vector L2 norm kept at sparsity {}", pct(sp)),
                     },
                     Figure {
                         svg: chart::render(&rel),
+                        width: chart::WIDTH,
                         caption: format!(
                             "Mean |dW| / |W_base| over each tensor's kept positions at sparsity {} (log scale)",
                             pct(sp)

@@ -4,5 +4,6 @@ mod cli;
 mod faults;
 mod hostile;
 mod pipeline;
+mod readback;
 mod reference;
 mod util;
