@@ -70,8 +70,8 @@ impl Monitor {
                     }
                     return;
                 }
-                // Parked rather than asleep, so that `finish` wakes it at once: a plain sleep
-                // made every command wait up to 50 ms more at its end.
+                // Parked rather than asleep, so that `finish` wakes it at once instead of every
+                // command waiting out the rest of a 50 ms sleep at its end.
                 thread::park_timeout(Duration::from_millis(50));
             })
         };

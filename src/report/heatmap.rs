@@ -459,7 +459,13 @@ pub fn render(grid: &Grid, q: Quantity, shared_max: Option<f64>) -> Heatmap {
     let (width, height) = (grid.gw * sx, grid.gh * sy);
     let mut rgb = Vec::with_capacity(width * height * 3);
     for block_row in values.chunks(grid.gw) {
-        let line: Vec<u8> = block_row.iter().flat_map(|&v| map.color(v).repeat(sx)).collect();
+        let mut line = Vec::with_capacity(width * 3);
+        for &v in block_row {
+            let color = map.color(v);
+            for _ in 0..sx {
+                line.extend_from_slice(&color);
+            }
+        }
         for _ in 0..sy {
             rgb.extend_from_slice(&line);
         }

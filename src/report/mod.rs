@@ -165,6 +165,7 @@ fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &Ctl) -> Result<(Vec<S
     sections.extend(sections::per_tensor(&stats));
     let page = sections::page(cfg, &pairs, &stats, other, sections);
     let index = staged.path().join("index.html");
+    staged.track(&index);
     let mut file = staged.create_file(&index)?;
     file.write_all(html::render(&page).as_bytes()).map_err(|e| Error::io(cfg.output.join("index.html"), e))?;
     let summary =

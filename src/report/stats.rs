@@ -135,24 +135,34 @@ pub fn approx_cut(high: &Histogram, k: u64) -> Cut {
 /// boundary candidates of the tensor, as in prune's mask stage.
 pub struct Selection {
     cut: Cut,
+    /// Boundary candidates still to keep.
     quota: u64,
+    /// Boundary candidates in the chunks not yet seen.
+    at_level_left: u64,
 }
 
 impl Selection {
     /// Starts selecting `cut` at the tensor's first element.
     pub fn new(cut: Cut) -> Self {
-        let quota = match cut {
-            Cut::Level { take, .. } => take,
-            _ => 0,
+        let (quota, at_level_left) = match cut {
+            Cut::Level { take, at_level, .. } => (take, at_level),
+            _ => (0, 0),
         };
-        Selection { cut, quota }
+        Selection { cut, quota, at_level_left }
     }
 
     /// Writes the chunk-relative indices of the kept positions of the next chunk's `keys`
     /// to the front of `kept` (at least `keys.len()` long); returns how many there are.
     pub fn next(&mut self, keys: &[u32], kept: &mut [u32]) -> usize {
+        // Boundary candidates are counted only in the chunks where the quota runs out:
+        // before, every one is kept; after, none is.
+        if self.quota == 0 || self.quota >= self.at_level_left {
+            let quota = if self.quota == 0 { 0 } else { u64::MAX };
+            return self.cut.select(keys, quota, None, kept);
+        }
         let at_level = self.cut.at_level_in(keys);
         let quota = threshold::quotas([at_level], &mut self.quota)[0];
+        self.at_level_left -= at_level;
         self.cut.select(keys, quota, Some(at_level), kept)
     }
 }
@@ -199,14 +209,13 @@ impl Default for Scratch {
 
 impl Scratch {
     /// Scores one chunk with both scorers into [`Scratch::keys`]; returns the chunk length
-    /// and its number of candidates.
+    /// and its number of candidates (the same for both metrics).
     pub fn score(&mut self, scorers: &[Scorer; 2], ft: &[u8], base: &[u8]) -> (usize, u64) {
         let len = ft.len() / scorers[0].ft.size();
-        let mut candidates = 0;
-        for (s, keys) in scorers.iter().zip(&mut self.keys) {
-            candidates = s.keys(ft, base, &mut keys[..len]) as u64;
-        }
-        (len, candidates)
+        let [mag, fapm] = &mut self.keys;
+        let candidates = scorers[0].keys(ft, base, &mut mag[..len]);
+        scorers[1].keys(ft, base, &mut fapm[..len]);
+        (len, candidates as u64)
     }
 }
 
