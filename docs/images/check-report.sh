@@ -16,8 +16,8 @@ trap 'rm -rf "$work"' EXIT
 cargo build --quiet --profile test --bin fapm --example gen_pair
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 "$target/debug/examples/gen_pair" --out "$work/pair" --params 10M --shards 2 --seed 1 2>/dev/null
-"$target/debug/fapm" report --base "$work/pair/base" --finetuned "$work/pair/ft" --output "$work/report" \
-    --quiet --json >"$work/summary.json"
+(cd "$work" && "$target/debug/fapm" report --base pair/base --finetuned pair/ft --output report --quiet --json \
+    >summary.json)
 
 browser() { # extra chromium arguments...
     chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
