@@ -70,8 +70,8 @@ fn stages(c: &mut Criterion) {
     let (base16, ft16) = (to_bf16(&bf), to_bf16(&ff));
     let (base32, ft32) = (to_f32_bytes(&bf), to_f32_bytes(&ff));
     let mean = (bf.iter().map(|x| x.abs() as f64).sum::<f64>() / N as f64) as f32;
-    let s16 = Scorer { ft: DType::BF16, base: DType::BF16, metric: Metric::Fapm, mean };
-    let s32 = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Fapm, mean };
+    let s16 = Scorer { ft: DType::BF16, base: DType::BF16, metric: Metric::Fapm, mean, penalty: 1.0 };
+    let s32 = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Fapm, mean, penalty: 1.0 };
     let mut keys = vec![0u32; N];
     let cand16 = s16.keys(&ft16, &base16, &mut keys);
     eprintln!("bf16 chunk: {cand16} of {N} elements changed");

@@ -27,6 +27,8 @@ pub enum Command {
     Prune(PruneArgs),
     /// Rebuild a model from the base checkpoint and a delta, verifying every hash.
     Apply(ApplyArgs),
+    /// Join the part deltas of a partitioned prune (--part) into the one delta a single prune writes.
+    Merge(MergeArgs),
     /// Show a delta's header and every tensor it holds.
     Inspect(InspectArgs),
     /// Check every hash in a delta; with --base, also the base and the full reconstruction.
@@ -68,9 +70,17 @@ pub struct PruneArgs {
     /// Fraction of each pruned tensor's elements reset to the base, an exact decimal in [0, 1].
     #[arg(long, default_value = "0.9", value_name = "S")]
     pub sparsity: String,
+    /// Per-tensor sparsity: tensors whose name matches RE are pruned at S (repeatable; the first
+    /// matching rule wins, --sparsity applies to the rest).
+    #[arg(long, value_name = "RE=S")]
+    pub sparsity_for: Vec<String>,
     /// Score: fapm (the paper's forgetting-aware metric) or magnitude (|delta|).
     #[arg(long, default_value = "fapm", value_name = "METRIC")]
     pub metric: String,
+    /// FAPM's penalty strength L in S = |d| - L * mean(|W|) * |d| / |W|: 1 is the paper's metric,
+    /// 0 is magnitude; more penalty keeps fewer changes that are large relative to their weight.
+    #[arg(long, default_value = "1", value_name = "L")]
+    pub penalty: String,
     /// exact: keep precisely the top k; approx: k too, choosing freely among scores within 2^-7 relative of the boundary.
     #[arg(long, default_value = "exact", value_name = "MODE")]
     pub threshold: String,
@@ -80,6 +90,26 @@ pub struct PruneArgs {
     /// Never prune tensors whose name matches this regex (repeatable); they keep every change.
     #[arg(long, value_name = "RE")]
     pub exclude: Vec<String>,
+    /// Write only part I of N of the tensors, for `fapm merge`: I/N, `auto` (a Slurm array
+    /// task) or `auto/N` (a Kubernetes indexed job).
+    #[arg(long, value_name = "I/N")]
+    pub part: Option<String>,
+    /// Replace DELTA if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `fapm merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The part deltas written by `prune --part`, in any order.
+    #[arg(required = true, value_name = "PART")]
+    pub parts: Vec<PathBuf>,
+    /// The delta file to write.
+    #[arg(long, short, value_name = "DELTA")]
+    pub output: PathBuf,
     /// Replace DELTA if it exists.
     #[arg(long)]
     pub overwrite: bool,

@@ -24,8 +24,12 @@ pub struct PruneConfig {
     pub output: PathBuf,
     /// Fraction of each pruned tensor's elements to prune.
     pub sparsity: Sparsity,
+    /// `--sparsity-for` rules: the first whose regex matches a tensor's name sets its sparsity.
+    pub sparsity_for: Vec<SparsityRule>,
     /// How positions are scored.
     pub metric: Metric,
+    /// The FAPM penalty strength `l` in `S = |d| - l * t`.
+    pub penalty: Penalty,
     /// Exact or approximate k-th score.
     pub threshold: ThresholdMode,
     /// Tensors to prune (all when empty).
@@ -41,6 +45,8 @@ pub struct PruneConfig {
     /// Elements per block of pruned and dense tensors: a power of two, at least 512
     /// (tests use small blocks to exercise many chunks; the CLI always uses the default).
     pub block_elems: u64,
+    /// Write only this part of a partitioned prune (SPEC section 7).
+    pub part: Option<PartSpec>,
 }
 
 impl PruneConfig {
@@ -49,6 +55,45 @@ impl PruneConfig {
         (self.include.is_empty() || self.include.iter().any(|r| r.is_match(name)))
             && !self.exclude.iter().any(|r| r.is_match(name))
     }
+
+    /// The sparsity of tensor `name`: the first matching `--sparsity-for` rule's, else
+    /// `--sparsity`.
+    pub fn sparsity_of(&self, name: &str) -> Sparsity {
+        self.sparsity_for.iter().find(|r| r.pattern.is_match(name)).map_or(self.sparsity, |r| r.sparsity)
+    }
+}
+
+/// One `--sparsity-for RE=S` rule.
+#[derive(Debug, Clone)]
+pub struct SparsityRule {
+    /// The tensors it applies to.
+    pub pattern: Regex,
+    /// Their sparsity.
+    pub sparsity: Sparsity,
+}
+
+/// `--penalty L`: the decimal as given (recorded in the delta) and the nearest f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Penalty {
+    /// `L` as given.
+    pub text: String,
+    /// The nearest f32.
+    pub value: f32,
+}
+
+impl Default for Penalty {
+    fn default() -> Self {
+        Penalty { text: "1".into(), value: 1.0 }
+    }
+}
+
+/// `--part I/N`: write part `index` of `count` (both from 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartSpec {
+    /// This part, from 1.
+    pub index: u32,
+    /// How many parts.
+    pub count: u32,
 }
 
 /// Everything `apply` and `verify --base` need.
@@ -71,6 +116,72 @@ pub struct ApplyConfig {
 /// Parses `--sparsity`.
 pub fn sparsity(text: &str) -> Result<Sparsity, Error> {
     Sparsity::parse(text).map_err(Error::Config)
+}
+
+/// Parses `--sparsity-for RE=S` rules (split at the last `=`: a regex may hold one, a
+/// sparsity never does).
+pub fn sparsity_rules(rules: &[String]) -> Result<Vec<SparsityRule>, Error> {
+    rules
+        .iter()
+        .map(|rule| {
+            let (re, s) = rule.rsplit_once('=').ok_or_else(|| {
+                Error::Config(format!("invalid --sparsity-for '{rule}': expected REGEX=SPARSITY, such as 'embed=0.5'"))
+            })?;
+            let pattern = regexes("--sparsity-for", &[re.to_owned()])?.remove(0);
+            Ok(SparsityRule { pattern, sparsity: sparsity(s)? })
+        })
+        .collect()
+}
+
+/// Parses `--penalty`: a finite decimal `L >= 0`, read as the nearest f32.
+///
+/// ```
+/// assert_eq!(fapm::config::penalty("0.25").unwrap().value, 0.25);
+/// assert!(fapm::config::penalty("-1").is_err() && fapm::config::penalty("inf").is_err());
+/// ```
+pub fn penalty(text: &str) -> Result<Penalty, Error> {
+    let bad = || Error::Config(format!("invalid penalty '{text}': expected a decimal number >= 0, such as 0.5"));
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
+        return Err(bad());
+    }
+    let value: f32 = text.parse().map_err(|_| bad())?;
+    if !value.is_finite() {
+        return Err(bad());
+    }
+    Ok(Penalty { text: text.to_owned(), value })
+}
+
+/// Parses `--part`: `I/N`, `auto` (a Slurm array job's task) or `auto/N` (a Kubernetes
+/// indexed job's completion index), reading the environment through `env`.
+pub fn part(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<PartSpec, Error> {
+    let bad = |why: String| Error::Config(format!("invalid --part '{text}': {why}"));
+    let number = |name: &str, v: &str| -> Result<u64, Error> {
+        v.trim().parse::<u64>().map_err(|_| bad(format!("{name} is '{v}', not a whole number")))
+    };
+    let var = |name: &str| -> Result<u64, Error> {
+        let v = env(name).ok_or_else(|| bad(format!("{name} is not set (is this a job array task?)")))?;
+        number(name, &v)
+    };
+    let (index, count) = match text.split_once('/') {
+        None if text == "auto" => {
+            let (id, min) = (var("SLURM_ARRAY_TASK_ID")?, var("SLURM_ARRAY_TASK_MIN")?);
+            let step = env("SLURM_ARRAY_TASK_STEP").map_or(Ok(1), |v| number("SLURM_ARRAY_TASK_STEP", &v))?.max(1);
+            let count = var("SLURM_ARRAY_TASK_COUNT")?;
+            if id < min || (id - min) % step != 0 {
+                return Err(bad(format!("SLURM_ARRAY_TASK_ID {id} is not MIN {min} plus a multiple of STEP {step}")));
+            }
+            ((id - min) / step + 1, count)
+        }
+        Some(("auto", n)) => (var("JOB_COMPLETION_INDEX")?.saturating_add(1), number("N", n)?),
+        Some((i, n)) => (number("I", i)?, number("N", n)?),
+        None => return Err(bad("expected I/N, auto or auto/N".into())),
+    };
+    if count == 0 || count > u32::MAX as u64 || index == 0 || index > count {
+        return Err(bad(format!("part {index} of {count}: need 1 <= I <= N")));
+    }
+    Ok(PartSpec { index: index as u32, count: count as u32 })
 }
 
 /// Parses `--metric`.
@@ -179,7 +290,9 @@ mod tests {
             finetuned: PathBuf::new(),
             output: PathBuf::new(),
             sparsity: sparsity("0.9").unwrap(),
+            sparsity_for: vec![],
             metric: Metric::Fapm,
+            penalty: Penalty::default(),
             threshold: ThresholdMode::Exact,
             include: vec![],
             exclude: regexes("--exclude", &["norm".into()]).unwrap(),
@@ -187,11 +300,81 @@ mod tests {
             memory_budget: DEFAULT_MEMORY_BUDGET,
             overwrite: false,
             block_elems: fapm_stages::format::BLOCK_ELEMS,
+            part: None,
         };
         assert!(c.selects("layers.0.mlp.weight"));
         assert!(!c.selects("layers.0.norm.weight"));
         c.include = regexes("--include", &["mlp".into()]).unwrap();
         assert!(!c.selects("layers.0.attn.weight"));
         assert!(regexes("--include", &["(".into()]).is_err());
+    }
+
+    #[test]
+    fn first_matching_sparsity_rule_wins() {
+        let rules = sparsity_rules(&["embed=0.5".into(), "(a|b)=c=0.25".into(), "embed_tokens=0".into()]).unwrap();
+        assert_eq!(rules[1].pattern.as_str(), "(a|b)=c");
+        let c = PruneConfig { sparsity_for: rules, ..test_config() };
+        assert_eq!(c.sparsity_of("model.embed_tokens.weight").keep_count(10), 5);
+        assert_eq!(c.sparsity_of("xb=c").keep_count(100), 75);
+        assert_eq!(c.sparsity_of("lm_head.weight").keep_count(10), 1);
+        for bad in ["embed", "embed=2", "(=0.5", "=x"] {
+            assert!(sparsity_rules(&[bad.into()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn penalties_are_finite_non_negative_decimals() {
+        assert_eq!(penalty("1").unwrap().value, 1.0);
+        assert_eq!(penalty(".5").unwrap().value, 0.5);
+        assert_eq!(penalty("0.1").unwrap().value, 0.1f32);
+        for bad in ["", ".", "-0.5", "1e3", "nan", "inf", "1.2.3", " 1", "9".repeat(40).as_str()] {
+            assert!(penalty(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parts_from_flags_slurm_and_kubernetes() {
+        let none = |_: &str| None;
+        assert_eq!(part("2/3", none).unwrap(), PartSpec { index: 2, count: 3 });
+        for bad in ["0/3", "4/3", "1/0", "x/2", "2", "auto/0", "1/-1"] {
+            assert!(part(bad, |_| Some("0".into())).is_err(), "{bad}");
+        }
+        // A Slurm array --array=10-16:3 has tasks 10, 13, 16.
+        let slurm = |id: &'static str| {
+            move |k: &str| match k {
+                "SLURM_ARRAY_TASK_ID" => Some(id.to_owned()),
+                "SLURM_ARRAY_TASK_MIN" => Some("10".into()),
+                "SLURM_ARRAY_TASK_STEP" => Some("3".into()),
+                "SLURM_ARRAY_TASK_COUNT" => Some("3".into()),
+                _ => None,
+            }
+        };
+        assert_eq!(part("auto", slurm("13")).unwrap(), PartSpec { index: 2, count: 3 });
+        assert_eq!(part("auto", slurm("16")).unwrap(), PartSpec { index: 3, count: 3 });
+        assert!(part("auto", slurm("14")).is_err());
+        assert!(part("auto", none).unwrap_err().to_string().contains("SLURM_ARRAY_TASK_ID"));
+        let k8s = |k: &str| (k == "JOB_COMPLETION_INDEX").then(|| "0".to_owned());
+        assert_eq!(part("auto/4", k8s).unwrap(), PartSpec { index: 1, count: 4 });
+        assert!(part("auto/4", |_| Some("4".into())).is_err());
+    }
+
+    fn test_config() -> PruneConfig {
+        PruneConfig {
+            base: PathBuf::new(),
+            finetuned: PathBuf::new(),
+            output: PathBuf::new(),
+            sparsity: sparsity("0.9").unwrap(),
+            sparsity_for: vec![],
+            metric: Metric::Fapm,
+            penalty: Penalty::default(),
+            threshold: ThresholdMode::Exact,
+            include: vec![],
+            exclude: vec![],
+            threads: 1,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            overwrite: false,
+            block_elems: fapm_stages::format::BLOCK_ELEMS,
+            part: None,
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! [`inspect`]. Byte-level work lives in the `fapm-stages` crate.
 
 pub mod config;
+pub mod merge;
 pub mod output;
 pub mod pipeline;
 #[cfg(feature = "report")]
@@ -12,6 +13,7 @@ pub mod report;
 pub mod sigbus;
 
 pub use fapm_stages::{Error, Result};
+pub use merge::{merge, MergeSummary};
 pub use pipeline::apply::{apply, verify_delta, ApplySummary};
 pub use pipeline::prune::{prune, PruneSummary};
 pub use pipeline::Ctl;

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
     let quiet = match &cli.command {
         Command::Prune(a) => a.run.quiet,
         Command::Apply(a) => a.run.quiet,
+        Command::Merge(a) => a.run.quiet,
         Command::Verify(a) => a.run.quiet,
         Command::Report(a) => a.quiet,
         Command::Inspect(_) => false,
@@ -79,7 +80,9 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                 finetuned: a.finetuned,
                 output: a.output,
                 sparsity: config::sparsity(&a.sparsity)?,
+                sparsity_for: config::sparsity_rules(&a.sparsity_for)?,
                 metric: config::metric(&a.metric)?,
+                penalty: config::penalty(&a.penalty)?,
                 threshold: config::threshold(&a.threshold)?,
                 include: config::regexes("--include", &a.include)?,
                 exclude: config::regexes("--exclude", &a.exclude)?,
@@ -87,7 +90,11 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                 memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
                 overwrite: a.overwrite,
                 block_elems: fapm_stages::format::BLOCK_ELEMS,
+                part: a.part.as_deref().map(|p| config::part(p, |k| std::env::var(k).ok())).transpose()?,
             };
+            if cfg.metric == fapm_stages::score::Metric::Magnitude && cfg.penalty.value != 1.0 {
+                return Err(Error::Config("--penalty applies to --metric fapm only".into()));
+            }
             let monitor = Monitor::start(Arc::clone(ctl), "prune", !a.run.quiet);
             let result = fapm::prune(&cfg, ctl);
             let peak = monitor.finish();
@@ -162,6 +169,31 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
             let peak = monitor.finish();
             report_apply("verified", result?, peak, a.run.json, a.run.quiet);
         }
+        Command::Merge(a) => {
+            let monitor = Monitor::start(Arc::clone(ctl), "merge", !a.run.quiet);
+            let result = fapm::merge(&a.parts, &a.output, a.overwrite, ctl);
+            let peak = monitor.finish();
+            let s = result?;
+            if a.run.json {
+                let mut v = serde_json::to_value(&s).expect("a summary serializes");
+                v["command"] = json!("merge");
+                v["peak_memory_bytes"] = json!(peak);
+                println!("{v}");
+            }
+            if !a.run.quiet {
+                eprintln!(
+                    "merged   {} parts: {} tensors, {} side files, {} blocks copied",
+                    s.parts, s.tensors, s.side_files, s.blocks
+                );
+                eprintln!(
+                    "time     {:.2} s, {:.2} GB/s, peak memory {}",
+                    s.seconds,
+                    s.delta_bytes as f64 / s.seconds.max(1e-9) / 1e9,
+                    bytes(peak)
+                );
+                eprintln!("wrote    {} ({})", s.output.display(), bytes(s.delta_bytes));
+            }
+        }
         Command::Inspect(a) => inspect(&a.delta, a.json)?,
         Command::Report(a) => report(a, ctl)?,
     }
@@ -227,6 +259,9 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, qu
     if s.base_tensors_checked > 0 {
         eprintln!("base     {} base tensors match the delta's hashes", s.base_tensors_checked);
     }
+    if let Some([i, n]) = s.part {
+        eprintln!("part     {i} of {n} of a partitioned prune: join all {n} parts with `fapm merge` to apply them");
+    }
     eprintln!("time     {:.2} s, {:.2} GB/s, peak memory {}", s.seconds, throughput, bytes(peak));
     if let Some(out) = &s.output {
         eprintln!("wrote    {}", out.display());
@@ -244,14 +279,17 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
                 json!({
                     "name": t.name, "shard": m.shards[t.shard].name, "mode": t.mode, "dtype": t.dtype,
                     "base_dtype": t.base_dtype, "shape": t.shape, "numel": t.numel(),
+                    "base_shape": t.extended.as_ref().map(|e| &e.base_shape),
+                    "appended_stored": t.extended.as_ref().map(|e| e.stored),
                     "candidates": t.candidates, "kept": t.kept, "encoded_bytes": encoded(t),
                 })
             })
             .collect();
         let v = json!({
             "file": path, "size": size, "version": m.version, "tool": m.tool, "metric": m.metric,
-            "sparsity": m.sparsity, "threshold": m.threshold, "include": m.include, "exclude": m.exclude,
-            "source": m.source, "index": m.index,
+            "penalty": m.penalty, "sparsity": m.sparsity, "sparsity_for": m.sparsity_for,
+            "threshold": m.threshold, "include": m.include, "exclude": m.exclude,
+            "source": m.source, "index": m.index, "part": m.part,
             "shards": m.shards.iter().map(|s| &s.name).collect::<Vec<_>>(),
             "tensors": tensors,
             "side_files": m.side_files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
@@ -274,6 +312,23 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         m.side_files.len(),
         m.base_only.len()
     );
+    if m.metric == fapm_stages::score::Metric::Fapm && m.penalty != "1" {
+        println!("penalty {}", one_line(&m.penalty));
+    }
+    for r in &m.sparsity_for {
+        println!("sparsity {} for tensors matching {}", one_line(&r.sparsity), one_line(&r.pattern));
+    }
+    if let Some(p) = &m.part {
+        println!(
+            "part {} of {}: tensors {} to {} of {}; merge all {} parts with `fapm merge` before applying",
+            p.index,
+            p.count,
+            p.first + 1,
+            p.first + m.tensors.len() as u64,
+            p.total,
+            p.count
+        );
+    }
     let width = m.tensors.iter().map(|t| t.name.len()).max().unwrap_or(6).clamp(6, 60);
     println!(
         "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",
@@ -284,10 +339,10 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
             Some(b) if b != t.dtype => format!("{b}->{}", t.dtype),
             _ => t.dtype.to_string(),
         };
-        let kept = if t.mode == fapm_stages::format::Mode::Whole {
-            "all".to_string()
-        } else {
-            format!("{} / {}", count(t.kept), count(t.numel()))
+        let kept = match &t.extended {
+            _ if t.mode == fapm_stages::format::Mode::Whole => "all".to_string(),
+            Some(e) => format!("{} / {} +{} new", count(t.kept), count(t.diffed_numel()), count(e.stored)),
+            None => format!("{} / {}", count(t.kept), count(t.numel())),
         };
         println!(
             "{:<width$}  {:<6}  {:<9}  {:<18}  {:>24}  {:>10}",

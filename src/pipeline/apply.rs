@@ -37,6 +37,8 @@ pub struct ApplySummary {
     pub blocks: usize,
     /// Bytes of tensor data written or checked.
     pub tensor_bytes: u64,
+    /// For a part of a partitioned prune: its number and the number of parts.
+    pub part: Option<[u32; 2]>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -75,6 +77,16 @@ struct Outputs {
 pub fn apply(cfg: &ApplyConfig, ctl: &Ctl) -> Result<ApplySummary> {
     let start = Instant::now();
     let delta = DeltaReader::open(&cfg.delta)?;
+    if let Some(p) = &delta.manifest.part {
+        return Err(Error::invalid(
+            &cfg.delta,
+            format!(
+                "this is part {} of {} of a partitioned prune, not a whole delta: join all {} parts with \
+                 `fapm merge PART... --output DELTA`, then use DELTA",
+                p.index, p.count, p.count
+            ),
+        ));
+    }
     let base = Checkpoint::open(&cfg.base)?;
     let m = &delta.manifest;
     let bases = resolve_base(m, &base)?;
@@ -114,6 +126,7 @@ pub fn verify_delta(path: &Path, threads: usize, ctl: &Ctl) -> Result<ApplySumma
     let mut summary = run(&delta, None, None, &pool, window, ctl)?;
     check_side_files(&delta)?;
     summary.side_files = delta.manifest.side_files.len();
+    summary.part = delta.manifest.part.as_ref().map(|p| [p.index, p.count]);
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -138,7 +151,8 @@ fn resolve_base(m: &Manifest, base: &Checkpoint) -> Result<Vec<Option<TensorRef>
                     "missing from the base checkpoint (is this the base the delta was made from?)",
                 )
             })?;
-            if b.info().dtype != dtype || b.info().shape != t.shape {
+            let shape = t.extended.as_ref().map_or(&t.shape, |e| &e.base_shape);
+            if b.info().dtype != dtype || b.info().shape != *shape {
                 return Err(Error::tensor(
                     &b.shard.path,
                     &t.name,
@@ -146,7 +160,7 @@ fn resolve_base(m: &Manifest, base: &Checkpoint) -> Result<Vec<Option<TensorRef>
                         "base is {} {:?}, but the delta was made against {dtype} {:?}",
                         b.info().dtype,
                         b.info().shape,
-                        t.shape
+                        shape
                     ),
                 ));
             }
@@ -264,11 +278,14 @@ fn item(
     } else {
         let mut out = vec![0u8; (it.len * size) as usize];
         let mut base_part = None;
-        if let Some(b) = base {
+        // An extended tensor's appended elements (past the base's) are decoded onto zero bits.
+        let diffed = t.diffed_numel();
+        let from_base = it.len.min(diffed.saturating_sub(it.start));
+        if let (Some(b), true) = (base, from_base > 0) {
             let bs = b.info().dtype.size() as u64;
-            let chunk = &b.bytes()[(it.start * bs) as usize..((it.start + it.len) * bs) as usize];
-            convert_chunk(t.dtype, b.info().dtype, chunk, &mut out);
-            base_part = Some(hash::part(chunk, it.start * bs, it.parts));
+            let chunk = &b.bytes()[(it.start * bs) as usize..((it.start + from_base) * bs) as usize];
+            convert_chunk(t.dtype, b.info().dtype, chunk, &mut out[..(from_base * size) as usize]);
+            base_part = Some(hash::part(chunk, it.start * bs, diffed.div_ceil(m.block_elems) as usize));
         }
         let kept = decode_sparse(&raw, &mut out, size as usize)
             .map_err(|e| Error::tensor(&delta.path, &t.name, format!("corrupt block {}: {e}", it.block)))?;
@@ -294,11 +311,12 @@ fn finish_tensor(
     base_parts: &[Part],
     kept: u64,
 ) -> Result<()> {
-    if t.mode != Mode::Whole && kept != t.kept {
+    let recorded = t.kept + t.extended.as_ref().map_or(0, |e| e.stored);
+    if t.mode != Mode::Whole && kept != recorded {
         return Err(Error::tensor(
             &delta.path,
             &t.name,
-            format!("blocks hold {kept} kept values, the record says {}", t.kept),
+            format!("blocks hold {kept} kept values, the record says {recorded}"),
         ));
     }
     if let (Some(b), Some(want)) = (base, t.base_hash) {

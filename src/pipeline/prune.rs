@@ -21,10 +21,11 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use fapm_stages::checkpoint::{is_safe_relative, Checkpoint, Layout, TensorRef};
 use fapm_stages::encode::encode_sparse_in_pieces;
 use fapm_stages::format::{
-    block_sizes, compress, Block, DeltaWriter, Manifest, Mode, Payload, ShardRecord, SideFile, Source, TensorRecord,
-    MAX_BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
+    block_sizes, compress, Block, DeltaWriter, Extended, Manifest, Mode, PartRecord, Payload, ShardRecord, SideFile,
+    Source, SparsityRule, TensorRecord, MAX_BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
 };
 use fapm_stages::hash::{self, Part, PartHasher};
+use fapm_stages::partition::{layout_hash, split};
 use fapm_stages::score::{convert_chunk, mean_abs, sum_abs, Metric, Scorer};
 use fapm_stages::threshold::{floor, plan, quotas, Bins, Cut, Gather, Histogram, Hits};
 use fapm_stages::{Error, Result};
@@ -45,6 +46,8 @@ pub struct PruneSummary {
     pub dense: usize,
     /// Tensors stored whole.
     pub whole: usize,
+    /// Pruned or dense tensors that extend their base tensor with appended rows.
+    pub extended: usize,
     /// Tensors only the base has (ignored).
     pub base_only: usize,
     /// Elements of pruned and dense tensors.
@@ -73,6 +76,16 @@ struct Task {
     base: Option<TensorRef>,
     mode: Mode,
     keep: u64,
+    /// Elements diffed against the base: the base's element count (the fine-tuned tensor's
+    /// too, unless it is extended); 0 for a whole tensor.
+    diffed: u64,
+}
+
+impl Task {
+    /// Whether the fine-tuned tensor extends its base with appended rows (SPEC section 2).
+    fn extended(&self) -> bool {
+        self.base.as_ref().is_some_and(|b| b.info().shape != self.ft.info().shape)
+    }
 }
 
 /// A task with its threshold decided.
@@ -170,6 +183,8 @@ struct Encoded {
     base: Option<Part>,
     candidates: u64,
     kept: u64,
+    /// Positions stored in an extended tensor's appended rows.
+    appended: u64,
 }
 
 /// Elements per piece of the floor-guessing sample, and the stride between pieces.
@@ -219,9 +234,24 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     if let Some(s) = ft.shards.iter().find(|s| ft.layout == Layout::Directory && !is_safe_relative(&s.name)) {
         return Err(Error::invalid(&s.path, "this shard name cannot be stored in a delta (non-UTF-8 or '\\')"));
     }
-    let (tasks, base_only) = classify(cfg, &base, &ft);
-    let (side, skipped) =
-        if ft.layout == Layout::Directory { super::side::side_files(&ft.root)? } else { Default::default() };
+    let (mut tasks, base_only) = classify(cfg, &base, &ft);
+    let total_tensors = tasks.len() as u64;
+    // A part prunes its own run of the tensors; part 1 also carries the side files.
+    let (first, carries_side_files) = match cfg.part {
+        Some(p) => {
+            let sizes: Vec<u64> = tasks.iter().map(|t| t.ft.info().byte_len()).collect();
+            let run = split(&sizes, p.count).swap_remove(p.index as usize - 1);
+            tasks.truncate(run.end);
+            tasks.drain(..run.start);
+            (run.start as u64, p.index == 1)
+        }
+        None => (0, true),
+    };
+    let (side, skipped) = if ft.layout == Layout::Directory && carries_side_files {
+        super::side::side_files(&ft.root)?
+    } else {
+        Default::default()
+    };
     let total: u64 =
         tasks.iter().map(|t| t.ft.info().byte_len() + t.base.as_ref().map_or(0, |b| b.info().byte_len())).sum();
     ctl.total.store(total, std::sync::atomic::Ordering::Relaxed);
@@ -240,6 +270,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
             Mode::Dense => summary.dense += 1,
             Mode::Whole => summary.whole += 1,
         }
+        summary.extended += t.extended() as usize;
     }
 
     let staged = Staged::new(&cfg.output, cfg.overwrite)?;
@@ -279,7 +310,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
     }
     for r in &records {
         if r.mode != Mode::Whole {
-            summary.elements += r.numel();
+            summary.elements += r.diffed_numel();
             summary.candidates += r.candidates;
             summary.kept += r.kept;
         }
@@ -290,7 +321,13 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         version: VERSION,
         tool: format!("fapm {}", env!("CARGO_PKG_VERSION")),
         metric: cfg.metric,
+        penalty: cfg.penalty.text.clone(),
         sparsity: cfg.sparsity.to_decimal(),
+        sparsity_for: cfg
+            .sparsity_for
+            .iter()
+            .map(|r| SparsityRule { pattern: r.pattern.as_str().to_owned(), sparsity: r.sparsity.to_decimal() })
+            .collect(),
         threshold: cfg.threshold,
         include: cfg.include.iter().map(|r| r.as_str().to_owned()).collect(),
         exclude: cfg.exclude.iter().map(|r| r.as_str().to_owned()).collect(),
@@ -302,6 +339,14 @@ pub fn prune(cfg: &PruneConfig, ctl: &Ctl) -> Result<PruneSummary> {
         tensors: records,
         side_files: side_records,
         base_only,
+        part: cfg.part.map(|p| PartRecord {
+            index: p.index,
+            count: p.count,
+            first,
+            total: total_tensors,
+            base: layout_hash(base.shards.iter().map(|s| (s.name.as_str(), s.header.as_str()))),
+            finetuned: layout_hash(ft.shards.iter().map(|s| (s.name.as_str(), s.header.as_str()))),
+        }),
     };
     summary.delta_bytes = writer.finish(&manifest)?;
     ctl.check()?;
@@ -348,20 +393,30 @@ fn classify(cfg: &PruneConfig, base: &Checkpoint, ft: &Checkpoint) -> (Vec<Task>
         .tensors()
         .map(|t| {
             let info = t.info();
-            let b = base
-                .get(&info.name)
-                .filter(|b| b.info().shape == info.shape && b.info().dtype.is_diffable() && info.dtype.is_diffable());
+            let b = base.get(&info.name).filter(|b| {
+                let bi = b.info();
+                bi.dtype.is_diffable()
+                    && info.dtype.is_diffable()
+                    && (bi.shape == info.shape || extends(&bi.shape, &info.shape))
+            });
             let mode = match b {
                 Some(_) if cfg.selects(&info.name) => Mode::Pruned,
                 Some(_) => Mode::Dense,
                 None => Mode::Whole,
             };
-            let keep = cfg.sparsity.keep_count(info.numel());
-            Task { ft: t, base: b, mode, keep }
+            let diffed = b.as_ref().map_or(0, |b| b.info().numel());
+            let keep = cfg.sparsity_of(&info.name).keep_count(diffed);
+            Task { ft: t, base: b, mode, keep, diffed }
         })
         .collect();
     let base_only = base.tensors().map(|t| t.info().name.clone()).filter(|n| ft.get(n).is_none()).collect();
     (tasks, base_only)
+}
+
+/// Whether a fine-tuned shape extends a base shape (SPEC section 2, a resized vocabulary):
+/// same rank >= 1, same sizes in every dimension but the first, the fine-tuned first larger.
+fn extends(base: &[u64], ft: &[u64]) -> bool {
+    !base.is_empty() && base.len() == ft.len() && base[1..] == ft[1..] && base[0] < ft[0]
 }
 
 /// Element ranges of a diffable tensor's blocks.
@@ -406,8 +461,8 @@ fn plan_tensor<'b>(
         return Ok(planned(task, None, Cut::All, Vec::new()));
     };
     let (fi, bi) = (task.ft.info(), base.info());
-    let n = fi.numel();
-    let mut scorer = Scorer { ft: fi.dtype, base: bi.dtype, metric: cfg.metric, mean: 0.0 };
+    let n = task.diffed;
+    let mut scorer = Scorer { ft: fi.dtype, base: bi.dtype, metric: cfg.metric, mean: 0.0, penalty: cfg.penalty.value };
     if task.mode == Mode::Dense || task.keep == 0 {
         let cut = if task.mode == Mode::Dense { Cut::All } else { Cut::Nothing };
         return Ok(planned(task, Some(scorer), cut, Vec::new()));
@@ -415,7 +470,7 @@ fn plan_tensor<'b>(
     let chunks = elem_chunks(n, cfg.block_elems);
     let (fs, bs) = (fi.dtype.size(), bi.dtype.size());
     let (ft_bytes, base_bytes) = (task.ft.bytes(), base.bytes());
-    if cfg.metric == Metric::Fapm {
+    if cfg.metric == Metric::Fapm && cfg.penalty.value != 0.0 {
         let partials: Vec<f64> = pool.install(|| {
             chunks.par_iter().map(|&(s, l)| sum_abs(bi.dtype, &base_bytes[s * bs..(s + l) * bs])).collect()
         });
@@ -561,8 +616,15 @@ fn encode_diffable<'b>(
     let (fi, bi) = (p.task.ft.info(), base.info());
     let (fs, bs) = (fi.dtype.size(), bi.dtype.size());
     let (ft_bytes, base_bytes) = (p.task.ft.bytes(), base.bytes());
-    let slice = |s: usize, l: usize| (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs]);
+    // The blocks cover the whole tensor; an extended tensor's elements past the base's
+    // (`diffed`) are scored by no one: every non-zero one is kept, on a base of zero bits.
+    let diffed = p.task.diffed as usize;
+    let slice = |s: usize, l: usize| {
+        let (s, l) = (s.min(diffed), l.min(diffed.saturating_sub(s)));
+        (&ft_bytes[s * fs..(s + l) * fs], &base_bytes[s * bs..(s + l) * bs])
+    };
     let chunks = elem_chunks(fi.numel(), p.block_elems);
+    let base_chunks = diffed.div_ceil(p.block_elems as usize);
     let mut plans: Vec<Option<ChunkPlan>> = plans.into_iter().map(Some).collect();
     plans.resize_with(chunks.len(), || None);
     // When only some of the boundary is kept, each chunk's share comes from the boundary
@@ -595,6 +657,7 @@ fn encode_diffable<'b>(
     let job = |((&(s, l), plan), (quota, at_level)): (_, (u64, Option<u64>))| -> std::io::Result<Encoded> {
         let plan: Option<ChunkPlan> = plan;
         let (ft, base) = slice(s, l);
+        let diffed_here = ft.len() / fs;
         let mut scratch = SCRATCH.take();
         let Scratch { keys, kept, piece, raw } = &mut scratch;
         kept.resize(kept.len().max(l), 0);
@@ -603,30 +666,35 @@ fn encode_diffable<'b>(
                 (candidates, p.cut.select_hits(&held.hits, quota, at_level, kept))
             }
             _ => {
-                keys.resize(l, 0);
+                keys.resize(diffed_here, 0);
                 let c = scorer.keys(ft, base, keys);
                 (c as u64, p.cut.select(keys, quota, at_level, kept))
             }
         };
+        let ft = &ft_bytes[s * fs..(s + l) * fs];
+        let appended = keep_appended(ft, fs, diffed_here, n, kept);
         // The reconstructed chunk is built, and it and the base are hashed, a cache-sized
         // piece at a time: the base is read from memory once.
         piece.resize(PIECE_BYTES, 0);
         let (mut out_hash, mut base_hash) =
-            (PartHasher::new((s * fs) as u64, chunks.len()), PartHasher::new((s * bs) as u64, chunks.len()));
+            (PartHasher::new((s * fs) as u64, chunks.len()), PartHasher::new((s * bs) as u64, base_chunks));
         let fill = |start: usize, out: &mut [u8]| {
-            let b = &base[start * bs..(start + out.len() / fs) * bs];
+            let from_base = (out.len() / fs).min(diffed_here.saturating_sub(start));
+            let b = &base[start * bs..(start + from_base) * bs];
             base_hash.update(b);
-            convert_chunk(fi.dtype, bi.dtype, b, out);
+            convert_chunk(fi.dtype, bi.dtype, b, &mut out[..from_base * fs]);
+            out[from_base * fs..].fill(0);
         };
-        let len = encode_sparse_in_pieces(&kept[..n], ft, fs, raw, piece, fill, |out| out_hash.update(out));
+        let len = encode_sparse_in_pieces(&kept[..n + appended], ft, fs, raw, piece, fill, |out| out_hash.update(out));
         let compressed = compress(&raw[..len], Payload::Sparse);
         let encoded = compressed.map(|compressed| Encoded {
             compressed,
             raw_len: len as u64,
             out: out_hash.finish(),
-            base: Some(base_hash.finish()),
+            base: (diffed_here > 0).then(|| base_hash.finish()),
             candidates,
             kept: n as u64,
+            appended: appended as u64,
         });
         SCRATCH.set(scratch);
         encoded
@@ -638,6 +706,20 @@ fn encode_diffable<'b>(
         ctl.advance(sent.next().map_or(0, |&(_, l)| chunk_bytes(l)));
         Ok(tx.send(Out::Block(e)).is_ok())
     })
+}
+
+/// Appends to `kept[..n]` the positions from `from` on of a chunk of an extended tensor's
+/// fine-tuned bytes `ft` whose bits are not zero (the appended rows, stored whole against a
+/// base of zero bits); returns how many.
+fn keep_appended(ft: &[u8], size: usize, from: usize, n: usize, kept: &mut [u32]) -> usize {
+    let mut at = n;
+    for (i, e) in ft.chunks_exact(size).enumerate().skip(from) {
+        if e.iter().any(|&b| b != 0) {
+            kept[at] = i as u32;
+            at += 1;
+        }
+    }
+    at - n
 }
 
 /// Encodes a whole tensor as raw blocks; `false` when the writer has gone.
@@ -659,6 +741,7 @@ fn encode_whole(
             base: None,
             candidates: 0,
             kept: 0,
+            appended: 0,
         })
     };
     super::ordered(pool, &chunks, window, ctl, job, |e| {
@@ -672,7 +755,7 @@ fn encode_whole(
 fn write_stage(writer: &mut DeltaWriter, rx: Receiver<Out>, ctl: &Ctl) -> Result<Vec<TensorRecord>> {
     let mut records = Vec::new();
     let (mut blocks, mut outs, mut bases) = (Vec::<Block>::new(), Vec::<Part>::new(), Vec::<Part>::new());
-    let (mut candidates, mut kept) = (0u64, 0u64);
+    let (mut candidates, mut kept, mut appended) = (0u64, 0u64, 0u64);
     for msg in rx {
         ctl.check()?;
         match msg {
@@ -682,6 +765,7 @@ fn write_stage(writer: &mut DeltaWriter, rx: Receiver<Out>, ctl: &Ctl) -> Result
                 bases.extend(e.base);
                 candidates += e.candidates;
                 kept += e.kept;
+                appended += e.appended;
             }
             Out::End(p) => {
                 let info = p.task.ft.info();
@@ -693,6 +777,10 @@ fn write_stage(writer: &mut DeltaWriter, rx: Receiver<Out>, ctl: &Ctl) -> Result
                     dtype: info.dtype,
                     shape: info.shape.clone(),
                     mode: p.task.mode,
+                    extended: p.task.extended().then(|| Extended {
+                        base_shape: base.map(|b| b.info().shape.clone()).unwrap_or_default(),
+                        stored: appended,
+                    }),
                     base_dtype: base.map(|b| b.info().dtype),
                     base_hash: base.map(|_| hash::merge(&bases)),
                     out_hash: hash::merge(&outs),
@@ -704,6 +792,7 @@ fn write_stage(writer: &mut DeltaWriter, rx: Receiver<Out>, ctl: &Ctl) -> Result
                 bases.clear();
                 candidates = 0;
                 kept = 0;
+                appended = 0;
             }
         }
     }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod format;
 pub mod hash;
 pub mod pack;
+pub mod partition;
 pub mod score;
 pub mod threshold;
 pub mod writeback;

@@ -33,15 +33,48 @@ impl Metric {
 /// The score of one position, exactly as SPEC section 3 orders the f32 operations.
 #[inline(always)]
 pub fn score(metric: Metric, ft: f32, pre: f32, mean: f32) -> f32 {
+    penalised_score(metric, ft, pre, mean, 1.0)
+}
+
+/// [`score`] with the FAPM penalty strength `l` (`S = |d| - l * t`; 1 is the paper's metric,
+/// 0 is magnitude; unused by magnitude).
+#[inline(always)]
+pub fn penalised_score(metric: Metric, ft: f32, pre: f32, mean: f32, l: f32) -> f32 {
+    match form(metric, l) {
+        MAGNITUDE => score_as::<MAGNITUDE>(ft, pre, mean, l),
+        FAPM => score_as::<FAPM>(ft, pre, mean, l),
+        _ => score_as::<PENALISED>(ft, pre, mean, l),
+    }
+}
+
+/// The arithmetic a score takes, as a constant so that each scoring loop compiles to its own:
+/// `|d|`; `|d| - t` (the paper's metric, `l = 1`, where `l * t` is `t` bit for bit); or
+/// `|d| - l * t`. `l = 0` is magnitude exactly, also where `t` is infinite (SPEC section 3).
+const MAGNITUDE: u8 = 0;
+const FAPM: u8 = 1;
+const PENALISED: u8 = 2;
+
+fn form(metric: Metric, l: f32) -> u8 {
+    match metric {
+        Metric::Fapm if l == 1.0 => FAPM,
+        Metric::Fapm if l != 0.0 => PENALISED,
+        _ => MAGNITUDE,
+    }
+}
+
+#[inline(always)]
+fn score_as<const FORM: u8>(ft: f32, pre: f32, mean: f32, l: f32) -> f32 {
     let d = ft - pre;
     let ad = d.abs();
-    match metric {
-        Metric::Magnitude => ad,
-        Metric::Fapm => {
-            let r = ad / pre.abs();
-            let t = mean * r;
-            ad - t
-        }
+    if FORM == MAGNITUDE {
+        return ad;
+    }
+    let r = ad / pre.abs();
+    let t = mean * r;
+    if FORM == FAPM {
+        ad - t
+    } else {
+        ad - l * t
     }
 }
 
@@ -286,31 +319,29 @@ pub struct Scorer {
     pub metric: Metric,
     /// `mean(|pre|)` for FAPM (unused by magnitude).
     pub mean: f32,
+    /// The FAPM penalty strength `l` (1: the paper's metric; unused by magnitude).
+    pub penalty: f32,
 }
 
 impl Scorer {
     /// Writes the key of every position of a chunk into `keys` ([`NOT_CANDIDATE`] where the
     /// fine-tuned bits equal the converted base bits). Returns the number of candidates.
     pub fn keys(&self, ft: &[u8], base: &[u8], keys: &mut [u32]) -> usize {
-        let mean = self.mean;
-        let fapm = self.metric == Metric::Fapm;
+        let (mean, l) = (self.mean, self.penalty);
+        let form = form(self.metric, l);
         with_elems!(self.ft, self.base, |F, B| {
             assert!(ft.len() == keys.len() * F::SIZE && base.len() == keys.len() * B::SIZE, "chunk sizes disagree");
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
                 // SAFETY: the CPU supports AVX-512 F and BW, checked just above.
-                return unsafe { keys_avx512::<F, B>(ft, base, fapm, mean, keys) };
+                return unsafe { keys_avx512::<F, B>(ft, base, form, mean, l, keys) };
             }
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { keys_avx2::<F, B>(ft, base, fapm, mean, keys) };
+                return unsafe { keys_avx2::<F, B>(ft, base, form, mean, l, keys) };
             }
-            if fapm {
-                keys_typed::<F, B, true>(ft, base, mean, keys)
-            } else {
-                keys_typed::<F, B, false>(ft, base, mean, keys)
-            }
+            keys_of_form::<F, B>(ft, base, form, mean, l, keys)
         })
     }
 }
@@ -352,12 +383,15 @@ macro_rules! keys_copy {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name<F: Elem, B: Elem>(ft: &[u8], base: &[u8], fapm: bool, mean: f32, keys: &mut [u32]) -> usize {
-            if fapm {
-                keys_typed::<F, B, true>(ft, base, mean, keys)
-            } else {
-                keys_typed::<F, B, false>(ft, base, mean, keys)
-            }
+        unsafe fn $name<F: Elem, B: Elem>(
+            ft: &[u8],
+            base: &[u8],
+            form: u8,
+            mean: f32,
+            l: f32,
+            keys: &mut [u32],
+        ) -> usize {
+            keys_of_form::<F, B>(ft, base, form, mean, l, keys)
         }
     };
 }
@@ -374,12 +408,20 @@ keys_copy!(
 );
 
 #[inline(always)]
-fn keys_typed<F: Elem, B: Elem, const FAPM: bool>(ft: &[u8], base: &[u8], mean: f32, keys: &mut [u32]) -> usize {
+fn keys_of_form<F: Elem, B: Elem>(ft: &[u8], base: &[u8], form: u8, mean: f32, l: f32, keys: &mut [u32]) -> usize {
+    match form {
+        MAGNITUDE => keys_typed::<F, B, MAGNITUDE>(ft, base, mean, l, keys),
+        FAPM => keys_typed::<F, B, FAPM>(ft, base, mean, l, keys),
+        _ => keys_typed::<F, B, PENALISED>(ft, base, mean, l, keys),
+    }
+}
+
+#[inline(always)]
+fn keys_typed<F: Elem, B: Elem, const FORM: u8>(ft: &[u8], base: &[u8], mean: f32, l: f32, keys: &mut [u32]) -> usize {
     // The count is kept in 32 bits, so that counting stays on 32-bit lanes (a usize count
     // widened every lane to 64 bits: a third of the loop's time); segments keep it exact
     // (and their byte lengths fit a 32-bit usize).
     const SEGMENT: usize = 1 << 28;
-    let metric = if FAPM { Metric::Fapm } else { Metric::Magnitude };
     let mut total = 0usize;
     for ((keys, ft), base) in
         keys.chunks_mut(SEGMENT).zip(ft.chunks(SEGMENT * F::SIZE)).zip(base.chunks(SEGMENT * B::SIZE))
@@ -394,7 +436,7 @@ fn keys_typed<F: Elem, B: Elem, const FAPM: bool>(ft: &[u8], base: &[u8], mean: 
                 4 => fu as u32 != cu as u32,
                 _ => fu != cu,
             };
-            let kk = key(score(metric, F::score_f32(fb), B::score_f32(bb), mean));
+            let kk = key(score_as::<FORM>(F::score_f32(fb), B::score_f32(bb), mean, l));
             *k = if changed { kk } else { NOT_CANDIDATE };
             candidates += changed as u32;
         }
@@ -430,6 +472,12 @@ mod tests {
         // pre = 0 and A = 0: 0 * inf is NaN, which keys as -inf.
         assert_eq!(key(score(Metric::Fapm, 1.0, 0.0, 0.0)), key(f32::NEG_INFINITY));
         assert_eq!(score(Metric::Magnitude, -1.0, 2.0, 9.0), 3.0);
+        // The penalty multiplies t: 2.5 - 0.5 * 0.75; at 0 it is magnitude, even where t is
+        // infinite (0 * inf would be NaN); at 1 it is the paper's metric.
+        assert_eq!(penalised_score(Metric::Fapm, 2.5, 2.0, 3.0, 0.5), 0.125);
+        assert_eq!(penalised_score(Metric::Fapm, 1.0, 0.0, 1.0, 0.0), 1.0);
+        assert_eq!(penalised_score(Metric::Fapm, 2.5, 2.0, 3.0, 1.0), -0.25);
+        assert_eq!(penalised_score(Metric::Magnitude, -1.0, 2.0, 9.0, 7.0), 3.0);
     }
 
     #[test]
@@ -447,7 +495,7 @@ mod tests {
         let base: Vec<u8> = [1.0f32, 2.0, -0.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         let ft: Vec<u8> = [1.0f32, 3.0, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut keys = [7u32; 3];
-        let s = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Magnitude, mean: 0.0 };
+        let s = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Magnitude, mean: 0.0, penalty: 1.0 };
         assert_eq!(s.keys(&ft, &base, &mut keys), 2);
         assert_eq!(keys, [NOT_CANDIDATE, key(1.0), key(0.0)]);
     }
@@ -500,12 +548,20 @@ mod tests {
                     assert_eq!(unsafe { sum_abs_avx2(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
                 }
             }
-            for fapm in [true, false] {
+            for (form, l) in [(FAPM, 1.0), (MAGNITUDE, 1.0), (PENALISED, 0.37)] {
                 let mut want = vec![0u32; n];
-                let count = with_elems!(fd, bd, |F, B| if fapm {
-                    keys_typed::<F, B, true>(&ft, &base, 0.02, &mut want)
-                } else {
-                    keys_typed::<F, B, false>(&ft, &base, 0.02, &mut want)
+                let count = with_elems!(fd, bd, |F, B| keys_of_form::<F, B>(&ft, &base, form, 0.02, l, &mut want));
+                // The loop computes the scores the scalar function gives.
+                let metric = if form == MAGNITUDE { Metric::Magnitude } else { Metric::Fapm };
+                with_elems!(fd, bd, |F, B| {
+                    for (i, &k) in want.iter().enumerate() {
+                        let (f, b) = (
+                            F::load(&ft[i * F::SIZE..(i + 1) * F::SIZE]),
+                            B::load(&base[i * B::SIZE..(i + 1) * B::SIZE]),
+                        );
+                        let s = penalised_score(metric, F::score_f32(f), B::score_f32(b), 0.02, l);
+                        assert!(k == NOT_CANDIDATE || k == key(s), "{fd} from {bd} at {i}");
+                    }
                 });
                 assert_eq!(count, want.iter().filter(|&&k| k != NOT_CANDIDATE).count());
                 #[cfg(target_arch = "x86_64")]
@@ -513,8 +569,9 @@ mod tests {
                     if std::arch::is_x86_feature_detected!("avx2") {
                         let mut got = vec![0u32; n];
                         // SAFETY: AVX2 is available, checked just above.
-                        let c =
-                            with_elems!(fd, bd, |F, B| unsafe { keys_avx2::<F, B>(&ft, &base, fapm, 0.02, &mut got) });
+                        let c = with_elems!(fd, bd, |F, B| unsafe {
+                            keys_avx2::<F, B>(&ft, &base, form, 0.02, l, &mut got)
+                        });
                         assert_eq!((c, got), (count, want.clone()), "avx2 {fd} from {bd}");
                     }
                     if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
@@ -522,7 +579,7 @@ mod tests {
                         let mut got = vec![0u32; n];
                         // SAFETY: AVX-512 F and BW are available, checked just above.
                         let c = with_elems!(fd, bd, |F, B| unsafe {
-                            keys_avx512::<F, B>(&ft, &base, fapm, 0.02, &mut got)
+                            keys_avx512::<F, B>(&ft, &base, form, 0.02, l, &mut got)
                         });
                         assert_eq!((c, got), (count, want.clone()), "avx512 {fd} from {bd}");
                     }

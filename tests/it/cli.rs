@@ -6,10 +6,12 @@ use std::process::Command;
 
 use crate::util::{fixture, run, s};
 
-const PAIRS: [(&str, &str); 3] = [
+const PAIRS: [(&str, &str); 5] = [
     ("single/base.safetensors", "single/finetuned.safetensors"),
     ("sharded/base", "sharded/finetuned"),
     ("plain/base", "plain/finetuned"),
+    ("resized/bf16/base", "resized/bf16/finetuned"),
+    ("resized/f32/base.safetensors", "resized/f32/finetuned.safetensors"),
 ];
 
 fn ok(args: &[&str]) -> std::process::Output {
@@ -57,8 +59,12 @@ fn prune_apply(dir: &Path, base: &str, ft: &str, extra: &[&str]) -> std::path::P
 /// with several option sets.
 #[test]
 fn fixtures_agree_with_the_python_reference() {
-    let options: [&[&str]; 3] =
-        [&[], &["--metric", "magnitude", "--sparsity", "0.5"], &["--sparsity", "0.75", "--exclude", "norm|embed"]];
+    let options: [&[&str]; 4] = [
+        &[],
+        &["--metric", "magnitude", "--sparsity", "0.5"],
+        &["--sparsity", "0.75", "--exclude", "norm|embed"],
+        &["--penalty", "0.25", "--sparsity-for", "embed|lm_head=0.5", "--sparsity-for", "weight=0.8"],
+    ];
     for (base, ft) in PAIRS {
         for opts in options {
             let dir = tempfile::tempdir().unwrap();
@@ -194,7 +200,7 @@ fn golden_delta_catches_format_drift() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("d.fapm");
     on_fixture("prune", "sharded/base", "sharded/finetuned", &d, &["-q"]);
-    let golden = fixture("golden/sharded-s0.9-fapm.fapm");
+    let golden = fixture("golden/sharded-s0.9-fapm-v2.fapm");
     let got = std::fs::read(&d).unwrap();
     if std::env::var_os("FAPM_BLESS").is_some() {
         std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
@@ -202,6 +208,21 @@ fn golden_delta_catches_format_drift() {
     }
     let want = std::fs::read(&golden).expect("the golden delta exists (FAPM_BLESS=1 writes it)");
     assert!(got == want, "the delta of fixtures/sharded differs from {}", golden.display());
+}
+
+/// A delta of format version 1 (written by earlier fapm) still verifies, inspects and
+/// applies, to the same model as today's delta of the same inputs.
+#[test]
+fn version_1_deltas_still_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v1, base) = (fixture("golden/sharded-s0.9-fapm-v1.fapm"), fixture("sharded/base"));
+    ok(&["verify", s(&v1), "--base", s(&base), "-q"]);
+    let v: serde_json::Value = serde_json::from_slice(&ok(&["inspect", s(&v1), "--json"]).stdout).unwrap();
+    assert_eq!((v["version"].as_u64(), v["penalty"].as_str()), (Some(1), Some("1")));
+    let old = dir.path().join("old");
+    ok(&["apply", "--base", s(&base), "--delta", s(&v1), "-o", s(&old), "-q"]);
+    let new = prune_apply(dir.path(), "sharded/base", "sharded/finetuned", &[]);
+    assert_same_tree(&old, &new);
 }
 
 /// `fapm report` writes an index.html and valid PNGs it links to, for a sharded model.

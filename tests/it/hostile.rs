@@ -310,7 +310,7 @@ fn truncated_newer_and_bomb_deltas_are_refused() {
         assert_error(&o, &["bad.fapm"], &format!("delta cut at {cut}"));
     }
     let mut newer = good.clone();
-    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    newer[8..12].copy_from_slice(&(fapm_stages::format::VERSION + 1).to_le_bytes());
     fs::write(&bad, &newer).unwrap();
     assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", "newer"], "newer version");
     let o = run(&["apply", "--base", s(&base), "--delta", s(&bad), "-o", s(&dir.path().join("o")), "-q"]);

@@ -3,6 +3,7 @@
 mod cli;
 mod faults;
 mod hostile;
+mod parts;
 mod pipeline;
 mod readback;
 mod reference;

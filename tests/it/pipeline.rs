@@ -1,6 +1,7 @@
 //! The streaming pipeline against the in-memory reference, on many generated checkpoints:
 //! every dtype pair, ties, zeros, NaN and Inf, empty and scalar tensors, tensors spanning
-//! many chunks, both metrics, both threshold modes, several thread counts.
+//! many chunks, extended tensors (resized vocabularies), both metrics, penalty strengths,
+//! per-tensor sparsity, both threshold modes, several thread counts.
 
 use std::path::Path;
 
@@ -98,11 +99,20 @@ fn gen_case_sized(seed: u64, tensors: usize, min_n: u64, max_n: u64) -> Case {
             (d, d)
         };
         let style = rng.below(3);
-        let (b, f) = values(&mut rng, n, style);
+        let (b, mut f) = values(&mut rng, n, style);
         let shape = shape_for(&mut rng, n);
         let name = format!("t{i}");
         base.push(T::new(&name, bd, &shape, b.iter().flat_map(|&x| encode(bd, x)).collect()));
-        ft.push(T::new(&name, fd, &shape, f.iter().flat_map(|&x| encode(fd, x)).collect()));
+        // Some tensors are extended by appended rows (a resized vocabulary), zeros among them.
+        let mut ft_shape = shape.clone();
+        if !shape.is_empty() && rng.below(4) == 0 {
+            let rows = 1 + rng.below(3 + max_n / 1000);
+            let row: u64 = shape[1..].iter().product();
+            ft_shape[0] += rows;
+            let (_, extra) = values(&mut rng, (rows * row) as usize, 2);
+            f.extend(extra.iter().map(|&x| if rng.below(4) == 0 { 0.0 } else { x }));
+        }
+        ft.push(T::new(&name, fd, &ft_shape, f.iter().flat_map(|&x| encode(fd, x)).collect()));
     }
     // A whole tensor (integers) and a tensor only the base has.
     ft.push(T::new("ids", DType::I32, &[3], vec![1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]));
@@ -127,7 +137,21 @@ fn prune_cfg(dir: &Path, sparsity: &str, metric: M, threshold: ThresholdMode, th
         memory_budget: config::DEFAULT_MEMORY_BUDGET,
         overwrite: true,
         block_elems: BLOCK,
+        sparsity_for: vec![],
+        penalty: config::Penalty::default(),
+        part: None,
     }
+}
+
+/// `prune_cfg` with a penalty strength and, for tensor `t2`, a sparsity of its own.
+fn tuned_cfg(dir: &Path, sparsity: &str, metric: M, penalty: &str, t2: Option<&str>, threads: usize) -> PruneConfig {
+    let mut cfg = prune_cfg(dir, sparsity, metric, ThresholdMode::Exact, threads);
+    cfg.penalty = config::penalty(penalty).unwrap();
+    if let Some(s) = t2 {
+        cfg.sparsity_for =
+            config::sparsity_rules(&["^nothing$=0".into(), format!("^t2$={s}"), "t=0.125".into()]).unwrap();
+    }
+    cfg
 }
 
 /// Prunes and applies; returns the delta's bytes and the rebuilt tensors.
@@ -149,6 +173,17 @@ fn round_trip(cfg: &PruneConfig) -> (Vec<u8>, Tensors) {
 
 /// Every tensor of `out` is what the reference builds for exact mode.
 fn check_exact(case: &Case, out: &Tensors, metric: M, sparsity: &str) -> Result<(), TestCaseError> {
+    check_tuned(case, out, metric, 1.0, &|_| sparsity)
+}
+
+/// [`check_exact`] with a penalty strength and each tensor's sparsity.
+fn check_tuned<'a>(
+    case: &Case,
+    out: &Tensors,
+    metric: M,
+    penalty: f32,
+    sparsity_of: &dyn Fn(&str) -> &'a str,
+) -> Result<(), TestCaseError> {
     prop_assert_eq!(out.len(), case.ft.len());
     for (ft, (name, dtype, shape, bytes)) in case.ft.iter().zip(out) {
         prop_assert_eq!(&ft.name, name);
@@ -159,8 +194,17 @@ fn check_exact(case: &Case, out: &Tensors, metric: M, sparsity: &str) -> Result<
             prop_assert_eq!(&ft.data, bytes);
             continue;
         }
-        let keep = (ft.name != "t1").then(|| reference::keep_count(ft.shape.iter().product(), sparsity));
-        let (want, _) = reference::expected(ft.dtype, &ft.data, base.dtype, &base.data, ref_metric(metric), keep);
+        let n = (base.data.len() / base.dtype.size()) as u64;
+        let keep = (ft.name != "t1").then(|| reference::keep_count(n, sparsity_of(&ft.name)));
+        let (want, _) = reference::expected_penalised(
+            ft.dtype,
+            &ft.data,
+            base.dtype,
+            &base.data,
+            ref_metric(metric),
+            penalty,
+            keep,
+        );
         prop_assert!(&want == bytes, "tensor {} ({} from {}) differs", ft.name, ft.dtype, base.dtype);
     }
     Ok(())
@@ -197,6 +241,30 @@ proptest! {
         check_exact(&case, &out, metric, sparsity)?;
     }
 
+    /// The penalty strength and per-tensor sparsity agree with the reference: `t2` has a rule
+    /// of its own, the others fall through to `t=0.125` (the first matching rule wins), and
+    /// without rules every tensor takes `--sparsity`.
+    #[test]
+    fn penalty_and_per_tensor_sparsity_match_reference(
+        seed in any::<u64>(),
+        tensors in 3usize..5,
+        sparsity in prop::sample::select(vec!["0.9", "0.5", "0.99"]),
+        t2 in prop::sample::select(vec![None, Some("0"), Some("0.75"), Some("1")]),
+        penalty in prop::sample::select(vec!["0", "0.25", "0.5", "1", "2", "7.3"]),
+    ) {
+        let case = gen_case(seed, tensors, 3000);
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(&dir.path().join("base.safetensors"), &case.base);
+        write_safetensors(&dir.path().join("ft.safetensors"), &case.ft);
+        let (_, out) = round_trip(&tuned_cfg(dir.path(), sparsity, M::Fapm, penalty, t2, 2));
+        let of = |name: &str| match t2 {
+            Some(s) if name == "t2" => s,
+            Some(_) => "0.125",
+            None => sparsity,
+        };
+        check_tuned(&case, &out, M::Fapm, penalty.parse().unwrap(), &of)?;
+    }
+
     /// Tensors of many chunks, from which the threshold pass gathers the candidates above a
     /// sampled floor: the delta is the same whether those hits all fit the memory budget,
     /// some do, or none, in both modes; and exact mode still agrees with the reference.
@@ -207,7 +275,7 @@ proptest! {
         magnitude in any::<bool>(),
         approx in any::<bool>(),
     ) {
-        let case = gen_case_sized(seed, 2, 20_000, 120_000);
+        let case = gen_case_sized(seed, 3, 20_000, 120_000);
         let dir = tempfile::tempdir().unwrap();
         write_safetensors(&dir.path().join("base.safetensors"), &case.base);
         write_safetensors(&dir.path().join("ft.safetensors"), &case.ft);
@@ -247,11 +315,13 @@ proptest! {
                 continue;
             }
             let base = case.base.iter().find(|b| b.name == ft.name).unwrap();
-            let n: u64 = ft.shape.iter().product();
-            let (_, exact_kept) = reference::expected(ft.dtype, &ft.data, base.dtype, &base.data, ref_metric(metric), Some(reference::keep_count(n, sparsity)));
+            // An extended tensor's prefix of the base's length is what is pruned.
+            let n = base.data.len() / base.dtype.size();
+            let prefix = &ft.data[..n * ft.dtype.size()];
+            let (_, exact_kept) = reference::expected(ft.dtype, prefix, base.dtype, &base.data, ref_metric(metric), Some(reference::keep_count(n as u64, sparsity)));
             let conv = reference::converted(ft.dtype, base.dtype, &base.data);
-            let scores = reference::scores(ft.dtype, &ft.data, base.dtype, &base.data, ref_metric(metric));
-            let ftbits = |i| reference::bits(ft.dtype, &ft.data, i);
+            let scores = reference::scores(ft.dtype, prefix, base.dtype, &base.data, ref_metric(metric));
+            let ftbits = |i| reference::bits(ft.dtype, prefix, i);
             let (mut kept, mut pruned) = (Vec::new(), Vec::new());
             for (i, &c) in conv.iter().enumerate() {
                 if ftbits(i) == c {

@@ -39,6 +39,18 @@ pub enum Metric {
 
 /// The scores of every position (NaN mapped to -inf), for checking tolerances.
 pub fn scores(ft_dtype: DType, ft: &[u8], base_dtype: DType, base: &[u8], metric: Metric) -> Vec<f32> {
+    penalised_scores(ft_dtype, ft, base_dtype, base, metric, 1.0)
+}
+
+/// [`scores`] with FAPM's penalty strength `l`: `S = |d| - l * t`, and `|d|` when `l = 0`.
+pub fn penalised_scores(
+    ft_dtype: DType,
+    ft: &[u8],
+    base_dtype: DType,
+    base: &[u8],
+    metric: Metric,
+    l: f32,
+) -> Vec<f32> {
     let n = ft.len() / ft_dtype.size();
     let pre: Vec<f32> = (0..n).map(|i| widen(base_dtype, bits(base_dtype, base, i))).collect();
     let post: Vec<f32> = (0..n).map(|i| widen(ft_dtype, bits(ft_dtype, ft, i))).collect();
@@ -49,10 +61,11 @@ pub fn scores(ft_dtype: DType, ft: &[u8], base_dtype: DType, base: &[u8], metric
             let d = post[i] - pre[i];
             let s = match metric {
                 Metric::Magnitude => d.abs(),
+                Metric::Fapm if l == 0.0 => d.abs(),
                 Metric::Fapm => {
                     let r = d.abs() / pre[i].abs();
                     let t = a * r;
-                    d.abs() - t
+                    d.abs() - l * t
                 }
             };
             if s.is_nan() {
@@ -88,11 +101,27 @@ pub fn expected(
     metric: Metric,
     keep: Option<u64>,
 ) -> (Vec<u8>, Vec<usize>) {
-    let n = ft.len() / ft_dtype.size();
+    expected_penalised(ft_dtype, ft, base_dtype, base, metric, 1.0, keep)
+}
+
+/// [`expected`] with FAPM's penalty strength `l`, for a fine-tuned tensor that may extend the
+/// base (SPEC section 2): the prefix of the base's length is treated as a tensor of its own,
+/// and the fine-tuned elements after it are copied whole. `keep` counts the prefix.
+pub fn expected_penalised(
+    ft_dtype: DType,
+    ft: &[u8],
+    base_dtype: DType,
+    base: &[u8],
+    metric: Metric,
+    l: f32,
+    keep: Option<u64>,
+) -> (Vec<u8>, Vec<usize>) {
+    let n = base.len() / base_dtype.size();
+    let (ft, appended) = ft.split_at(n * ft_dtype.size());
     let conv = converted(ft_dtype, base_dtype, base);
     let mut cands: Vec<usize> = (0..n).filter(|&i| bits(ft_dtype, ft, i) != conv[i]).collect();
     if let Some(k) = keep {
-        let s = scores(ft_dtype, ft, base_dtype, base, metric);
+        let s = penalised_scores(ft_dtype, ft, base_dtype, base, metric, l);
         cands.sort_by(|&x, &y| s[y].partial_cmp(&s[x]).unwrap().then(x.cmp(&y)));
         cands.truncate(k as usize);
         cands.sort();
@@ -105,6 +134,7 @@ pub fn expected(
     for &i in &cands {
         out[i * size..(i + 1) * size].copy_from_slice(&ft[i * size..(i + 1) * size]);
     }
+    out.extend_from_slice(appended);
     (out, cands)
 }
 

@@ -1,5 +1,5 @@
-//! The sparse delta file, version 1: a preamble, independently decodable zstd blocks, a
-//! zstd-compressed JSON manifest, and a fixed footer. Written in one streaming pass; every
+//! The sparse delta file, version 2 (version 1 is still read): a preamble, independently
+//! decodable zstd blocks, a zstd-compressed JSON manifest, and a fixed footer. Written in one streaming pass; every
 //! byte is covered by a blake3 hash. The byte-level description is docs/FORMAT.md.
 
 mod read;
@@ -20,8 +20,11 @@ use crate::threshold::ThresholdMode;
 pub const MAGIC: [u8; 8] = *b"FAPMDLTA";
 /// The last 8 bytes of every delta file.
 pub const END_MAGIC: [u8; 8] = *b"FAPMEND1";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes (and the newest it reads).
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads: version 1 lacks extended tensors, per-tensor
+/// sparsity, the penalty and partitions, and reads as if they were absent.
+pub const OLDEST_VERSION: u32 = 1;
 /// Bytes before the first block: magic, version, reserved zero.
 pub const PREAMBLE_LEN: u64 = 16;
 /// Bytes of the footer: manifest offset, length, raw length, hash, end magic.
@@ -71,11 +74,11 @@ pub fn compress(raw: &[u8], payload: Payload) -> std::io::Result<Vec<u8>> {
     })
 }
 
-/// The preamble this build writes.
-pub fn preamble() -> [u8; PREAMBLE_LEN as usize] {
+/// The preamble of a delta of format `version`.
+pub fn preamble(version: u32) -> [u8; PREAMBLE_LEN as usize] {
     let mut p = [0u8; PREAMBLE_LEN as usize];
     p[..8].copy_from_slice(&MAGIC);
-    p[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    p[8..12].copy_from_slice(&version.to_le_bytes());
     p
 }
 
@@ -197,6 +200,9 @@ pub struct TensorRecord {
     pub shape: Vec<u64>,
     /// How it is stored.
     pub mode: Mode,
+    /// Set for an extended tensor (a resized vocabulary, SPEC section 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extended: Option<Extended>,
     /// The base tensor's dtype, for pruned and dense tensors.
     pub base_dtype: Option<DType>,
     /// blake3 of the base tensor's bytes, for pruned and dense tensors.
@@ -216,6 +222,29 @@ impl TensorRecord {
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
+
+    /// The elements that are diffed against the base: all of a pruned or dense tensor, the
+    /// prefix of the base's shape of an extended one, none of a whole tensor.
+    pub fn diffed_numel(&self) -> u64 {
+        match (&self.extended, self.mode) {
+            (_, Mode::Whole) => 0,
+            (Some(e), _) => e.base_shape.iter().product(),
+            (None, _) => self.numel(),
+        }
+    }
+}
+
+/// What an extended tensor adds to its record. Its blocks cover the whole tensor like a
+/// pruned or dense tensor's; the elements past the base's prefix (the appended rows) are
+/// encoded against a base of zero bits with every non-zero element kept, so that they come
+/// back whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Extended {
+    /// The base tensor's shape: the row-major prefix that is pruned or dense.
+    pub base_shape: Vec<u64>,
+    /// Positions stored in the appended rows (their non-zero elements).
+    pub stored: u64,
 }
 
 /// A non-weight file of a checkpoint directory (config, tokenizer, ...).
@@ -232,6 +261,36 @@ pub struct SideFile {
     pub blocks: Vec<Block>,
 }
 
+/// A `--sparsity-for RE=S` rule: tensors whose name matches `pattern` are pruned at
+/// `sparsity` (the first matching rule wins).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparsityRule {
+    /// The regex, as given.
+    pub pattern: String,
+    /// The sparsity, as the decimal given.
+    pub sparsity: String,
+}
+
+/// What makes a delta one part of a partitioned prune (SPEC section 7), and what `merge`
+/// checks: the part's place, and the identity of the inputs it was computed from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartRecord {
+    /// This part's number, from 1.
+    pub index: u32,
+    /// How many parts there are.
+    pub count: u32,
+    /// The position of this part's first tensor in the whole delta's tensor list.
+    pub first: u64,
+    /// How many tensors the whole delta has.
+    pub total: u64,
+    /// blake3 of the base checkpoint's layout (shard names and headers).
+    pub base: Hash,
+    /// blake3 of the fine-tuned checkpoint's layout (shard names and headers).
+    pub finetuned: Hash,
+}
+
 /// The self-describing header of a delta, stored at its end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -244,8 +303,14 @@ pub struct Manifest {
     pub tool: String,
     /// The metric used to score.
     pub metric: Metric,
+    /// The FAPM penalty strength, as the decimal given ("1" in version 1).
+    #[serde(default = "default_penalty")]
+    pub penalty: String,
     /// The sparsity, as the decimal given.
     pub sparsity: String,
+    /// `--sparsity-for` rules, in the order given.
+    #[serde(default)]
+    pub sparsity_for: Vec<SparsityRule>,
     /// The threshold mode.
     pub threshold: ThresholdMode,
     /// `--include` patterns.
@@ -269,9 +334,31 @@ pub struct Manifest {
     pub side_files: Vec<SideFile>,
     /// Names of the tensors only the base has (ignored).
     pub base_only: Vec<String>,
+    /// Set in a part of a partitioned prune, which `merge` turns into a whole delta.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartRecord>,
+}
+
+fn default_penalty() -> String {
+    "1".into()
 }
 
 impl Manifest {
+    /// Whether the version is one this build reads and the fields the version has agree
+    /// with it (version 1 has no penalty, per-tensor sparsity, partitions or extended tensors).
+    pub fn version_fields_ok(&self) -> bool {
+        match self.version {
+            VERSION => true,
+            1 => {
+                self.penalty == "1"
+                    && self.sparsity_for.is_empty()
+                    && self.part.is_none()
+                    && self.tensors.iter().all(|t| t.extended.is_none())
+            }
+            _ => false,
+        }
+    }
+
     /// Every block of the file, in file order.
     pub fn blocks(&self) -> impl Iterator<Item = &Block> {
         self.tensors.iter().flat_map(|t| &t.blocks).chain(self.side_files.iter().flat_map(|f| &f.blocks))

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use super::write::footer_hash;
 use super::{
-    block_sizes, Block, Manifest, Mode, Source, END_MAGIC, FOOTER_LEN, MAGIC, MAX_BLOCK_ELEMS, MAX_MANIFEST_LEN,
-    PREAMBLE_LEN, VERSION,
+    block_sizes, Block, Manifest, Mode, Source, TensorRecord, END_MAGIC, FOOTER_LEN, MAGIC, MAX_BLOCK_ELEMS,
+    MAX_MANIFEST_LEN, OLDEST_VERSION, PREAMBLE_LEN, VERSION,
 };
 use crate::checkpoint::{is_safe_relative, parse_header, INDEX_FILE};
 use crate::encode::max_sparse_len;
@@ -66,7 +66,7 @@ impl DeltaReader {
                 "delta format version {version} is newer than this fapm reads ({VERSION}); upgrade fapm"
             )));
         }
-        if version != VERSION || pre[12..16] != [0; 4] {
+        if version < OLDEST_VERSION || pre[12..16] != [0; 4] {
             return Err(bad(format!("corrupt preamble (version {version})")));
         }
         let footer = read(size - FOOTER_LEN, FOOTER_LEN)?;
@@ -89,7 +89,7 @@ impl DeltaReader {
             )));
         }
         let packed = read(m_off, m_len)?;
-        if footer_hash(&packed, &footer).0[..] != footer[24..56] {
+        if footer_hash(&pre, &packed, &footer).0[..] != footer[24..56] {
             return Err(bad("manifest hash mismatch: the delta is corrupt".into()));
         }
         let json = zstd::bulk::decompress(&packed, m_raw as usize)
@@ -98,12 +98,15 @@ impl DeltaReader {
             return Err(bad("manifest has the wrong length".into()));
         }
         let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| bad(format!("malformed manifest: {e}")))?;
+        if manifest.version != version {
+            return Err(bad(format!("manifest version {} in a version {version} file", manifest.version)));
+        }
         validate(path, &manifest, m_off)?;
         Ok(DeltaReader { path: path.to_path_buf(), manifest, size, file })
     }
 
-    /// Reads one block, checks its hash and decompresses it; `what` names it in errors.
-    pub fn block(&self, block: &Block, what: &str) -> Result<Vec<u8>> {
+    /// Reads one block's compressed bytes and checks their hash; `what` names it in errors.
+    pub fn packed_block(&self, block: &Block, what: &str) -> Result<Vec<u8>> {
         let mut packed = vec![0u8; block.len as usize];
         self.file.read_exact_at(&mut packed, block.offset).map_err(|e| Error::io(&self.path, e))?;
         if blake3::hash(&packed).as_bytes() != &block.hash.0 {
@@ -113,6 +116,12 @@ impl DeltaReader {
                 format!("block at byte {} is corrupt (hash mismatch)", block.offset),
             ));
         }
+        Ok(packed)
+    }
+
+    /// Reads one block, checks its hash and decompresses it; `what` names it in errors.
+    pub fn block(&self, block: &Block, what: &str) -> Result<Vec<u8>> {
+        let packed = self.packed_block(block, what)?;
         let raw = zstd::bulk::decompress(&packed, block.raw_len as usize)
             .map_err(|e| Error::tensor(&self.path, what, format!("block does not decompress: {e}")))?;
         if raw.len() as u64 != block.raw_len {
@@ -122,10 +131,33 @@ impl DeltaReader {
     }
 }
 
+/// Checks the fields of one tensor record against each other; the reason when they disagree.
+fn check_record(t: &TensorRecord) -> std::result::Result<(), &'static str> {
+    let n = t.numel();
+    let diffable = t.mode != Mode::Whole;
+    let typed_ok = match t.base_dtype {
+        Some(b) => diffable && b.is_diffable() && t.dtype.is_diffable() && t.base_hash.is_some(),
+        None => !diffable && t.base_hash.is_none(),
+    };
+    if !typed_ok || t.kept > t.candidates || t.candidates > n || (!diffable && t.kept != n) {
+        return Err("has inconsistent fields");
+    }
+    if let Some(e) = &t.extended {
+        // SPEC section 2: same rank >= 1, same sizes but the first, the fine-tuned one larger.
+        let b = &e.base_shape;
+        let extends =
+            diffable && !b.is_empty() && b.len() == t.shape.len() && b[1..] == t.shape[1..] && b[0] < t.shape[0];
+        if !extends || t.candidates > t.diffed_numel() || e.stored > n - t.diffed_numel() {
+            return Err("has a base shape that it does not extend");
+        }
+    }
+    Ok(())
+}
+
 /// Checks that a manifest describes a consistent delta whose blocks tile the file.
 fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
     let bad = |msg: String| Error::invalid(path, format!("inconsistent manifest: {msg}"));
-    if m.format != "fapm-delta" || m.version != VERSION {
+    if m.format != "fapm-delta" || !m.version_fields_ok() {
         return Err(bad(format!("format '{}' version {}", m.format, m.version)));
     }
     // Blocks are hashed as blake3 subtrees: a power of two of at least 1 KiB each.
@@ -155,10 +187,21 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
             .ok_or_else(|| bad(format!("block of '{what}' past the end")))?;
         Ok(())
     };
+    // A part holds the records of a contiguous run of the shard headers' tensors.
+    let (first, total) = match &m.part {
+        Some(p) if p.index >= 1 && p.index <= p.count && p.first <= p.total => (p.first, p.total),
+        Some(_) => return Err(bad("bad part numbers".into())),
+        None => (0, u64::MAX),
+    };
     let mut records = m.tensors.iter();
     let mut tensor_names = HashSet::new();
+    let mut position = 0u64;
     for (si, shard) in m.shards.iter().enumerate() {
         for info in parse_header(path, &shard.header, u64::MAX)? {
+            position += 1;
+            if position <= first || position - first > m.tensors.len() as u64 {
+                continue;
+            }
             let t = records.next().ok_or_else(|| bad(format!("no record for tensor '{}'", info.name)))?;
             if t.name != info.name || t.shard != si || t.dtype != info.dtype || t.shape != info.shape {
                 return Err(bad(format!("record '{}' disagrees with its shard header", t.name)));
@@ -166,20 +209,13 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
             if !tensor_names.insert(t.name.as_str()) {
                 return Err(bad(format!("tensor '{}' appears twice", t.name)));
             }
-            let n = t.numel();
-            let diffable = t.mode != Mode::Whole;
-            let typed_ok = match t.base_dtype {
-                Some(b) => diffable && b.is_diffable() && t.dtype.is_diffable() && t.base_hash.is_some(),
-                None => !diffable && t.base_hash.is_none(),
-            };
-            if !typed_ok || t.kept > t.candidates || t.candidates > n || (!diffable && t.kept != n) {
-                return Err(bad(format!("record '{}' has inconsistent fields", t.name)));
-            }
+            check_record(t).map_err(|why| bad(format!("record '{}' {why}", t.name)))?;
             let size = t.dtype.size() as u64;
+            let diffable = t.mode != Mode::Whole;
             let sizes: Vec<(u64, u64)> = if diffable {
-                block_sizes(n, m.block_elems).collect()
+                block_sizes(t.numel(), m.block_elems).collect()
             } else {
-                block_sizes(n * size, m.raw_block_bytes).collect()
+                block_sizes(t.numel() * size, m.raw_block_bytes).collect()
             };
             if sizes.len() != t.blocks.len() {
                 return Err(bad(format!(
@@ -194,6 +230,9 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<()> {
                 check_block(b, max, exact, &t.name)?;
             }
         }
+    }
+    if m.part.is_some() && position != total {
+        return Err(bad(format!("the part says {total} tensors in all, the shard headers {position}")));
     }
     if records.next().is_some() {
         return Err(bad("more tensor records than shard headers declare".into()));

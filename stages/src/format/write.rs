@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use super::{preamble, Block, Hash, Manifest, END_MAGIC, FOOTER_LEN, PREAMBLE_LEN, ZSTD_LEVEL};
+use super::{preamble, Block, Hash, Manifest, END_MAGIC, FOOTER_LEN, PREAMBLE_LEN, VERSION, ZSTD_LEVEL};
 use crate::error::{Error, Result};
 
 /// Appends blocks to a delta file and finishes it with the manifest and footer.
@@ -19,7 +19,7 @@ impl DeltaWriter {
     /// Starts a delta in `file` (empty, opened for writing); `path` names it in errors.
     pub fn new(file: File, path: &Path) -> Result<Self> {
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&preamble()).map_err(|e| Error::io(path, e))?;
+        out.write_all(&preamble(VERSION)).map_err(|e| Error::io(path, e))?;
         Ok(DeltaWriter { out, path: path.to_path_buf(), offset: PREAMBLE_LEN, behind: Default::default() })
     }
 
@@ -42,7 +42,7 @@ impl DeltaWriter {
         footer.extend_from_slice(&self.offset.to_le_bytes());
         footer.extend_from_slice(&(packed.len() as u64).to_le_bytes());
         footer.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        let hash = footer_hash(&packed, &footer);
+        let hash = footer_hash(&preamble(VERSION), &packed, &footer);
         footer.extend_from_slice(&hash.0);
         footer.extend_from_slice(&END_MAGIC);
         let io = |e| Error::io(&self.path, e);
@@ -56,9 +56,9 @@ impl DeltaWriter {
 
 /// The footer's hash: blake3 over the preamble, the compressed manifest, and the footer's
 /// first 24 bytes (manifest offset, length, raw length).
-pub(super) fn footer_hash(packed_manifest: &[u8], footer_head: &[u8]) -> Hash {
+pub(super) fn footer_hash(preamble: &[u8], packed_manifest: &[u8], footer_head: &[u8]) -> Hash {
     let mut h = blake3::Hasher::new();
-    h.update(&preamble());
+    h.update(preamble);
     h.update(packed_manifest);
     h.update(&footer_head[..24]);
     h.finalize().into()

@@ -1,0 +1,192 @@
+//! `merge`: the part deltas of a partitioned prune (SPEC section 7) in, the delta one prune
+//! without `--part` writes out, byte for byte.
+//!
+//! A part holds the records and encoded blocks of a contiguous run of the tensors, and part 1
+//! the side files. Merge checks that the parts come from the same inputs and options and that
+//! their runs are the ones the split rule gives, then copies every block as it is (its hash
+//! checked, never decoded) into one file, in tensor order, one block at a time.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use fapm_stages::format::{Block, DeltaReader, DeltaWriter, Manifest, PartRecord};
+use fapm_stages::partition::split;
+use fapm_stages::{Error, Result};
+
+use crate::output::Staged;
+use crate::pipeline::Ctl;
+
+/// What a merge did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MergeSummary {
+    /// The delta written.
+    pub output: PathBuf,
+    /// Parts merged.
+    pub parts: usize,
+    /// Tensors in the delta.
+    pub tensors: usize,
+    /// Side files in the delta.
+    pub side_files: usize,
+    /// Blocks copied.
+    pub blocks: usize,
+    /// Bytes of the delta.
+    pub delta_bytes: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Merges the part deltas `parts` (any order) into the delta `output`.
+pub fn merge(parts: &[PathBuf], output: &Path, overwrite: bool, ctl: &Ctl) -> Result<MergeSummary> {
+    let start = Instant::now();
+    let readers = open_in_order(parts)?;
+    check_runs(&readers)?;
+    let total: u64 = readers.iter().map(|r| r.size).sum();
+    ctl.total.store(total, Ordering::Relaxed);
+
+    let staged = Staged::new(output, overwrite)?;
+    let mut writer = DeltaWriter::new(staged.create_file(staged.path())?, output)?;
+    let mut copy = |reader: &DeltaReader, blocks: &[Block], what: &str| -> Result<Vec<Block>> {
+        blocks
+            .iter()
+            .map(|b| {
+                ctl.check()?;
+                let packed = reader.packed_block(b, what)?;
+                ctl.advance(b.len);
+                writer.block(&packed, b.raw_len)
+            })
+            .collect()
+    };
+    let mut tensors = Vec::new();
+    for r in &readers {
+        ctl.set_current(&r.path.display().to_string());
+        for t in &r.manifest.tensors {
+            let blocks = copy(r, &t.blocks, &t.name)?;
+            tensors.push(fapm_stages::format::TensorRecord { blocks, ..t.clone() });
+        }
+    }
+    let first = &readers[0];
+    let side_files = first
+        .manifest
+        .side_files
+        .iter()
+        .map(|f| Ok(fapm_stages::format::SideFile { blocks: copy(first, &f.blocks, &f.path)?, ..f.clone() }))
+        .collect::<Result<Vec<_>>>()?;
+    let manifest = Manifest { tensors, side_files, part: None, ..first.manifest.clone() };
+    let summary = MergeSummary {
+        output: output.to_path_buf(),
+        parts: readers.len(),
+        tensors: manifest.tensors.len(),
+        side_files: manifest.side_files.len(),
+        blocks: manifest.blocks().count(),
+        delta_bytes: writer.finish(&manifest)?,
+        seconds: 0.0,
+    };
+    ctl.check()?;
+    staged.commit()?;
+    Ok(MergeSummary { seconds: start.elapsed().as_secs_f64(), ..summary })
+}
+
+/// Opens every part and orders them by part number; refuses a whole delta, parts of other
+/// inputs or options, and a missing or repeated part, naming the file.
+fn open_in_order(paths: &[PathBuf]) -> Result<Vec<DeltaReader>> {
+    let mut readers = Vec::with_capacity(paths.len());
+    for path in paths {
+        let r = DeltaReader::open(path)?;
+        if r.manifest.part.is_none() {
+            return Err(Error::invalid(path, "not a part of a partitioned prune (it is a whole delta already)"));
+        }
+        readers.push(r);
+    }
+    readers.sort_by_key(|r| part(r).index);
+    let Some(first) = readers.first() else {
+        return Err(Error::Config("merge needs at least one part".into()));
+    };
+    for r in &readers[1..] {
+        if let Some(field) = disagreement(&first.manifest, &r.manifest) {
+            return Err(Error::invalid(
+                &r.path,
+                format!(
+                    "this part does not belong with {}: its {field} differs (parts must come from the same inputs and options)",
+                    first.path.display()
+                ),
+            ));
+        }
+    }
+    let count = part(first).count;
+    for (i, pair) in readers.windows(2).enumerate() {
+        if part(&pair[0]).index == part(&pair[1]).index {
+            return Err(Error::invalid(
+                &pair[1].path,
+                format!("part {} of {count} is given twice (also {})", part(&pair[1]).index, readers[i].path.display()),
+            ));
+        }
+    }
+    let have: Vec<u32> = readers.iter().map(|r| part(r).index).collect();
+    if let Some(missing) = (1..=count).find(|i| !have.contains(i)) {
+        return Err(Error::invalid(
+            &first.path,
+            format!("part {missing} of {count} is missing: prune it with --part {missing}/{count}, then merge again"),
+        ));
+    }
+    Ok(readers)
+}
+
+fn part(r: &DeltaReader) -> &PartRecord {
+    r.manifest.part.as_ref().expect("only parts are kept")
+}
+
+/// The first field in which two parts' manifests disagree where parts of one prune agree.
+fn disagreement(a: &Manifest, b: &Manifest) -> Option<&'static str> {
+    let (pa, pb) = (a.part.as_ref()?, b.part.as_ref()?);
+    let fields: [(&str, bool); 16] = [
+        ("format version", a.version == b.version),
+        ("tool", a.tool == b.tool),
+        ("metric", a.metric == b.metric),
+        ("penalty", a.penalty == b.penalty),
+        ("sparsity", a.sparsity == b.sparsity),
+        ("--sparsity-for", a.sparsity_for == b.sparsity_for),
+        ("threshold", a.threshold == b.threshold),
+        ("--include/--exclude", a.include == b.include && a.exclude == b.exclude),
+        ("block size", a.block_elems == b.block_elems && a.raw_block_bytes == b.raw_block_bytes),
+        ("source", a.source == b.source && a.index == b.index),
+        ("fine-tuned shards", a.shards == b.shards),
+        ("base-only tensors", a.base_only == b.base_only),
+        ("number of parts", pa.count == pb.count),
+        ("number of tensors", pa.total == pb.total),
+        ("base checkpoint", pa.base == pb.base),
+        ("fine-tuned checkpoint", pa.finetuned == pb.finetuned),
+    ];
+    fields.iter().find(|(_, same)| !same).map(|(name, _)| *name)
+}
+
+/// Checks that the parts hold the runs of tensors the split rule gives, and that only part 1
+/// carries side files.
+fn check_runs(readers: &[DeltaReader]) -> Result<()> {
+    let sizes: Vec<u64> = readers
+        .iter()
+        .flat_map(|r| &r.manifest.tensors)
+        .map(|t| t.numel().saturating_mul(t.dtype.size() as u64))
+        .collect();
+    let total = part(&readers[0]).total;
+    if sizes.len() as u64 != total {
+        return Err(Error::invalid(
+            &readers[0].path,
+            format!("the parts hold {} tensors, the checkpoint has {total}", sizes.len()),
+        ));
+    }
+    let runs = split(&sizes, part(&readers[0]).count);
+    for (r, run) in readers.iter().zip(runs) {
+        let p = part(r);
+        if p.first != run.start as u64 || r.manifest.tensors.len() != run.len() {
+            return Err(Error::invalid(
+                &r.path,
+                format!("part {} of {} does not hold the tensors its number gives", p.index, p.count),
+            ));
+        }
+        if p.index != 1 && !r.manifest.side_files.is_empty() {
+            return Err(Error::invalid(&r.path, "only part 1 may carry side files"));
+        }
+    }
+    Ok(())
+}
