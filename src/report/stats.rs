@@ -78,7 +78,7 @@ impl Pair {
     /// The scorers of [`METRICS`] for this pair, given the FAPM mean.
     pub fn scorers(&self, mean: f32) -> [Scorer; 2] {
         let (ft, base) = self.dtypes();
-        METRICS.map(|metric| Scorer { ft, base, metric, mean })
+        METRICS.map(|metric| Scorer { ft, base, metric, mean, penalty: 1.0 })
     }
 }
 

@@ -314,7 +314,9 @@ fn kept_maps_are_what_prune_keeps() {
         finetuned: dir.path().join("f.safetensors"),
         output: delta.clone(),
         sparsity: crate::config::sparsity(MAP_SPARSITY).unwrap(),
+        sparsity_for: Vec::new(),
         metric: crate::config::metric("fapm").unwrap(),
+        penalty: crate::config::Penalty::default(),
         threshold: crate::config::threshold("approx").unwrap(),
         include: Vec::new(),
         exclude: Vec::new(),
@@ -322,6 +324,7 @@ fn kept_maps_are_what_prune_keeps() {
         memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
         overwrite: false,
         block_elems: fapm_stages::format::BLOCK_ELEMS,
+        part: None,
     };
     crate::prune(&prune, &ctl).unwrap();
     let out = dir.path().join("out.safetensors");

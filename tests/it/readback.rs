@@ -39,7 +39,8 @@ fn crate_read(path: &Path) -> Read {
     (metadata.metadata().clone(), tensors)
 }
 
-/// For every fixture pair (one file, sharded with an index, a plain directory), at sparsity
+/// For every fixture pair (one file, sharded with an index, a plain directory, resized
+/// vocabularies), at sparsity
 /// 0 and 0.9: each output file is read by the crate; it holds the fine-tuned file's tensors
 /// (names, order, dtypes, shapes, metadata), with the fine-tuned bytes at sparsity 0 and with
 /// the bytes fapm's own reader sees at 0.9.
@@ -49,6 +50,8 @@ fn every_applied_file_reads_back_with_the_safetensors_crate() {
         ("single/base.safetensors", "single/finetuned.safetensors"),
         ("sharded/base", "sharded/finetuned"),
         ("plain/base", "plain/finetuned"),
+        ("resized/f32/base.safetensors", "resized/f32/finetuned.safetensors"),
+        ("resized/bf16/base", "resized/bf16/finetuned"),
     ];
     for (base, ft) in pairs {
         for sparsity in ["0", "0.9"] {
