@@ -17,6 +17,7 @@
 //! arguments, not on the thread count. Chunks are generated in parallel and written in
 //! order through buffered writers; memory stays at a few chunks.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use rayon::prelude::*;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
 
 /// Elements per generated chunk.
 const CHUNK: usize = 1 << 20;
@@ -261,23 +264,29 @@ fn shard_groups(specs: &[Spec], n: usize) -> Vec<Vec<usize>> {
     groups
 }
 
+/// A shard's 8-byte length and JSON header, serialized by the `safetensors` crate (the data
+/// is streamed after it: the crate's own writers want every tensor's bytes in memory).
 fn header(specs: &[Spec], group: &[usize]) -> Vec<u8> {
-    let mut map = serde_json::Map::new();
-    map.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
-    let mut off = 0u64;
-    for &i in group {
-        let s = &specs[i];
-        let end = off + s.numel() * 2;
-        map.insert(
-            s.name.clone(),
-            serde_json::json!({ "dtype": "BF16", "shape": s.shape, "data_offsets": [off, end] }),
-        );
-        off = end;
-    }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(map)).expect("json");
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
+    let mut off = 0usize;
+    let infos = group
+        .iter()
+        .map(|&i| {
+            let s = &specs[i];
+            let end = off + s.numel() as usize * 2;
+            let info = TensorInfo {
+                dtype: Dtype::BF16,
+                shape: s.shape.iter().map(|&d| d as usize).collect(),
+                data_offsets: (off, end),
+            };
+            off = end;
+            (s.name.clone(), info)
+        })
+        .collect();
+    let format = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let metadata = Metadata::new(Some(format), infos).expect("consistent tensor offsets");
+    let mut h = serde_json::to_vec(&metadata).expect("json");
+    // Padded to 8 bytes, as the crate pads, so that the data is aligned.
+    h.resize(h.len().next_multiple_of(8), b' ');
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&h);
     out

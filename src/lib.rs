@@ -8,6 +8,7 @@ pub mod config;
 pub mod merge;
 pub mod output;
 pub mod pipeline;
+#[cfg(feature = "report")]
 pub mod report;
 pub mod sigbus;
 
@@ -16,6 +17,7 @@ pub use merge::{merge, MergeSummary};
 pub use pipeline::apply::{apply, verify_delta, ApplySummary};
 pub use pipeline::prune::{prune, PruneSummary};
 pub use pipeline::Ctl;
+#[cfg(feature = "report")]
 pub use report::{report, ReportConfig, ReportSummary};
 
 /// Opens a delta and returns its verified manifest (blocks are not read).

@@ -199,7 +199,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
                 let mut v = serde_json::to_value(&s).expect("a summary serializes");
                 v["command"] = json!("merge");
                 v["peak_memory_bytes"] = json!(peak);
-                println!("{v}");
+                print_json(&v);
             }
             if !a.run.quiet {
                 eprintln!(
@@ -216,34 +216,43 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
             }
         }
         Command::Inspect(a) => inspect(&a.delta, a.json)?,
-        Command::Report(a) => {
-            let cfg = fapm::ReportConfig {
-                base: a.base,
-                finetuned: a.finetuned,
-                output: a.output,
-                tensors: config::regexes("--tensor", &a.tensor)?,
-                overwrite: a.overwrite,
-            };
-            let start = std::time::Instant::now();
-            let s = fapm::report::report_with(&cfg, ctl)?;
-            if a.json {
-                print_json(&json!({"command": "report", "output": s.output, "files": s.files,
-                           "tensors_charted": s.tensors_charted, "heatmap_tensors": s.heatmap_tensors,
-                           "seconds": start.elapsed().as_secs_f64()}));
-            }
-            if !a.quiet {
-                eprintln!(
-                    "report   {} tensors charted, heatmaps of {}; {} files in {:.2} s",
-                    s.tensors_charted,
-                    names(&s.heatmap_tensors),
-                    s.files.len(),
-                    start.elapsed().as_secs_f64()
-                );
-                eprintln!("open     {}", printable(&s.output.join("index.html").display().to_string()));
-            }
-        }
+        Command::Report(a) => report(a, ctl)?,
     }
     Ok(())
+}
+
+#[cfg(feature = "report")]
+fn report(a: cli::ReportArgs, ctl: &Ctl) -> Result<(), Error> {
+    let cfg = fapm::ReportConfig {
+        base: a.base,
+        finetuned: a.finetuned,
+        output: a.output,
+        tensors: config::regexes("--tensor", &a.tensor)?,
+        overwrite: a.overwrite,
+    };
+    let start = std::time::Instant::now();
+    let s = fapm::report::report_with(&cfg, ctl)?;
+    if a.json {
+        print_json(&json!({"command": "report", "output": s.output, "files": s.files,
+                   "tensors_charted": s.tensors_charted, "heatmap_tensors": s.heatmap_tensors,
+                   "seconds": start.elapsed().as_secs_f64()}));
+    }
+    if !a.quiet {
+        eprintln!(
+            "report   {} tensors charted, heatmaps of {}; {} files in {:.2} s",
+            s.tensors_charted,
+            names(&s.heatmap_tensors),
+            s.files.len(),
+            start.elapsed().as_secs_f64()
+        );
+        eprintln!("open     {}", printable(&s.output.join("index.html").display().to_string()));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "report"))]
+fn report(_: cli::ReportArgs, _: &Ctl) -> Result<(), Error> {
+    Err(Error::Config("report is not built in: build fapm with the `report` feature (on by default)".into()))
 }
 
 fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, quiet: bool) {

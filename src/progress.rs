@@ -70,8 +70,8 @@ impl Monitor {
                     }
                     return;
                 }
-                // Parked rather than asleep, so that `finish` wakes it at once: a plain sleep
-                // made every command wait up to 50 ms more at its end.
+                // Parked rather than asleep, so that `finish` wakes it at once instead of every
+                // command waiting out the rest of a 50 ms sleep at its end.
                 thread::park_timeout(Duration::from_millis(50));
             })
         };
@@ -100,33 +100,15 @@ fn anon_memory() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// `1.23 GB`-style sizes (decimal units).
+/// `1.23 GB`-style sizes (decimal units), as the progress bar shows them. A `String`, so
+/// that table columns can pad it.
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u + 1 < UNITS.len() {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
+    indicatif::DecimalBytes(n).to_string()
 }
 
 /// A count with thousands separators.
 pub fn count(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    indicatif::HumanCount(n).to_string()
 }
 
 /// `x / y` as a percentage, 0 when `y` is 0.
@@ -146,6 +128,7 @@ mod tests {
     fn formats() {
         assert_eq!(bytes(999), "999 B");
         assert_eq!(bytes(1_234_567), "1.23 MB");
+        assert_eq!(format!("{:>8}", bytes(1500)), " 1.50 kB");
         assert_eq!(count(1234567), "1,234,567");
         assert_eq!(count(12), "12");
         assert_eq!(percent(1, 0), 0.0);

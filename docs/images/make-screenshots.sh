@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Regenerates the README screenshots: a terminal session (tmux -> aha -> headless Chromium)
-# and the rendered report. Needs: apt-get install tmux aha chromium. Usage:
+# on a model pair, and the rendered report (docs/images/check-report.sh --write, which checks
+# it in the browser on a generated 10M-parameter pair). Needs: apt-get install tmux aha
+# chromium. Usage:
 #   docs/images/make-screenshots.sh BASE_DIR FINETUNED_DIR
-# with any model pair (the README's come from benches/gen_pair.rs, 850M parameters).
+# with any model pair (the README's comes from benches/gen_pair.rs, 850M parameters).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 base=$1 ft=$2
@@ -33,7 +35,6 @@ tmux capture-pane -t fapm-shot -e -p > "$work/summary.ansi"
 tmux kill-session -t fapm-shot
 term_html "$work/summary.ansi" "$work/summary.html"
 shoot "$work/summary.html" "$PWD/$out/terminal-summary.png" 1250 420
-"$fapm" report --base "$base" --finetuned "$ft" --output "$work/report" --quiet
-shoot "$work/report/index.html" "$PWD/$out/report.png" 1100 1400
 rm -rf "$work"
+docs/images/check-report.sh --write
 echo "wrote $out/terminal-summary.png $out/report.png"

@@ -1,7 +1,10 @@
-//! Line charts drawn straight into an RGB canvas: axes, grid, ticks, legend and one line
-//! per series, with a linear or logarithmic y axis. Enough for the report's curves.
+//! Line charts as inline SVG: axes, grid, ticks, legend and one line per series, with a
+//! linear or logarithmic y axis. Each point carries a `<title>`, so hovering over it shows
+//! its value.
 
-use super::png::{fmt_value, Align, Canvas, Rgb, GRID, INK, MUTED, WHITE};
+use std::fmt::Write as _;
+
+use super::svg::{esc, hex, num, text, text_width, Anchor, Rgb, GRID, INK, MUTED};
 
 /// Magnitude pruning's colour in every chart.
 pub const MAGNITUDE: Rgb = [230, 120, 20];
@@ -9,6 +12,7 @@ pub const MAGNITUDE: Rgb = [230, 120, 20];
 pub const FAPM: Rgb = [31, 100, 180];
 
 /// One line of a chart. Points with a non-finite y (or y <= 0 on a log axis) break the line.
+#[derive(Clone)]
 pub struct Series {
     /// Its legend text.
     pub label: String,
@@ -19,6 +23,7 @@ pub struct Series {
 }
 
 /// What to draw and how to label it.
+#[derive(Clone)]
 pub struct Chart {
     /// Title, drawn large at the top.
     pub title: String,
@@ -34,14 +39,16 @@ pub struct Chart {
     pub y_range: Option<(f64, f64)>,
     /// Fixed x ticks (else evenly spaced integers).
     pub x_ticks: Option<Vec<(f64, String)>>,
+    /// Name of each x position, shown when hovering over a point (else the x value).
+    pub x_names: Option<Vec<String>>,
     /// The lines.
     pub series: Vec<Series>,
 }
 
-/// Canvas size of every chart.
-pub const WIDTH: usize = 760;
-/// Canvas height of every chart.
-pub const HEIGHT: usize = 340;
+/// Width of every chart, in SVG user units (CSS pixels at natural size).
+pub const WIDTH: f64 = 720.0;
+/// Height of every chart.
+pub const HEIGHT: f64 = 330.0;
 
 /// A step of 1, 2 or 5 times a power of ten, near `raw`.
 fn nice_step(raw: f64) -> f64 {
@@ -111,13 +118,25 @@ impl Chart {
             (0..=n).map(|i| lo + i as f64 * step).collect()
         }
     }
+
+    fn x_ticks(&self, (x0, x1): (f64, f64)) -> Vec<(f64, String)> {
+        self.x_ticks.clone().unwrap_or_else(|| {
+            let (a, b) = (x0.ceil().max(0.0), x1.floor());
+            let step = nice_step((b - a) / 8.0).max(1.0);
+            let mut t = Vec::new();
+            let mut x = (a / step).ceil() * step;
+            while x <= b {
+                t.push((x, num(x)));
+                x += step;
+            }
+            t
+        })
+    }
 }
 
-/// Draws a chart.
-pub fn render(chart: &Chart) -> Canvas {
-    let mut c = Canvas::new(WIDTH, HEIGHT, WHITE);
-    let (left, right, top, bottom) = (78i64, WIDTH as i64 - 20, 58i64, HEIGHT as i64 - 46);
-    let (pw, ph) = ((right - left) as f64, (bottom - top) as f64);
+/// Draws a chart as one `<svg>` element.
+pub fn render(chart: &Chart) -> String {
+    let (left, right, top, bottom) = (76.0, WIDTH - 16.0, 58.0, HEIGHT - 48.0);
     let (x0, x1) = chart.x_extent();
     let (y0, y1) = chart.y_extent();
     let fy = |y: f64| {
@@ -127,70 +146,101 @@ pub fn render(chart: &Chart) -> Canvas {
             (y - y0) / (y1 - y0)
         }
     };
-    let px = |x: f64| left + ((x - x0) / (x1 - x0) * pw).round() as i64;
-    let py = |y: f64| bottom - (fy(y).clamp(-0.02, 1.02) * ph).round() as i64;
+    let px = |x: f64| left + (x - x0) / (x1 - x0) * (right - left);
+    let py = |y: f64| bottom - fy(y).clamp(-0.02, 1.02) * (bottom - top);
 
-    c.text(16, 10, &chart.title, 2, Align::Left, INK);
-    c.text(16, 32, &chart.subtitle, 1, Align::Left, MUTED);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
+         width=\"{WIDTH}\" height=\"{HEIGHT}\" role=\"img\"><title>{}</title>",
+        esc(&chart.title)
+    );
+    text(&mut s, 16.0, 24.0, Anchor::Start, 16, INK, &chart.title);
+    text(&mut s, 16.0, 44.0, Anchor::Start, 12, MUTED, &chart.subtitle);
     // Legend, right-aligned on the subtitle's line.
     let mut lx = right;
-    for s in chart.series.iter().rev() {
-        c.text(lx, 32, &s.label, 1, Align::Right, INK);
-        lx -= (s.label.len() * 6) as i64 + 6;
-        c.fill_rect(lx - 14, 34, 14, 3, s.color);
-        lx -= 26;
+    for series in chart.series.iter().rev() {
+        text(&mut s, lx, 44.0, Anchor::End, 12, INK, &series.label);
+        lx -= text_width(&series.label, 12) + 6.0;
+        let _ = write!(
+            s,
+            "<line x1=\"{:.1}\" y1=\"40\" x2=\"{lx:.1}\" y2=\"40\" stroke=\"{}\" stroke-width=\"3\"/>",
+            lx - 18.0,
+            hex(series.color)
+        );
+        lx -= 30.0;
     }
     // Grid and y ticks.
     for t in chart.y_ticks((y0, y1)) {
         let y = py(t);
-        c.fill_rect(left, y, right - left, 1, GRID);
-        c.fill_rect(left - 4, y, 4, 1, INK);
-        c.text(left - 7, y - 3, &fmt_value(t), 1, Align::Right, INK);
+        let _ = write!(s, "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{right}\" y2=\"{y:.1}\" stroke=\"{GRID}\"/>");
+        let _ = write!(s, "<line x1=\"{}\" y1=\"{y:.1}\" x2=\"{left}\" y2=\"{y:.1}\" stroke=\"{INK}\"/>", left - 4.0);
+        text(&mut s, left - 7.0, y + 4.0, Anchor::End, 11, INK, &num(t));
     }
-    // x ticks.
-    let ticks = chart.x_ticks.clone().unwrap_or_else(|| {
-        let (a, b) = (x0.ceil().max(0.0), x1.floor());
-        let step = nice_step((b - a) / 8.0).max(1.0);
-        let mut t = Vec::new();
-        let mut x = (a / step).ceil() * step;
-        while x <= b {
-            t.push((x, fmt_value(x)));
-            x += step;
-        }
-        t
-    });
-    for (x, label) in &ticks {
-        let xx = px(*x);
-        c.fill_rect(xx, bottom + 1, 1, 4, INK);
-        c.text(xx, bottom + 9, label, 1, Align::Center, INK);
+    for (x, label) in chart.x_ticks((x0, x1)) {
+        let x = px(x);
+        let _ =
+            write!(s, "<line x1=\"{x:.1}\" y1=\"{bottom}\" x2=\"{x:.1}\" y2=\"{}\" stroke=\"{INK}\"/>", bottom + 4.0);
+        text(&mut s, x, bottom + 17.0, Anchor::Middle, 11, INK, &label);
     }
-    c.fill_rect(left, top, 1, bottom - top + 1, INK);
-    c.fill_rect(left, bottom, right - left + 1, 1, INK);
-    c.text((left + right) / 2, HEIGHT as i64 - 18, &chart.x_label, 1, Align::Center, INK);
-    c.text_up(14, (top + bottom) / 2, &chart.y_label, 1, INK);
-    // Lines, then dots on top when there are few points.
-    for s in &chart.series {
-        let mut prev: Option<(i64, i64)> = None;
-        for &(x, y) in &s.points {
-            if !chart.usable(y) || !x.is_finite() {
-                prev = None;
-                continue;
-            }
-            let p = (px(x), py(y));
-            if let Some(q) = prev {
-                c.line(q, p, 2, s.color);
-            }
-            prev = Some(p);
-        }
-        if s.points.len() <= 64 {
-            for &(x, y) in &s.points {
-                if chart.usable(y) && x.is_finite() {
-                    c.dot(px(x), py(y), 3, s.color);
-                }
-            }
+    let _ = write!(
+        s,
+        "<polyline points=\"{left},{top} {left},{bottom} {right},{bottom}\" fill=\"none\" stroke=\"{INK}\"/>"
+    );
+    text(&mut s, (left + right) / 2.0, HEIGHT - 10.0, Anchor::Middle, 12, INK, &chart.x_label);
+    let mid = (top + bottom) / 2.0;
+    let _ = write!(s, "<g transform=\"translate(18 {mid:.1}) rotate(-90)\">");
+    text(&mut s, 0.0, 0.0, Anchor::Middle, 12, INK, &chart.y_label);
+    s.push_str("</g>");
+    for series in &chart.series {
+        draw_series(&mut s, chart, series, &px, &py);
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// One series: a polyline per unbroken run of points, then a dot per point with its value
+/// as a tooltip when there are few enough points to see them.
+fn draw_series(s: &mut String, chart: &Chart, series: &Series, px: &dyn Fn(f64) -> f64, py: &dyn Fn(f64) -> f64) {
+    let color = hex(series.color);
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+    for &(x, y) in &series.points {
+        if chart.usable(y) && x.is_finite() {
+            runs.last_mut().expect("one run at least").push((px(x), py(y)));
+        } else if !runs.last().is_some_and(Vec::is_empty) {
+            runs.push(Vec::new());
         }
     }
-    c
+    for run in runs.iter().filter(|r| r.len() > 1) {
+        let points: Vec<String> = run.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        let _ = write!(
+            s,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-linejoin=\"round\"/>",
+            points.join(" ")
+        );
+    }
+    if series.points.len() > 64 {
+        return;
+    }
+    for &(x, y) in &series.points {
+        if !(chart.usable(y) && x.is_finite()) {
+            continue;
+        }
+        let at = match &chart.x_names {
+            Some(names) => names.get(x as usize).cloned().unwrap_or_default(),
+            None => num(x),
+        };
+        let _ = write!(
+            s,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"><title>{}: {} at {}</title></circle>",
+            px(x),
+            py(y),
+            esc(&series.label),
+            num(y),
+            esc(&at)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -206,6 +256,7 @@ mod tests {
             y_log,
             y_range: None,
             x_ticks: None,
+            x_names: None,
             series: vec![Series { label: "a".into(), color: FAPM, points }],
         }
     }
@@ -223,15 +274,21 @@ mod tests {
     }
 
     #[test]
+    fn lines_break_at_missing_points_and_points_show_their_values() {
+        let svg = render(&chart(true, vec![(0.0, 0.5), (1.0, 0.25), (2.0, f64::NAN), (3.0, 0.1), (4.0, 0.2)]));
+        assert_eq!(svg.matches("<polyline").count(), 1 + 2, "the axes and two runs");
+        assert_eq!(svg.matches("<circle").count(), 4);
+        assert!(svg.contains("<title>a: 0.25 at 1</title>"), "{svg}");
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"));
+    }
+
+    #[test]
     fn degenerate_charts_still_draw() {
         for points in [vec![], vec![(0.0, 1.0)], vec![(0.0, f64::NAN)]] {
-            let c = render(&chart(true, points.clone()));
-            assert_eq!((c.width, c.height), (WIDTH, HEIGHT));
-            render(&chart(false, points));
+            for log in [true, false] {
+                let svg = render(&chart(log, points.clone()));
+                assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+            }
         }
-        let c = render(&chart(false, vec![(0.0, 0.0), (1.0, 1.0)]));
-        // The line runs in FAPM's colour somewhere inside the plot.
-        let found = (0..WIDTH).any(|x| (0..HEIGHT).any(|y| c.get(x, y) == Some(FAPM)));
-        assert!(found);
     }
 }

@@ -1,14 +1,27 @@
-//! Heatmaps of one weight matrix, block-downsampled in one streaming pass: |W_base|, |dW|,
-//! |dW| / |W_base|, the FAPM score, and where each metric's kept positions lie.
+//! Heatmaps of one weight matrix, block-averaged in one streaming pass: |W_base|, |dW|,
+//! |dW| / |W_base|, the FAPM score, and where each metric's kept positions lie. The blocks
+//! are drawn as a PNG; its title, axes and colour bar are SVG around it in the page.
+//!
+//! A heatmap is sized for a person to see rows and columns of change: its longer side is
+//! [`LONG_SIDE`] pixels, its shorter side at least half that whatever the matrix's aspect
+//! (a 1536 x 384 matrix is drawn 768 x 384, one pixel per column), and no block is smaller
+//! than a pixel. Colour scales are clipped at percentiles so that a few extreme blocks do
+//! not wash out the rest; the colour bar's end arrows show when blocks lie beyond them.
 
-use fapm_stages::score::{convert, key, score, Elem, Metric};
+use std::fmt::Write as _;
+
+use fapm_stages::score::{score, Elem, Metric};
+use fapm_stages::threshold::Cut;
 use fapm_stages::with_elems;
 
-use super::png::{fmt_value, Align, Canvas, Rgb, INK, MUTED, WHITE};
-use super::stats::{BinCut, Pair, MAP_SPARSITY};
+use super::stats::{Pair, Scratch, Selection, MAP_SPARSITY};
+use super::svg::{esc, hex, num, text, text_width, Anchor, Rgb, INK, MUTED};
 
-/// The largest heatmap, in blocks, along either side.
-pub const MAX_CELLS: u64 = 256;
+/// The longer side of every heatmap, in pixels.
+pub const LONG_SIDE: u64 = 768;
+
+/// The most the drawn aspect ratio may differ from square (the true one is in the title).
+pub const MAX_ASPECT: u64 = 2;
 
 /// Colour of a block with no finite value.
 const NO_DATA: Rgb = [190, 190, 190];
@@ -81,6 +94,31 @@ enum Scale {
     Linear,
 }
 
+/// The drawn size of a `rows x cols` matrix, (height, width) in pixels.
+pub fn display_dims(rows: u64, cols: u64) -> (u64, u64) {
+    let (long, short) = (rows.max(cols).max(1), rows.min(cols));
+    let side = ((LONG_SIDE as u128 * short as u128) / long as u128) as u64;
+    let side = side.clamp(LONG_SIDE / MAX_ASPECT, LONG_SIDE);
+    if rows >= cols {
+        (LONG_SIDE, side)
+    } else {
+        (side, LONG_SIDE)
+    }
+}
+
+/// Grid size (blocks down, blocks across): one block per pixel of the drawn size, or one
+/// per element when the matrix is smaller.
+pub fn grid_dims(rows: u64, cols: u64) -> (usize, usize) {
+    let (h, w) = display_dims(rows, cols);
+    (rows.min(h) as usize, cols.min(w) as usize)
+}
+
+/// First index of each block when `n` indices are split into `g` blocks (the last is `n`).
+fn bounds(n: u64, g: usize) -> Vec<u64> {
+    (1..=g as u64).map(|j| (j as u128 * n as u128).div_ceil(g as u128) as u64).collect()
+}
+
+/// Sums over one block while its grid row is being streamed.
 #[derive(Clone, Copy, Default)]
 struct Cell {
     n: u64,
@@ -90,10 +128,25 @@ struct Cell {
     rel_n: u64,
     score: f64,
     score_n: u64,
-    kept: [f64; 2],
+    kept: [u64; 2],
 }
 
-/// Block sums of one matrix on a grid of at most [`MAX_CELLS`] x [`MAX_CELLS`] blocks.
+impl Cell {
+    /// The block's value of every quantity, in [`Quantity::ALL`] order (NaN: no data).
+    fn values(&self) -> [f32; 6] {
+        let ratio = |a: f64, n: u64| if n > 0 { (a / n as f64) as f32 } else { f32::NAN };
+        [
+            ratio(self.base, self.n),
+            ratio(self.delta, self.n),
+            ratio(self.rel, self.rel_n),
+            ratio(self.score, self.score_n),
+            ratio(self.kept[0] as f64, self.n),
+            ratio(self.kept[1] as f64, self.n),
+        ]
+    }
+}
+
+/// Every block's value of every quantity for one matrix.
 pub struct Grid {
     /// Matrix rows.
     pub rows: u64,
@@ -103,65 +156,98 @@ pub struct Grid {
     pub gh: usize,
     /// Grid columns.
     pub gw: usize,
-    cells: Vec<Cell>,
+    /// Row-major, one entry per block, quantities in [`Quantity::ALL`] order.
+    values: Vec<[f32; 6]>,
 }
 
-/// Grid size for a matrix: aspect kept where it can be, at least 32 blocks a side (or the
-/// matrix size), at most [`MAX_CELLS`].
-pub fn grid_dims(rows: u64, cols: u64) -> (usize, usize) {
-    let m = rows.max(cols).max(1);
-    let fit = |n: u64| ((n as u128 * MAX_CELLS as u128).div_ceil(m as u128) as u64).clamp(32, 256);
-    (fit(rows).min(rows) as usize, fit(cols).min(cols) as usize)
+impl Grid {
+    /// The value of every block for `q`, row-major (NaN where the block has no finite data).
+    pub fn values(&self, q: Quantity) -> Vec<f64> {
+        let i = Quantity::ALL.iter().position(|&a| a == q).expect("every quantity is listed");
+        self.values.iter().map(|v| v[i] as f64).collect()
+    }
 }
 
-/// First index of each block when `n` indices are split into `g` blocks (then `n`).
-fn bounds(n: u64, g: usize) -> Vec<u64> {
-    (1..=g as u64).map(|j| (j as u128 * n as u128).div_ceil(g as u128) as u64).collect()
+/// The streaming state: the current position, and the sums of the grid row it is in (the
+/// matrix arrives row by row, so only one grid row of sums is ever open).
+struct Accumulator {
+    cols: u64,
+    row_bounds: Vec<u64>,
+    col_bounds: Vec<u64>,
+    row: u64,
+    col: u64,
+    block_row: usize,
+    block_col: usize,
+    band: Vec<Cell>,
+    values: Vec<[f32; 6]>,
 }
 
-fn block_of(x: u64, n: u64, g: usize) -> usize {
-    (x as u128 * g as u128 / n as u128) as usize
+impl Accumulator {
+    fn step(&mut self) {
+        self.col += 1;
+        if self.col < self.cols {
+            if self.col >= self.col_bounds[self.block_col] {
+                self.block_col += 1;
+            }
+            return;
+        }
+        (self.col, self.block_col) = (0, 0);
+        self.row += 1;
+        if self.row >= self.row_bounds[self.block_row] {
+            self.flush();
+            self.block_row += 1;
+        }
+    }
+
+    fn flush(&mut self) {
+        self.values.extend(self.band.iter().map(Cell::values));
+        self.band.fill(Cell::default());
+    }
 }
 
-/// One streaming pass over a pair, summing every block; `cuts` are the two metrics' cuts
-/// (magnitude, FAPM) at [`MAP_SPARSITY`] and `mean` is the FAPM base mean.
-pub fn accumulate(pair: &Pair, mean: f32, cuts: [BinCut; 2]) -> Grid {
+/// One streaming pass over a pair, averaging every block; `cuts` are the two metrics'
+/// cuts (magnitude, FAPM) at [`MAP_SPARSITY`] and `mean` is the FAPM base mean.
+pub fn accumulate(pair: &Pair, mean: f32, cuts: [Cut; 2], scratch: &mut Scratch) -> Grid {
     let (gh, gw) = grid_dims(pair.rows, pair.cols);
-    let mut grid = Grid { rows: pair.rows, cols: pair.cols, gh, gw, cells: vec![Cell::default(); gh * gw] };
-    let rb = bounds(pair.rows, gh);
-    let cb = bounds(pair.cols, gw);
+    let mut acc = Accumulator {
+        cols: pair.cols,
+        row_bounds: bounds(pair.rows, gh),
+        col_bounds: bounds(pair.cols, gw),
+        row: 0,
+        col: 0,
+        block_row: 0,
+        block_col: 0,
+        band: vec![Cell::default(); gw],
+        values: Vec::with_capacity(gh * gw),
+    };
+    let scorers = pair.scorers(mean);
+    let mut selections = cuts.map(Selection::new);
+    let mut kept = [Vec::new(), Vec::new()];
     let (ftd, based) = pair.dtypes();
-    pair.for_chunks(|start, ft, base| {
-        with_elems!(ftd, based, |F, B| add_chunk::<F, B>(&mut grid, &rb, &cb, start, ft, base, mean, cuts))
+    pair.for_chunks(|_, ft, base| {
+        let (len, _) = scratch.score(&scorers, ft, base);
+        for ((sel, keys), kept) in selections.iter_mut().zip(&scratch.keys).zip(&mut kept) {
+            let n = sel.next(&keys[..len], &mut scratch.kept);
+            kept.clear();
+            kept.extend_from_slice(&scratch.kept[..n]);
+        }
+        with_elems!(ftd, based, |F, B| add_chunk::<F, B>(&mut acc, ft, base, mean, [&kept[0], &kept[1]]))
     });
-    grid
+    debug_assert_eq!(acc.values.len(), gh * gw, "every grid row is flushed");
+    Grid { rows: pair.rows, cols: pair.cols, gh, gw, values: acc.values }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn add_chunk<F: Elem, B: Elem>(
-    grid: &mut Grid,
-    rb: &[u64],
-    cb: &[u64],
-    start: u64,
-    ft: &[u8],
-    base: &[u8],
-    mean: f32,
-    cuts: [BinCut; 2],
-) {
-    let (rows, cols, gw) = (grid.rows, grid.cols, grid.gw);
-    let (mut row, mut col) = (start / cols, start % cols);
-    let mut cr = block_of(row, rows, grid.gh);
-    let mut cc = block_of(col, cols, gw);
+/// Adds one chunk to the open grid row(s); `kept` are the chunk-relative indices each
+/// metric keeps, ascending.
+fn add_chunk<F: Elem, B: Elem>(acc: &mut Accumulator, ft: &[u8], base: &[u8], mean: f32, kept: [&[u32]; 2]) {
+    let mut next_kept = [0usize; 2];
     for i in 0..ft.len() / F::SIZE {
-        let fb = F::bits(ft, i);
-        let bb = B::bits(base, i);
-        let p = B::to_f32(bb);
-        let changed = fb != convert::<F, B>(bb);
-        let f = if changed { F::to_f32(fb) } else { p };
+        let p = B::to_f32(B::bits(base, i));
+        let f = F::to_f32(F::bits(ft, i));
         let ad = (f - p).abs();
         let rel = ad / p.abs();
         let s = score(Metric::Fapm, f, p, mean);
-        let cell = &mut grid.cells[cr * gw + cc];
+        let cell = &mut acc.band[acc.block_col];
         cell.n += 1;
         if p.is_finite() {
             cell.base += p.abs() as f64;
@@ -177,39 +263,13 @@ fn add_chunk<F: Elem, B: Elem>(
             cell.score += s as f64;
             cell.score_n += 1;
         }
-        if changed {
-            cell.kept[0] += cuts[0].weight(key(ad));
-            cell.kept[1] += cuts[1].weight(key(s));
-        }
-        col += 1;
-        if col == cols {
-            col = 0;
-            cc = 0;
-            row += 1;
-            if row < rows && row >= rb[cr] {
-                cr += 1;
+        for m in 0..2 {
+            if kept[m].get(next_kept[m]) == Some(&(i as u32)) {
+                cell.kept[m] += 1;
+                next_kept[m] += 1;
             }
-        } else if col >= cb[cc] {
-            cc += 1;
         }
-    }
-}
-
-impl Grid {
-    /// The value of every block for `q`, row-major (NaN where the block has no finite data).
-    pub fn values(&self, q: Quantity) -> Vec<f64> {
-        let ratio = |a: f64, n: u64| if n > 0 { a / n as f64 } else { f64::NAN };
-        self.cells
-            .iter()
-            .map(|c| match q {
-                Quantity::BaseAbs => ratio(c.base, c.n),
-                Quantity::DeltaAbs => ratio(c.delta, c.n),
-                Quantity::Relative => ratio(c.rel, c.rel_n),
-                Quantity::Score => ratio(c.score, c.score_n),
-                Quantity::KeptMagnitude => ratio(c.kept[0], c.n),
-                Quantity::KeptFapm => ratio(c.kept[1], c.n),
-            })
-            .collect()
+        acc.step();
     }
 }
 
@@ -247,7 +307,20 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     *v.select_nth_unstable_by(i, f64::total_cmp).1
 }
 
-/// How values map to [0, 1] and which ticks the colour bar shows.
+/// The `q`-quantile of `v` as the end of a colour scale: the extreme value on that side
+/// when the quantile equals the median (reorders the slice; not empty).
+fn spread_end(v: &mut [f64], q: f64) -> f64 {
+    let (end, median) = (percentile(v, q), percentile(v, 0.5));
+    if end != median {
+        end
+    } else if q > 0.5 {
+        v.iter().copied().fold(f64::MIN, f64::max)
+    } else {
+        v.iter().copied().fold(f64::MAX, f64::min)
+    }
+}
+
+/// How values map to [0, 1], and whether some lie beyond either end of the scale.
 struct Mapping {
     scale: Scale,
     /// Bottom of a log or linear scale; the linear threshold of a symmetric-log one.
@@ -256,24 +329,29 @@ struct Mapping {
     hi: f64,
     /// Bottom of a symmetric-log scale, as a magnitude (the two signs scale separately).
     neg: f64,
+    /// Some finite values lie below the bottom / above the top.
+    clipped: (bool, bool),
 }
 
 impl Mapping {
-    /// Fits the scale to the values: log and symmetric-log scales span the 0.5th to 99.5th
-    /// percentile (a few extreme blocks, such as near-zero base weights, would otherwise
-    /// wash everything else out); values beyond the ends take the end colours.
+    /// Fits the scale to the values: a log scale spans the 0.5th to 99.5th percentile, a
+    /// symmetric-log one each sign's 99th percentile of magnitude; values beyond the ends
+    /// take the end colours. An end whose percentile is the median (a flat bulk with a few
+    /// rows or columns apart: the structure to show) is the extreme value instead.
+    /// `shared_max` fixes the top of a linear scale.
     fn new(scale: Scale, values: &[f64], shared_max: Option<f64>) -> Self {
         let mut finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-        match scale {
+        let mut map = match scale {
             Scale::Log => {
-                finite.retain(|&v| v > 0.0);
-                let (lo, hi) = if finite.is_empty() {
+                let mut positive: Vec<f64> = finite.iter().copied().filter(|&v| v > 0.0).collect();
+                let (lo, hi) = if positive.is_empty() {
                     (0.1, 1.0)
                 } else {
-                    let (lo, hi) = (percentile(&mut finite, 0.005), percentile(&mut finite, 0.995));
+                    let lo = spread_end(&mut positive, 0.005);
+                    let hi = spread_end(&mut positive, 0.995);
                     (lo.max(hi * 1e-6).min(hi / 10f64.sqrt()), hi)
                 };
-                Mapping { scale, lo, hi, neg: 0.0 }
+                Mapping { scale, lo, hi, neg: 0.0, clipped: (false, false) }
             }
             Scale::SymLog => {
                 let side = |positive: bool| {
@@ -282,23 +360,26 @@ impl Mapping {
                     if abs.is_empty() {
                         0.0
                     } else {
-                        percentile(&mut abs, 0.99)
+                        spread_end(&mut abs, 0.99)
                     }
                 };
-                let (pos, neg) = (side(true), side(false));
-                let (pos, neg) = match (pos > 0.0, neg > 0.0) {
-                    (true, true) => (pos, neg),
-                    (true, false) => (pos, pos),
-                    (false, true) => (neg, neg),
-                    (false, false) => (1.0, 1.0),
+                let (pos, neg) = match (side(true), side(false)) {
+                    (p, n) if p > 0.0 && n > 0.0 => (p, n),
+                    (p, _) if p > 0.0 => (p, p),
+                    (_, n) if n > 0.0 => (n, n),
+                    _ => (1.0, 1.0),
                 };
-                Mapping { scale, lo: pos.min(neg) * 1e-3, hi: pos, neg }
+                Mapping { scale, lo: pos.min(neg) * 1e-3, hi: pos, neg, clipped: (false, false) }
             }
             Scale::Linear => {
                 let m = shared_max.unwrap_or_else(|| finite.iter().copied().fold(0.0, f64::max));
-                Mapping { scale, lo: 0.0, hi: if m > 0.0 { m } else { 1.0 }, neg: 0.0 }
+                Mapping { scale, lo: 0.0, hi: if m > 0.0 { m } else { 1.0 }, neg: 0.0, clipped: (false, false) }
             }
-        }
+        };
+        let bottom = if scale == Scale::SymLog { -map.neg } else { map.lo };
+        finite.retain(|&v| scale != Scale::Log || v > 0.0);
+        map.clipped = (finite.iter().any(|&v| v < bottom), finite.iter().any(|&v| v > map.hi));
+        map
     }
 
     fn t(&self, v: f64) -> f64 {
@@ -320,13 +401,19 @@ impl Mapping {
         }
     }
 
-    fn color(&self, v: f64) -> Rgb {
-        if !v.is_finite() {
-            NO_DATA
-        } else if self.scale == Scale::SymLog {
-            ramp(&DIVERGING, self.t(v))
+    fn stops(&self) -> &'static [Rgb] {
+        if self.scale == Scale::SymLog {
+            &DIVERGING
         } else {
-            ramp(&SEQUENTIAL, self.t(v))
+            &SEQUENTIAL
+        }
+    }
+
+    fn color(&self, v: f64) -> Rgb {
+        if v.is_finite() {
+            ramp(self.stops(), self.t(v))
+        } else {
+            NO_DATA
         }
     }
 
@@ -350,60 +437,153 @@ impl Mapping {
     }
 }
 
-/// Draws one heatmap with its title, tensor name, row/column extents and colour bar.
-/// `shared_max` fixes the top of a linear scale (so the two kept maps compare).
-pub fn render(grid: &Grid, q: Quantity, name: &str, shared_max: Option<f64>) -> Canvas {
+/// One heatmap, drawn: its pixels and the colour scale they were drawn with.
+pub struct Heatmap {
+    q: Quantity,
+    map: Mapping,
+    /// Width of the picture in pixels.
+    pub width: usize,
+    /// Height of the picture in pixels.
+    pub height: usize,
+    rgb: Vec<u8>,
+}
+
+/// Draws quantity `q` of `grid`, each block a whole number of pixels. `shared_max` fixes
+/// the top of a linear scale (so that the two kept maps compare).
+pub fn render(grid: &Grid, q: Quantity, shared_max: Option<f64>) -> Heatmap {
     let values = grid.values(q);
     let map = Mapping::new(q.scale(), &values, shared_max);
-    let px = (240 / grid.gh.max(grid.gw)).clamp(1, 16);
-    let (img_w, img_h) = ((grid.gw * px) as i64, (grid.gh * px) as i64);
-    let labels: Vec<String> = map.ticks().iter().map(|&v| fmt_value(v)).collect();
-    let label_w = labels.iter().map(|l| l.len() * 6).max().unwrap_or(0) as i64;
-    let row_label_w = (grid.rows.to_string().len() * 6) as i64;
-    let (x0, y0) = (14 + row_label_w + 6, 64i64);
-    let bar_h = img_h.max(160);
-    let bar_x = x0 + img_w + 18;
-    let subtitle = format!(
-        "{} x {}, block mean over {} x {} blocks",
-        grid.rows,
-        grid.cols,
-        grid.rows.div_ceil(grid.gh as u64),
-        grid.cols.div_ceil(grid.gw as u64)
-    );
-    let text_w = [q.title().len() * 12, name.len() * 6, subtitle.len() * 6].into_iter().max().unwrap_or(0) as i64;
-    let width = (bar_x + 16 + 6 + label_w + 14).max(text_w + 28);
-    let height = y0 + bar_h + 30;
-    let mut c = Canvas::new(width as usize, height as usize, WHITE);
-    c.text(14, 12, &q.title(), 2, Align::Left, INK);
-    c.text(14, 34, name, 1, Align::Left, INK);
-    c.text(14, 46, &subtitle, 1, Align::Left, MUTED);
-    for gy in 0..grid.gh {
-        for gx in 0..grid.gw {
-            let col = map.color(values[gy * grid.gw + gx]);
-            let (x, y) = (x0 + (gx * px) as i64, y0 + (gy * px) as i64);
-            c.fill_rect(x, y, px as i64, px as i64, col);
+    let (dh, dw) = display_dims(grid.rows, grid.cols);
+    let sy = (dh as usize / grid.gh).max(1);
+    let sx = (dw as usize / grid.gw).max(1);
+    let (width, height) = (grid.gw * sx, grid.gh * sy);
+    let mut rgb = Vec::with_capacity(width * height * 3);
+    for block_row in values.chunks(grid.gw) {
+        let mut line = Vec::with_capacity(width * 3);
+        for &v in block_row {
+            let color = map.color(v);
+            for _ in 0..sx {
+                line.extend_from_slice(&color);
+            }
+        }
+        for _ in 0..sy {
+            rgb.extend_from_slice(&line);
         }
     }
-    c.outline(x0 - 1, y0 - 1, img_w + 2, img_h + 2, INK);
-    c.text(x0 - 4, y0, "0", 1, Align::Right, MUTED);
-    let last_row = (grid.rows - 1).to_string();
-    c.text(x0 - 4, y0 + img_h - 7, &last_row, 1, Align::Right, MUTED);
-    c.text(x0, y0 + img_h + 5, "0", 1, Align::Left, MUTED);
-    let last_col = (grid.cols - 1).to_string();
-    c.text(x0 + img_w, y0 + img_h + 5, &last_col, 1, Align::Right, MUTED);
-    // Colour bar: top is the highest value.
-    for y in 0..bar_h {
-        let t = 1.0 - y as f64 / (bar_h - 1).max(1) as f64;
-        let col = if q.scale() == Scale::SymLog { ramp(&DIVERGING, t) } else { ramp(&SEQUENTIAL, t) };
-        c.fill_rect(bar_x, y0 + y, 16, 1, col);
+    Heatmap { q, map, width, height, rgb }
+}
+
+impl Heatmap {
+    /// The colour of the pixel at (x, y).
+    #[cfg(test)]
+    pub fn pixel(&self, x: usize, y: usize) -> Rgb {
+        let i = (y * self.width + x) * 3;
+        [self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]]
     }
-    c.outline(bar_x - 1, y0 - 1, 18, bar_h + 2, INK);
-    for (v, label) in map.ticks().iter().zip(&labels) {
-        let y = y0 + ((1.0 - map.t(*v)) * (bar_h - 1) as f64).round() as i64;
-        c.fill_rect(bar_x + 16, y, 4, 1, INK);
-        c.text(bar_x + 23, y - 3, label, 1, Align::Left, INK);
+
+    /// The picture as an 8-bit RGB PNG file.
+    pub fn png(&self) -> Result<Vec<u8>, png::EncodingError> {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&self.rgb)?;
+        writer.finish()?;
+        Ok(out)
     }
-    c
+
+    /// The picture as an inline `<svg>` and its width: title, the PNG at `file` (relative to
+    /// the page, and a link to it at full size), row and column extents, and the colour bar
+    /// with its ticks.
+    pub fn svg(&self, grid: &Grid, file: &str) -> (String, f64) {
+        let (w, h) = (self.width as f64, self.height as f64);
+        let row_label = (grid.rows - 1).to_string();
+        let x0 = 30.0 + text_width(&row_label, 11);
+        let y0 = 58.0;
+        let bar_x = x0 + w + 18.0;
+        let labels: Vec<(f64, String)> = self.map.ticks().into_iter().map(|v| (v, num(v))).collect();
+        let label_w = labels.iter().map(|(_, l)| text_width(l, 11)).fold(0.0, f64::max);
+        let subtitle = format!(
+            "{} x {} matrix; each pixel the mean of a block of about {} x {}",
+            grid.rows,
+            grid.cols,
+            num((grid.rows as f64 / grid.gh as f64 * 10.0).round() / 10.0),
+            num((grid.cols as f64 / grid.gw as f64 * 10.0).round() / 10.0)
+        );
+        let width = (bar_x + 14.0 + 8.0 + label_w + 8.0).max(text_width(&subtitle, 12) + 16.0).ceil();
+        let height = (y0 + h + 40.0).ceil();
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "<svg class=\"heatmap\" xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {width} {height}\" \
+             width=\"{width}\" height=\"{height}\" role=\"img\"><title>{}</title>",
+            esc(&self.q.title())
+        );
+        text(&mut s, 8.0, 22.0, Anchor::Start, 16, INK, &self.q.title());
+        text(&mut s, 8.0, 42.0, Anchor::Start, 12, MUTED, &subtitle);
+        let _ = write!(
+            s,
+            "<a href=\"{href}\"><image href=\"{href}\" x=\"{x0:.1}\" y=\"{y0}\" width=\"{w}\" height=\"{h}\" \
+             preserveAspectRatio=\"none\"/></a>\
+             <rect x=\"{:.1}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"{INK}\"/>",
+            x0 - 0.5,
+            y0 - 0.5,
+            w + 1.0,
+            h + 1.0,
+            href = esc(file),
+        );
+        text(&mut s, x0 - 5.0, y0 + 9.0, Anchor::End, 11, MUTED, "0");
+        text(&mut s, x0 - 5.0, y0 + h, Anchor::End, 11, MUTED, &row_label);
+        text(&mut s, x0, y0 + h + 15.0, Anchor::Start, 11, MUTED, "0");
+        text(&mut s, x0 + w, y0 + h + 15.0, Anchor::End, 11, MUTED, &(grid.cols - 1).to_string());
+        text(&mut s, x0 + w / 2.0, y0 + h + 30.0, Anchor::Middle, 12, INK, "column");
+        let mid = y0 + h / 2.0;
+        let _ = write!(s, "<g transform=\"translate(16 {mid:.1}) rotate(-90)\">");
+        text(&mut s, 0.0, 0.0, Anchor::Middle, 12, INK, "row");
+        s.push_str("</g>");
+        self.colour_bar(&mut s, file, bar_x, y0, h, &labels);
+        s.push_str("</svg>");
+        (s, width)
+    }
+
+    /// The colour bar: a gradient from the scale's bottom (below) to its top, ticks, and an
+    /// arrow at each end beyond which some blocks lie.
+    fn colour_bar(&self, s: &mut String, file: &str, x: f64, y0: f64, h: f64, labels: &[(f64, String)]) {
+        let id: String = file.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let _ = write!(s, "<defs><linearGradient id=\"g-{id}\" x1=\"0\" y1=\"1\" x2=\"0\" y2=\"0\">");
+        for i in 0..=32 {
+            let t = i as f64 / 32.0;
+            let _ = write!(s, "<stop offset=\"{t:.4}\" stop-color=\"{}\"/>", hex(ramp(self.map.stops(), t)));
+        }
+        let _ = write!(
+            s,
+            "</linearGradient></defs><rect x=\"{x:.1}\" y=\"{y0}\" width=\"14\" height=\"{h}\" \
+             fill=\"url(#g-{id})\" stroke=\"{INK}\" stroke-width=\"0.5\"/>"
+        );
+        let (below, above) = self.map.clipped;
+        let stops = self.map.stops();
+        if above {
+            let c = hex(stops[stops.len() - 1]);
+            let _ =
+                write!(s, "<path d=\"M{x:.1} {y0} l7 -9 l7 9 z\" fill=\"{c}\" stroke=\"{INK}\" stroke-width=\"0.5\"/>");
+        }
+        if below {
+            let (c, y) = (hex(stops[0]), y0 + h);
+            let _ =
+                write!(s, "<path d=\"M{x:.1} {y} l7 9 l7 -9 z\" fill=\"{c}\" stroke=\"{INK}\" stroke-width=\"0.5\"/>");
+        }
+        for (v, label) in labels {
+            let y = y0 + (1.0 - self.map.t(*v)) * h;
+            let _ = write!(
+                s,
+                "<line x1=\"{:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{INK}\"/>",
+                x + 14.0,
+                x + 18.0
+            );
+            text(s, x + 21.0, y + 4.0, Anchor::Start, 11, INK, label);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -411,12 +591,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grid_keeps_aspect_within_limits() {
+    fn heatmaps_are_large_enough_to_see_rows_and_columns() {
         assert_eq!(grid_dims(8, 8), (8, 8));
-        assert_eq!(grid_dims(4096, 4096), (256, 256));
-        assert_eq!(grid_dims(4096, 11008), (96, 256));
-        assert_eq!(grid_dims(151_936, 896), (256, 32));
-        assert_eq!(grid_dims(3, 100_000), (3, 256));
+        assert_eq!(display_dims(8, 8), (768, 768));
+        // One pixel per column and half a pixel per row of a 1536 x 384 matrix.
+        assert_eq!(display_dims(1536, 384), (768, 384));
+        assert_eq!(grid_dims(1536, 384), (768, 384));
+        assert_eq!(grid_dims(4096, 4096), (768, 768));
+        assert_eq!(grid_dims(4096, 11008), (384, 768));
+        assert_eq!(grid_dims(151_936, 896), (768, 384));
+        assert_eq!(grid_dims(3, 100_000), (3, 768));
+        assert_eq!(display_dims(3, 100_000), (384, 768));
     }
 
     #[test]
@@ -424,17 +609,18 @@ mod tests {
         for (n, g) in [(10u64, 3usize), (256, 256), (1000, 7), (5, 5)] {
             let b = bounds(n, g);
             assert_eq!(*b.last().unwrap(), n);
-            for x in 0..n {
-                let j = block_of(x, n, g);
-                assert!(x < b[j] && (j == 0 || x >= b[j - 1]), "{n} {g} {x}");
-            }
+            assert!(b.windows(2).all(|w| w[0] < w[1]), "{n} {g}: {b:?}");
         }
     }
 
     #[test]
-    fn colour_maps_are_monotone_at_the_ends() {
-        let m = Mapping::new(Scale::Log, &[1e-3, 1.0, f64::NAN, 0.0], None);
-        assert_eq!(m.color(1.0), SEQUENTIAL[8]);
+    fn colour_scales_clip_at_percentiles_and_say_so() {
+        let mut values: Vec<f64> = (1..=1000).map(|i| i as f64 * 1e-3).collect();
+        values.push(1e6);
+        values.push(f64::NAN);
+        let m = Mapping::new(Scale::Log, &values, None);
+        assert!(m.hi < 1.0 && m.clipped == (true, true), "{} {:?}", m.hi, m.clipped);
+        assert_eq!(m.color(1e6), SEQUENTIAL[8]);
         assert_eq!(m.color(1e-9), SEQUENTIAL[0]);
         assert_eq!(m.color(f64::NAN), NO_DATA);
         let s = Mapping::new(Scale::SymLog, &[-200.0, 1.0], None);
@@ -442,5 +628,7 @@ mod tests {
         assert_eq!(s.color(-200.0), DIVERGING[0]);
         assert_eq!(s.color(1.0), DIVERGING[6]);
         assert_eq!(s.color(-1e9), DIVERGING[0]);
+        let l = Mapping::new(Scale::Linear, &[0.0, 0.5], Some(1.0));
+        assert_eq!((l.t(0.5), l.clipped), (0.5, (false, false)));
     }
 }

@@ -1,12 +1,17 @@
-//! The report's single self-contained `index.html`: what FAPM is, then every picture with a
-//! caption that says how to read it, then the per-tensor numbers as a table.
+//! The report's `index.html`: what FAPM is, then every picture (inline SVG; heatmaps are
+//! PNG files inside their SVG frame) with a caption that says how to read it, then the
+//! per-tensor numbers as a table.
 
 use std::fmt::Write as _;
 
+use super::svg::esc;
+
 /// One picture on the page.
 pub struct Figure {
-    /// Its file name, relative to the page.
-    pub file: String,
+    /// The picture: one `<svg>` element.
+    pub svg: String,
+    /// Its natural width in CSS pixels; the page may draw it narrower, never wider.
+    pub width: f64,
     /// What it shows and how to read it (plain text).
     pub caption: String,
 }
@@ -37,28 +42,13 @@ pub struct Page {
     pub table: Vec<Vec<String>>,
 }
 
-/// Escapes text for HTML element content and attribute values.
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 const STYLE: &str = "body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;\
 max-width:1600px;padding:0 1.5em;color:#222;line-height:1.45}\
 h1{margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}\
 code{background:#f3f3f3;padding:0 .25em;border-radius:3px}\
 .grid{display:flex;flex-wrap:wrap;gap:1.2em}\
-figure{margin:0;max-width:780px}figure img{max-width:100%;border:1px solid #e3e3e3}\
+figure{margin:0}figure svg{width:100%;height:auto;display:block;\
+font-family:system-ui,-apple-system,Segoe UI,sans-serif}\
 figcaption{font-size:.9em;color:#444;margin-top:.3em}\
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.2em .5em;\
 text-align:right}td:first-child,th:first-child{text-align:left;font-family:monospace}\
@@ -105,11 +95,14 @@ pub fn render(page: &Page) -> String {
         let _ = writeln!(h, "<h2>{}</h2>\n<p>{}</p>", esc(&s.title), esc(&s.intro));
         h.push_str("<div class=\"grid\">\n");
         for f in &s.figures {
+            // Two figures side by side where they fit at 560 px or more, each at most its
+            // natural size: heatmaps are drawn scaled, their PNG links to the full size.
             let _ = writeln!(
                 h,
-                "<figure><a href=\"{0}\"><img src=\"{0}\" alt=\"{1}\"></a>\
-                 <figcaption>{1}</figcaption></figure>",
-                esc(&f.file),
+                "<figure style=\"flex:1 1 {:.0}px;max-width:{:.0}px\">{}<figcaption>{}</figcaption></figure>",
+                f.width.min(560.0),
+                f.width,
+                f.svg,
                 esc(&f.caption)
             );
         }
@@ -148,16 +141,18 @@ mod tests {
                 title: "T".into(),
                 intro: "i".into(),
                 figures: vec![
-                    Figure { file: "one.png".into(), caption: "c \"1\"".into() },
-                    Figure { file: "two.png".into(), caption: "c2".into() },
+                    Figure { svg: "<svg id=\"one\"></svg>".into(), width: 100.0, caption: "c \"1\"".into() },
+                    Figure { svg: "<svg id=\"two\"></svg>".into(), width: 900.0, caption: "c2".into() },
                 ],
             }],
             table_head: vec!["name".into()],
             table: vec![vec!["w".into()]],
         };
         let html = render(&page);
-        assert!(html.contains("<img src=\"one.png\""));
-        assert!(html.contains("<img src=\"two.png\""));
+        assert!(html.contains(
+            "<figure style=\"flex:1 1 100px;max-width:100px\"><svg id=\"one\"></svg><figcaption>c &quot;1&quot;"
+        ));
+        assert!(html.contains("<figure style=\"flex:1 1 560px;max-width:900px\"><svg id=\"two\"></svg>"));
         assert!(html.contains("a&lt;b&gt;.safetensors"));
         assert!(html.contains("x &amp; y"));
         assert!(html.contains("c &quot;1&quot;"));

@@ -1,25 +1,32 @@
-//! The streaming passes behind the report: the FAPM base mean, and one pass per tensor that
-//! bins every candidate by the high 16 bits of its order-preserving score key, for both
-//! metrics at once, so that what survives at any sparsity can be read off the bins.
+//! The report's numbers, computed the way `prune --threshold approx` chooses: both metrics'
+//! score keys are counted into the threshold's own [`Histogram`], [`threshold::plan`] makes
+//! the cut for each charted sparsity, and a last pass sums what every cut keeps, selected by
+//! [`Cut::select`] as the mask stage selects. The curves are therefore what prune keeps,
+//! position for position, not an estimate from the bins.
 //!
-//! Reading a keep count off the bins is exact except inside the one boundary bin, which is
-//! taken pro rata (its entries are within 2^-7 relative of each other): good enough for a
-//! chart, and documented in the report.
+//! Every pass streams the memory-mapped tensors in chunks of [`CHUNK`] elements; what stays
+//! per tensor is two histograms and a few numbers.
+
+use std::convert::Infallible;
 
 use fapm_stages::checkpoint::TensorRef;
 use fapm_stages::dtype::DType;
-use fapm_stages::score::{convert, key, mean_abs, score, sum_abs, Elem, Metric};
-use fapm_stages::threshold::Sparsity;
+use fapm_stages::score::{mean_abs, sum_abs, Elem, Metric, Scorer, NOT_CANDIDATE};
+use fapm_stages::threshold::{self, Cut, Histogram, Sparsity, ThresholdMode};
 use fapm_stages::with_elems;
 
-/// Elements per chunk: no pass ever looks at more of a tensor at once.
-pub const CHUNK: usize = 1 << 20;
+/// Elements per chunk: the per-chunk buffers (keys, kept indices, changes) stay within the
+/// L2 cache of most machines.
+pub const CHUNK: usize = 1 << 16;
 
 /// The sparsities the charts compare, as exact decimals.
 pub const SPARSITIES: [&str; 5] = ["0.5", "0.75", "0.9", "0.95", "0.99"];
 
 /// The sparsity whose kept positions the heatmaps show.
 pub const MAP_SPARSITY: &str = "0.9";
+
+/// The metrics compared, in the order of every `[_; 2]` in the report.
+pub const METRICS: [Metric; 2] = [Metric::Magnitude, Metric::Fapm];
 
 /// A 2-D tensor present with the same shape and a floating dtype in both checkpoints.
 #[derive(Clone)]
@@ -67,6 +74,12 @@ impl Pair {
     pub fn dtypes(&self) -> (DType, DType) {
         (self.ft.info().dtype, self.base.info().dtype)
     }
+
+    /// The scorers of [`METRICS`] for this pair, given the FAPM mean.
+    pub fn scorers(&self, mean: f32) -> [Scorer; 2] {
+        let (ft, base) = self.dtypes();
+        METRICS.map(|metric| Scorer { ft, base, metric, mean, penalty: 1.0 })
+    }
 }
 
 /// What one metric keeps of one tensor at one sparsity.
@@ -77,9 +90,9 @@ pub struct Kept {
     /// Sum of `|d| / |pre|` over kept positions where it is finite.
     pub rel: f64,
     /// How many kept positions have a finite `|d| / |pre|`.
-    pub rel_n: f64,
+    pub rel_n: u64,
     /// How many positions are kept.
-    pub count: f64,
+    pub count: u64,
 }
 
 impl Kept {
@@ -102,109 +115,55 @@ impl Kept {
 
     /// The mean relative change `|d| / |pre|` of kept positions (NaN when none).
     pub fn mean_rel(&self) -> f64 {
-        if self.rel_n > 0.0 {
-            self.rel / self.rel_n
+        if self.rel_n > 0 {
+            self.rel / self.rel_n as f64
         } else {
             f64::NAN
         }
     }
 }
 
-/// Which candidates of a tensor one metric keeps at [`MAP_SPARSITY`], to bin precision:
-/// every key whose high 16 bits exceed `bin`, and a `frac` share of those equal to it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BinCut {
-    /// The boundary bin (`u32::MAX` when nothing is kept, 0 when everything is).
-    pub bin: u32,
-    /// The share of the boundary bin that is kept.
-    pub frac: f64,
+/// The cut `prune --threshold approx` makes to keep `k` of the candidates counted in `high`.
+pub fn approx_cut(high: &Histogram, k: u64) -> Cut {
+    // Approx mode only ever asks for the high-bits histogram, which is already counted.
+    let planned =
+        threshold::plan(k, ThresholdMode::Approx, 1, |_| Ok::<_, Infallible>(Histogram::default().merge(high)));
+    planned.unwrap_or_else(|never| match never {})
 }
 
-impl BinCut {
-    /// How much of a candidate with this key is kept (0, 1, or the boundary share).
-    #[inline]
-    pub fn weight(&self, key: u32) -> f64 {
-        let b = key >> 16;
-        if b > self.bin {
-            1.0
-        } else if b == self.bin {
-            self.frac
-        } else {
-            0.0
-        }
-    }
+/// A cut applied chunk by chunk in index order: the boundary quota is used up by the first
+/// boundary candidates of the tensor, as in prune's mask stage.
+pub struct Selection {
+    cut: Cut,
+    /// Boundary candidates still to keep.
+    quota: u64,
+    /// Boundary candidates in the chunks not yet seen.
+    at_level_left: u64,
 }
 
-/// Candidates of one tensor binned by the high 16 bits of one metric's score key.
-pub struct KeyBins {
-    count: Vec<u64>,
-    d2: Vec<f64>,
-    rel: Vec<f64>,
-    rel_n: Vec<u64>,
-}
-
-impl Default for KeyBins {
-    fn default() -> Self {
-        KeyBins { count: vec![0; 1 << 16], d2: vec![0.0; 1 << 16], rel: vec![0.0; 1 << 16], rel_n: vec![0; 1 << 16] }
-    }
-}
-
-impl KeyBins {
-    /// Empties every bin, keeping the allocation.
-    pub fn clear(&mut self) {
-        self.count.fill(0);
-        self.d2.fill(0.0);
-        self.rel.fill(0.0);
-        self.rel_n.fill(0);
+impl Selection {
+    /// Starts selecting `cut` at the tensor's first element.
+    pub fn new(cut: Cut) -> Self {
+        let (quota, at_level_left) = match cut {
+            Cut::Level { take, at_level, .. } => (take, at_level),
+            _ => (0, 0),
+        };
+        Selection { cut, quota, at_level_left }
     }
 
-    #[inline]
-    fn add(&mut self, key: u32, d2: f64, rel: f32) {
-        let b = (key >> 16) as usize;
-        self.count[b] += 1;
-        self.d2[b] += d2;
-        if rel.is_finite() {
-            self.rel[b] += rel as f64;
-            self.rel_n[b] += 1;
+    /// Writes the chunk-relative indices of the kept positions of the next chunk's `keys`
+    /// to the front of `kept` (at least `keys.len()` long); returns how many there are.
+    pub fn next(&mut self, keys: &[u32], kept: &mut [u32]) -> usize {
+        // Boundary candidates are counted only in the chunks where the quota runs out:
+        // before, every one is kept; after, none is.
+        if self.quota == 0 || self.quota >= self.at_level_left {
+            let quota = if self.quota == 0 { 0 } else { u64::MAX };
+            return self.cut.select(keys, quota, None, kept);
         }
-    }
-
-    /// What keeping the `k` highest-scoring candidates keeps (boundary bin pro rata).
-    pub fn kept(&self, k: u64) -> Kept {
-        let mut out = Kept::default();
-        let mut left = k;
-        for b in (0..self.count.len()).rev() {
-            let c = self.count[b];
-            if c == 0 {
-                continue;
-            }
-            if left == 0 {
-                break;
-            }
-            let share = if c <= left { 1.0 } else { left as f64 / c as f64 };
-            out.d2 += self.d2[b] * share;
-            out.rel += self.rel[b] * share;
-            out.rel_n += self.rel_n[b] as f64 * share;
-            out.count += c as f64 * share;
-            left -= c.min(left);
-        }
-        out
-    }
-
-    /// The cut that keeps the `k` highest-scoring candidates.
-    pub fn cut(&self, k: u64) -> BinCut {
-        let mut left = k;
-        if left == 0 {
-            return BinCut { bin: u32::MAX, frac: 0.0 };
-        }
-        for b in (0..self.count.len()).rev() {
-            let c = self.count[b];
-            if c >= left {
-                return BinCut { bin: b as u32, frac: left as f64 / c as f64 };
-            }
-            left -= c;
-        }
-        BinCut { bin: 0, frac: 1.0 }
+        let at_level = self.cut.at_level_in(keys);
+        let quota = threshold::quotas([at_level], &mut self.quota)[0];
+        self.at_level_left -= at_level;
+        self.cut.select(keys, quota, Some(at_level), kept)
     }
 }
 
@@ -224,94 +183,136 @@ pub struct TensorStats {
     /// `kept[m][i]`: what metric `METRICS[m]` keeps at sparsity `sparsities[i]`.
     pub kept: [Vec<Kept>; 2],
     /// The cut of each metric at [`MAP_SPARSITY`].
-    pub map_cut: [BinCut; 2],
+    pub map_cut: [Cut; 2],
 }
 
-/// Scratch bins for [`tensor_stats`], reused from tensor to tensor (4 MiB).
-#[derive(Default)]
+/// Per-chunk buffers, reused from chunk to chunk and tensor to tensor.
 pub struct Scratch {
-    bins: [KeyBins; 2],
+    /// Score keys of each metric ([`NOT_CANDIDATE`] where nothing changed).
+    pub keys: [Vec<u32>; 2],
+    /// Chunk-relative indices of kept positions.
+    pub kept: Vec<u32>,
+    d2: Vec<f64>,
+    rel: Vec<f32>,
 }
 
-/// Two streaming passes over one pair (base mean, then bins), reduced to the numbers the
-/// charts need at each of `sparsities`.
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            keys: [vec![0; CHUNK], vec![0; CHUNK]],
+            kept: vec![0; CHUNK],
+            d2: vec![0.0; CHUNK],
+            rel: vec![0.0; CHUNK],
+        }
+    }
+}
+
+impl Scratch {
+    /// Scores one chunk with both scorers into [`Scratch::keys`]; returns the chunk length
+    /// and its number of candidates (the same for both metrics).
+    pub fn score(&mut self, scorers: &[Scorer; 2], ft: &[u8], base: &[u8]) -> (usize, u64) {
+        let len = ft.len() / scorers[0].ft.size();
+        let [mag, fapm] = &mut self.keys;
+        let candidates = scorers[0].keys(ft, base, &mut mag[..len]);
+        scorers[1].keys(ft, base, &mut fapm[..len]);
+        (len, candidates as u64)
+    }
+}
+
+/// Three streaming passes over one pair (base mean, histograms, kept sums), reduced to the
+/// numbers the charts need at each of `sparsities`.
 pub fn tensor_stats(pair: &Pair, sparsities: &[Sparsity], scratch: &mut Scratch) -> TensorStats {
     let mean = pair.base_mean();
-    let (ftd, based) = pair.dtypes();
-    for b in &mut scratch.bins {
-        b.clear();
-    }
-    let (mut candidates, mut total_d2) = (0u64, 0f64);
+    let scorers = pair.scorers(mean);
+    let mut high = [Histogram::default(), Histogram::default()];
+    let mut candidates = 0;
     pair.for_chunks(|_, ft, base| {
-        let [mag, fapm] = &mut scratch.bins;
-        let (c, d2) = with_elems!(ftd, based, |F, B| bin_chunk::<F, B>(ft, base, mean, mag, fapm));
+        let (len, c) = scratch.score(&scorers, ft, base);
+        for (h, keys) in high.iter_mut().zip(&scratch.keys) {
+            h.add_high(&keys[..len]);
+        }
         candidates += c;
-        total_d2 += d2;
     });
     let n = pair.numel();
-    let kept_of = |bins: &KeyBins| -> Vec<Kept> { sparsities.iter().map(|s| bins.kept(s.keep_count(n))).collect() };
+    let cuts = |h: &Histogram| -> Vec<Cut> { sparsities.iter().map(|s| approx_cut(h, s.keep_count(n))).collect() };
+    let cuts = [cuts(&high[0]), cuts(&high[1])];
     let map_k = Sparsity::parse(MAP_SPARSITY).expect("constant sparsity").keep_count(n);
-    TensorStats {
-        name: pair.name.clone(),
-        n,
-        candidates,
-        total_d2,
-        mean,
-        kept: [kept_of(&scratch.bins[0]), kept_of(&scratch.bins[1])],
-        map_cut: [scratch.bins[0].cut(map_k), scratch.bins[1].cut(map_k)],
-    }
+    let map_cut = [approx_cut(&high[0], map_k), approx_cut(&high[1], map_k)];
+    drop(high);
+
+    let mut selections: [Vec<Selection>; 2] = cuts.map(|c| c.into_iter().map(Selection::new).collect());
+    let mut kept: [Vec<Kept>; 2] = [vec![Kept::default(); sparsities.len()], vec![Kept::default(); sparsities.len()]];
+    let (ftd, based) = pair.dtypes();
+    let mut total_d2 = 0.0;
+    pair.for_chunks(|_, ft, base| {
+        let (len, _) = scratch.score(&scorers, ft, base);
+        let Scratch { keys, kept: idx, d2, rel } = scratch;
+        with_elems!(ftd, based, |F, B| changes::<F, B>(ft, base, &mut d2[..len], &mut rel[..len]));
+        total_d2 +=
+            keys[0][..len].iter().zip(&d2[..len]).filter(|(&k, _)| k != NOT_CANDIDATE).map(|(_, d)| d).sum::<f64>();
+        for m in 0..2 {
+            for (sel, k) in selections[m].iter_mut().zip(&mut kept[m]) {
+                let count = sel.next(&keys[m][..len], idx);
+                for &i in &idx[..count] {
+                    let (d2, rel) = (d2[i as usize], rel[i as usize]);
+                    k.d2 += d2;
+                    k.count += 1;
+                    if rel.is_finite() {
+                        k.rel += rel as f64;
+                        k.rel_n += 1;
+                    }
+                }
+            }
+        }
+    });
+    TensorStats { name: pair.name.clone(), n, candidates, total_d2, mean, kept, map_cut }
 }
 
-fn bin_chunk<F: Elem, B: Elem>(ft: &[u8], base: &[u8], mean: f32, mag: &mut KeyBins, fapm: &mut KeyBins) -> (u64, f64) {
-    let n = ft.len() / F::SIZE;
-    let (mut candidates, mut total) = (0u64, 0f64);
-    for i in 0..n {
-        let fb = F::bits(ft, i);
-        let bb = B::bits(base, i);
-        if fb == convert::<F, B>(bb) {
-            continue;
-        }
-        let (f, p) = (F::to_f32(fb), B::to_f32(bb));
+/// `d^2` (0 where `d` is not finite) and `|d| / |pre|` of every position of a chunk, from
+/// the values the scores are computed from.
+fn changes<F: Elem, B: Elem>(ft: &[u8], base: &[u8], d2: &mut [f64], rel: &mut [f32]) {
+    for (i, (d2, rel)) in d2.iter_mut().zip(rel.iter_mut()).enumerate() {
+        let (f, p) = (F::to_f32(F::bits(ft, i)), B::to_f32(B::bits(base, i)));
         let d = f - p;
-        let d2 = if d.is_finite() { (d as f64) * (d as f64) } else { 0.0 };
-        let rel = d.abs() / p.abs();
-        candidates += 1;
-        total += d2;
-        mag.add(key(score(Metric::Magnitude, f, p, mean)), d2, rel);
-        fapm.add(key(score(Metric::Fapm, f, p, mean)), d2, rel);
+        *d2 = if d.is_finite() { (d as f64) * (d as f64) } else { 0.0 };
+        *rel = d.abs() / p.abs();
     }
-    (candidates, total)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fapm_stages::score::key;
 
-    #[test]
-    fn bins_keep_the_top_k() {
-        let mut bins = KeyBins::default();
-        for (s, d) in [(4.0f32, 4.0f32), (3.0, 3.0), (2.0, 2.0), (1.0, 1.0)] {
-            bins.add(key(s), (d * d) as f64, d);
-        }
-        assert_eq!(bins.kept(0), Kept::default());
-        let two = bins.kept(2);
-        assert_eq!((two.d2, two.rel, two.count), (25.0, 7.0, 2.0));
-        assert_eq!(bins.kept(9).d2, 30.0);
-        assert!((two.norm_fraction(30.0) - (25.0f64 / 30.0).sqrt()).abs() < 1e-12);
-        let cut = bins.cut(2);
-        assert_eq!(cut.weight(key(3.0)), 1.0);
-        assert_eq!(cut.weight(key(2.0)), 0.0);
-        assert_eq!(bins.cut(0).weight(key(4.0)), 0.0);
-        assert_eq!(bins.cut(10).weight(key(1.0)), 1.0);
+    fn histogram(scores: &[f32]) -> Histogram {
+        let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();
+        let mut h = Histogram::default();
+        h.add_high(&keys);
+        h
     }
 
     #[test]
-    fn a_shared_bin_is_taken_pro_rata() {
-        let mut bins = KeyBins::default();
-        bins.add(key(1.0), 1.0, 1.0);
-        bins.add(key(1.0), 3.0, f32::INFINITY);
-        let k = bins.kept(1);
-        assert_eq!((k.d2, k.rel, k.rel_n, k.count), (2.0, 0.5, 0.5, 1.0));
-        assert_eq!(bins.cut(1).frac, 0.5);
+    fn selections_keep_the_top_k_in_index_order() {
+        let scores = [1.0f32, 4.0, 2.0, 3.0];
+        let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();
+        let h = histogram(&scores);
+        assert_eq!(approx_cut(&h, 0), Cut::Nothing);
+        assert_eq!(approx_cut(&h, 4), Cut::All);
+        let mut kept = [0u32; 4];
+        let n = Selection::new(approx_cut(&h, 2)).next(&keys, &mut kept);
+        assert_eq!(&kept[..n], [1, 3]);
+    }
+
+    #[test]
+    fn a_shared_bin_is_filled_in_index_order_across_chunks() {
+        // Four equal scores, two kept: the first two positions, whichever chunk they are in.
+        let keys = [key(1.0); 4];
+        let h = histogram(&[1.0; 4]);
+        let mut sel = Selection::new(approx_cut(&h, 2));
+        let mut kept = [0u32; 2];
+        assert_eq!(sel.next(&keys[..1], &mut kept), 1);
+        assert_eq!(sel.next(&keys[1..3], &mut kept), 1);
+        assert_eq!(kept[0], 0);
+        assert_eq!(sel.next(&keys[3..], &mut kept), 0);
     }
 }

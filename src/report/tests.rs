@@ -1,29 +1,23 @@
-//! Tests of the whole report on small synthetic checkpoint pairs written by hand.
+//! Tests of the whole report on small synthetic checkpoint pairs written by the
+//! `safetensors` crate.
 
 use std::path::Path;
 
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+use super::stats::MAP_SPARSITY;
 use super::*;
 
-/// A tensor to write: name, dtype name, shape, little-endian bytes.
-pub(super) type Raw = (String, &'static str, Vec<u64>, Vec<u8>);
+/// A tensor to write: name, dtype, shape, little-endian bytes.
+pub(super) type Raw = (String, Dtype, Vec<usize>, Vec<u8>);
 
-/// Writes a safetensors file by hand: 8-byte header length, JSON header, data.
+/// Writes a safetensors file with the `safetensors` crate.
 pub(super) fn write_safetensors(path: &Path, tensors: &[Raw]) {
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    for (name, dtype, shape, bytes) in tensors {
-        let begin = data.len();
-        data.extend_from_slice(bytes);
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [begin, data.len()]}),
-        );
-    }
-    let text = serde_json::to_string(&header).unwrap();
-    let mut file = (text.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(text.as_bytes());
-    file.extend_from_slice(&data);
-    std::fs::write(path, file).unwrap();
+    let views = tensors.iter().map(|(name, dtype, shape, bytes)| {
+        (name.as_str(), TensorView::new(*dtype, shape.clone(), bytes).expect("a consistent tensor"))
+    });
+    safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
 /// A deterministic xorshift generator giving floats in [-1, 1).
@@ -74,20 +68,20 @@ fn write_pair(dir: &Path) -> (PathBuf, PathBuf) {
     for (i, (r, c)) in [(64usize, 48usize), (40, 40), (17, 300)].into_iter().enumerate() {
         let (b, f) = matrix(&mut rng, r, c);
         let name = format!("layers.{i}.proj.weight");
-        let shape = vec![r as u64, c as u64];
-        base.push((name.clone(), "F32", shape.clone(), f32_bytes(&b)));
+        let shape = vec![r, c];
+        base.push((name.clone(), Dtype::F32, shape.clone(), f32_bytes(&b)));
         if i == 1 {
-            ft.push((name, "BF16", shape, bf16_bytes(&f)));
+            ft.push((name, Dtype::BF16, shape, bf16_bytes(&f)));
         } else {
-            ft.push((name, "F32", shape, f32_bytes(&f)));
+            ft.push((name, Dtype::F32, shape, f32_bytes(&f)));
         }
     }
     let norm: Vec<f32> = (0..16).map(|i| 1.0 + i as f32 * 0.01).collect();
-    base.push(("norm.weight".into(), "F32", vec![16], f32_bytes(&norm)));
-    ft.push(("norm.weight".into(), "F32", vec![16], f32_bytes(&norm)));
+    base.push(("norm.weight".into(), Dtype::F32, vec![16], f32_bytes(&norm)));
+    ft.push(("norm.weight".into(), Dtype::F32, vec![16], f32_bytes(&norm)));
     let ids: Vec<u8> = (0..8i64).flat_map(|x| x.to_le_bytes()).collect();
-    ft.push(("position_ids".into(), "I64", vec![8], ids));
-    ft.push(("head.bias".into(), "F32", vec![4], f32_bytes(&[1.0; 4])));
+    ft.push(("position_ids".into(), Dtype::I64, vec![8], ids));
+    ft.push(("head.bias".into(), Dtype::F32, vec![4], f32_bytes(&[1.0; 4])));
     let (bp, fp) = (dir.join("base.safetensors"), dir.join("ft.safetensors"));
     write_safetensors(&bp, &base);
     write_safetensors(&fp, &ft);
@@ -115,19 +109,22 @@ fn report_writes_every_picture_and_the_page_shows_them() {
     assert_eq!(summary.tensors_charted, 3);
     assert_eq!(summary.heatmap_tensors.len(), 3);
     assert_eq!(summary.files[0], cfg.output.join("index.html"));
-    // index + 2 overview + 3 tensors x 6 heatmaps + 5 sparsities x 2 per-layer charts.
-    assert_eq!(summary.files.len(), 1 + 2 + 18 + 10);
+    // index + 3 tensors x 6 heatmaps; the charts are inside the page.
+    assert_eq!(summary.files.len(), 1 + 18);
     let html = std::fs::read_to_string(&summary.files[0]).unwrap();
+    // 2 whole-model charts and 2 per sparsity, each with its title and axis labels as text.
+    assert_eq!(html.matches("<svg class=\"chart\"").count(), 2 + 2 * SPARSITIES.len());
+    assert!(html.contains(">Task-vector norm kept</text>") && html.contains(">norm fraction kept</text>"));
+    assert_eq!(html.matches("<svg class=\"heatmap\"").count(), 18);
     for f in &summary.files[1..] {
         let name = f.file_name().unwrap().to_str().unwrap();
-        assert!(html.contains(&format!("src=\"{name}\"")), "{name} not shown");
+        assert!(html.contains(&format!("href=\"{name}\"")), "{name} not shown");
+        // Large enough to see rows and columns: the 17 x 300 matrix too.
         let (w, h) = png_size(f);
-        assert!(w >= 200 && h >= 150, "{name}: {w}x{h}");
+        assert!(w.max(h) >= 384 && w.min(h) >= 192, "{name}: {w}x{h}");
     }
-    let (w, h) = png_size(&cfg.output.join("overview-norm.png"));
-    assert_eq!((w as usize, h as usize), (chart::WIDTH, chart::HEIGHT));
     // Every image the page references was written.
-    for part in html.split("src=\"").skip(1) {
+    for part in html.split("href=\"").skip(1) {
         let name = &part[..part.find('"').unwrap()];
         assert!(cfg.output.join(name).is_file(), "{name} missing");
     }
@@ -184,10 +181,10 @@ fn bad_inputs_name_the_file_and_leave_nothing() {
 
 /// Opens a one-matrix pair and returns its `Pair`.
 fn one_pair(dir: &Path, base: &[f32], ft: &[f32], rows: u64, cols: u64) -> Pair {
-    let shape = vec![rows, cols];
+    let shape = vec![rows as usize, cols as usize];
     let (bp, fp) = (dir.join("b.safetensors"), dir.join("f.safetensors"));
-    write_safetensors(&bp, &[("w".into(), "F32", shape.clone(), f32_bytes(base))]);
-    write_safetensors(&fp, &[("w".into(), "F32", shape, f32_bytes(ft))]);
+    write_safetensors(&bp, &[("w".into(), Dtype::F32, shape.clone(), f32_bytes(base))]);
+    write_safetensors(&fp, &[("w".into(), Dtype::F32, shape, f32_bytes(ft))]);
     let (b, f) = (Checkpoint::open(&bp).unwrap(), Checkpoint::open(&fp).unwrap());
     let (mut p, other) = pairs(&b, &f);
     assert_eq!(other, 0);
@@ -208,6 +205,11 @@ fn kept_norm_is_one_at_sparsity_zero_and_never_grows() {
         assert!((fr[0] - 1.0).abs() < 1e-12, "{fr:?}");
         assert_eq!(*fr.last().unwrap(), 0.0);
         assert!(fr.windows(2).all(|w| w[1] <= w[0] + 1e-12), "{fr:?}");
+    }
+    // Exactly k positions are kept, as prune keeps them, ties or not.
+    for (j, sparsity) in sp.iter().enumerate() {
+        let k = sparsity.keep_count(s.n).min(s.candidates);
+        assert_eq!((s.kept[0][j].count, s.kept[1][j].count), (k, k), "sparsity {}", levels[j]);
     }
     // FAPM trades a little norm for much smaller relative changes.
     let j = 4; // 0.9
@@ -237,7 +239,7 @@ fn magnitude_curve_matches_a_sort() {
     let top: f64 = d2[..16].iter().sum();
     let got = s.kept[0][0].norm_fraction(s.total_d2);
     assert!((got - (top / total).sqrt()).abs() < 1e-9, "{got}");
-    assert_eq!(s.kept[0][0].count, 16.0);
+    assert_eq!(s.kept[0][0].count, 16);
 }
 
 #[test]
@@ -250,8 +252,8 @@ fn heatmap_blocks_cover_a_tensor_larger_than_a_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let pair = one_pair(dir.path(), &base, &ft, rows, cols);
     let s = stats::tensor_stats(&pair, &[], &mut Scratch::default());
-    let grid = heatmap::accumulate(&pair, s.mean, s.map_cut);
-    assert_eq!((grid.gh, grid.gw), (256, 256));
+    let grid = heatmap::accumulate(&pair, s.mean, s.map_cut, &mut Scratch::default());
+    assert_eq!((grid.gh, grid.gw), (767, 768));
     // Every relative change is 0.5, so every block's mean is 0.5.
     let rel = grid.values(Quantity::Relative);
     assert!(rel.iter().all(|v| (v - 0.5).abs() < 1e-6));
@@ -259,6 +261,93 @@ fn heatmap_blocks_cover_a_tensor_larger_than_a_chunk() {
     let kept = grid.values(Quantity::KeptFapm);
     let mean = kept.iter().sum::<f64>() / kept.len() as f64;
     assert!((mean - 0.1).abs() < 0.01, "{mean}");
+}
+
+/// One changed row and one changed column of a 1536 x 384 matrix stand out in the |dW| map
+/// as lines of their own, against the dark rest.
+#[test]
+fn a_changed_row_and_column_are_visible() {
+    let (rows, cols) = (1536u64, 384u64);
+    let base = vec![0.5f32; (rows * cols) as usize];
+    let ft: Vec<f32> = (0..rows * cols)
+        .map(|i| match (i / cols, i % cols) {
+            (700, _) | (_, 100) => 0.75,
+            _ => 0.5 + 1.0 / 1024.0,
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let pair = one_pair(dir.path(), &base, &ft, rows, cols);
+    let s = stats::tensor_stats(&pair, &[], &mut Scratch::default());
+    let grid = heatmap::accumulate(&pair, s.mean, s.map_cut, &mut Scratch::default());
+    let picture = heatmap::render(&grid, Quantity::DeltaAbs, None);
+    assert_eq!((picture.width, picture.height), (384, 768));
+    let (row_y, col_x) = (700 * 768 / 1536, 100);
+    // The bulk takes the bottom colour; the column the top one; the row (averaged with its
+    // unchanged neighbour in one block) near it.
+    let dark = picture.pixel(300, 600);
+    assert_eq!(dark, [68, 1, 84]);
+    assert_eq!(picture.pixel(col_x, 10), [253, 231, 37]);
+    let row = picture.pixel(10, row_y);
+    assert_eq!(row, picture.pixel(300, row_y));
+    assert!(row[1] > 200, "{row:?}");
+    assert_eq!(picture.pixel(10, row_y + 2), dark);
+}
+
+/// The kept maps show exactly the positions `prune --threshold approx` keeps: on a matrix
+/// small enough for one block per element, a block is kept (1) or not (0) as the position
+/// is in the applied model.
+#[test]
+fn kept_maps_are_what_prune_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, cols) = (40u64, 50u64);
+    // Few distinct values: many equal scores, so the boundary bin is shared.
+    let base: Vec<f32> = (0..rows * cols).map(|i| [0.5f32, 0.25, 1.0, 2.0][(i % 4) as usize]).collect();
+    let ft: Vec<f32> = base.iter().enumerate().map(|(i, &b)| if i % 3 == 0 { b } else { b + 0.125 }).collect();
+    let pair = one_pair(dir.path(), &base, &ft, rows, cols);
+    let s = stats::tensor_stats(&pair, &[], &mut Scratch::default());
+    let grid = heatmap::accumulate(&pair, s.mean, s.map_cut, &mut Scratch::default());
+    assert_eq!((grid.gh, grid.gw), (rows as usize, cols as usize));
+    let ctl = Ctl::default();
+    let delta = dir.path().join("d.fapm");
+    let prune = crate::config::PruneConfig {
+        base: dir.path().join("b.safetensors"),
+        finetuned: dir.path().join("f.safetensors"),
+        output: delta.clone(),
+        sparsity: crate::config::sparsity(MAP_SPARSITY).unwrap(),
+        sparsity_for: Vec::new(),
+        metric: crate::config::metric("fapm").unwrap(),
+        penalty: crate::config::Penalty::default(),
+        threshold: crate::config::threshold("approx").unwrap(),
+        include: Vec::new(),
+        exclude: Vec::new(),
+        threads: 1,
+        memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
+        overwrite: false,
+        block_elems: fapm_stages::format::BLOCK_ELEMS,
+        part: None,
+    };
+    crate::prune(&prune, &ctl).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let apply = crate::config::ApplyConfig {
+        base: prune.base.clone(),
+        delta,
+        output: Some(out.clone()),
+        threads: 1,
+        memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
+        overwrite: false,
+    };
+    crate::apply(&apply, &ctl).unwrap();
+    let applied = Checkpoint::open(&out).unwrap();
+    let bytes = applied.get("w").unwrap().bytes().to_vec();
+    let kept = grid.values(Quantity::KeptFapm);
+    let mut n = 0;
+    for (i, (&b, &f)) in base.iter().zip(&ft).enumerate() {
+        let got = f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+        let by_prune = b != f && got == f;
+        assert_eq!(kept[i] == 1.0, by_prune, "position {i}");
+        n += by_prune as u64;
+    }
+    assert_eq!(n, Sparsity::parse(MAP_SPARSITY).unwrap().keep_count(rows * cols));
 }
 
 /// Renders a sample report to `$FAPM_REPORT_SAMPLE` for looking at the pictures:
@@ -271,12 +360,12 @@ fn render_sample_report() {
     let mut rng = Rng(7);
     let (mut base, mut ft): (Vec<Raw>, Vec<Raw>) = (Vec::new(), Vec::new());
     for layer in 0..6 {
-        for (part, r, c) in [("q_proj", 256, 256), ("up_proj", 384, 256)] {
+        for (part, r, c) in [("q_proj", 384, 384), ("up_proj", 1536, 384)] {
             let (b, f) = matrix(&mut rng, r, c);
             let name = format!("model.layers.{layer}.{part}.weight");
-            let shape = vec![r as u64, c as u64];
-            base.push((name.clone(), "BF16", shape.clone(), bf16_bytes(&b)));
-            ft.push((name, "BF16", shape, bf16_bytes(&f)));
+            let shape = vec![r, c];
+            base.push((name.clone(), Dtype::BF16, shape.clone(), bf16_bytes(&b)));
+            ft.push((name, Dtype::BF16, shape, bf16_bytes(&f)));
         }
     }
     let (bp, fp) = (dir.path().join("b.safetensors"), dir.path().join("f.safetensors"));

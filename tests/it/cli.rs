@@ -226,6 +226,7 @@ fn version_1_deltas_still_apply() {
 }
 
 /// `fapm report` writes an index.html and valid PNGs it links to, for a sharded model.
+#[cfg(feature = "report")]
 #[test]
 fn report_writes_linked_pngs() {
     let dir = tempfile::tempdir().unwrap();
@@ -245,6 +246,18 @@ fn report_writes_linked_pngs() {
         }
     }
     assert!(pngs >= 4);
+}
+
+/// Built without the `report` feature, `fapm report` says so and fails like bad input.
+#[cfg(not(feature = "report"))]
+#[test]
+fn report_says_when_it_is_not_built_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let (base, ft) = (fixture("single/base.safetensors"), fixture("single/finetuned.safetensors"));
+    let o = run(&["report", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out)]);
+    crate::util::assert_error(&o, &["report is not built in"], "report without the feature");
+    assert!(!out.exists());
 }
 
 /// One tensor larger than the memory budget (100 MB of F32 per file, budget 64M): prune,

@@ -321,6 +321,7 @@ fn hostile_names_cannot_forge_output_lines() {
 }
 
 /// Ctrl-C during `fapm report` stops it, with no output and no temporary directory left.
+#[cfg(feature = "report")]
 #[test]
 fn interrupted_report_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,5 +5,6 @@ mod faults;
 mod hostile;
 mod parts;
 mod pipeline;
+mod readback;
 mod reference;
 mod util;

@@ -1,11 +1,14 @@
-//! Test helpers: writing safetensors files, reading tensors back, running the binary.
+//! Test helpers: writing safetensors files (with the `safetensors` crate), reading tensors
+//! back, running the binary.
 
-use std::io::Write;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use fapm_stages::checkpoint::Checkpoint;
 use fapm_stages::dtype::DType;
+use safetensors::tensor::TensorView;
+use safetensors::View;
 
 /// A tensor to write: name, dtype, shape, little-endian bytes.
 #[derive(Clone, Debug)]
@@ -23,38 +26,29 @@ impl T {
     }
 }
 
-/// Serializes tensors as one safetensors file, in the given order, contiguous.
+/// The `safetensors` crate's name for one of our dtypes.
+pub fn st_dtype(dtype: DType) -> safetensors::Dtype {
+    serde_json::from_value(serde_json::json!(dtype.name())).expect("a dtype both know")
+}
+
+/// Serializes tensors as one safetensors file with the `safetensors` crate, which lays them
+/// out as every file it (and Python's `safetensors`) writes: by dtype alignment, then name.
 pub fn safetensors_bytes(tensors: &[T], metadata: Option<&str>) -> Vec<u8> {
-    let mut header = String::from("{");
-    if let Some(m) = metadata {
-        header.push_str(&format!("\"__metadata__\":{m},"));
-    }
-    let mut offset = 0;
-    for (i, t) in tensors.iter().enumerate() {
-        if i > 0 {
-            header.push(',');
-        }
-        let end = offset + t.data.len();
-        header.push_str(&format!(
-            "{}:{{\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{offset},{end}]}}",
-            serde_json::to_string(&t.name).unwrap(),
-            t.dtype.name(),
-            t.shape
-        ));
-        offset = end;
-    }
-    header.push('}');
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    for t in tensors {
-        out.extend_from_slice(&t.data);
-    }
-    out
+    let metadata = metadata.map(|m| serde_json::from_str(m).expect("string-to-string metadata"));
+    let views = tensors.iter().map(|t| {
+        let shape = t.shape.iter().map(|&d| d as usize).collect();
+        (t.name.as_str(), TensorView::new(st_dtype(t.dtype), shape, &t.data).expect("a consistent tensor"))
+    });
+    safetensors::serialize(views, metadata).unwrap()
+}
+
+/// Puts tensors in the order [`safetensors_bytes`] lays them out.
+pub fn sort_as_written(tensors: &mut [T]) {
+    tensors.sort_by(|a, b| st_dtype(b.dtype).cmp(&st_dtype(a.dtype)).then_with(|| a.name.cmp(&b.name)));
 }
 
 pub fn write_safetensors(path: &Path, tensors: &[T]) {
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(&safetensors_bytes(tensors, Some("{\"format\":\"pt\"}"))).unwrap();
+    std::fs::write(path, safetensors_bytes(tensors, Some("{\"format\":\"pt\"}"))).unwrap();
 }
 
 /// Tensors read back: (name, dtype, shape, bytes) in checkpoint order.
@@ -114,22 +108,37 @@ pub fn big_pair_shaped(dir: &Path, shape: &[u64]) -> (PathBuf, PathBuf) {
     assert_eq!(shape.iter().product::<u64>(), n as u64);
     let (base, ft) = (dir.join("base.safetensors"), dir.join("ft.safetensors"));
     for (path, shift) in [(&base, 0u32), (&ft, 1)] {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-        let header = format!(r#"{{"w":{{"dtype":"F32","shape":{shape:?},"data_offsets":[0,{}]}}}}"#, 4 * n);
-        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
-        f.write_all(header.as_bytes()).unwrap();
-        let mut chunk = Vec::with_capacity(4 << 20);
-        for start in (0..n).step_by(1 << 20) {
-            chunk.clear();
-            for i in start..start + (1 << 20) {
-                let x = (i as u32).wrapping_mul(2_654_435_761) >> 9;
-                chunk.extend_from_slice(&(x as f32 * 1e-6 + (i as u32 % 7 * shift) as f32 * 1e-7).to_le_bytes());
-            }
-            f.write_all(&chunk).unwrap();
-        }
-        f.flush().unwrap();
+        let shape = shape.iter().map(|&d| d as usize).collect();
+        let w = Generated { shape, n, shift };
+        safetensors::serialize_to_file([("w", w)], None, path).unwrap();
     }
     (base, ft)
+}
+
+/// The one F32 tensor of a [`big_pair`] file, made when the writer asks for its bytes.
+struct Generated {
+    shape: Vec<usize>,
+    n: usize,
+    shift: u32,
+}
+
+impl View for Generated {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let value = |i: usize| {
+            let x = (i as u32).wrapping_mul(2_654_435_761) >> 9;
+            x as f32 * 1e-6 + (i as u32 % 7 * self.shift) as f32 * 1e-7
+        };
+        Cow::Owned(f32s((0..self.n).map(value)))
+    }
+    fn data_len(&self) -> usize {
+        4 * self.n
+    }
 }
 
 /// Asserts a failed run: exit code 1, one `error:` line on stderr containing every needle.
@@ -182,7 +191,8 @@ pub fn small_pair(dir: &Path) -> (PathBuf, PathBuf) {
     (base, ft)
 }
 
-/// A safetensors file from a literal header and data buffer.
+/// A safetensors file from a literal header and data buffer, written by hand: the tests of
+/// malformed files need headers that the `safetensors` crate refuses to write.
 pub fn raw_shard(header: &str, data: &[u8]) -> Vec<u8> {
     let mut v = (header.len() as u64).to_le_bytes().to_vec();
     v.extend_from_slice(header.as_bytes());
