@@ -5,8 +5,10 @@
 //! [`inspect`]. Byte-level work lives in the `fapm-stages` crate.
 
 pub mod config;
+pub mod json;
 pub mod output;
 pub mod pipeline;
+pub mod reconstruct;
 pub mod report;
 pub mod sigbus;
 
