@@ -177,6 +177,14 @@ class _Target:
             return _pt
         raise TypeError(f"not a NumPy array or torch tensor: {type(value).__name__}")
 
+    def default_fw(self):
+        """The framework of new entries: torch for a module, else that of the dict's values."""
+        if not self.is_dict:
+            from . import torch as _pt
+
+            return _pt
+        return next((self.fw(v) for v in self.tensors.values()), _np)
+
     def set(self, key: str, value) -> None:
         """Puts ``value`` under ``key``: a dict entry, or a module's parameter data / buffer."""
         if self.is_dict:
@@ -259,13 +267,15 @@ def _run(d: _Delta, tgt: _Target, step: _Step, label: str) -> None:
         d.patch(step.name, _bytes(step, True), False, label)
         return
     dtype, shape, _, base_dtype, _ = d.tensor(step.name)
-    fw = step.fw or _np
+    fw = step.fw or tgt.default_fw()
     base = _bytes(step, False) if base_dtype is not None else None
     new = _to(fw, d.reconstruct(step.name, base, label), dtype, shape)
     if step.kind == "overwrite":
         step.saved = fw.copy(step.value)
         _bytes(step, True)[:] = fw.as_bytes(new, False)
     else:
+        # A module's parameter stays, its .data is replaced: keep the old .data.
+        step.saved = step.value if tgt.is_dict else step.value.data
         tgt.set(step.key, new)
 
 
@@ -275,7 +285,7 @@ def _undo(d: _Delta, tgt: _Target, step: _Step) -> None:
     elif step.kind == "overwrite":
         _bytes(step, True)[:] = step.fw.as_bytes(step.saved, False)
     elif step.kind == "replace":
-        tgt.set(step.key, step.value)
+        tgt.set(step.key, step.saved)
     else:
         tgt.remove(step.key)
 
