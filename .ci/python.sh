@@ -14,8 +14,9 @@ step "installing the test dependencies"
 # The tests run fapm apply to compare with: the binary `cargo test --workspace` built.
 cargo build --quiet --profile test --bin fapm
 step "building the fapm binary"
-# A target directory that outlives pip's temporary build directory: a rebuild is incremental.
-CARGO_TARGET_DIR="$PWD/python/target" python3 -m pip install -q --disable-pip-version-check ./python
+# The repository's target directory, which outlives pip's temporary build directory: a
+# rebuild is incremental.
+CARGO_TARGET_DIR="$PWD/target" python3 -m pip install -q --disable-pip-version-check ./python
 step "building and installing the package"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

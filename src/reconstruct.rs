@@ -89,7 +89,8 @@ impl Delta {
         let bs = dtype.size() as u64;
         expect_len(&t.name, "base", base.len(), t.numel() * bs)?;
         let spans = self.spans(t);
-        let mut chunks: Vec<&[u8]> = spans.iter().map(|&(s, l)| &base[(s * bs) as usize..((s + l) * bs) as usize]).collect();
+        let mut chunks: Vec<&[u8]> =
+            spans.iter().map(|&(s, l)| &base[(s * bs) as usize..((s + l) * bs) as usize]).collect();
         let n = chunks.len();
         let parts = collect_waves(&mut chunks, between, |i, c| Ok(hash::part(c, spans[i].0 * bs, n)))?;
         if hash::merge(&parts) != want {
@@ -217,7 +218,11 @@ impl Delta {
         let mut blocks: Vec<usize> = (0..n).collect();
         let (mut done, mut at) = (Vec::with_capacity(n), 0usize);
         let too_many = || {
-            Error::tensor(&self.reader.path, &t.name, format!("blocks hold more kept values than the record's {}", t.kept))
+            Error::tensor(
+                &self.reader.path,
+                &t.name,
+                format!("blocks hold more kept values than the record's {}", t.kept),
+            )
         };
         let job = |_: usize, &mut i: &mut usize| {
             let (start, len) = spans[i];
@@ -228,12 +233,15 @@ impl Delta {
             let kept = decode_sparse(&raw, &mut out, size).map_err(|e| self.corrupt(t, i, e))?;
             let positions: Vec<usize> =
                 Sparse::parse(&raw, len, size).map_err(|e| self.corrupt(t, i, e))?.positions().collect();
-            let d = Done { kept, base: Some(hash::part(b, start * bs, n)), out: hash::part(&out, start * size as u64, n) };
+            let d =
+                Done { kept, base: Some(hash::part(b, start * bs, n)), out: hash::part(&out, start * size as u64, n) };
             Ok((d, start, positions, out))
         };
         waves(&mut blocks, between, job, |(d, start, positions, out)| {
             let end = at.checked_add(positions.len()).filter(|&e| e <= indices.len()).ok_or_else(too_many)?;
-            for ((p, i), v) in positions.iter().zip(&mut indices[at..end]).zip(values[at * size..end * size].chunks_exact_mut(size)) {
+            for ((p, i), v) in
+                positions.iter().zip(&mut indices[at..end]).zip(values[at * size..end * size].chunks_exact_mut(size))
+            {
                 *i = (start + *p as u64) as i64;
                 v.copy_from_slice(&out[p * size..(p + 1) * size]);
             }

@@ -441,5 +441,10 @@ fn _fapm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // rust-numpy loads NumPy's C API and its borrow checker on first use, running Python
+    // code: done here, not when a result is handed over, where a pending Ctrl-C would make
+    // the loading fail (and rust-numpy panic).
+    let probe = PyArray1::<u8>::zeros(m.py(), 0, false);
+    drop(probe.readwrite());
     Ok(())
 }
