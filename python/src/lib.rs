@@ -15,7 +15,7 @@ use fapm::reconstruct::Delta as RustDelta;
 use fapm::{Ctl, Error};
 use fapm_stages::checkpoint::Checkpoint as RustCheckpoint;
 use fapm_stages::format::TensorRecord;
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadwriteArray1};
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;

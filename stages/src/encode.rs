@@ -42,10 +42,17 @@ pub fn delta_value(ft: u64, base: u64, size: usize) -> u64 {
 /// Inverse of [`delta_value`]: the fine-tuned bits from the base bits and the value.
 #[inline(always)]
 pub fn apply_value(base: u64, z: u64, size: usize) -> u64 {
+    step(base, z, size, false)
+}
+
+/// `unord(ord(bits) ± unzigzag(z))`, modulo 2^(8 size).
+#[inline(always)]
+fn step(bits: u64, z: u64, size: usize, back: bool) -> u64 {
     let w = 8 * size as u32;
     let mask = u64::MAX >> (64 - w);
     let d = (z >> 1) ^ (z & 1).wrapping_neg();
-    unord(ord(base, size).wrapping_add(d) & mask, size)
+    let o = ord(bits, size);
+    unord(if back { o.wrapping_sub(d) } else { o.wrapping_add(d) } & mask, size)
 }
 
 /// The bits of one element (at most 8 little-endian bytes) as an integer.
@@ -212,10 +219,7 @@ pub fn revert_sparse(raw: &[u8], out: &mut [u8], size: usize) -> Result<u64, Str
 /// and the value.
 #[inline(always)]
 pub fn revert_value(ft: u64, z: u64, size: usize) -> u64 {
-    let w = 8 * size as u32;
-    let mask = u64::MAX >> (64 - w);
-    let d = (z >> 1) ^ (z & 1).wrapping_neg();
-    unord(ord(ft, size).wrapping_sub(d) & mask, size)
+    step(ft, z, size, true)
 }
 
 /// A sparse payload whose positions have all been checked: the kept positions of a block and
