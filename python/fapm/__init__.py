@@ -261,10 +261,18 @@ def _bytes(step: _Step, writable: bool):
         raise FapmError(f"target tensor '{step.key}': {e}") from None
 
 
-def _run(d: _Delta, tgt: _Target, step: _Step, label: str) -> None:
-    """Applies one step; ``step.saved`` keeps what undoing it needs."""
+def _run(d: _Delta, tgt: _Target, step: _Step, label: str, done: List[_Step]) -> None:
+    """Applies one step and records it in ``done``, which must hold every step that may have
+    changed the target even when a Ctrl-C is raised at any point: a patch is recorded by the
+    Rust call as it returns; other steps are recorded before they change anything, and their
+    undo is harmless where they did not."""
     if step.kind == "patch":
-        d.patch(step.name, _bytes(step, True), False, label)
+        finished: List[str] = []
+        try:
+            d.patch(step.name, _bytes(step, True), False, label, finished)
+        finally:
+            if finished:
+                done.append(step)
         return
     dtype, shape, _, base_dtype, _ = d.tensor(step.name)
     fw = step.fw or tgt.default_fw()
@@ -272,10 +280,12 @@ def _run(d: _Delta, tgt: _Target, step: _Step, label: str) -> None:
     new = _to(fw, d.reconstruct(step.name, base, label), dtype, shape)
     if step.kind == "overwrite":
         step.saved = fw.copy(step.value)
+        done.append(step)
         _bytes(step, True)[:] = fw.as_bytes(new, False)
     else:
         # A module's parameter stays, its .data is replaced: keep the old .data.
-        step.saved = step.value if tgt.is_dict else step.value.data
+        step.saved = step.value if (tgt.is_dict or step.value is None) else step.value.data
+        done.append(step)
         tgt.set(step.key, new)
 
 
@@ -286,7 +296,7 @@ def _undo(d: _Delta, tgt: _Target, step: _Step) -> None:
         _bytes(step, True)[:] = step.fw.as_bytes(step.saved, False)
     elif step.kind == "replace":
         tgt.set(step.key, step.saved)
-    else:
+    elif step.key in tgt.tensors:
         tgt.remove(step.key)
 
 
@@ -302,8 +312,7 @@ def _patch(target, delta, check_base: bool, rename: Rename) -> Tuple[_Delta, _Ta
     done: List[_Step] = []
     try:
         for s in steps:
-            _run(d, tgt, s, f"{label} '{s.key}'")
-            done.append(s)
+            _run(d, tgt, s, f"{label} '{s.key}'", done)
     except BaseException:
         for s in reversed(done):
             _undo(d, tgt, s)

@@ -37,7 +37,12 @@ class Delta:
         self, name: str, base: Union[Checkpoint, npt.NDArray[np.uint8], None], base_label: str = "base"
     ) -> np.ndarray: ...
     def patch(
-        self, name: str, target: npt.NDArray[np.uint8], check_base: bool = True, base_label: str = "base"
+        self,
+        name: str,
+        target: npt.NDArray[np.uint8],
+        check_base: bool = True,
+        base_label: str = "base",
+        done: Optional[List[str]] = None,
     ) -> None: ...
     def revert(self, name: str, target: npt.NDArray[np.uint8]) -> None: ...
     def check_base(self, name: str, base: npt.NDArray[np.uint8], base_label: str = "base") -> None: ...

@@ -19,7 +19,7 @@ use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwrite
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::types::PyAny;
+use pyo3::types::{PyAny, PyList};
 
 create_exception!(
     _fapm,
@@ -268,8 +268,10 @@ impl Delta {
     }
 
     /// Patches tensor `name` in place: `target` (its bytes, flat and writable) holds the base
-    /// tensor and ends up holding the fine-tuned one, verified; all or nothing.
-    #[pyo3(signature = (name, target, check_base = true, base_label = "base"))]
+    /// tensor and ends up holding the fine-tuned one, verified; all or nothing. On success
+    /// `name` is appended to `done` before returning, so that a Ctrl-C raised as the call
+    /// returns cannot hide a finished patch from whoever must undo it.
+    #[pyo3(signature = (name, target, check_base = true, base_label = "base", done = None))]
     fn patch(
         &self,
         py: Python<'_>,
@@ -277,12 +279,14 @@ impl Delta {
         mut target: PyReadwriteArray1<'_, u8>,
         check_base: bool,
         base_label: &str,
+        done: Option<Bound<'_, PyList>>,
     ) -> PyResult<()> {
         let t = self.record(name)?;
         let target = target.as_slice_mut()?;
         let delta = &self.inner;
         let label = PathBuf::from(base_label);
-        detached(py, |between| delta.patch(t, target, check_base, &label, between))
+        detached(py, |between| delta.patch(t, target, check_base, &label, between))?;
+        done.map_or(Ok(()), |d| d.append(name))
     }
 
     /// Undoes `patch`: puts the base bits back at every position the delta keeps.
