@@ -44,6 +44,9 @@ if what in ("patch", "swap"):
     model = load_file(base + "/model-00001-of-00004.safetensors")
     for f in sorted(__import__("glob").glob(base + "/*.safetensors"))[1:]:
         model.update(load_file(f))
+    # safetensors maps the file: copy into anonymous memory, as a model loaded for use is,
+    # so that writing into it is not counted as copy-on-write of the mapping.
+    model = {k: v.clone() for k, v in model.items()}
 before = anon()
 peak[0] = before
 threading.Thread(target=sample, daemon=True).start()
