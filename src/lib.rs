@@ -5,9 +5,11 @@
 //! [`inspect`]. Byte-level work lives in the `fapm-stages` crate.
 
 pub mod config;
+pub mod json;
 pub mod merge;
 pub mod output;
 pub mod pipeline;
+pub mod reconstruct;
 #[cfg(feature = "report")]
 pub mod report;
 pub mod sigbus;

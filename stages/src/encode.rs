@@ -42,10 +42,17 @@ pub fn delta_value(ft: u64, base: u64, size: usize) -> u64 {
 /// Inverse of [`delta_value`]: the fine-tuned bits from the base bits and the value.
 #[inline(always)]
 pub fn apply_value(base: u64, z: u64, size: usize) -> u64 {
+    step(base, z, size, false)
+}
+
+/// `unord(ord(bits) ± unzigzag(z))`, modulo 2^(8 size).
+#[inline(always)]
+fn step(bits: u64, z: u64, size: usize, back: bool) -> u64 {
     let w = 8 * size as u32;
     let mask = u64::MAX >> (64 - w);
     let d = (z >> 1) ^ (z & 1).wrapping_neg();
-    unord(ord(base, size).wrapping_add(d) & mask, size)
+    let o = ord(bits, size);
+    unord(if back { o.wrapping_sub(d) } else { o.wrapping_add(d) } & mask, size)
 }
 
 /// The bits of one element (at most 8 little-endian bytes) as an integer.
@@ -199,48 +206,102 @@ pub fn max_sparse_len(elems: u64, size: usize) -> u64 {
 /// Decodes a sparse payload onto `out` (the converted base chunk of `out.len() / size`
 /// elements), returning the number of positions it sets. Errors describe the corruption.
 pub fn decode_sparse(raw: &[u8], out: &mut [u8], size: usize) -> Result<u64, String> {
-    let elems = (out.len() / size) as u64;
-    let mut pos = 0;
-    let count = read_varint(raw, &mut pos).ok_or("truncated count")?;
-    if count > elems {
-        return Err(format!("{count} kept positions in a block of {elems} elements"));
+    scatter::<false>(raw, out, size)
+}
+
+/// Undoes [`decode_sparse`]: `out` holds the decoded chunk and gets back the converted base
+/// chunk it was decoded onto (every value is invertible). Returns the positions it resets.
+pub fn revert_sparse(raw: &[u8], out: &mut [u8], size: usize) -> Result<u64, String> {
+    scatter::<true>(raw, out, size)
+}
+
+/// Inverse of [`apply_value`] in its first argument: the base bits from the fine-tuned bits
+/// and the value.
+#[inline(always)]
+pub fn revert_value(ft: u64, z: u64, size: usize) -> u64 {
+    step(ft, z, size, true)
+}
+
+/// A sparse payload whose positions have all been checked: the kept positions of a block and
+/// their values, as [`Sparse::parse`] found them.
+pub struct Sparse<'a> {
+    gaps: &'a [u8],
+    planes: &'a [u8],
+    count: usize,
+    size: usize,
+}
+
+impl<'a> Sparse<'a> {
+    /// Checks a payload for a block of `elems` elements of `size` bytes: the count, every
+    /// position inside the block, the planes of exactly `count * size` bytes.
+    pub fn parse(raw: &'a [u8], elems: u64, size: usize) -> Result<Self, String> {
+        let mut pos = 0;
+        let count = read_varint(raw, &mut pos).ok_or("truncated count")?;
+        if count > elems {
+            return Err(format!("{count} kept positions in a block of {elems} elements"));
+        }
+        let count = count as usize;
+        // Positions first: all of them are checked before anything is written. The values
+        // pass reads them again, which costs less than storing them (a buffer per block was
+        // most of the time of decoding).
+        let gaps = pos;
+        let mut next = 0u64;
+        for _ in 0..count {
+            let gap = read_varint(raw, &mut pos).ok_or("truncated positions")?;
+            let i = next.checked_add(gap).filter(|&i| i < elems).ok_or("position outside the block")?;
+            next = i + 1;
+        }
+        let planes = raw.get(pos..).filter(|p| p.len() == count * size).ok_or("value planes have the wrong length")?;
+        Ok(Sparse { gaps: &raw[gaps..pos], planes, count, size })
     }
-    let count = count as usize;
-    // Positions first: all of them are checked before `out` is touched. The values pass reads
-    // them again, which costs less than storing them (a buffer per block was most of the
-    // time of this function).
-    let gaps = pos;
-    let mut next = 0u64;
-    for _ in 0..count {
-        let gap = read_varint(raw, &mut pos).ok_or("truncated positions")?;
-        let i = next.checked_add(gap).filter(|&i| i < elems).ok_or("position outside the block")?;
-        next = i + 1;
+
+    /// The number of kept positions.
+    pub fn len(&self) -> usize {
+        self.count
     }
-    let planes = raw.get(pos..).filter(|p| p.len() == count * size).ok_or("value planes have the wrong length")?;
-    let positions = Positions { gaps: &raw[gaps..pos], pos: 0, next: 0 };
+
+    /// Whether no position is kept.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The kept positions, block-relative and ascending.
+    pub fn positions(&self) -> impl Iterator<Item = usize> + 'a {
+        Positions { gaps: self.gaps, pos: 0, next: 0 }
+    }
+
+    /// Every kept position with its value (see [`apply_value`]).
+    pub fn entries(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.positions().enumerate().map(|(j, i)| {
+            let z = (0..self.size).fold(0u64, |z, p| (z << 8) | self.planes[p * self.count + j] as u64);
+            (i, z)
+        })
+    }
+}
+
+/// Writes the fine-tuned bits (or, `REVERT`, the base bits) at every kept position of `out`.
+fn scatter<const REVERT: bool>(raw: &[u8], out: &mut [u8], size: usize) -> Result<u64, String> {
+    let sparse = Sparse::parse(raw, (out.len() / size) as u64, size)?;
+    let op = if REVERT { revert_value } else { apply_value };
     if size == 2 {
         // The common case (bf16, f16) without the generic plane loop.
-        let (hi, lo) = planes.split_at(count);
+        let (hi, lo) = sparse.planes.split_at(sparse.count);
         let (out, _) = out.as_chunks_mut::<2>();
-        for ((i, &h), &l) in positions.zip(hi).zip(lo) {
+        for ((i, &h), &l) in sparse.positions().zip(hi).zip(lo) {
             let o = &mut out[i];
-            let f = apply_value(u16::from_le_bytes(*o) as u64, u16::from_be_bytes([h, l]) as u64, 2);
+            let f = op(u16::from_le_bytes(*o) as u64, u16::from_be_bytes([h, l]) as u64, 2);
             *o = (f as u16).to_le_bytes();
         }
     } else {
-        for (j, i) in positions.enumerate() {
-            let mut z = 0u64;
-            for p in 0..size {
-                z = (z << 8) | planes[p * count + j] as u64;
-            }
-            let f = apply_value(le_bits(&out[i * size..(i + 1) * size]), z, size);
+        for (i, z) in sparse.entries() {
+            let f = op(le_bits(&out[i * size..(i + 1) * size]), z, size);
             out[i * size..(i + 1) * size].copy_from_slice(&f.to_le_bytes()[..size]);
         }
     }
-    Ok(count as u64)
+    Ok(sparse.count as u64)
 }
 
-/// The positions of a block's gaps, which [`decode_sparse`] has checked: every varint is
+/// The positions of a block's gaps, which [`Sparse::parse`] has checked: every varint is
 /// whole and every position inside the block.
 struct Positions<'a> {
     gaps: &'a [u8],
@@ -279,6 +340,7 @@ mod tests {
             let z = delta_value(ft, base, size);
             prop_assert!(z <= mask);
             prop_assert_eq!(apply_value(base, z, size), ft);
+            prop_assert_eq!(revert_value(ft, z, size), base);
         }
 
         /// Every element size (2 has its own decoder), gaps of one and of several varint
@@ -308,6 +370,14 @@ mod tests {
             let mut again = base.clone();
             prop_assert_eq!(decode_sparse(&raw, &mut again, size), Ok(kept.len() as u64));
             prop_assert_eq!(&again, &out);
+            prop_assert_eq!(revert_sparse(&raw, &mut again, size), Ok(kept.len() as u64));
+            prop_assert_eq!(&again, &base);
+            let sparse = Sparse::parse(&raw, elems.len() as u64, size).unwrap();
+            let entries: Vec<(usize, u64)> = sparse.entries().collect();
+            prop_assert_eq!(entries.iter().map(|e| e.0 as u32).collect::<Vec<_>>(), kept.clone());
+            for &(i, z) in &entries {
+                prop_assert_eq!(apply_value(elems[i].0 & (u64::MAX >> (64 - 8 * size)), z, size), elems[i].1 & (u64::MAX >> (64 - 8 * size)));
+            }
             for (i, e) in elems.iter().enumerate() {
                 let want = if e.2 { e.1 } else { e.0 };
                 prop_assert_eq!(&out[i * size..(i + 1) * size], &want.to_le_bytes()[..size]);

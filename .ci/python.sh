@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# CI for the Python package: installs what its tests need (pip skips what is installed), builds
+# and installs the package from python/, runs pytest and prints its summary line. Run from
+# anywhere; prints how long each part took.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
+step() { echo "python.sh: $1 took $(( $(date +%s) - t0 )) s"; t0=$(date +%s); }
+t0=$(date +%s)
+# torch pulls its CUDA libraries (about 14 GB, about 6 minutes on a fresh machine).
+python3 -m pip install -q --disable-pip-version-check torch numpy ml_dtypes safetensors pytest
+step "installing the test dependencies"
+# The tests run fapm apply to compare with: the binary `cargo test --workspace` built.
+cargo build --quiet --profile test --bin fapm
+step "building the fapm binary"
+# The repository's target directory, which outlives pip's temporary build directory: a
+# rebuild is incremental.
+CARGO_TARGET_DIR="$PWD/target" python3 -m pip install -q --disable-pip-version-check ./python
+step "building and installing the package"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# From python/tests, so that `import fapm` is the installed package, not python/fapm.
+set +e
+(cd python/tests && python3 -m pytest -q -p no:cacheprovider . 2>&1) | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+step "pytest"
+grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)' "$log" | tail -1
+exit "$status"

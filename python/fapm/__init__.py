@@ -1,0 +1,431 @@
+"""fapm: use fapm deltas from Python, without writing a model to disk.
+
+A fapm delta holds what rebuilds a pruned fine-tune from its base. This package reads it with the
+same Rust code as the ``fapm`` command line, checking the same hashes:
+
+- ``load_file(delta, base)`` / ``safe_open(delta, base)``: the fine-tuned tensors, rebuilt in
+  memory from the base checkpoint (a ``.safetensors`` file or a directory), as NumPy arrays or
+  torch tensors;
+- ``patch_(model, delta)`` / ``with patched(model, delta):``: a model (``torch.nn.Module``) or
+  dict of arrays that holds the base becomes the fine-tune in place (and, for ``patched``, the
+  base again on exit);
+- ``iter_patches(delta, base)``: ``(name, indices, values)`` per tensor, for engines that take
+  sparse updates;
+- ``prune``, ``apply``, ``verify``, ``inspect``: the command line's commands, returning what
+  their ``--json`` prints, as dicts.
+
+Every failure raises ``FapmError`` with the message the command line prints; Ctrl-C interrupts
+a long call (``KeyboardInterrupt``), leaving targets as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+from . import numpy as _np
+from ._fapm import Checkpoint as _Checkpoint
+from ._fapm import Delta as _Delta
+from ._fapm import FapmError, __version__, apply, inspect, prune, verify
+
+__all__ = [
+    "FapmError",
+    "apply",
+    "inspect",
+    "iter_patches",
+    "load_file",
+    "patch_",
+    "patched",
+    "prune",
+    "safe_open",
+    "verify",
+    "__version__",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+Rename = Union[Mapping[str, Optional[str]], Callable[[str], Optional[str]], None]
+
+
+def _framework(name: str):
+    if name in ("np", "numpy"):
+        return _np
+    if name in ("pt", "torch"):
+        from . import torch as _pt
+
+        return _pt
+    raise ValueError(f"framework must be 'np' or 'pt', not {name!r}")
+
+
+def _delta(delta) -> _Delta:
+    return delta if isinstance(delta, _Delta) else _Delta(delta)
+
+
+class safe_open:
+    """A delta and its base, opened for reading tensors one at a time, like
+    ``safetensors.safe_open``::
+
+        with fapm.safe_open("ft.fapm", "base/", framework="pt") as f:
+            for name in f.keys():
+                w = f.get_tensor(name)
+
+    ``delta`` is a fapm delta file, ``base`` the base checkpoint it was made against (a
+    ``.safetensors`` file or a directory of shards), ``framework`` ``"np"`` (NumPy arrays;
+    BF16 as ``ml_dtypes.bfloat16``) or ``"pt"`` (torch tensors). The base is memory-mapped;
+    nothing is read until a tensor is asked for.
+    """
+
+    def __init__(self, delta: PathLike, base: PathLike, framework: str = "np"):
+        self._fw = _framework(framework)
+        self._delta = _delta(delta)
+        self._base = _Checkpoint(base)
+
+    def __enter__(self) -> "safe_open":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def keys(self) -> List[str]:
+        """The tensor names of the fine-tuned model, in its order."""
+        return self._delta.names()
+
+    def get_tensor(self, name: str):
+        """Tensor ``name`` of the fine-tuned model, rebuilt from the base and the delta. The
+        base tensor's hash, every block's hash and the result's hash are checked before it is
+        returned (``FapmError`` otherwise)."""
+        dtype, shape, _, _, _ = self._delta.tensor(name)
+        raw = self._delta.reconstruct(name, self._base)
+        return _to(self._fw, raw, dtype, shape)
+
+    def metadata(self) -> Optional[Dict[str, str]]:
+        """The ``__metadata__`` of the fine-tuned checkpoint's headers (merged over its
+        shards), or None."""
+        return self._delta.metadata()
+
+    def info(self) -> Dict[str, Any]:
+        """What ``fapm inspect --json`` prints for the delta."""
+        return self._delta.info()
+
+
+def load_file(delta: PathLike, base: PathLike, framework: str = "np") -> Dict[str, Any]:
+    """Every tensor of the fine-tuned model, rebuilt from ``base`` and ``delta``, checked like
+    ``fapm apply`` checks them: the same bytes that ``fapm apply`` writes, as a dict of NumPy
+    arrays (``framework="np"``) or torch tensors (``"pt"``) in the model's order."""
+    with safe_open(delta, base, framework) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def _to(fw, raw, dtype: str, shape):
+    return fw.to_tensor(raw, dtype, shape) if hasattr(fw, "to_tensor") else fw.to_array(raw, dtype, shape)
+
+
+class _Target:
+    """A model or dict seen as named tensors, with the framework of each."""
+
+    def __init__(self, target, rename: Rename):
+        self.rename = rename
+        self.module = None
+        self.prefix = None
+        if isinstance(target, Mapping):
+            self.tensors = target
+            self.is_dict = True
+        else:
+            try:
+                state = target.state_dict(keep_vars=True)
+            except AttributeError:
+                raise TypeError(
+                    "target must be a torch.nn.Module or a dict of NumPy arrays / torch tensors, "
+                    f"not {type(target).__name__}"
+                ) from None
+            self.module = target
+            self.tensors = state
+            self.is_dict = False
+            self.prefix = getattr(target, "base_model_prefix", None) or None
+        self.target = target
+
+    def key(self, name: str) -> Tuple[bool, Optional[str]]:
+        """``(mapped, key)``: the target's key for checkpoint tensor ``name`` (None: skip it, or
+        not found when not ``mapped``): ``rename`` first, then the name itself, then the name
+        with or without the model's ``base_model_prefix``, as transformers resolves them."""
+        r = self.rename
+        if isinstance(r, Mapping):
+            if name in r:
+                return True, r[name]
+        elif r is not None:
+            new = r(name)
+            if new is None or new != name:
+                return True, new
+        if name in self.tensors:
+            return True, name
+        p = self.prefix
+        if p:
+            if name.startswith(p + ".") and name[len(p) + 1 :] in self.tensors:
+                return True, name[len(p) + 1 :]
+            if p + "." + name in self.tensors:
+                return True, p + "." + name
+        return False, None
+
+    def fw(self, value):
+        import numpy
+
+        if isinstance(value, numpy.ndarray):
+            return _np
+        from . import torch as _pt
+
+        if isinstance(value, _pt.torch.Tensor):
+            return _pt
+        raise TypeError(f"not a NumPy array or torch tensor: {type(value).__name__}")
+
+    def default_fw(self):
+        """The framework of new entries: torch for a module, else that of the dict's values."""
+        if not self.is_dict:
+            from . import torch as _pt
+
+            return _pt
+        return next((self.fw(v) for v in self.tensors.values()), _np)
+
+    def set(self, key: str, value) -> None:
+        """Puts ``value`` under ``key``: a dict entry, or a module's parameter data / buffer."""
+        if self.is_dict:
+            self.tensors[key] = value
+            return
+        import torch
+
+        owner_name, _, attr = key.rpartition(".")
+        owner = self.module.get_submodule(owner_name) if owner_name else self.module
+        current = getattr(owner, attr)
+        if isinstance(current, torch.nn.Parameter):
+            with torch.no_grad():
+                current.data = value
+        else:
+            owner._buffers[attr] = value
+        self.tensors[key] = getattr(owner, attr)
+
+    def remove(self, key: str) -> None:
+        del self.tensors[key]
+
+
+class _Step:
+    """One tensor's change to a target, and how to undo it."""
+
+    def __init__(self, kind: str, name: str, key: str, value=None, fw=None):
+        self.kind, self.name, self.key, self.value, self.fw = kind, name, key, value, fw
+        self.saved = None
+
+
+def _plan(d: _Delta, tgt: _Target) -> List[_Step]:
+    """What patching ``tgt`` with ``d`` does to each tensor, every name, dtype and shape
+    checked before anything is written."""
+    steps = []
+    for name in d.names():
+        dtype, shape, mode, base_dtype, _ = d.tensor(name)
+        mapped, key = tgt.key(name)
+        if mapped and key is None:
+            continue
+        if mapped and key not in tgt.tensors:
+            raise FapmError(f"tensor '{name}': rename maps it to '{key}', which the target does not have")
+        value = tgt.tensors[key] if mapped else None
+        fw = tgt.fw(value) if value is not None else None
+        where = f"target tensor '{key}'" if key == name or key is None else f"target tensor '{key}' (for '{name}')"
+        if value is not None:
+            vdtype, vshape = fw.dtype_name(value), list(value.shape)
+        if base_dtype is not None:
+            if value is None:
+                raise FapmError(
+                    f"tensor '{name}': not in the target, which must hold the base tensor "
+                    "(map it with rename=, or skip it with rename={name: None})"
+                )
+            bshape = list(d.base_shape(name))
+            if vdtype != base_dtype or vshape != bshape:
+                raise FapmError(
+                    f"{where}: is {vdtype} {vshape}, but the delta was made against {base_dtype} {bshape}"
+                )
+            # A tensor that changes dtype, or grows (added tokens), gets a new buffer.
+            in_place = dtype == base_dtype and bshape == list(shape)
+            steps.append(_Step("patch" if in_place else "replace", name, key, value, fw))
+        elif value is None:
+            if not tgt.is_dict:
+                raise FapmError(
+                    f"tensor '{name}': stored whole in the delta but not in the model "
+                    "(map it with rename=, or skip it with rename={name: None})"
+                )
+            steps.append(_Step("add", name, name))
+        else:
+            same = vdtype == dtype and vshape == list(shape)
+            steps.append(_Step("overwrite" if same else "replace", name, key, value, fw))
+    return steps
+
+
+def _bytes(step: _Step, writable: bool):
+    try:
+        return step.fw.as_bytes(step.value, writable)
+    except ValueError as e:
+        raise FapmError(f"target tensor '{step.key}': {e}") from None
+
+
+def _run(d: _Delta, tgt: _Target, step: _Step, label: str, done: List[_Step]) -> None:
+    """Applies one step and records it in ``done``, which must hold every step that may have
+    changed the target even when a Ctrl-C is raised at any point: a patch is recorded by the
+    Rust call as it returns; other steps are recorded before they change anything, and their
+    undo is harmless where they did not."""
+    if step.kind == "patch":
+        finished: List[str] = []
+        try:
+            d.patch(step.name, _bytes(step, True), False, label, finished)
+        finally:
+            if finished:
+                done.append(step)
+        return
+    dtype, shape, _, base_dtype, _ = d.tensor(step.name)
+    fw = step.fw or tgt.default_fw()
+    base = _bytes(step, False) if base_dtype is not None else None
+    new = _to(fw, d.reconstruct(step.name, base, label), dtype, shape)
+    if step.kind == "overwrite":
+        step.saved = fw.copy(step.value)
+        done.append(step)
+        _bytes(step, True)[:] = fw.as_bytes(new, False)
+    else:
+        # A module's parameter stays, its .data is replaced: keep the old .data.
+        step.saved = step.value if (tgt.is_dict or step.value is None) else step.value.data
+        done.append(step)
+        tgt.set(step.key, new)
+
+
+def _undo(d: _Delta, tgt: _Target, step: _Step) -> None:
+    if step.kind == "patch":
+        d.revert(step.name, _bytes(step, True))
+    elif step.kind == "overwrite":
+        _bytes(step, True)[:] = step.fw.as_bytes(step.saved, False)
+    elif step.kind == "replace":
+        tgt.set(step.key, step.saved)
+    elif step.key in tgt.tensors:
+        tgt.remove(step.key)
+
+
+def _patch(target, delta, check_base: bool, rename: Rename) -> Tuple[_Delta, _Target, List[_Step]]:
+    d = _delta(delta)
+    tgt = _Target(target, rename)
+    steps = _plan(d, tgt)
+    label = "target" if tgt.is_dict else type(target).__name__
+    if check_base:
+        for s in steps:
+            if s.kind in ("patch", "replace") and d.tensor(s.name)[3] is not None:
+                d.check_base(s.name, _bytes(s, False), f"{label} '{s.key}'")
+    done: List[_Step] = []
+    try:
+        for s in steps:
+            _run(d, tgt, s, f"{label} '{s.key}'", done)
+    except BaseException:
+        for s in reversed(done):
+            _undo(d, tgt, s)
+        raise
+    return d, tgt, done
+
+
+def patch_(target, delta: PathLike, *, check_base: bool = True, rename: Rename = None):
+    """Turns ``target``, which holds the base model, into the fine-tune in place: bit for bit
+    the tensors ``fapm apply`` writes. Returns ``target``.
+
+    ``target`` is a ``torch.nn.Module`` (its ``state_dict()`` names) or a dict of NumPy arrays /
+    torch tensors (contiguous, on the CPU). A checkpoint name is looked up as ``rename`` says
+    (a dict, or a function of the name; mapping to None skips the tensor), else as it is, else
+    with or without the model's ``base_model_prefix``, as transformers does. Tensors the delta
+    does not hold are left alone; tensors it stores whole replace the target's (a dict gains
+    the ones it lacks).
+
+    With ``check_base`` (the default) every targeted tensor is hashed and compared with the
+    base the delta was made from before anything is written: one mismatch and nothing is
+    modified, and the ``FapmError`` names the tensor. Pruned tensors are patched where they
+    are, a block at a time (no second copy of the model); every result is checked against its
+    recorded hash. A failure or Ctrl-C part way puts back everything already changed.
+    """
+    _patch(target, delta, check_base, rename)
+    return target
+
+
+@contextlib.contextmanager
+def patched(target, delta: PathLike, *, check_base: bool = True, rename: Rename = None):
+    """``patch_`` for the duration of a ``with`` block, then the base again, also when the
+    block raises: one loaded base serves many fine-tunes in turn::
+
+        with fapm.patched(model, "math.fapm"):
+            model.generate(...)
+
+    The base is restored from the delta itself: its values are differences from the base, so
+    the patch is undone exactly at the positions it changed, and nothing but the tensors the
+    delta stores whole (and the originals of tensors it changes in dtype or shape) is kept
+    aside. Changes that code inside the block makes to the weights are not undone, and at the
+    patched positions they leave neither base nor fine-tuned values.
+    """
+    d, tgt, done = _patch(target, delta, check_base, rename)
+    try:
+        yield target
+    finally:
+        for s in reversed(done):
+            _undo(d, tgt, s)
+
+
+def iter_patches(
+    delta: PathLike,
+    base,
+    names: Optional[List[str]] = None,
+    framework: Optional[str] = None,
+    rename: Rename = None,
+) -> Iterator[Tuple[str, Any, Any]]:
+    """Yields ``(name, indices, values)`` for each tensor of the delta (or of ``names``), for
+    engines that take sparse updates: ``indices`` are the flat (row-major) int64 positions the
+    fine-tune changes, ascending, and ``values`` the fine-tuned values there, in the fine-tuned
+    dtype; writing them into the base tensor gives the fine-tuned tensor. A tensor the delta
+    stores whole comes as ``(name, None, tensor)``, the whole tensor with its shape.
+
+    The delta stores each value as a difference from the base value, so the base is needed:
+    ``base`` is the base checkpoint's path, or the model / dict of arrays that holds it (names
+    resolved as ``patch_`` resolves them, with ``rename``). Every hash is checked as in
+    ``load_file``. ``framework`` is ``"np"`` or ``"pt"``; by default ``"pt"`` when ``base``
+    holds torch tensors, else ``"np"``.
+    """
+    d = _delta(delta)
+    tgt = None
+    if isinstance(base, (str, os.PathLike)):
+        src = _Checkpoint(base)
+    else:
+        tgt = _Target(base, rename)
+    if framework is None:
+        framework = "np"
+        if tgt is not None and any(tgt.fw(v) is not _np for v in tgt.tensors.values()):
+            framework = "pt"
+    fw = _framework(framework)
+    for name in d.names() if names is None else names:
+        dtype, shape, _, base_dtype, _ = d.tensor(name)
+        if base_dtype is None:
+            yield name, None, _to(fw, d.reconstruct(name, None), dtype, shape)
+            continue
+        label = "base"
+        if tgt is not None:
+            step = _plan_one(d, tgt, name)
+            src, label = _bytes(step, False), f"base '{step.key}'"
+        if list(d.base_shape(name)) != list(shape):
+            # Added tokens: the tensor grows, so it comes whole, like a tensor stored whole.
+            yield name, None, _to(fw, d.reconstruct(name, src, label), dtype, shape)
+            continue
+        indices, values = d.patches(name, src, label)
+        if fw is not _np:
+            indices = fw.torch.from_numpy(indices)
+        yield name, indices, _to(fw, values, dtype, [len(indices)])
+
+
+def _plan_one(d: _Delta, tgt: _Target, name: str) -> _Step:
+    mapped, key = tgt.key(name)
+    if not mapped or key is None or key not in tgt.tensors:
+        raise FapmError(f"tensor '{name}': not in the base given (map it with rename=)")
+    value = tgt.tensors[key]
+    step = _Step("patch", name, key, value, tgt.fw(value))
+    _, _, _, base_dtype, _ = d.tensor(name)
+    shape = list(d.base_shape(name))
+    if step.fw.dtype_name(value) != base_dtype or list(value.shape) != shape:
+        raise FapmError(
+            f"base tensor '{key}': is {step.fw.dtype_name(value)} {list(value.shape)}, "
+            f"but the delta was made against {base_dtype} {shape}"
+        )
+    return step

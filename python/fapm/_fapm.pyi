@@ -1,0 +1,88 @@
+"""The Rust half of fapm (see ``fapm``). Tensors cross as flat NumPy arrays of bytes or of
+unsigned integers of the element's width; ``fapm`` views them with their dtype and shape."""
+
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+_Path = Union[str, os.PathLike]
+
+__version__: str
+
+class FapmError(Exception):
+    """A fapm failure: bad input, a hash mismatch, a corrupt delta. The message is the one
+    the fapm command line prints after ``error:``."""
+
+class Checkpoint:
+    """A base checkpoint (a .safetensors file or a directory of shards), memory-mapped."""
+
+    def __init__(self, path: _Path) -> None: ...
+    @property
+    def path(self) -> str: ...
+
+class Delta:
+    """An opened delta: its verified manifest; blocks are read when a tensor is asked for."""
+
+    def __init__(self, path: _Path) -> None: ...
+    @property
+    def path(self) -> str: ...
+    def names(self) -> List[str]: ...
+    def tensor(self, name: str) -> Tuple[str, List[int], str, Optional[str], int]:
+        """``(dtype, shape, mode, base_dtype, kept)``; ``base_dtype`` is None when stored whole."""
+    def base_shape(self, name: str) -> List[int]:
+        """The base tensor's shape: the tensor's own, or the smaller one it grew from (added tokens)."""
+    def info(self) -> Dict[str, Any]: ...
+    def metadata(self) -> Optional[Dict[str, str]]: ...
+    def reconstruct(
+        self, name: str, base: Union[Checkpoint, npt.NDArray[np.uint8], None], base_label: str = "base"
+    ) -> np.ndarray: ...
+    def patch(
+        self,
+        name: str,
+        target: npt.NDArray[np.uint8],
+        check_base: bool = True,
+        base_label: str = "base",
+        done: Optional[List[str]] = None,
+    ) -> None: ...
+    def revert(self, name: str, target: npt.NDArray[np.uint8]) -> None: ...
+    def check_base(self, name: str, base: npt.NDArray[np.uint8], base_label: str = "base") -> None: ...
+    def patches(
+        self, name: str, base: Union[Checkpoint, npt.NDArray[np.uint8]], base_label: str = "base"
+    ) -> Tuple[npt.NDArray[np.int64], np.ndarray]: ...
+
+def prune(
+    base: _Path,
+    finetuned: _Path,
+    output: _Path,
+    *,
+    sparsity: str = "0.9",
+    metric: str = "fapm",
+    threshold: str = "exact",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    threads: Optional[int] = None,
+    memory_budget: Optional[str] = None,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
+    """``fapm prune``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
+
+def apply(
+    base: _Path,
+    delta: _Path,
+    output: _Path,
+    *,
+    threads: Optional[int] = None,
+    memory_budget: Optional[str] = None,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
+    """``fapm apply``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
+
+def verify(
+    delta: _Path, base: Optional[_Path] = None, *, threads: Optional[int] = None, memory_budget: Optional[str] = None
+) -> Dict[str, Any]:
+    """``fapm verify``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
+
+def inspect(delta: _Path) -> Dict[str, Any]:
+    """``fapm inspect --json``, as a dict."""

@@ -1,0 +1,461 @@
+//! `fapm._fapm`: the Rust half of the Python package, a thin layer over the `fapm` library.
+//!
+//! Tensors cross as flat NumPy byte arrays (the Python half views them with their dtype and
+//! shape), results are handed to NumPy without a copy, the GIL is released while Rust works,
+//! and Ctrl-C is checked between waves of blocks (or, for whole-model commands, every 50 ms
+//! while a worker thread runs them). Every fapm error becomes `FapmError` with the message the
+//! command line prints.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fapm::config::{self, ApplyConfig, PruneConfig};
+use fapm::reconstruct::Delta as RustDelta;
+use fapm::{Ctl, Error};
+use fapm_stages::checkpoint::Checkpoint as RustCheckpoint;
+use fapm_stages::format::TensorRecord;
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyAny, PyList};
+
+create_exception!(
+    _fapm,
+    FapmError,
+    PyException,
+    "A fapm failure: bad input, a hash mismatch, a corrupt delta. The message is the one the fapm command line prints after `error:`."
+);
+
+/// A fapm error as a Python exception: the interruption that stopped the work when there was
+/// one (KeyboardInterrupt), else `FapmError` with the command line's message.
+fn to_py(e: Error, interrupted: Option<PyErr>) -> PyErr {
+    match (e, interrupted) {
+        (Error::Cancelled, Some(py)) => py,
+        (e, _) => FapmError::new_err(e.to_string()),
+    }
+}
+
+/// Runs `f` with the GIL released, giving it a check for Ctrl-C to call between waves.
+fn detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce(&mut dyn FnMut() -> fapm::Result<()>) -> fapm::Result<T> + Send,
+) -> PyResult<T> {
+    let mut interrupted = None;
+    let result = py.detach(|| {
+        let mut between = || {
+            Python::attach(|py| py.check_signals()).map_err(|e| {
+                interrupted = Some(e);
+                Error::Cancelled
+            })
+        };
+        f(&mut between)
+    });
+    result.map_err(|e| to_py(e, interrupted))
+}
+
+/// Runs a whole-model command on a worker thread with the GIL released; Ctrl-C (checked every
+/// 50 ms) cancels it at its next chunk, and the KeyboardInterrupt is raised once it stopped.
+fn pipeline<T: Send>(py: Python<'_>, f: impl FnOnce(&Ctl) -> fapm::Result<T> + Send) -> PyResult<T> {
+    let ctl = Ctl::default();
+    let mut interrupted = None;
+    let result = py.detach(|| {
+        std::thread::scope(|s| {
+            let caller = std::thread::current();
+            let ctl = &ctl;
+            let worker = s.spawn(move || {
+                let r = f(ctl);
+                caller.unpark();
+                r
+            });
+            while !worker.is_finished() {
+                std::thread::park_timeout(Duration::from_millis(50));
+                if interrupted.is_none() {
+                    if let Err(e) = Python::attach(|py| py.check_signals()) {
+                        ctl.cancel();
+                        interrupted = Some(e);
+                    }
+                }
+            }
+            worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    });
+    match (result, interrupted) {
+        (Ok(_), Some(e)) => Err(e),
+        (r, i) => r.map_err(|e| to_py(e, i)),
+    }
+}
+
+/// A JSON value as the Python object `json.loads` makes of it.
+fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+    py.import("json")?.call_method1("loads", (v.to_string(),))
+}
+
+/// A fresh buffer of `n` elements of `size` bytes, typed so that its memory is aligned for
+/// the element (the Python half views it with the real dtype).
+enum Buffer {
+    B1(Vec<u8>),
+    B2(Vec<u16>),
+    B4(Vec<u32>),
+    B8(Vec<u64>),
+}
+
+impl Buffer {
+    fn new(size: usize, n: usize) -> Self {
+        match size {
+            1 => Buffer::B1(vec![0; n]),
+            2 => Buffer::B2(vec![0; n]),
+            4 => Buffer::B4(vec![0; n]),
+            _ => Buffer::B8(vec![0; n]),
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        fn bytes<T>(v: &mut [T]) -> &mut [u8] {
+            // SAFETY: T is a plain unsigned integer here (no padding, every bit pattern valid),
+            // and the byte slice covers exactly the vector's elements while borrowing it.
+            unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+        }
+        match self {
+            Buffer::B1(v) => v,
+            Buffer::B2(v) => bytes(v),
+            Buffer::B4(v) => bytes(v),
+            Buffer::B8(v) => bytes(v),
+        }
+    }
+
+    /// Hands the buffer to NumPy without a copy.
+    fn into_py(self, py: Python<'_>) -> Bound<'_, PyAny> {
+        match self {
+            Buffer::B1(v) => v.into_pyarray(py).into_any(),
+            Buffer::B2(v) => v.into_pyarray(py).into_any(),
+            Buffer::B4(v) => v.into_pyarray(py).into_any(),
+            Buffer::B8(v) => v.into_pyarray(py).into_any(),
+        }
+    }
+}
+
+/// `(dtype, shape, mode, base_dtype, kept)` of a tensor.
+type TensorInfo = (String, Vec<u64>, String, Option<String>, u64);
+
+/// Where a tensor's base bytes come from: a base checkpoint opened by fapm, or an array the
+/// caller holds (its bytes, flat).
+#[derive(FromPyObject)]
+enum Base<'py> {
+    Checkpoint(PyRef<'py, Checkpoint>),
+    Bytes(PyReadonlyArray1<'py, u8>),
+}
+
+/// A base checkpoint (a .safetensors file or a directory of shards), memory-mapped.
+#[pyclass(module = "fapm._fapm", frozen)]
+struct Checkpoint {
+    inner: RustCheckpoint,
+}
+
+#[pymethods]
+impl Checkpoint {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = detached(py, |_| RustCheckpoint::open(&path))?;
+        Ok(Checkpoint { inner })
+    }
+
+    /// The checkpoint's path.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.root.clone()
+    }
+}
+
+/// An opened delta: its verified manifest, blocks read when a tensor is asked for.
+#[pyclass(module = "fapm._fapm", frozen)]
+struct Delta {
+    inner: Arc<RustDelta>,
+}
+
+impl Delta {
+    fn record(&self, name: &str) -> PyResult<&TensorRecord> {
+        self.inner.tensor(name).map_err(|e| to_py(e, None))
+    }
+}
+
+#[pymethods]
+impl Delta {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = detached(py, |_| RustDelta::open(&path))?;
+        Ok(Delta { inner: Arc::new(inner) })
+    }
+
+    /// The delta's path.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.reader.path.clone()
+    }
+
+    /// The delta's tensor names, in the order of the output model.
+    fn names(&self) -> Vec<String> {
+        self.inner.reader.manifest.tensors.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// `(dtype, shape, mode, base_dtype, kept)` of tensor `name`; `base_dtype` is None for a
+    /// tensor stored whole.
+    fn tensor(&self, name: &str) -> PyResult<TensorInfo> {
+        let t = self.record(name)?;
+        Ok((t.dtype.to_string(), t.shape.clone(), t.mode.name().into(), t.base_dtype.map(|d| d.to_string()), t.kept))
+    }
+
+    /// The shape of the base tensor a record was made against: its own shape, or the smaller
+    /// one an extended tensor (a resized vocabulary) grew from.
+    fn base_shape(&self, name: &str) -> PyResult<Vec<u64>> {
+        let t = self.record(name)?;
+        Ok(t.extended.as_ref().map_or_else(|| t.shape.clone(), |e| e.base_shape.clone()))
+    }
+
+    /// What `fapm inspect --json` prints, as a dict.
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let r = &self.inner.reader;
+        json_to_py(py, &fapm::json::inspect(&r.path, &r.manifest, r.size))
+    }
+
+    /// The `__metadata__` of the output shards' headers, merged (None when no shard has one).
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let mut merged = serde_json::Map::new();
+        let mut any = false;
+        for s in &self.inner.reader.manifest.shards {
+            let header: serde_json::Value =
+                serde_json::from_str(&s.header).map_err(|e| FapmError::new_err(e.to_string()))?;
+            if let Some(m) = header.get("__metadata__").and_then(|m| m.as_object()) {
+                any = true;
+                merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+        if any {
+            json_to_py(py, &serde_json::Value::Object(merged))
+        } else {
+            Ok(py.None().into_bound(py))
+        }
+    }
+
+    /// Tensor `name` rebuilt and verified, as a flat array of unsigned integers of the
+    /// element's width (the caller views it with the real dtype). `base` is needed for a
+    /// pruned or dense tensor: a Checkpoint, or the base tensor's bytes; `base_label` names
+    /// those bytes in errors.
+    #[pyo3(signature = (name, base, base_label = "base"))]
+    fn reconstruct<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        base: Option<Base<'py>>,
+        base_label: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let t = self.record(name)?;
+        let mut out = Buffer::new(t.dtype.size(), t.numel() as usize);
+        let (base_ref, label) = match &base {
+            Some(Base::Checkpoint(c)) => {
+                let b = self.inner.base_of(&c.inner, t).map_err(|e| to_py(e, None))?;
+                let label = b.as_ref().map_or_else(|| c.inner.root.clone(), |b| b.shard.path.clone());
+                (b, label)
+            }
+            _ => (None, PathBuf::from(base_label)),
+        };
+        let bytes: Option<&[u8]> = match (&base, &base_ref) {
+            (Some(Base::Bytes(a)), _) => Some(a.as_slice()?),
+            (_, Some(b)) => Some(b.bytes()),
+            _ => None,
+        };
+        let delta = &self.inner;
+        let out_bytes = out.bytes_mut();
+        detached(py, |between| delta.reconstruct(t, bytes, &label, out_bytes, between))?;
+        if let Some(b) = &base_ref {
+            b.release();
+        }
+        Ok(out.into_py(py))
+    }
+
+    /// Patches tensor `name` in place: `target` (its bytes, flat and writable) holds the base
+    /// tensor and ends up holding the fine-tuned one, verified; all or nothing. On success
+    /// `name` is appended to `done` before returning, so that a Ctrl-C raised as the call
+    /// returns cannot hide a finished patch from whoever must undo it.
+    #[pyo3(signature = (name, target, check_base = true, base_label = "base", done = None))]
+    fn patch(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        mut target: PyReadwriteArray1<'_, u8>,
+        check_base: bool,
+        base_label: &str,
+        done: Option<Bound<'_, PyList>>,
+    ) -> PyResult<()> {
+        let t = self.record(name)?;
+        let target = target.as_slice_mut()?;
+        let delta = &self.inner;
+        let label = PathBuf::from(base_label);
+        detached(py, |between| delta.patch(t, target, check_base, &label, between))?;
+        done.map_or(Ok(()), |d| d.append(name))
+    }
+
+    /// Undoes `patch`: puts the base bits back at every position the delta keeps.
+    fn revert(&self, py: Python<'_>, name: &str, mut target: PyReadwriteArray1<'_, u8>) -> PyResult<()> {
+        let t = self.record(name)?;
+        let target = target.as_slice_mut()?;
+        let delta = &self.inner;
+        detached(py, |_| delta.revert(t, target))
+    }
+
+    /// Checks that `base` (the bytes of a base tensor) is what the delta was made from.
+    #[pyo3(signature = (name, base, base_label = "base"))]
+    fn check_base(&self, py: Python<'_>, name: &str, base: PyReadonlyArray1<'_, u8>, base_label: &str) -> PyResult<()> {
+        let t = self.record(name)?;
+        let base = base.as_slice()?;
+        let delta = &self.inner;
+        let label = PathBuf::from(base_label);
+        detached(py, |between| delta.check_base(t, base, &label, between))
+    }
+
+    /// `(indices, values)` of tensor `name`: flat int64 kept positions and the fine-tuned
+    /// values there (unsigned integers of the element's width), rebuilt from `base`.
+    #[pyo3(signature = (name, base, base_label = "base"))]
+    fn patches<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        base: Base<'py>,
+        base_label: &str,
+    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyAny>)> {
+        let t = self.record(name)?;
+        let (base_ref, label) = match &base {
+            Base::Checkpoint(c) => {
+                let b = self.inner.base_of(&c.inner, t).map_err(|e| to_py(e, None))?;
+                let label = b.as_ref().map_or_else(|| c.inner.root.clone(), |b| b.shard.path.clone());
+                (b, label)
+            }
+            Base::Bytes(_) => (None, PathBuf::from(base_label)),
+        };
+        let bytes: &[u8] = match (&base, &base_ref) {
+            (Base::Bytes(a), _) => a.as_slice()?,
+            (_, Some(b)) => b.bytes(),
+            (_, None) => &[],
+        };
+        let mut indices = vec![0i64; t.kept as usize];
+        let mut values = Buffer::new(t.dtype.size(), t.kept as usize);
+        let (delta, idx, vals) = (&self.inner, &mut indices[..], values.bytes_mut());
+        detached(py, |between| delta.patches(t, bytes, &label, idx, vals, between))?;
+        if let Some(b) = &base_ref {
+            b.release();
+        }
+        Ok((indices.into_pyarray(py), values.into_py(py)))
+    }
+}
+
+/// `fapm prune`: returns what `--json` prints (without `peak_memory_bytes`), as a dict.
+#[pyfunction]
+#[pyo3(signature = (base, finetuned, output, *, sparsity = "0.9", metric = "fapm", threshold = "exact",
+                    include = Vec::new(), exclude = Vec::new(), threads = None, memory_budget = None,
+                    overwrite = false))]
+#[allow(clippy::too_many_arguments)]
+fn prune<'py>(
+    py: Python<'py>,
+    base: PathBuf,
+    finetuned: PathBuf,
+    output: PathBuf,
+    sparsity: &str,
+    metric: &str,
+    threshold: &str,
+    include: Vec<String>,
+    exclude: Vec<String>,
+    threads: Option<usize>,
+    memory_budget: Option<&str>,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let cfg = (|| {
+        Ok::<_, Error>(PruneConfig {
+            base,
+            finetuned,
+            output,
+            sparsity: config::sparsity(sparsity)?,
+            metric: config::metric(metric)?,
+            threshold: config::threshold(threshold)?,
+            include: config::regexes("--include", &include)?,
+            exclude: config::regexes("--exclude", &exclude)?,
+            threads: config::threads(threads),
+            memory_budget: config::memory_budget(memory_budget)?,
+            overwrite,
+            block_elems: fapm_stages::format::BLOCK_ELEMS,
+        })
+    })()
+    .map_err(|e| to_py(e, None))?;
+    let s = pipeline(py, |ctl| fapm::prune(&cfg, ctl))?;
+    json_to_py(py, &fapm::json::prune(&s))
+}
+
+/// `fapm apply`: writes the model; returns what `--json` prints (without
+/// `peak_memory_bytes`), as a dict.
+#[pyfunction]
+#[pyo3(signature = (base, delta, output, *, threads = None, memory_budget = None, overwrite = false))]
+fn apply<'py>(
+    py: Python<'py>,
+    base: PathBuf,
+    delta: PathBuf,
+    output: PathBuf,
+    threads: Option<usize>,
+    memory_budget: Option<&str>,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let memory_budget = config::memory_budget(memory_budget).map_err(|e| to_py(e, None))?;
+    let cfg =
+        ApplyConfig { base, delta, output: Some(output), threads: config::threads(threads), memory_budget, overwrite };
+    let s = pipeline(py, |ctl| fapm::apply(&cfg, ctl))?;
+    json_to_py(py, &fapm::json::apply("applied", &s))
+}
+
+/// `fapm verify`: every hash in the delta; with `base`, also the base and the full
+/// reconstruction (writing nothing). Returns what `--json` prints (without
+/// `peak_memory_bytes`), as a dict.
+#[pyfunction]
+#[pyo3(signature = (delta, base = None, *, threads = None, memory_budget = None))]
+fn verify<'py>(
+    py: Python<'py>,
+    delta: PathBuf,
+    base: Option<PathBuf>,
+    threads: Option<usize>,
+    memory_budget: Option<&str>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let memory_budget = config::memory_budget(memory_budget).map_err(|e| to_py(e, None))?;
+    let threads = config::threads(threads);
+    let s = match base {
+        Some(base) => {
+            let cfg = ApplyConfig { base, delta, output: None, threads, memory_budget, overwrite: false };
+            pipeline(py, |ctl| fapm::apply(&cfg, ctl))?
+        }
+        None => pipeline(py, |ctl| fapm::verify_delta(&delta, threads, ctl))?,
+    };
+    json_to_py(py, &fapm::json::apply("verified", &s))
+}
+
+/// `fapm inspect --json`, as a dict.
+#[pyfunction]
+fn inspect<'py>(py: Python<'py>, delta: PathBuf) -> PyResult<Bound<'py, PyAny>> {
+    let (m, size) = detached(py, |_| fapm::inspect(&delta))?;
+    json_to_py(py, &fapm::json::inspect(&delta, &m, size))
+}
+
+/// The Rust half of `fapm`.
+#[pymodule]
+fn _fapm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("FapmError", m.py().get_type::<FapmError>())?;
+    m.add_class::<Checkpoint>()?;
+    m.add_class::<Delta>()?;
+    m.add_function(wrap_pyfunction!(prune, m)?)?;
+    m.add_function(wrap_pyfunction!(apply, m)?)?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // rust-numpy loads NumPy's C API and its borrow checker on first use, running Python
+    // code: done here, not when a result is handed over, where a pending Ctrl-C would make
+    // the loading fail (and rust-numpy panic).
+    let probe = PyArray1::<u8>::zeros(m.py(), 0, false);
+    drop(probe.readwrite());
+    Ok(())
+}
