@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every test of fapm, as the README's test command: the Rust suite, a one-node Slurm cluster
+# running the partitioned prune, the Python package's tests (with torch) and the report checked
+# in headless Chromium. Installs what it needs (Debian's packages, PyPI's); run as root on a
+# fresh machine or again on a warm one. Each part prints its time; the last line counts every
+# test of every part.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+times=()
+part() { # NAME COMMAND...
+    local name=$1 start=$SECONDS
+    shift
+    "$@"
+    times+=("$name $((SECONDS - start)) s")
+    echo "time: $name $((SECONDS - start)) s"
+}
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
+# The tests' build on its own, so that its time shows apart from the tests' own.
+part build cargo test --workspace --no-run
+rust_tests() { cargo test --workspace 2>&1 | tee "$log/rust"; }
+part rust-tests rust_tests
+slurm() { bash .ci/slurm.sh 2>&1 | tee "$log/slurm"; }
+part slurm slurm
+python_tests() { bash .ci/python.sh 2>&1 | tee "$log/python"; }
+part python python_tests
+browser() { bash docs/images/check-report.sh 2>&1 | tee "$log/browser"; }
+part report-browser browser
+echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'), all $SECONDS s"
+# Rust: "test result: ok. P passed; F failed"; Slurm: "slurm: P passed, F failed"; pytest:
+# "P passed in S s"; the browser check is one test that passed if we got here.
+# Any failure stopped the script above (set -e, pipefail), so only passes are left to count.
+awk '/^test result:/ { p += $4; f += $6 }
+     /^slurm: [0-9]+ passed/ { p += $2; f += $4 }
+     /^=* *[0-9]+ passed/ { sub(/^=+ */, ""); p += $1 }
+     END { printf "total: %d passed, %d failed\n", p + 1, f }' "$log/rust" "$log/slurm" "$log/python"
