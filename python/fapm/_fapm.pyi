@@ -65,6 +65,9 @@ def prune(
     threads: Optional[int] = None,
     memory_budget: Optional[str] = None,
     overwrite: bool = False,
+    penalty: str = "1",
+    sparsity_for: Sequence[str] = (),
+    part: Optional[str] = None,
 ) -> Dict[str, Any]:
     """``fapm prune``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
 

@@ -353,7 +353,7 @@ impl Delta {
 #[pyfunction]
 #[pyo3(signature = (base, finetuned, output, *, sparsity = "0.9", metric = "fapm", threshold = "exact",
                     include = Vec::new(), exclude = Vec::new(), threads = None, memory_budget = None,
-                    overwrite = false))]
+                    overwrite = false, penalty = "1", sparsity_for = Vec::new(), part = None))]
 #[allow(clippy::too_many_arguments)]
 fn prune<'py>(
     py: Python<'py>,
@@ -368,6 +368,9 @@ fn prune<'py>(
     threads: Option<usize>,
     memory_budget: Option<&str>,
     overwrite: bool,
+    penalty: &str,
+    sparsity_for: Vec<String>,
+    part: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let cfg = (|| {
         Ok::<_, Error>(PruneConfig {
@@ -383,6 +386,9 @@ fn prune<'py>(
             memory_budget: config::memory_budget(memory_budget)?,
             overwrite,
             block_elems: fapm_stages::format::BLOCK_ELEMS,
+            penalty: config::penalty(penalty)?,
+            sparsity_for: config::sparsity_rules(&sparsity_for)?,
+            part: part.map(|p| config::part(p, |k| std::env::var(k).ok())).transpose()?,
         })
     })()
     .map_err(|e| to_py(e, None))?;
