@@ -14,10 +14,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fapm_stages::checkpoint::{Checkpoint, TensorRef};
+use fapm_stages::dtype::convert_chunk;
 use fapm_stages::encode::{decode_sparse, revert_sparse, Sparse};
 use fapm_stages::format::{block_sizes, DeltaReader, Hash, Mode, TensorRecord};
 use fapm_stages::hash::{self, Part};
-use fapm_stages::score::convert_chunk;
 use fapm_stages::{Error, Result};
 use rayon::prelude::*;
 

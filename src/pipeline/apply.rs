@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fapm_stages::checkpoint::{parse_header, Checkpoint, TensorRef, INDEX_FILE};
+use fapm_stages::dtype::convert_chunk;
 use fapm_stages::encode::decode_sparse;
 use fapm_stages::format::{block_sizes, DeltaReader, Manifest, Mode, Source, TensorRecord};
 use fapm_stages::hash::{self, Part};
-use fapm_stages::score::convert_chunk;
 use fapm_stages::{Error, Result};
 
 use super::{pool, Ctl};

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use fapm_stages::checkpoint::{is_safe_relative, Checkpoint, Layout, TensorRef};
+use fapm_stages::dtype::convert_chunk;
 use fapm_stages::encode::encode_sparse_in_pieces;
 use fapm_stages::format::{
     block_sizes, compress, Block, DeltaWriter, Extended, Manifest, Mode, PartRecord, Payload, ShardRecord, SideFile,
@@ -26,7 +27,7 @@ use fapm_stages::format::{
 };
 use fapm_stages::hash::{self, Part, PartHasher};
 use fapm_stages::partition::{layout_hash, split};
-use fapm_stages::score::{convert_chunk, mean_abs, sum_abs, Metric, Scorer};
+use fapm_stages::score::{mean_abs, sum_abs, Metric, Scorer};
 use fapm_stages::threshold::{floor, plan, quotas, Bins, Cut, Gather, Histogram, Hits};
 use fapm_stages::{Error, Result};
 use rayon::prelude::*;
