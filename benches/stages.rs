@@ -202,7 +202,7 @@ fn stages(c: &mut Criterion) {
     });
 
     g.throughput(Throughput::Bytes(ft16.len() as u64));
-    g.bench_function(BenchmarkId::new("hash_part", "2MiB"), |b| b.iter(|| hash::part(black_box(&ft16), 0, 2)));
+    g.bench_function(BenchmarkId::new("hash_part", "2MiB"), |b| b.iter(|| hash::hash_chunk(black_box(&ft16), 0, 2)));
 
     let mut conv = vec![0u8; base16.len()];
     g.throughput(Throughput::Bytes(base16.len() as u64));
