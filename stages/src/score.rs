@@ -203,11 +203,11 @@ impl Scorer {
 impl Scorer {
     /// Computes keys a cache-sized piece at a time and hands each piece to `f` with its
     /// chunk-relative offset: for passes that only count or gather keys, without a buffer
-    /// for the whole chunk. Returns the number of candidates. Pieces of 1024 keys (4 KiB,
-    /// which stay in the L1 cache beside the inputs' lines) made prune 3% faster than 4096.
+    /// for the whole chunk. Returns the number of candidates. Pieces of 1024 keys (4 KiB) stay
+    /// in the L1 cache beside the inputs' lines.
     pub fn for_each_keys(&self, ft: &[u8], base: &[u8], f: impl FnMut(usize, &[u32])) -> u64 {
-        // Small inputs (the sample's pieces) get a small buffer: zeroing a whole piece for every
-        // 64 keys was 2% of prune's time.
+        // Small inputs (the sample's pieces of 64) get a small buffer, so that a whole piece is
+        // not zeroed for every 64 keys.
         if ft.len() / self.ft.size() <= 256 {
             self.keys_in_pieces::<256>(ft, base, f)
         } else {
@@ -273,8 +273,8 @@ fn keys_of_form<F: Elem, B: Elem>(ft: &[u8], base: &[u8], form: u8, mean: f32, l
 #[inline(always)]
 fn keys_typed<F: Elem, B: Elem, const FORM: u8>(ft: &[u8], base: &[u8], mean: f32, l: f32, keys: &mut [u32]) -> usize {
     // The count is kept in 32 bits, so that counting stays on 32-bit lanes (a usize count
-    // widened every lane to 64 bits: a third of the loop's time); segments keep it exact
-    // (and their byte lengths fit a 32-bit usize).
+    // would widen every lane to 64 bits); segments keep it exact (and their byte lengths fit
+    // a 32-bit usize).
     const SEGMENT: usize = 1 << 28;
     let mut total = 0usize;
     for ((keys, ft), base) in
