@@ -212,29 +212,20 @@ macro_rules! with_elems {
     ($ft:expr, $base:expr, |$F:ident, $B:ident| $body:expr) => {{
         use $crate::dtype::DType as D;
         use $crate::dtype::{Bf16, F16, F32, F64};
+        macro_rules! both {
+            ($f:ty, $b:ty) => {{
+                type $F = $f;
+                type $B = $b;
+                $body
+            }};
+        }
         macro_rules! inner {
             ($f:ty) => {
                 match $base {
-                    D::BF16 => {
-                        type $F = $f;
-                        type $B = Bf16;
-                        $body
-                    }
-                    D::F16 => {
-                        type $F = $f;
-                        type $B = F16;
-                        $body
-                    }
-                    D::F32 => {
-                        type $F = $f;
-                        type $B = F32;
-                        $body
-                    }
-                    D::F64 => {
-                        type $F = $f;
-                        type $B = F64;
-                        $body
-                    }
+                    D::BF16 => both!($f, Bf16),
+                    D::F16 => both!($f, F16),
+                    D::F32 => both!($f, F32),
+                    D::F64 => both!($f, F64),
                     other => unreachable!("not diffable: {other}"),
                 }
             };
