@@ -16,6 +16,7 @@
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use fapm_stages::dtype::DType;
 use fapm_stages::format::Mode;
 use fapm_stages::score::{mean_abs, sum_abs, Metric, Scorer};
 use fapm_stages::threshold::{floor, plan, Bins, Cut, Gather, Histogram, ThresholdMode};
@@ -143,7 +144,7 @@ impl<'a> ThresholdStage<'a> {
 
     /// The FAPM mean `A = f32(sum_f64 |pre| / n)`: per-chunk partial sums added in chunk
     /// order, so that it does not depend on the number of threads.
-    fn fapm_mean(&self, base: TensorReader, dtype: fapm_stages::dtype::DType, chunks: &[Chunk], n: u64) -> f32 {
+    fn fapm_mean(&self, base: TensorReader, dtype: DType, chunks: &[Chunk], n: u64) -> f32 {
         let partials: Vec<f64> =
             self.pool.install(|| chunks.par_iter().map(|&c| sum_abs(dtype, base.chunk(c))).collect());
         mean_abs(partials, n)
