@@ -344,6 +344,28 @@ mod tests {
         assert_eq!(keys, [NOT_CANDIDATE, key(1.0), key(0.0)]);
     }
 
+    /// Every compiled copy of `sum_abs` gives the portable copy's sum of `base` (its finite
+    /// values: random bits are NaN too often for a sum to tell the copies apart, so the top
+    /// exponent bit of every element is cleared).
+    fn sum_copies_agree(bd: DType, base: &[u8]) {
+        let mut finite = base.to_vec();
+        finite.chunks_exact_mut(bd.size()).for_each(|e| e[bd.size() - 1] &= !0x40);
+        let sum = sum_abs_generic(bd, &finite);
+        assert!(sum.is_finite() && sum > 0.0, "{bd}: {sum}");
+        assert_eq!(sum_abs(bd, &finite).to_bits(), sum.to_bits());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512 F, checked just above.
+                assert_eq!(unsafe { sum_abs_avx512(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                assert_eq!(unsafe { sum_abs_avx2(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
+            }
+        }
+    }
+
     /// Every compiled copy of the key loop and of `sum_abs` (portable, AVX2, AVX-512) gives
     /// the same keys and sums, whichever one this CPU would pick.
     #[test]
@@ -374,24 +396,7 @@ mod tests {
                     *b ^= 1 << (i % 8);
                 }
             }
-            // The sums of finite values (random bits are NaN too often for a sum to tell the
-            // copies apart): the top exponent bit of every element cleared.
-            let mut finite = base.clone();
-            finite.chunks_exact_mut(bd.size()).for_each(|e| e[bd.size() - 1] &= !0x40);
-            let sum = sum_abs_generic(bd, &finite);
-            assert!(sum.is_finite() && sum > 0.0, "{bd}: {sum}");
-            assert_eq!(sum_abs(bd, &finite).to_bits(), sum.to_bits());
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512 F, checked just above.
-                    assert_eq!(unsafe { sum_abs_avx512(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, checked just above.
-                    assert_eq!(unsafe { sum_abs_avx2(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
-                }
-            }
+            sum_copies_agree(bd, &base);
             for (form, l) in [(FAPM, 1.0), (MAGNITUDE, 1.0), (PENALISED, 0.37)] {
                 let mut want = vec![0u32; n];
                 let count = with_elems!(fd, bd, |F, B| keys_of_form::<F, B>(&ft, &base, form, 0.02, l, &mut want));
