@@ -37,14 +37,17 @@ pub fn inspect(path: &Path, m: &Manifest, size: u64) -> Value {
             json!({
                 "name": t.name, "shard": m.shards[t.shard].name, "mode": t.mode, "dtype": t.dtype,
                 "base_dtype": t.base_dtype, "shape": t.shape, "numel": t.numel(),
+                "base_shape": t.extended.as_ref().map(|e| &e.base_shape),
+                "appended_stored": t.extended.as_ref().map(|e| e.stored),
                 "candidates": t.candidates, "kept": t.kept, "encoded_bytes": encoded(t),
             })
         })
         .collect();
     json!({
         "file": path, "size": size, "version": m.version, "tool": m.tool, "metric": m.metric,
-        "sparsity": m.sparsity, "threshold": m.threshold, "include": m.include, "exclude": m.exclude,
-        "source": m.source, "index": m.index,
+        "penalty": m.penalty, "sparsity": m.sparsity, "sparsity_for": m.sparsity_for,
+        "threshold": m.threshold, "include": m.include, "exclude": m.exclude,
+        "source": m.source, "index": m.index, "part": m.part,
         "shards": m.shards.iter().map(|s| &s.name).collect::<Vec<_>>(),
         "tensors": tensors,
         "side_files": m.side_files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),

@@ -290,30 +290,7 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
     let (m, size) = fapm::inspect(path)?;
     let encoded = |t: &fapm_stages::format::TensorRecord| t.blocks.iter().map(|b| b.len).sum::<u64>();
     if json_out {
-        let tensors: Vec<_> = m
-            .tensors
-            .iter()
-            .map(|t| {
-                json!({
-                    "name": t.name, "shard": m.shards[t.shard].name, "mode": t.mode, "dtype": t.dtype,
-                    "base_dtype": t.base_dtype, "shape": t.shape, "numel": t.numel(),
-                    "base_shape": t.extended.as_ref().map(|e| &e.base_shape),
-                    "appended_stored": t.extended.as_ref().map(|e| e.stored),
-                    "candidates": t.candidates, "kept": t.kept, "encoded_bytes": encoded(t),
-                })
-            })
-            .collect();
-        let v = json!({
-            "file": path, "size": size, "version": m.version, "tool": m.tool, "metric": m.metric,
-            "penalty": m.penalty, "sparsity": m.sparsity, "sparsity_for": m.sparsity_for,
-            "threshold": m.threshold, "include": m.include, "exclude": m.exclude,
-            "source": m.source, "index": m.index, "part": m.part,
-            "shards": m.shards.iter().map(|s| &s.name).collect::<Vec<_>>(),
-            "tensors": tensors,
-            "side_files": m.side_files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
-            "base_only": m.base_only,
-        });
-        print_json(&v);
+        print_json(&fapm::json::inspect(path, &m, size));
         return Ok(());
     }
     println!(
