@@ -285,23 +285,7 @@ mod tests {
 
     #[test]
     fn include_then_exclude() {
-        let mut c = PruneConfig {
-            base: PathBuf::new(),
-            finetuned: PathBuf::new(),
-            output: PathBuf::new(),
-            sparsity: sparsity("0.9").unwrap(),
-            sparsity_for: vec![],
-            metric: Metric::Fapm,
-            penalty: Penalty::default(),
-            threshold: ThresholdMode::Exact,
-            include: vec![],
-            exclude: regexes("--exclude", &["norm".into()]).unwrap(),
-            threads: 1,
-            memory_budget: DEFAULT_MEMORY_BUDGET,
-            overwrite: false,
-            block_elems: fapm_stages::format::BLOCK_ELEMS,
-            part: None,
-        };
+        let mut c = PruneConfig { exclude: regexes("--exclude", &["norm".into()]).unwrap(), ..test_config() };
         assert!(c.selects("layers.0.mlp.weight"));
         assert!(!c.selects("layers.0.norm.weight"));
         c.include = regexes("--include", &["mlp".into()]).unwrap();

@@ -54,31 +54,9 @@ impl Delta {
             .ok_or_else(|| Error::tensor(&self.reader.path, name, "not in this delta"))
     }
 
-    /// The base tensor of a pruned or dense record in `base`, checked for dtype and shape
-    /// (`None` for a whole tensor, which needs no base).
+    /// The base tensor of a pruned or dense record in `base` (see [`base_tensor`]).
     pub fn base_of(&self, base: &Checkpoint, t: &TensorRecord) -> Result<Option<TensorRef>> {
-        let Some(dtype) = t.base_dtype else { return Ok(None) };
-        let b = base.get(&t.name).ok_or_else(|| {
-            Error::tensor(
-                &base.root,
-                &t.name,
-                "missing from the base checkpoint (is this the base the delta was made from?)",
-            )
-        })?;
-        let shape = t.extended.as_ref().map_or(&t.shape, |e| &e.base_shape);
-        if b.info().dtype != dtype || b.info().shape != *shape {
-            return Err(Error::tensor(
-                &b.shard.path,
-                &t.name,
-                format!(
-                    "base is {} {:?}, but the delta was made against {dtype} {:?}",
-                    b.info().dtype,
-                    b.info().shape,
-                    shape
-                ),
-            ));
-        }
-        Ok(Some(b))
+        base_tensor(base, t)
     }
 
     /// Checks that `base` holds the bytes the delta was made from, for tensor `t`; `base_path`
@@ -350,6 +328,33 @@ fn not_extended(d: &Delta, t: &TensorRecord) -> Result<()> {
         )),
         None => Ok(()),
     }
+}
+
+/// The base tensor of a pruned or dense record in `base`, checked for dtype and shape
+/// (`None` for a whole tensor, which needs no base).
+pub fn base_tensor(base: &Checkpoint, t: &TensorRecord) -> Result<Option<TensorRef>> {
+    let Some(dtype) = t.base_dtype else { return Ok(None) };
+    let b = base.get(&t.name).ok_or_else(|| {
+        Error::tensor(
+            &base.root,
+            &t.name,
+            "missing from the base checkpoint (is this the base the delta was made from?)",
+        )
+    })?;
+    let shape = t.extended.as_ref().map_or(&t.shape, |e| &e.base_shape);
+    if b.info().dtype != dtype || b.info().shape != *shape {
+        return Err(Error::tensor(
+            &b.shard.path,
+            &t.name,
+            format!(
+                "base is {} {:?}, but the delta was made against {dtype} {:?}",
+                b.info().dtype,
+                b.info().shape,
+                shape
+            ),
+        ));
+    }
+    Ok(Some(b))
 }
 
 fn check_hash(got: Hash, want: Hash, err: impl FnOnce() -> Error) -> Result<()> {

@@ -141,33 +141,7 @@ fn window(threads: usize, memory_budget: u64, block_elems: u64, block_memory: u6
 
 /// The base tensor of every pruned and dense record, checked for name, dtype and shape.
 fn resolve_base(m: &Manifest, base: &Checkpoint) -> Result<Vec<Option<TensorRef>>> {
-    m.tensors
-        .iter()
-        .map(|t| {
-            let Some(dtype) = t.base_dtype else { return Ok(None) };
-            let b = base.get(&t.name).ok_or_else(|| {
-                Error::tensor(
-                    &base.root,
-                    &t.name,
-                    "missing from the base checkpoint (is this the base the delta was made from?)",
-                )
-            })?;
-            let shape = t.extended.as_ref().map_or(&t.shape, |e| &e.base_shape);
-            if b.info().dtype != dtype || b.info().shape != *shape {
-                return Err(Error::tensor(
-                    &b.shard.path,
-                    &t.name,
-                    format!(
-                        "base is {} {:?}, but the delta was made against {dtype} {:?}",
-                        b.info().dtype,
-                        b.info().shape,
-                        shape
-                    ),
-                ));
-            }
-            Ok(Some(b))
-        })
-        .collect()
+    m.tensors.iter().map(|t| crate::reconstruct::base_tensor(base, t)).collect()
 }
 
 /// Creates the output file or directory of shards, headers written and data sized.
