@@ -12,11 +12,12 @@
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fapm_stages::dtype::convert_chunk;
 use fapm_stages::dtype::DType;
 use fapm_stages::encode::{decode_sparse, encode_sparse};
 use fapm_stages::format::{compress, Payload};
 use fapm_stages::hash;
-use fapm_stages::score::{convert_chunk, sum_abs, Metric, Scorer};
+use fapm_stages::score::{sum_abs, Metric, Scorer};
 use fapm_stages::threshold::{plan, Bins, Gather, Histogram, Hits, ThresholdMode};
 
 const N: usize = 1 << 20;
@@ -201,7 +202,7 @@ fn stages(c: &mut Criterion) {
     });
 
     g.throughput(Throughput::Bytes(ft16.len() as u64));
-    g.bench_function(BenchmarkId::new("hash_part", "2MiB"), |b| b.iter(|| hash::part(black_box(&ft16), 0, 2)));
+    g.bench_function(BenchmarkId::new("hash_part", "2MiB"), |b| b.iter(|| hash::hash_chunk(black_box(&ft16), 0, 2)));
 
     let mut conv = vec![0u8; base16.len()];
     g.throughput(Throughput::Bytes(base16.len() as u64));

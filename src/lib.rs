@@ -18,7 +18,7 @@ pub use fapm_stages::{Error, Result};
 pub use merge::{merge, MergeSummary};
 pub use pipeline::apply::{apply, verify_delta, ApplySummary};
 pub use pipeline::prune::{prune, PruneSummary};
-pub use pipeline::Ctl;
+pub use pipeline::RunControl;
 #[cfg(feature = "report")]
 pub use report::{report, ReportConfig, ReportSummary};
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use fapm::config::{self, ApplyConfig, PruneConfig};
-use fapm::{Ctl, Error};
+use fapm::{Error, RunControl};
 use fapm_stages::error::printable;
 use serde_json::json;
 
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
         Command::Inspect(_) => false,
     };
     progress::init_logging(cli.verbose, quiet);
-    let ctl = Arc::new(Ctl::default());
+    let ctl = Arc::new(RunControl::default());
     {
         let ctl = Arc::clone(&ctl);
         // Ctrl-C and SIGTERM: stop at the next chunk, clean up, exit 1.
@@ -89,7 +89,7 @@ fn print_json(v: &serde_json::Value) {
     println!("{out}");
 }
 
-fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
+fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
     match command {
         Command::Prune(a) => {
             let cfg = PruneConfig {
@@ -222,7 +222,7 @@ fn run(command: Command, ctl: &Arc<Ctl>) -> Result<(), Error> {
 }
 
 #[cfg(feature = "report")]
-fn report(a: cli::ReportArgs, ctl: &Ctl) -> Result<(), Error> {
+fn report(a: cli::ReportArgs, ctl: &RunControl) -> Result<(), Error> {
     let cfg = fapm::ReportConfig {
         base: a.base,
         finetuned: a.finetuned,
@@ -251,7 +251,7 @@ fn report(a: cli::ReportArgs, ctl: &Ctl) -> Result<(), Error> {
 }
 
 #[cfg(not(feature = "report"))]
-fn report(_: cli::ReportArgs, _: &Ctl) -> Result<(), Error> {
+fn report(_: cli::ReportArgs, _: &RunControl) -> Result<(), Error> {
     Err(Error::Config("report is not built in: build fapm with the `report` feature (on by default)".into()))
 }
 

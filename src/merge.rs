@@ -15,7 +15,7 @@ use fapm_stages::partition::split;
 use fapm_stages::{Error, Result};
 
 use crate::output::Staged;
-use crate::pipeline::Ctl;
+use crate::pipeline::RunControl;
 
 /// What a merge did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -37,7 +37,7 @@ pub struct MergeSummary {
 }
 
 /// Merges the part deltas `parts` (any order) into the delta `output`.
-pub fn merge(parts: &[PathBuf], output: &Path, overwrite: bool, ctl: &Ctl) -> Result<MergeSummary> {
+pub fn merge(parts: &[PathBuf], output: &Path, overwrite: bool, ctl: &RunControl) -> Result<MergeSummary> {
     let start = Instant::now();
     let readers = open_in_order(parts)?;
     check_runs(&readers)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use fapm::Ctl;
+use fapm::RunControl;
 
 /// Sets up `tracing` on stderr: warnings by default, more with `-v`, or as `RUST_LOG` says.
 pub fn init_logging(verbose: u8, quiet: bool) {
@@ -33,7 +33,7 @@ pub struct Monitor {
 
 impl Monitor {
     /// Starts monitoring `ctl`; `label` names the command on the bar.
-    pub fn start(ctl: Arc<Ctl>, label: &'static str, show_bar: bool) -> Self {
+    pub fn start(ctl: Arc<RunControl>, label: &'static str, show_bar: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(anon_memory()));
         let bar = (show_bar && std::io::stderr().is_terminal()).then(|| {

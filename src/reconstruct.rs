@@ -14,10 +14,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fapm_stages::checkpoint::{Checkpoint, TensorRef};
+use fapm_stages::dtype::convert_chunk;
 use fapm_stages::encode::{decode_sparse, revert_sparse, Sparse};
 use fapm_stages::format::{block_sizes, DeltaReader, Hash, Mode, TensorRecord};
-use fapm_stages::hash::{self, Part};
-use fapm_stages::score::convert_chunk;
+use fapm_stages::hash::{self, ChunkHash};
 use fapm_stages::{Error, Result};
 use rayon::prelude::*;
 
@@ -34,8 +34,8 @@ pub struct Delta {
 /// What one block of a diffable tensor produced: kept count and hash parts.
 struct Done {
     kept: u64,
-    base: Option<Part>,
-    out: Part,
+    base: Option<ChunkHash>,
+    out: ChunkHash,
 }
 
 impl Delta {
@@ -54,9 +54,10 @@ impl Delta {
             .ok_or_else(|| Error::tensor(&self.reader.path, name, "not in this delta"))
     }
 
-    /// The base tensor of a pruned or dense record in `base` (see [`base_tensor`]).
+    /// The base tensor of a pruned or dense record in `base`, checked for dtype and shape
+    /// ([`read::base_tensor`](crate::pipeline::stages::read::base_tensor)).
     pub fn base_of(&self, base: &Checkpoint, t: &TensorRecord) -> Result<Option<TensorRef>> {
-        base_tensor(base, t)
+        crate::pipeline::stages::read::base_tensor(base, t)
     }
 
     /// Checks that `base` holds the bytes the delta was made from, for tensor `t`; `base_path`
@@ -71,7 +72,7 @@ impl Delta {
         let mut chunks: Vec<&[u8]> =
             spans.iter().map(|&(s, l)| &base[(s * bs) as usize..((s + l) * bs) as usize]).collect();
         let n = chunks.len();
-        let parts = collect_waves(&mut chunks, between, |i, c| Ok(hash::part(c, spans[i].0 * bs, n)))?;
+        let parts = collect_waves(&mut chunks, between, |i, c| Ok(hash::hash_chunk(c, spans[i].0 * bs, n)))?;
         if hash::merge(&parts) != want {
             return Err(base_mismatch(base_path, &t.name));
         }
@@ -97,7 +98,7 @@ impl Delta {
             let parts = collect_waves(&mut chunks, between, |i, c| {
                 let offset = i as u64 * self.reader.manifest.raw_block_bytes;
                 c.copy_from_slice(&self.reader.block(&t.blocks[i], &t.name)?);
-                Ok(hash::part(c, offset, n))
+                Ok(hash::hash_chunk(c, offset, n))
             })?;
             return self.check_out(t, &parts);
         }
@@ -120,8 +121,8 @@ impl Delta {
             convert_chunk(t.dtype, dtype, b, converted);
             appended.fill(0);
             let kept = self.decode(t, i, c)?;
-            let base = (from_base > 0).then(|| hash::part(b, start * bs, base_blocks));
-            Ok(Done { kept, base, out: hash::part(c, start * size, n) })
+            let base = (from_base > 0).then(|| hash::hash_chunk(b, start * bs, base_blocks));
+            Ok(Done { kept, base, out: hash::hash_chunk(c, start * size, n) })
         })?;
         self.check_done(t, &done, base_path)
     }
@@ -148,10 +149,10 @@ impl Delta {
         let applied: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
         let result = collect_waves(&mut chunks, between, |i, c| {
             let start = spans[i].0;
-            let base = check_base.then(|| hash::part(c, start * size, n));
+            let base = check_base.then(|| hash::hash_chunk(c, start * size, n));
             let kept = self.decode(t, i, c)?;
             applied[i].store(true, Ordering::Relaxed);
-            Ok(Done { kept, base, out: hash::part(c, start * size, n) })
+            Ok(Done { kept, base, out: hash::hash_chunk(c, start * size, n) })
         })
         .and_then(|done| self.check_done(t, &done, base_path));
         if let Err(e) = result {
@@ -220,8 +221,11 @@ impl Delta {
             let kept = decode_sparse(&raw, &mut out, size).map_err(|e| self.corrupt(t, i, e))?;
             let positions: Vec<usize> =
                 Sparse::parse(&raw, len, size).map_err(|e| self.corrupt(t, i, e))?.positions().collect();
-            let d =
-                Done { kept, base: Some(hash::part(b, start * bs, n)), out: hash::part(&out, start * size as u64, n) };
+            let d = Done {
+                kept,
+                base: Some(hash::hash_chunk(b, start * bs, n)),
+                out: hash::hash_chunk(&out, start * size as u64, n),
+            };
             Ok((d, start, positions, out))
         };
         waves(&mut blocks, between, job, |(d, start, positions, out)| {
@@ -293,7 +297,7 @@ impl Delta {
             ));
         }
         // Blocks wholly past an extended tensor's base have no base part.
-        let base: Option<Vec<Part>> = match t.extended {
+        let base: Option<Vec<ChunkHash>> = match t.extended {
             Some(_) => Some(done.iter().filter_map(|d| d.base).collect()),
             None => done.iter().map(|d| d.base).collect(),
         };
@@ -302,11 +306,11 @@ impl Delta {
                 return Err(base_mismatch(base_path, &t.name));
             }
         }
-        let out: Vec<Part> = done.iter().map(|d| d.out).collect();
+        let out: Vec<ChunkHash> = done.iter().map(|d| d.out).collect();
         self.check_out(t, &out)
     }
 
-    fn check_out(&self, t: &TensorRecord, parts: &[Part]) -> Result<()> {
+    fn check_out(&self, t: &TensorRecord, parts: &[ChunkHash]) -> Result<()> {
         check_hash(hash::merge(parts), t.out_hash, || {
             Error::tensor(&self.reader.path, &t.name, "reconstructed tensor does not match its recorded hash")
         })
@@ -328,33 +332,6 @@ fn not_extended(d: &Delta, t: &TensorRecord) -> Result<()> {
         )),
         None => Ok(()),
     }
-}
-
-/// The base tensor of a pruned or dense record in `base`, checked for dtype and shape
-/// (`None` for a whole tensor, which needs no base).
-pub fn base_tensor(base: &Checkpoint, t: &TensorRecord) -> Result<Option<TensorRef>> {
-    let Some(dtype) = t.base_dtype else { return Ok(None) };
-    let b = base.get(&t.name).ok_or_else(|| {
-        Error::tensor(
-            &base.root,
-            &t.name,
-            "missing from the base checkpoint (is this the base the delta was made from?)",
-        )
-    })?;
-    let shape = t.extended.as_ref().map_or(&t.shape, |e| &e.base_shape);
-    if b.info().dtype != dtype || b.info().shape != *shape {
-        return Err(Error::tensor(
-            &b.shard.path,
-            &t.name,
-            format!(
-                "base is {} {:?}, but the delta was made against {dtype} {:?}",
-                b.info().dtype,
-                b.info().shape,
-                shape
-            ),
-        ));
-    }
-    Ok(Some(b))
 }
 
 fn check_hash(got: Hash, want: Hash, err: impl FnOnce() -> Error) -> Result<()> {

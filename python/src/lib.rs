@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use fapm::config::{self, ApplyConfig, PruneConfig};
 use fapm::reconstruct::Delta as RustDelta;
-use fapm::{Ctl, Error};
+use fapm::{Error, RunControl};
 use fapm_stages::checkpoint::Checkpoint as RustCheckpoint;
 use fapm_stages::format::TensorRecord;
 use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
@@ -57,8 +57,8 @@ fn detached<T: Send>(
 
 /// Runs a whole-model command on a worker thread with the GIL released; Ctrl-C (checked every
 /// 50 ms) cancels it at its next chunk, and the KeyboardInterrupt is raised once it stopped.
-fn pipeline<T: Send>(py: Python<'_>, f: impl FnOnce(&Ctl) -> fapm::Result<T> + Send) -> PyResult<T> {
-    let ctl = Ctl::default();
+fn pipeline<T: Send>(py: Python<'_>, f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send) -> PyResult<T> {
+    let ctl = RunControl::default();
     let mut interrupted = None;
     let result = py.detach(|| {
         std::thread::scope(|s| {

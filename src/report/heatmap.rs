@@ -10,7 +10,8 @@
 
 use std::fmt::Write as _;
 
-use fapm_stages::score::{score, Elem, Metric};
+use fapm_stages::dtype::Elem;
+use fapm_stages::score::{score, Metric};
 use fapm_stages::threshold::Cut;
 use fapm_stages::with_elems;
 

@@ -18,7 +18,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use crate::output::Staged;
-use crate::pipeline::Ctl;
+use crate::pipeline::RunControl;
 use fapm_stages::checkpoint::Checkpoint;
 use fapm_stages::threshold::Sparsity;
 use fapm_stages::Error;
@@ -61,11 +61,11 @@ pub struct ReportSummary {
 /// Writes the report for `cfg`: `index.html` and the heatmaps, into a temporary directory
 /// beside `cfg.output` that is renamed into place once complete.
 pub fn report(cfg: &ReportConfig) -> Result<ReportSummary, Error> {
-    report_with(cfg, &Ctl::default())
+    report_with(cfg, &RunControl::default())
 }
 
 /// [`report`], stopping with `Cancelled` between tensors once `ctl` is cancelled (Ctrl-C).
-pub fn report_with(cfg: &ReportConfig, ctl: &Ctl) -> Result<ReportSummary, Error> {
+pub fn report_with(cfg: &ReportConfig, ctl: &RunControl) -> Result<ReportSummary, Error> {
     let staged = Staged::new(&cfg.output, cfg.overwrite)?;
     std::fs::create_dir(staged.path()).map_err(|e| Error::io(&cfg.output, e))?;
     let (files, summary) = write_report(cfg, &staged, ctl)?;
@@ -135,7 +135,7 @@ fn file_stem(i: usize, name: &str) -> String {
 
 /// Computes everything and writes the heatmaps and `index.html` into the staged directory;
 /// returns the file names written, `index.html` first.
-fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &Ctl) -> Result<(Vec<String>, ReportSummary), Error> {
+fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result<(Vec<String>, ReportSummary), Error> {
     let base = Checkpoint::open(&cfg.base)?;
     let ft = Checkpoint::open(&cfg.finetuned)?;
     let (pairs, other) = pairs(&base, &ft);

@@ -10,8 +10,8 @@
 use std::convert::Infallible;
 
 use fapm_stages::checkpoint::TensorRef;
-use fapm_stages::dtype::DType;
-use fapm_stages::score::{mean_abs, sum_abs, Elem, Metric, Scorer, NOT_CANDIDATE};
+use fapm_stages::dtype::{DType, Elem};
+use fapm_stages::score::{mean_abs, sum_abs, Metric, Scorer, NOT_CANDIDATE};
 use fapm_stages::threshold::{self, Cut, Histogram, Sparsity, ThresholdMode};
 use fapm_stages::with_elems;
 

@@ -307,7 +307,7 @@ fn kept_maps_are_what_prune_keeps() {
     let s = stats::tensor_stats(&pair, &[], &mut Scratch::default());
     let grid = heatmap::accumulate(&pair, s.mean, s.map_cut, &mut Scratch::default());
     assert_eq!((grid.gh, grid.gw), (rows as usize, cols as usize));
-    let ctl = Ctl::default();
+    let ctl = RunControl::default();
     let delta = dir.path().join("d.fapm");
     let prune = crate::config::PruneConfig {
         base: dir.path().join("b.safetensors"),

@@ -9,35 +9,35 @@ use crate::format::Hash;
 
 /// The hash of one chunk of a longer input, or of a whole input that is one chunk.
 #[derive(Clone, Copy, Debug)]
-pub enum Part {
+pub enum ChunkHash {
     /// The input was this chunk alone: its final hash.
     Root(Hash),
     /// The chaining value of a chunk of a longer input.
-    Chunk(ChainingValue),
+    Subtree(ChainingValue),
 }
 
 /// Hashes the chunk `bytes` that starts at byte `offset` of an input split into `chunks`
 /// chunks. Every chunk but the last must hold the same power-of-two number of bytes (>= 1 KiB).
-pub fn part(bytes: &[u8], offset: u64, chunks: usize) -> Part {
-    let mut h = PartHasher::new(offset, chunks);
+pub fn hash_chunk(bytes: &[u8], offset: u64, chunks: usize) -> ChunkHash {
+    let mut h = ChunkHasher::new(offset, chunks);
     h.update(bytes);
     h.finish()
 }
 
-/// [`part`], fed a piece of the chunk at a time.
-pub struct PartHasher {
+/// [`hash_chunk`], fed a piece of the chunk at a time.
+pub struct ChunkHasher {
     hasher: blake3::Hasher,
     root: bool,
 }
 
-impl PartHasher {
+impl ChunkHasher {
     /// For the chunk that starts at byte `offset` of an input split into `chunks` chunks.
     pub fn new(offset: u64, chunks: usize) -> Self {
         let mut hasher = blake3::Hasher::new();
         if chunks > 1 {
             hasher.set_input_offset(offset);
         }
-        PartHasher { hasher, root: chunks <= 1 }
+        ChunkHasher { hasher, root: chunks <= 1 }
     }
 
     /// Adds the next bytes of the chunk.
@@ -45,27 +45,27 @@ impl PartHasher {
         self.hasher.update(bytes);
     }
 
-    /// The chunk's part.
-    pub fn finish(&self) -> Part {
+    /// The chunk's hash.
+    pub fn finish(&self) -> ChunkHash {
         if self.root {
-            Part::Root(self.hasher.finalize().into())
+            ChunkHash::Root(self.hasher.finalize().into())
         } else {
-            Part::Chunk(self.hasher.finalize_non_root())
+            ChunkHash::Subtree(self.hasher.finalize_non_root())
         }
     }
 }
 
-/// Merges the parts of an input, in order, into its blake3 hash. No parts: the empty input.
-pub fn merge(parts: &[Part]) -> Hash {
-    match parts {
+/// Merges the chunk hashes of an input, in order, into its blake3 hash. None: the empty input.
+pub fn merge(chunks: &[ChunkHash]) -> Hash {
+    match chunks {
         [] => blake3::hash(&[]).into(),
-        [Part::Root(h)] => *h,
+        [ChunkHash::Root(h)] => *h,
         _ => {
-            let cvs: Vec<ChainingValue> = parts
+            let cvs: Vec<ChainingValue> = chunks
                 .iter()
                 .map(|p| match p {
-                    Part::Chunk(cv) => *cv,
-                    Part::Root(_) => panic!("a root part among several"),
+                    ChunkHash::Subtree(cv) => *cv,
+                    ChunkHash::Root(_) => panic!("a root hash among several chunks"),
                 })
                 .collect();
             let split = left_len(cvs.len());
@@ -98,8 +98,8 @@ mod tests {
             for len in [0, 1, 1024, 1025, 4096, 5000, 9 * 1024, 17 * 1024 + 3, 70_000] {
                 let input = &data[..len];
                 let pieces: Vec<&[u8]> = input.chunks(chunk).collect();
-                let parts: Vec<Part> =
-                    pieces.iter().enumerate().map(|(i, p)| part(p, (i * chunk) as u64, pieces.len())).collect();
+                let parts: Vec<ChunkHash> =
+                    pieces.iter().enumerate().map(|(i, p)| hash_chunk(p, (i * chunk) as u64, pieces.len())).collect();
                 assert_eq!(merge(&parts), Hash::from(blake3::hash(input)), "chunk {chunk} len {len}");
             }
         }

@@ -4,7 +4,8 @@
 //! Everything here is a pure function over one chunk of raw little-endian tensor bytes, so
 //! the threshold and mask stages can recompute scores from the memory maps on every pass.
 
-use crate::dtype::DType;
+use crate::dtype::{convert, Bf16, DType, Elem, F16, F32, F64};
+use crate::with_elems;
 
 /// The key of a position that is not a candidate. No score has this key: NaN scores count
 /// as `-inf`, whose key is `0x007f_ffff`.
@@ -101,137 +102,6 @@ pub fn score_of_key(k: u32) -> f32 {
     f32::from_bits(b)
 }
 
-/// A floating element type as stored in safetensors, seen through its bit pattern.
-pub trait Elem: Copy {
-    /// The dtype.
-    const DTYPE: DType;
-    /// Bytes per element.
-    const SIZE: usize;
-    /// The bit pattern as an unsigned integer of the element's width.
-    type Bits: Copy + Eq + Into<u64>;
-    /// Reads one element from exactly `SIZE` little-endian bytes.
-    fn load(bytes: &[u8]) -> Self::Bits;
-    /// Reads the bits of element `i` of `bytes`.
-    #[inline(always)]
-    fn bits(bytes: &[u8], i: usize) -> u64 {
-        Self::load(&bytes[i * Self::SIZE..(i + 1) * Self::SIZE]).into()
-    }
-    /// The value as an f32 for scoring: exact widening (F64: rounding), NaN payloads
-    /// unspecified (every NaN scores as -inf).
-    fn score_f32(bits: Self::Bits) -> f32;
-    /// Widens (F64: narrows) bits of this type to f32 for dtype conversion (SPEC section 4;
-    /// NaN: quiet bit set, payload kept as far as it fits, as the `half` crate does).
-    fn to_f32(bits: u64) -> f32;
-    /// Rounds an f32 to this type, round-to-nearest-even (SPEC section 4).
-    fn from_f32(x: f32) -> u64;
-}
-
-macro_rules! elem {
-    ($name:ident, $dtype:expr, $size:expr, $raw:ty, $score:expr, $to:expr, $from:expr) => {
-        /// Marker for one floating dtype.
-        #[derive(Clone, Copy)]
-        pub struct $name;
-        impl Elem for $name {
-            const DTYPE: DType = $dtype;
-            const SIZE: usize = $size;
-            type Bits = $raw;
-            #[inline(always)]
-            fn load(bytes: &[u8]) -> $raw {
-                <$raw>::from_le_bytes(bytes.try_into().expect("one element"))
-            }
-            #[inline(always)]
-            fn score_f32(bits: $raw) -> f32 {
-                let f: fn($raw) -> f32 = $score;
-                f(bits)
-            }
-            #[inline(always)]
-            fn to_f32(bits: u64) -> f32 {
-                let f: fn($raw) -> f32 = $to;
-                f(bits as $raw)
-            }
-            #[inline(always)]
-            fn from_f32(x: f32) -> u64 {
-                let f: fn(f32) -> $raw = $from;
-                f(x) as u64
-            }
-        }
-    };
-}
-
-elem!(Bf16, DType::BF16, 2, u16, |b| f32::from_bits((b as u32) << 16), |b| half::bf16::from_bits(b).to_f32(), |x| {
-    half::bf16::from_f32(x).to_bits()
-});
-elem!(F16, DType::F16, 2, u16, |b| f16_table()[b as usize], |b| half::f16::from_bits(b).to_f32(), |x| {
-    half::f16::from_f32(x).to_bits()
-});
-elem!(F32, DType::F32, 4, u32, f32::from_bits, f32::from_bits, f32::to_bits);
-elem!(F64, DType::F64, 8, u64, |b| f64::from_bits(b) as f32, |b| f64::from_bits(b) as f32, |x| (x as f64).to_bits());
-
-/// Every f16 bit pattern widened to f32 (256 KiB, built once): much faster than converting.
-fn f16_table() -> &'static [f32; 1 << 16] {
-    static TABLE: std::sync::OnceLock<Box<[f32; 1 << 16]>> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut t = Box::new([0f32; 1 << 16]);
-        for (i, v) in t.iter_mut().enumerate() {
-            *v = half::f16::from_bits(i as u16).to_f32();
-        }
-        t
-    })
-}
-
-/// The base element's bits converted to the fine-tuned dtype `F` (identity when equal).
-#[inline(always)]
-pub fn convert<F: Elem, B: Elem>(base_bits: u64) -> u64 {
-    if F::DTYPE == B::DTYPE {
-        base_bits
-    } else {
-        F::from_f32(B::to_f32(base_bits))
-    }
-}
-
-/// Calls `$body` with `F` and `B` bound to the element types of the two dtypes.
-#[macro_export]
-macro_rules! with_elems {
-    ($ft:expr, $base:expr, |$F:ident, $B:ident| $body:expr) => {{
-        use $crate::dtype::DType as D;
-        use $crate::score::{Bf16, F16, F32, F64};
-        macro_rules! inner {
-            ($f:ty) => {
-                match $base {
-                    D::BF16 => {
-                        type $F = $f;
-                        type $B = Bf16;
-                        $body
-                    }
-                    D::F16 => {
-                        type $F = $f;
-                        type $B = F16;
-                        $body
-                    }
-                    D::F32 => {
-                        type $F = $f;
-                        type $B = F32;
-                        $body
-                    }
-                    D::F64 => {
-                        type $F = $f;
-                        type $B = F64;
-                        $body
-                    }
-                    other => unreachable!("not diffable: {other}"),
-                }
-            };
-        }
-        match $ft {
-            D::BF16 => inner!(Bf16),
-            D::F16 => inner!(F16),
-            D::F32 => inner!(F32),
-            D::F64 => inner!(F64),
-            other => unreachable!("not diffable: {other}"),
-        }
-    }};
-}
-
 /// Sum of `|pre|` over a chunk of base bytes, each element widened to f32, summed in f64.
 pub fn sum_abs(base: DType, bytes: &[u8]) -> f64 {
     #[cfg(target_arch = "x86_64")]
@@ -292,22 +162,6 @@ pub fn mean_abs(partials: impl IntoIterator<Item = f64>, n: u64) -> f32 {
     (sum / n as f64) as f32
 }
 
-/// Writes a chunk of base elements converted to the fine-tuned dtype into `out`
-/// (a plain copy when the dtypes agree).
-pub fn convert_chunk(ft: DType, base: DType, base_bytes: &[u8], out: &mut [u8]) {
-    if ft == base {
-        out.copy_from_slice(base_bytes);
-        return;
-    }
-    fn go<F: Elem, B: Elem>(base: &[u8], out: &mut [u8]) {
-        for (i, o) in out.chunks_exact_mut(F::SIZE).enumerate() {
-            let bits = convert::<F, B>(B::bits(base, i));
-            o.copy_from_slice(&bits.to_le_bytes()[..F::SIZE]);
-        }
-    }
-    with_elems!(ft, base, |F, B| go::<F, B>(base_bytes, out))
-}
-
 /// How to score one diffable tensor: dtypes, metric and the FAPM mean.
 #[derive(Debug, Clone, Copy)]
 pub struct Scorer {
@@ -349,11 +203,11 @@ impl Scorer {
 impl Scorer {
     /// Computes keys a cache-sized piece at a time and hands each piece to `f` with its
     /// chunk-relative offset: for passes that only count or gather keys, without a buffer
-    /// for the whole chunk. Returns the number of candidates. Pieces of 1024 keys (4 KiB,
-    /// which stay in the L1 cache beside the inputs' lines) made prune 3% faster than 4096.
+    /// for the whole chunk. Returns the number of candidates. Pieces of 1024 keys (4 KiB) stay
+    /// in the L1 cache beside the inputs' lines.
     pub fn for_each_keys(&self, ft: &[u8], base: &[u8], f: impl FnMut(usize, &[u32])) -> u64 {
-        // Small inputs (the sample's pieces) get a small buffer: zeroing a whole piece for every
-        // 64 keys was 2% of prune's time.
+        // Small inputs (the sample's pieces of 64) get a small buffer, so that a whole piece is
+        // not zeroed for every 64 keys.
         if ft.len() / self.ft.size() <= 256 {
             self.keys_in_pieces::<256>(ft, base, f)
         } else {
@@ -419,8 +273,8 @@ fn keys_of_form<F: Elem, B: Elem>(ft: &[u8], base: &[u8], form: u8, mean: f32, l
 #[inline(always)]
 fn keys_typed<F: Elem, B: Elem, const FORM: u8>(ft: &[u8], base: &[u8], mean: f32, l: f32, keys: &mut [u32]) -> usize {
     // The count is kept in 32 bits, so that counting stays on 32-bit lanes (a usize count
-    // widened every lane to 64 bits: a third of the loop's time); segments keep it exact
-    // (and their byte lengths fit a 32-bit usize).
+    // would widen every lane to 64 bits); segments keep it exact (and their byte lengths fit
+    // a 32-bit usize).
     const SEGMENT: usize = 1 << 28;
     let mut total = 0usize;
     for ((keys, ft), base) in
@@ -481,16 +335,6 @@ mod tests {
     }
 
     #[test]
-    fn conversion_rounds_to_nearest_even() {
-        // 1 + 2^-8 is halfway between two bf16 values; ties go to the even one (1.0).
-        let x = 1.0f32 + f32::powi(2.0, -8);
-        assert_eq!(convert::<Bf16, F32>(x.to_bits() as u64), 0x3f80);
-        assert_eq!(convert::<F32, Bf16>(0x3f80), 1.0f32.to_bits() as u64);
-        assert_eq!(convert::<F64, F64>(0x1234), 0x1234);
-        assert_eq!(convert::<F16, F64>(1.0f64.to_bits()), 0x3c00);
-    }
-
-    #[test]
     fn keys_mark_candidates() {
         let base: Vec<u8> = [1.0f32, 2.0, -0.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         let ft: Vec<u8> = [1.0f32, 3.0, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -498,6 +342,28 @@ mod tests {
         let s = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Magnitude, mean: 0.0, penalty: 1.0 };
         assert_eq!(s.keys(&ft, &base, &mut keys), 2);
         assert_eq!(keys, [NOT_CANDIDATE, key(1.0), key(0.0)]);
+    }
+
+    /// Every compiled copy of `sum_abs` gives the portable copy's sum of `base` (its finite
+    /// values: random bits are NaN too often for a sum to tell the copies apart, so the top
+    /// exponent bit of every element is cleared).
+    fn sum_copies_agree(bd: DType, base: &[u8]) {
+        let mut finite = base.to_vec();
+        finite.chunks_exact_mut(bd.size()).for_each(|e| e[bd.size() - 1] &= !0x40);
+        let sum = sum_abs_generic(bd, &finite);
+        assert!(sum.is_finite() && sum > 0.0, "{bd}: {sum}");
+        assert_eq!(sum_abs(bd, &finite).to_bits(), sum.to_bits());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512 F, checked just above.
+                assert_eq!(unsafe { sum_abs_avx512(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                assert_eq!(unsafe { sum_abs_avx2(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
+            }
+        }
     }
 
     /// Every compiled copy of the key loop and of `sum_abs` (portable, AVX2, AVX-512) gives
@@ -530,24 +396,7 @@ mod tests {
                     *b ^= 1 << (i % 8);
                 }
             }
-            // The sums of finite values (random bits are NaN too often for a sum to tell the
-            // copies apart): the top exponent bit of every element cleared.
-            let mut finite = base.clone();
-            finite.chunks_exact_mut(bd.size()).for_each(|e| e[bd.size() - 1] &= !0x40);
-            let sum = sum_abs_generic(bd, &finite);
-            assert!(sum.is_finite() && sum > 0.0, "{bd}: {sum}");
-            assert_eq!(sum_abs(bd, &finite).to_bits(), sum.to_bits());
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512 F, checked just above.
-                    assert_eq!(unsafe { sum_abs_avx512(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, checked just above.
-                    assert_eq!(unsafe { sum_abs_avx2(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
-                }
-            }
+            sum_copies_agree(bd, &base);
             for (form, l) in [(FAPM, 1.0), (MAGNITUDE, 1.0), (PENALISED, 0.37)] {
                 let mut want = vec![0u32; n];
                 let count = with_elems!(fd, bd, |F, B| keys_of_form::<F, B>(&ft, &base, form, 0.02, l, &mut want));

@@ -41,11 +41,11 @@ fn whole_pages(offset: u64, len: u64) -> Option<(u64, u64)> {
 /// Tracks how much of a file written front to back has been handed to [`start`], and
 /// hands it on every `STEP` bytes, in whole pages.
 #[derive(Debug, Default)]
-pub struct Behind {
+pub struct SequentialWriteback {
     started: u64,
 }
 
-impl Behind {
+impl SequentialWriteback {
     /// Bytes written between two hints.
     pub const STEP: u64 = 8 << 20;
 
@@ -68,14 +68,14 @@ mod tests {
     #[test]
     fn hints_follow_the_writes_and_change_nothing() {
         let mut f = tempfile::tempfile().unwrap();
-        let mut behind = Behind::default();
+        let mut writeback = SequentialWriteback::default();
         // Pieces of a MiB and 100 bytes: the hints stop at the last whole page.
         let piece: Vec<u8> = (0..(1 << 20) + 100).map(|i| (i % 251) as u8).collect();
         let mut started = Vec::new();
         for i in 1..=20u64 {
             f.write_all(&piece).unwrap();
-            behind.written(&f, i * piece.len() as u64);
-            started.push(behind.started);
+            writeback.written(&f, i * piece.len() as u64);
+            started.push(writeback.started);
         }
         assert!(started.iter().all(|s| s % PAGE == 0));
         assert!(started.windows(2).all(|w| w[0] <= w[1]));

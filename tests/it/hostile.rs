@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use fapm::config::{self, ApplyConfig};
-use fapm::Ctl;
+use fapm::RunControl;
 use fapm_stages::checkpoint::Checkpoint;
 use fapm_stages::dtype::DType;
 use fapm_stages::format::{DeltaReader, DeltaWriter, Manifest};
@@ -218,7 +218,7 @@ fn fixture_delta(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn verify_in_process(delta: &Path) -> fapm::Result<fapm::ApplySummary> {
-    fapm::verify_delta(delta, 1, &Ctl::default())
+    fapm::verify_delta(delta, 1, &RunControl::default())
 }
 
 fn apply_in_process(base: &Path, delta: &Path, output: Option<PathBuf>) -> fapm::Result<fapm::ApplySummary> {
@@ -230,7 +230,7 @@ fn apply_in_process(base: &Path, delta: &Path, output: Option<PathBuf>) -> fapm:
         memory_budget: config::DEFAULT_MEMORY_BUDGET,
         overwrite: false,
     };
-    fapm::apply(&cfg, &Ctl::default())
+    fapm::apply(&cfg, &RunControl::default())
 }
 
 /// One flipped bit anywhere in a delta is caught by `verify` and by `apply`: every byte of

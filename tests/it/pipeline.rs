@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use fapm::config::{self, ApplyConfig, PruneConfig};
-use fapm::Ctl;
+use fapm::RunControl;
 use fapm_stages::dtype::DType;
 use fapm_stages::score::Metric as M;
 use fapm_stages::threshold::ThresholdMode;
@@ -156,7 +156,7 @@ fn tuned_cfg(dir: &Path, sparsity: &str, metric: M, penalty: &str, t2: Option<&s
 
 /// Prunes and applies; returns the delta's bytes and the rebuilt tensors.
 fn round_trip(cfg: &PruneConfig) -> (Vec<u8>, Tensors) {
-    let ctl = Ctl::default();
+    let ctl = RunControl::default();
     fapm::prune(cfg, &ctl).unwrap();
     let out = cfg.output.with_extension("out.safetensors");
     let apply = ApplyConfig {

@@ -12,7 +12,7 @@ pub struct DeltaWriter {
     out: BufWriter<File>,
     path: PathBuf,
     offset: u64,
-    behind: crate::writeback::Behind,
+    writeback: crate::writeback::SequentialWriteback,
 }
 
 impl DeltaWriter {
@@ -20,7 +20,7 @@ impl DeltaWriter {
     pub fn new(file: File, path: &Path) -> Result<Self> {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&preamble(VERSION)).map_err(|e| Error::io(path, e))?;
-        Ok(DeltaWriter { out, path: path.to_path_buf(), offset: PREAMBLE_LEN, behind: Default::default() })
+        Ok(DeltaWriter { out, path: path.to_path_buf(), offset: PREAMBLE_LEN, writeback: Default::default() })
     }
 
     /// Appends one compressed block of `raw_len` decompressed bytes.
@@ -30,7 +30,7 @@ impl DeltaWriter {
             Block { offset: self.offset, len: compressed.len() as u64, raw_len, hash: blake3::hash(compressed).into() };
         self.offset += compressed.len() as u64;
         let flushed = self.offset - self.out.buffer().len() as u64;
-        self.behind.written(self.out.get_ref(), flushed);
+        self.writeback.written(self.out.get_ref(), flushed);
         Ok(block)
     }
 

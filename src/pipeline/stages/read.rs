@@ -1,0 +1,185 @@
+//! The shard reader: goes through the fine-tuned tensors in shard and data order, pairs each
+//! with its base tensor, decides how to treat it, and reads both a chunk of elements at a
+//! time.
+//!
+//! Nothing is copied: a chunk is a pair of views into the memory maps, so what the reader
+//! hands on is the page cache itself, and the stages after it read each chunk straight from
+//! there on the worker that needs it.
+
+use fapm_stages::checkpoint::{Checkpoint, TensorInfo, TensorRef};
+use fapm_stages::format::{block_sizes, Manifest, Mode, TensorRecord};
+use fapm_stages::partition::split;
+use fapm_stages::{Error, Result};
+
+use crate::config::{PartSpec, PruneConfig};
+
+/// One fine-tuned tensor and how to treat it: the reader's output, in output order.
+pub struct Task {
+    /// The fine-tuned tensor.
+    pub ft: TensorRef,
+    /// Its base tensor, for a diffable tensor (pruned or dense).
+    pub base: Option<TensorRef>,
+    /// Pruned, dense or whole (SPEC section 2).
+    pub mode: Mode,
+    /// How many positions a pruned tensor keeps, `floor(n (1 - s))`, its sparsity `s` the
+    /// first matching `--sparsity-for` rule's or `--sparsity`.
+    pub keep: u64,
+    /// Elements diffed against the base: the base's element count (the fine-tuned tensor's
+    /// too, unless it is extended); 0 for a whole tensor.
+    pub diffed: u64,
+}
+
+impl Task {
+    /// Whether the fine-tuned tensor extends its base with appended rows (SPEC section 2).
+    pub fn extended(&self) -> bool {
+        self.base.as_ref().is_some_and(|b| b.info().shape != self.ft.info().shape)
+    }
+}
+
+/// The tasks of a prune run, and the names of the tensors only the base has.
+pub struct Tasks {
+    /// Every fine-tuned tensor, in shard and data order.
+    pub tasks: Vec<Task>,
+    /// Tensors only the base has (ignored, counted in the summary).
+    pub base_only: Vec<String>,
+}
+
+/// Decides what to do with each fine-tuned tensor (SPEC section 2).
+pub fn classify(cfg: &PruneConfig, base: &Checkpoint, ft: &Checkpoint) -> Tasks {
+    let tasks = ft.tensors().map(|t| task(cfg, base, t)).collect();
+    let base_only = base.tensors().map(|t| t.info().name.clone()).filter(|n| ft.get(n).is_none()).collect();
+    Tasks { tasks, base_only }
+}
+
+/// The task of one fine-tuned tensor: diffable against its base (pruned when selected,
+/// else dense) or whole, and its keep count.
+fn task(cfg: &PruneConfig, base: &Checkpoint, ft: TensorRef) -> Task {
+    let info = ft.info();
+    let base = base.get(&info.name).filter(|b| diffable(b.info(), info));
+    let mode = match base {
+        Some(_) if cfg.selects(&info.name) => Mode::Pruned,
+        Some(_) => Mode::Dense,
+        None => Mode::Whole,
+    };
+    let diffed = base.as_ref().map_or(0, |b| b.info().numel());
+    let keep = cfg.sparsity_of(&info.name).keep_count(diffed);
+    Task { ft, base, mode, keep, diffed }
+}
+
+/// Keeps only the tasks of one part of a partitioned prune (SPEC section 7): the tasks, in
+/// output order, split into `part.count` contiguous runs of nearly equal bytes. Returns the
+/// index of the part's first tensor.
+pub fn keep_part(tasks: &mut Vec<Task>, part: PartSpec) -> u64 {
+    let sizes: Vec<u64> = tasks.iter().map(|t| t.ft.info().byte_len()).collect();
+    let run = split(&sizes, part.count).swap_remove(part.index as usize - 1);
+    tasks.truncate(run.end);
+    tasks.drain(..run.start);
+    run.start as u64
+}
+
+/// Whether a fine-tuned tensor is diffed against a base tensor: both dtypes floating, and
+/// the same shape or an extended one.
+fn diffable(base: &TensorInfo, ft: &TensorInfo) -> bool {
+    base.dtype.is_diffable() && ft.dtype.is_diffable() && (base.shape == ft.shape || extends(&base.shape, &ft.shape))
+}
+
+/// Whether a fine-tuned shape extends a base shape (SPEC section 2, a resized vocabulary):
+/// same rank >= 1, same sizes in every dimension but the first, the fine-tuned first larger.
+fn extends(base: &[u64], ft: &[u64]) -> bool {
+    !base.is_empty() && base.len() == ft.len() && base[1..] == ft[1..] && base[0] < ft[0]
+}
+
+/// apply and verify: the base tensor of every record of a delta ([`base_tensor`]).
+pub fn base_tensors(m: &Manifest, base: &Checkpoint) -> Result<Vec<Option<TensorRef>>> {
+    m.tensors.iter().map(|t| base_tensor(base, t)).collect()
+}
+
+/// The base tensor of a pruned or dense record of a delta, checked for name, dtype and shape
+/// (`None` for a whole tensor, which needs no base).
+pub fn base_tensor(base: &Checkpoint, t: &TensorRecord) -> Result<Option<TensorRef>> {
+    let Some(dtype) = t.base_dtype else { return Ok(None) };
+    let b = base.get(&t.name).ok_or_else(|| {
+        Error::tensor(
+            &base.root,
+            &t.name,
+            "missing from the base checkpoint (is this the base the delta was made from?)",
+        )
+    })?;
+    let shape = t.extended.as_ref().map_or(&t.shape, |e| &e.base_shape);
+    if b.info().dtype != dtype || b.info().shape != *shape {
+        return Err(Error::tensor(
+            &b.shard.path,
+            &t.name,
+            format!(
+                "base is {} {:?}, but the delta was made against {dtype} {:?}",
+                b.info().dtype,
+                b.info().shape,
+                shape
+            ),
+        ));
+    }
+    Ok(Some(b))
+}
+
+/// A range of elements of a tensor: one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// The first element.
+    pub start: usize,
+    /// How many elements.
+    pub len: usize,
+}
+
+impl Chunk {
+    /// The part of the chunk before element `end` (empty, at `end`, when it starts after).
+    pub fn before(self, end: usize) -> Chunk {
+        Chunk { start: self.start.min(end), len: self.len.min(end.saturating_sub(self.start)) }
+    }
+}
+
+/// The chunks of `block_elems` elements of a tensor of `n` elements (the last one shorter).
+pub fn chunks(n: u64, block_elems: u64) -> Vec<Chunk> {
+    block_sizes(n, block_elems).map(|(s, l)| Chunk { start: s as usize, len: l as usize }).collect()
+}
+
+/// One tensor's bytes, read a chunk of elements at a time.
+#[derive(Clone, Copy)]
+pub struct TensorReader<'t> {
+    bytes: &'t [u8],
+    elem: usize,
+}
+
+impl<'t> TensorReader<'t> {
+    /// Reads `t` from its shard's memory map.
+    pub fn new(t: &'t TensorRef) -> Self {
+        TensorReader { bytes: t.bytes(), elem: t.info().dtype.size() }
+    }
+
+    /// The bytes of `chunk`.
+    #[inline]
+    pub fn chunk(&self, chunk: Chunk) -> &'t [u8] {
+        &self.bytes[chunk.start * self.elem..(chunk.start + chunk.len) * self.elem]
+    }
+}
+
+/// A fine-tuned tensor and its base tensor, read in step.
+#[derive(Clone, Copy)]
+pub struct PairReader<'t> {
+    /// The fine-tuned tensor.
+    pub ft: TensorReader<'t>,
+    /// The base tensor.
+    pub base: TensorReader<'t>,
+}
+
+impl<'t> PairReader<'t> {
+    /// Reads `ft` and `base` (of the same number of elements).
+    pub fn new(ft: &'t TensorRef, base: &'t TensorRef) -> Self {
+        PairReader { ft: TensorReader::new(ft), base: TensorReader::new(base) }
+    }
+
+    /// The fine-tuned and the base bytes of `chunk`.
+    #[inline]
+    pub fn chunk(&self, chunk: Chunk) -> (&'t [u8], &'t [u8]) {
+        (self.ft.chunk(chunk), self.base.chunk(chunk))
+    }
+}
