@@ -25,7 +25,7 @@ browser() { # extra chromium arguments...
         --user-data-dir="$work/chrome" --hide-scrollbars "$@" "file://$work/report/index.html" 2>/dev/null
 }
 browser --dump-dom >"$work/dom.html"
-browser --window-size=1400,1800 --screenshot="$work/report.png" >/dev/null
+browser --window-size=1400,2800 --screenshot="$work/report.png" >/dev/null
 
 python3 - "$work" <<'EOF'
 import json, re, struct, sys, zlib
@@ -41,8 +41,12 @@ if len(charts) < 2:
     fail.append(f"{len(charts)} SVG charts in the rendered page")
 for c in charts:
     texts = re.findall(r"<text[^>]*>([^<]+)</text>", c)
-    if not {"magnitude", "FAPM"} <= set(texts) or len(texts) < 10:
-        fail.append(f"a chart without its legend, title and tick labels as text: {texts[:4]}")
+    legend = {"l = 0 (magnitude)", "l = 0.25", "l = 0.5", "l = 1 (FAPM)", "l = 2"}
+    if not legend <= set(texts) or len(texts) < 10:
+        fail.append(f"a chart without its legend of penalty strengths, title and tick labels as text: {texts[:4]}")
+tradeoff = [c for c in charts if ">Trade-off: norm kept against relative change</text>" in c]
+if len(tradeoff) != 1 or len(re.findall(r"<circle[^>]*><title>[^<]*--penalty", tradeoff[0])) != 25:
+    fail.append("no trade-off chart with a point for each of 5 strengths x 5 sparsities")
 pngs = len(summary["files"]) - 1
 if len(heatmaps) != pngs or pngs == 0:
     fail.append(f"{len(heatmaps)} heatmaps in the page, {pngs} PNG files written")

@@ -6,20 +6,35 @@ use std::fmt::Write as _;
 
 use super::svg::{esc, hex, num, text, text_width, Anchor, Rgb, GRID, INK, MUTED};
 
-/// Magnitude pruning's colour in every chart.
-pub const MAGNITUDE: Rgb = [230, 120, 20];
-/// FAPM's colour in every chart.
-pub const FAPM: Rgb = [31, 100, 180];
+/// The colour of each penalty strength of `stats::PENALTIES` in every chart, from magnitude
+/// pruning (orange, strength 0) through the paper's FAPM (blue, strength 1) to the strongest
+/// penalty (purple): distinct hues in the order of the strengths.
+pub const STRENGTH_COLORS: [Rgb; 5] = [[230, 120, 20], [150, 160, 30], [30, 150, 130], [31, 100, 180], [120, 60, 160]];
 
-/// One line of a chart. Points with a non-finite y (or y <= 0 on a log axis) break the line.
+/// The colour of guide lines (points of equal sparsity on the trade-off chart).
+pub const GUIDE: Rgb = [170, 170, 170];
+
+/// One line of a chart. Points with a non-finite coordinate (or one <= 0 on a log axis)
+/// break the line.
 #[derive(Clone)]
 pub struct Series {
-    /// Its legend text.
+    /// Its legend text; a guide's label is written beside its last point instead.
     pub label: String,
     /// Its colour.
     pub color: Rgb,
     /// (x, y) points in drawing order.
     pub points: Vec<(f64, f64)>,
+    /// The hover text of each point (else the series' label, the value and the x name).
+    pub tips: Option<Vec<String>>,
+    /// A guide: a thin line under the others, without dots or a legend entry.
+    pub guide: bool,
+}
+
+impl Series {
+    /// A series drawn as a line with a dot per point and an entry in the legend.
+    pub fn line(label: impl Into<String>, color: Rgb, points: Vec<(f64, f64)>) -> Self {
+        Series { label: label.into(), color, points, tips: None, guide: false }
+    }
 }
 
 /// What to draw and how to label it.
@@ -33,6 +48,8 @@ pub struct Chart {
     pub x_label: String,
     /// The y axis label.
     pub y_label: String,
+    /// Logarithmic x axis (its ticks are then powers of ten).
+    pub x_log: bool,
     /// Logarithmic y axis.
     pub y_log: bool,
     /// Fixed y range (else fitted to the data).
@@ -48,7 +65,7 @@ pub struct Chart {
 /// Width of every chart, in SVG user units (CSS pixels at natural size).
 pub const WIDTH: f64 = 720.0;
 /// Height of every chart.
-pub const HEIGHT: f64 = 330.0;
+pub const HEIGHT: f64 = 350.0;
 
 /// A step of 1, 2 or 5 times a power of ten, near `raw`.
 fn nice_step(raw: f64) -> f64 {
@@ -68,16 +85,41 @@ fn nice_step(raw: f64) -> f64 {
     }
 }
 
+/// The decades `10^a ..= 10^b` around `lo ..= hi` (positive), at least one wide.
+fn decades(lo: f64, hi: f64) -> (f64, f64) {
+    let (a, b) = (lo.log10().floor(), hi.log10().ceil());
+    (10f64.powf(a), 10f64.powf(if b > a { b } else { a + 1.0 }))
+}
+
+/// Powers of ten from `lo` to `hi` (themselves powers of ten), at most about seven.
+fn decade_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let (a, b) = (lo.log10().round() as i32, hi.log10().round() as i32);
+    let step = ((b - a) / 6 + 1).max(1);
+    (a..=b).filter(|e| (e - a) % step == 0).map(|e| 10f64.powi(e)).collect()
+}
+
+/// Where `v` lies between `lo` and `hi`, 0 to 1, on a linear or logarithmic scale.
+fn fraction(v: f64, (lo, hi): (f64, f64), log: bool) -> f64 {
+    if log {
+        (v.log10() - lo.log10()) / (hi.log10() - lo.log10())
+    } else {
+        (v - lo) / (hi - lo)
+    }
+}
+
 impl Chart {
-    fn usable(&self, y: f64) -> bool {
-        y.is_finite() && (!self.y_log || y > 0.0)
+    fn usable(&self, (x, y): (f64, f64)) -> bool {
+        x.is_finite() && y.is_finite() && (!self.y_log || y > 0.0) && (!self.x_log || x > 0.0)
     }
 
     fn x_extent(&self) -> (f64, f64) {
-        let xs = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+        let xs = self.series.iter().flat_map(|s| s.points.iter().filter(|&&p| self.usable(p)).map(|p| p.0));
         let ticks = self.x_ticks.iter().flatten().map(|t| t.0);
         let (lo, hi) =
             xs.chain(ticks).filter(|x| x.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+        if self.x_log {
+            return if lo > hi { (0.1, 1.0) } else { decades(lo, hi) };
+        }
         if lo > hi {
             (0.0, 1.0)
         } else {
@@ -90,14 +132,13 @@ impl Chart {
         if let Some(r) = self.y_range {
             return r;
         }
-        let ys = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|&y| self.usable(y));
+        let ys = self.series.iter().flat_map(|s| s.points.iter().filter(|&&p| self.usable(p)).map(|p| p.1));
         let (lo, hi) = ys.fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
         if lo > hi {
             return if self.y_log { (0.1, 1.0) } else { (0.0, 1.0) };
         }
         if self.y_log {
-            let (a, b) = (lo.log10().floor(), hi.log10().ceil());
-            (10f64.powf(a), 10f64.powf(if b > a { b } else { a + 1.0 }))
+            decades(lo, hi)
         } else {
             let span = if hi > lo { hi - lo } else { hi.abs().max(1.0) };
             let step = nice_step(span / 5.0);
@@ -109,9 +150,7 @@ impl Chart {
 
     fn y_ticks(&self, (lo, hi): (f64, f64)) -> Vec<f64> {
         if self.y_log {
-            let (a, b) = (lo.log10().round() as i32, hi.log10().round() as i32);
-            let step = ((b - a) / 6 + 1).max(1);
-            (a..=b).filter(|e| (e - a) % step == 0).map(|e| 10f64.powi(e)).collect()
+            decade_ticks(lo, hi)
         } else {
             let step = nice_step((hi - lo) / 5.0);
             let n = ((hi - lo) / step).round() as i64;
@@ -120,6 +159,9 @@ impl Chart {
     }
 
     fn x_ticks(&self, (x0, x1): (f64, f64)) -> Vec<(f64, String)> {
+        if self.x_log && self.x_ticks.is_none() {
+            return decade_ticks(x0, x1).into_iter().map(|x| (x, num(x))).collect();
+        }
         self.x_ticks.clone().unwrap_or_else(|| {
             let (a, b) = (x0.ceil().max(0.0), x1.floor());
             let step = nice_step((b - a) / 8.0).max(1.0);
@@ -136,18 +178,11 @@ impl Chart {
 
 /// Draws a chart as one `<svg>` element.
 pub fn render(chart: &Chart) -> String {
-    let (left, right, top, bottom) = (76.0, WIDTH - 16.0, 58.0, HEIGHT - 48.0);
+    let (left, right, top, bottom) = (76.0, WIDTH - 16.0, 78.0, HEIGHT - 48.0);
     let (x0, x1) = chart.x_extent();
     let (y0, y1) = chart.y_extent();
-    let fy = |y: f64| {
-        if chart.y_log {
-            (y.log10() - y0.log10()) / (y1.log10() - y0.log10())
-        } else {
-            (y - y0) / (y1 - y0)
-        }
-    };
-    let px = |x: f64| left + (x - x0) / (x1 - x0) * (right - left);
-    let py = |y: f64| bottom - fy(y).clamp(-0.02, 1.02) * (bottom - top);
+    let px = |x: f64| left + fraction(x, (x0, x1), chart.x_log).clamp(-0.02, 1.02) * (right - left);
+    let py = |y: f64| bottom - fraction(y, (y0, y1), chart.y_log).clamp(-0.02, 1.02) * (bottom - top);
 
     let mut s = String::new();
     let _ = write!(
@@ -158,14 +193,14 @@ pub fn render(chart: &Chart) -> String {
     );
     text(&mut s, 16.0, 24.0, Anchor::Start, 16, INK, &chart.title);
     text(&mut s, 16.0, 44.0, Anchor::Start, 12, MUTED, &chart.subtitle);
-    // Legend, right-aligned on the subtitle's line.
+    // Legend, right-aligned on a line of its own under the subtitle.
     let mut lx = right;
-    for series in chart.series.iter().rev() {
-        text(&mut s, lx, 44.0, Anchor::End, 12, INK, &series.label);
+    for series in chart.series.iter().rev().filter(|s| !s.guide) {
+        text(&mut s, lx, 64.0, Anchor::End, 12, INK, &series.label);
         lx -= text_width(&series.label, 12) + 6.0;
         let _ = write!(
             s,
-            "<line x1=\"{:.1}\" y1=\"40\" x2=\"{lx:.1}\" y2=\"40\" stroke=\"{}\" stroke-width=\"3\"/>",
+            "<line x1=\"{:.1}\" y1=\"60\" x2=\"{lx:.1}\" y2=\"60\" stroke=\"{}\" stroke-width=\"3\"/>",
             lx - 18.0,
             hex(series.color)
         );
@@ -193,7 +228,8 @@ pub fn render(chart: &Chart) -> String {
     let _ = write!(s, "<g transform=\"translate(18 {mid:.1}) rotate(-90)\">");
     text(&mut s, 0.0, 0.0, Anchor::Middle, 12, INK, &chart.y_label);
     s.push_str("</g>");
-    for series in &chart.series {
+    // Guides first, under the lines they guide.
+    for series in chart.series.iter().filter(|s| s.guide).chain(chart.series.iter().filter(|s| !s.guide)) {
         draw_series(&mut s, chart, series, &px, &py);
     }
     s.push_str("</svg>");
@@ -201,44 +237,53 @@ pub fn render(chart: &Chart) -> String {
 }
 
 /// One series: a polyline per unbroken run of points, then a dot per point with its value
-/// as a tooltip when there are few enough points to see them.
+/// as a tooltip when there are few enough points to see them (a guide: its label instead).
 fn draw_series(s: &mut String, chart: &Chart, series: &Series, px: &dyn Fn(f64) -> f64, py: &dyn Fn(f64) -> f64) {
     let color = hex(series.color);
     let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
-    for &(x, y) in &series.points {
-        if chart.usable(y) && x.is_finite() {
-            runs.last_mut().expect("one run at least").push((px(x), py(y)));
+    for &p in &series.points {
+        if chart.usable(p) {
+            runs.last_mut().expect("one run at least").push((px(p.0), py(p.1)));
         } else if !runs.last().is_some_and(Vec::is_empty) {
             runs.push(Vec::new());
         }
     }
+    let width = if series.guide { 1 } else { 2 };
     for run in runs.iter().filter(|r| r.len() > 1) {
         let points: Vec<String> = run.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
         let _ = write!(
             s,
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-linejoin=\"round\"/>",
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"{width}\" \
+             stroke-linejoin=\"round\"/>",
             points.join(" ")
         );
+    }
+    if series.guide {
+        if let Some(&(x, y)) = runs.iter().flatten().last() {
+            text(s, x + 5.0, y + 4.0, Anchor::Start, 10, MUTED, &series.label);
+        }
+        return;
     }
     if series.points.len() > 64 {
         return;
     }
-    for &(x, y) in &series.points {
-        if !(chart.usable(y) && x.is_finite()) {
+    for (i, &(x, y)) in series.points.iter().enumerate() {
+        if !chart.usable((x, y)) {
             continue;
         }
-        let at = match &chart.x_names {
-            Some(names) => names.get(x as usize).cloned().unwrap_or_default(),
-            None => num(x),
+        let tip = match (&series.tips, &chart.x_names) {
+            (Some(tips), _) => tips.get(i).cloned().unwrap_or_default(),
+            (None, Some(names)) => {
+                format!("{}: {} at {}", series.label, num(y), names.get(x as usize).map_or("", |n| n))
+            }
+            (None, None) => format!("{}: {} at {}", series.label, num(y), num(x)),
         };
         let _ = write!(
             s,
-            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"><title>{}: {} at {}</title></circle>",
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"><title>{}</title></circle>",
             px(x),
             py(y),
-            esc(&series.label),
-            num(y),
-            esc(&at)
+            esc(&tip)
         );
     }
 }
@@ -253,11 +298,12 @@ mod tests {
             subtitle: "s".into(),
             x_label: "x".into(),
             y_label: "y".into(),
+            x_log: false,
             y_log,
             y_range: None,
             x_ticks: None,
             x_names: None,
-            series: vec![Series { label: "a".into(), color: FAPM, points }],
+            series: vec![Series::line("a", STRENGTH_COLORS[3], points)],
         }
     }
 
@@ -280,6 +326,32 @@ mod tests {
         assert_eq!(svg.matches("<circle").count(), 4);
         assert!(svg.contains("<title>a: 0.25 at 1</title>"), "{svg}");
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"));
+    }
+
+    #[test]
+    fn a_log_x_axis_spans_decades_and_guides_are_thin_and_unlisted() {
+        let mut c = chart(false, vec![(2e-3, 0.9), (0.05, 0.5), (0.0, 0.4)]);
+        c.x_log = true;
+        c.series[0].tips = Some(vec!["first".into(), "second".into(), "third".into()]);
+        c.series.push(Series {
+            label: "90%".into(),
+            color: GUIDE,
+            points: vec![(3e-3, 0.8), (0.02, 0.6)],
+            tips: None,
+            guide: true,
+        });
+        assert_eq!(c.x_extent(), (1e-3, 0.1));
+        let svg = render(&c);
+        assert!(svg.contains(">0.001</text>") && svg.contains(">0.1</text>"), "decade ticks: {svg}");
+        // x = 0 has no place on a log axis: two dots, each with its own tip; the guide has
+        // no dots, a label at its end and no legend entry.
+        assert_eq!(svg.matches("<circle").count(), 2);
+        assert!(svg.contains("<title>first</title>") && svg.contains("<title>second</title>"));
+        assert_eq!(svg.matches("stroke-width=\"1\"").count(), 1);
+        assert_eq!(svg.matches(">90%</text>").count(), 1);
+        assert_eq!(svg.matches("stroke-width=\"3\"").count(), 1, "one legend entry");
+        // The guide is drawn before (under) the series.
+        assert!(svg.find("stroke-width=\"1\"").unwrap() < svg.find("stroke-width=\"2\"").unwrap());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use fapm_stages::score::{score, Metric};
 use fapm_stages::threshold::Cut;
 use fapm_stages::with_elems;
 
-use super::stats::{Pair, Scratch, Selection, MAP_SPARSITY};
+use super::stats::{Pair, Scratch, Selection, MAP_PENALTIES, MAP_SPARSITY};
 use super::svg::{esc, hex, num, text, text_width, Anchor, Rgb, INK, MUTED};
 
 /// The longer side of every heatmap, in pixels.
@@ -206,8 +206,8 @@ impl Accumulator {
     }
 }
 
-/// One streaming pass over a pair, averaging every block; `cuts` are the two metrics'
-/// cuts (magnitude, FAPM) at [`MAP_SPARSITY`] and `mean` is the FAPM base mean.
+/// One streaming pass over a pair, averaging every block; `cuts` are the cuts of the
+/// [`MAP_PENALTIES`] (magnitude, FAPM) at [`MAP_SPARSITY`] and `mean` is the FAPM base mean.
 pub fn accumulate(pair: &Pair, mean: f32, cuts: [Cut; 2], scratch: &mut Scratch) -> Grid {
     let (gh, gw) = grid_dims(pair.rows, pair.cols);
     let mut acc = Accumulator {
@@ -221,7 +221,8 @@ pub fn accumulate(pair: &Pair, mean: f32, cuts: [Cut; 2], scratch: &mut Scratch)
         band: vec![Cell::default(); gw],
         values: Vec::with_capacity(gh * gw),
     };
-    let scorers = pair.scorers(mean);
+    let strengths = super::stats::penalties();
+    let scorers = pair.scorers(mean, &MAP_PENALTIES.map(|l| strengths[l]));
     let mut selections = cuts.map(Selection::new);
     let mut kept = [Vec::new(), Vec::new()];
     let (ftd, based) = pair.dtypes();

@@ -16,7 +16,15 @@ pub struct Figure {
     pub caption: String,
 }
 
-/// A titled group of pictures.
+/// A table of plain-text cells.
+pub struct Table {
+    /// Header cells.
+    pub head: Vec<String>,
+    /// Rows of cells.
+    pub rows: Vec<Vec<String>>,
+}
+
+/// A titled group of pictures, and perhaps a table under them.
 pub struct Section {
     /// The heading.
     pub title: String,
@@ -24,6 +32,8 @@ pub struct Section {
     pub intro: String,
     /// The pictures, laid out in a grid.
     pub figures: Vec<Figure>,
+    /// A table under the pictures.
+    pub table: Option<Table>,
 }
 
 /// Everything the page shows.
@@ -34,12 +44,8 @@ pub struct Page {
     pub finetuned: String,
     /// Facts about the inputs, one per list item (plain text).
     pub facts: Vec<String>,
-    /// Sections of pictures, in order.
+    /// Sections of pictures and tables, in order.
     pub sections: Vec<Section>,
-    /// Table header cells.
-    pub table_head: Vec<String>,
-    /// Table rows.
-    pub table: Vec<Vec<String>>,
 }
 
 const STYLE: &str = "body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;\
@@ -65,8 +71,11 @@ Metric</strong> (FAPM, EMNLP 2025) scores every position by</p>\
 <p style=\"text-align:center\"><code>S = |dW| - mean(|W_base|) &middot; |dW| / |W_base|</code></p>\
 <p>per weight matrix, and keeps the top-scoring positions (for instance the top 10%). The \
 second term penalises large relative changes, so FAPM keeps most of the task vector's norm \
-while keeping the relative changes it applies small. The pictures below show this for your own \
-pair of checkpoints.</p>";
+while keeping the relative changes it applies small. <code>fapm prune --penalty l</code> scales \
+that term: <code>S = |dW| - l &middot; mean(|W_base|) &middot; |dW| / |W_base|</code>, where \
+<code>l = 1</code> is the paper's metric and <code>l = 0</code> is magnitude pruning. The \
+pictures below show, for your own pair of checkpoints, what each strength <code>l</code> and \
+each sparsity keep, so that you can choose both.</p>";
 
 /// Renders the whole page.
 pub fn render(page: &Page) -> String {
@@ -107,24 +116,28 @@ pub fn render(page: &Page) -> String {
             );
         }
         h.push_str("</div>\n");
-    }
-    if !page.table.is_empty() {
-        h.push_str("<h2>Per-tensor numbers</h2>\n<table>\n<tr>");
-        for c in &page.table_head {
-            let _ = write!(h, "<th>{}</th>", esc(c));
+        if let Some(t) = &s.table {
+            table(&mut h, t);
         }
-        h.push_str("</tr>\n");
-        for row in &page.table {
-            h.push_str("<tr>");
-            for c in row {
-                let _ = write!(h, "<td>{}</td>", esc(c));
-            }
-            h.push_str("</tr>\n");
-        }
-        h.push_str("</table>\n");
     }
     h.push_str("</body>\n</html>\n");
     h
+}
+
+fn table(h: &mut String, t: &Table) {
+    h.push_str("<table>\n<tr>");
+    for c in &t.head {
+        let _ = write!(h, "<th>{}</th>", esc(c));
+    }
+    h.push_str("</tr>\n");
+    for row in &t.rows {
+        h.push_str("<tr>");
+        for c in row {
+            let _ = write!(h, "<td>{}</td>", esc(c));
+        }
+        h.push_str("</tr>\n");
+    }
+    h.push_str("</table>\n");
 }
 
 #[cfg(test)]
@@ -144,9 +157,8 @@ mod tests {
                     Figure { svg: "<svg id=\"one\"></svg>".into(), width: 100.0, caption: "c \"1\"".into() },
                     Figure { svg: "<svg id=\"two\"></svg>".into(), width: 900.0, caption: "c2".into() },
                 ],
+                table: Some(Table { head: vec!["name".into()], rows: vec![vec!["w<".into()]] }),
             }],
-            table_head: vec!["name".into()],
-            table: vec![vec!["w".into()]],
         };
         let html = render(&page);
         assert!(html.contains(
@@ -156,6 +168,7 @@ mod tests {
         assert!(html.contains("a&lt;b&gt;.safetensors"));
         assert!(html.contains("x &amp; y"));
         assert!(html.contains("c &quot;1&quot;"));
+        assert!(html.contains("<table>\n<tr><th>name</th></tr>\n<tr><td>w&lt;</td></tr>\n</table>"));
         assert!(html.ends_with("</html>\n"));
     }
 }

@@ -18,6 +18,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use crate::output::Staged;
+use crate::pipeline::stages::read;
 use crate::pipeline::RunControl;
 use fapm_stages::checkpoint::Checkpoint;
 use fapm_stages::threshold::Sparsity;
@@ -54,6 +55,9 @@ pub struct ReportSummary {
     pub files: Vec<PathBuf>,
     /// The tensors charted (2-D floating tensors present in both checkpoints), in order.
     pub tensors_charted: usize,
+    /// How many of them are extended (rows appended to the base's): their base-shaped part
+    /// is charted.
+    pub extended_tensors: usize,
     /// The tensors that got heatmaps.
     pub heatmap_tensors: Vec<String>,
 }
@@ -74,26 +78,21 @@ pub fn report_with(cfg: &ReportConfig, ctl: &RunControl) -> Result<ReportSummary
     Ok(ReportSummary { output: cfg.output.clone(), files, ..summary })
 }
 
-/// The 2-D floating tensors of the fine-tuned checkpoint that the base has with the same
-/// shape, in checkpoint order, and how many other fine-tuned tensors there are.
+/// The 2-D tensors that prune diffs against the base (floating, the same shape or extended,
+/// SPEC section 2), in checkpoint order, and how many other fine-tuned tensors there are.
 fn pairs(base: &Checkpoint, ft: &Checkpoint) -> (Vec<Pair>, usize) {
     let mut out = Vec::new();
     let mut other = 0;
     for t in ft.tensors() {
         let info = t.info();
-        let b = base.get(&info.name);
-        match b {
-            Some(b)
-                if info.shape.len() == 2
-                    && b.info().shape == info.shape
-                    && info.dtype.is_diffable()
-                    && b.info().dtype.is_diffable()
-                    && info.numel() > 0 =>
-            {
+        match base.get(&info.name) {
+            Some(b) if info.shape.len() == 2 && read::diffable(b.info(), info) && b.info().numel() > 0 => {
+                let (rows, cols) = (b.info().shape[0], b.info().shape[1]);
                 out.push(Pair {
                     name: info.name.clone(),
-                    rows: info.shape[0],
-                    cols: info.shape[1],
+                    rows,
+                    cols,
+                    appended_rows: info.shape[0] - rows,
                     ft: t.clone(),
                     base: b,
                 });
@@ -153,7 +152,7 @@ fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result
         stats.push(s);
     }
 
-    let mut sections = vec![sections::overview(&stats)];
+    let mut sections = vec![sections::overview(&stats), sections::tradeoff(&stats)];
     let mut files = vec!["index.html".to_string()];
     let mut heatmap_tensors = Vec::new();
     for &i in &chosen {
@@ -168,8 +167,13 @@ fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result
     staged.track(&index);
     let mut file = staged.create_file(&index)?;
     file.write_all(html::render(&page).as_bytes()).map_err(|e| Error::io(cfg.output.join("index.html"), e))?;
-    let summary =
-        ReportSummary { output: PathBuf::new(), files: Vec::new(), tensors_charted: pairs.len(), heatmap_tensors };
+    let summary = ReportSummary {
+        output: PathBuf::new(),
+        files: Vec::new(),
+        tensors_charted: pairs.len(),
+        extended_tensors: pairs.iter().filter(|p| p.appended_rows > 0).count(),
+        heatmap_tensors,
+    };
     Ok((files, summary))
 }
 

@@ -25,10 +25,22 @@ pub const SPARSITIES: [&str; 5] = ["0.5", "0.75", "0.9", "0.95", "0.99"];
 /// The sparsity whose kept positions the heatmaps show.
 pub const MAP_SPARSITY: &str = "0.9";
 
-/// The metrics compared, in the order of every `[_; 2]` in the report.
-pub const METRICS: [Metric; 2] = [Metric::Magnitude, Metric::Fapm];
+/// The penalty strengths `l` the charts compare (SPEC section 3, `S = |dW| - l t`), as the
+/// decimals `--penalty` takes: 0 is magnitude pruning bit for bit, 1 the paper's FAPM.
+pub const PENALTIES: [&str; 5] = ["0", "0.25", "0.5", "1", "2"];
 
-/// A 2-D tensor present with the same shape and a floating dtype in both checkpoints.
+/// The strengths the heatmaps' kept maps compare: magnitude and the paper's metric, as
+/// indices into [`PENALTIES`].
+pub const MAP_PENALTIES: [usize; 2] = [0, 3];
+
+/// [`PENALTIES`] as the f32 the scorer multiplies by.
+pub fn penalties() -> Vec<f32> {
+    PENALTIES.iter().map(|l| crate::config::penalty(l).expect("constant penalty").value).collect()
+}
+
+/// A 2-D tensor present with a floating dtype in both checkpoints, with the same shape or
+/// with rows appended to the fine-tuned one (an extended tensor, SPEC section 2): what is
+/// charted is the base-shaped part, the part that prune scores.
 #[derive(Clone)]
 pub struct Pair {
     /// Its name.
@@ -37,14 +49,16 @@ pub struct Pair {
     pub ft: TensorRef,
     /// The base tensor.
     pub base: TensorRef,
-    /// Rows (outer dimension).
+    /// Rows (outer dimension) of the base, the rows charted.
     pub rows: u64,
+    /// Rows the fine-tuned tensor appends (0 unless extended): stored whole by prune.
+    pub appended_rows: u64,
     /// Columns (inner dimension).
     pub cols: u64,
 }
 
 impl Pair {
-    /// The number of elements.
+    /// The number of elements charted (the base's).
     pub fn numel(&self) -> u64 {
         self.rows * self.cols
     }
@@ -75,14 +89,14 @@ impl Pair {
         (self.ft.info().dtype, self.base.info().dtype)
     }
 
-    /// The scorers of [`METRICS`] for this pair, given the FAPM mean.
-    pub fn scorers(&self, mean: f32) -> [Scorer; 2] {
+    /// A scorer of this pair for each penalty strength, given the FAPM mean.
+    pub fn scorers(&self, mean: f32, penalties: &[f32]) -> Vec<Scorer> {
         let (ft, base) = self.dtypes();
-        METRICS.map(|metric| Scorer { ft, base, metric, mean, penalty: 1.0 })
+        penalties.iter().map(|&penalty| Scorer { ft, base, metric: Metric::Fapm, mean, penalty }).collect()
     }
 }
 
-/// What one metric keeps of one tensor at one sparsity.
+/// What one penalty strength keeps of one tensor at one sparsity.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Kept {
     /// Sum of `d^2` over kept positions (finite `d` only).
@@ -102,6 +116,16 @@ impl Kept {
         self.rel += o.rel;
         self.rel_n += o.rel_n;
         self.count += o.count;
+    }
+
+    /// Counts one kept position with its `d^2` and `|d| / |pre|`.
+    pub fn add_position(&mut self, d2: f64, rel: f32) {
+        self.d2 += d2;
+        self.count += 1;
+        if rel.is_finite() {
+            self.rel += rel as f64;
+            self.rel_n += 1;
+        }
     }
 
     /// The fraction of the task vector's L2 norm that survives, given its total `sum d^2`.
@@ -167,7 +191,7 @@ impl Selection {
     }
 }
 
-/// The report's numbers for one tensor: totals, and what each metric keeps.
+/// The report's numbers for one tensor: totals, and what each penalty strength keeps.
 #[derive(Debug, Clone)]
 pub struct TensorStats {
     /// The tensor's name.
@@ -180,92 +204,96 @@ pub struct TensorStats {
     pub total_d2: f64,
     /// The FAPM mean `mean(|W_base|)`.
     pub mean: f32,
-    /// `kept[m][i]`: what metric `METRICS[m]` keeps at sparsity `sparsities[i]`.
-    pub kept: [Vec<Kept>; 2],
-    /// The cut of each metric at [`MAP_SPARSITY`].
+    /// `kept[l][i]`: what strength `PENALTIES[l]` keeps at sparsity `sparsities[i]`.
+    pub kept: Vec<Vec<Kept>>,
+    /// The cut of each of [`MAP_PENALTIES`] at [`MAP_SPARSITY`].
     pub map_cut: [Cut; 2],
 }
 
 /// Per-chunk buffers, reused from chunk to chunk and tensor to tensor.
+#[derive(Default)]
 pub struct Scratch {
-    /// Score keys of each metric ([`NOT_CANDIDATE`] where nothing changed).
-    pub keys: [Vec<u32>; 2],
+    /// Score keys of each scorer ([`NOT_CANDIDATE`] where nothing changed).
+    pub keys: Vec<Vec<u32>>,
     /// Chunk-relative indices of kept positions.
     pub kept: Vec<u32>,
     d2: Vec<f64>,
     rel: Vec<f32>,
 }
 
-impl Default for Scratch {
-    fn default() -> Self {
-        Scratch {
-            keys: [vec![0; CHUNK], vec![0; CHUNK]],
-            kept: vec![0; CHUNK],
-            d2: vec![0.0; CHUNK],
-            rel: vec![0.0; CHUNK],
-        }
-    }
-}
-
 impl Scratch {
-    /// Scores one chunk with both scorers into [`Scratch::keys`]; returns the chunk length
-    /// and its number of candidates (the same for both metrics).
-    pub fn score(&mut self, scorers: &[Scorer; 2], ft: &[u8], base: &[u8]) -> (usize, u64) {
+    /// Scores one chunk with every scorer into [`Scratch::keys`]; returns the chunk length
+    /// and its number of candidates (the same for every scorer: the positions that changed).
+    pub fn score(&mut self, scorers: &[Scorer], ft: &[u8], base: &[u8]) -> (usize, u64) {
         let len = ft.len() / scorers[0].ft.size();
-        let [mag, fapm] = &mut self.keys;
-        let candidates = scorers[0].keys(ft, base, &mut mag[..len]);
-        scorers[1].keys(ft, base, &mut fapm[..len]);
+        self.keys.resize_with(scorers.len(), Vec::new);
+        self.kept.resize(CHUNK, 0);
+        let mut candidates = 0;
+        for (scorer, keys) in scorers.iter().zip(&mut self.keys) {
+            keys.resize(CHUNK, 0);
+            candidates = scorer.keys(ft, base, &mut keys[..len]);
+        }
         (len, candidates as u64)
     }
 }
 
 /// Three streaming passes over one pair (base mean, histograms, kept sums), reduced to the
-/// numbers the charts need at each of `sparsities`.
+/// numbers the charts need for each of [`PENALTIES`] at each of `sparsities`.
 pub fn tensor_stats(pair: &Pair, sparsities: &[Sparsity], scratch: &mut Scratch) -> TensorStats {
     let mean = pair.base_mean();
-    let scorers = pair.scorers(mean);
-    let mut high = [Histogram::default(), Histogram::default()];
+    let scorers = pair.scorers(mean, &penalties());
+    let (high, candidates) = histograms(pair, &scorers, scratch);
+    let n = pair.numel();
+    let cuts: Vec<Vec<Cut>> =
+        high.iter().map(|h| sparsities.iter().map(|s| approx_cut(h, s.keep_count(n))).collect()).collect();
+    let map_k = Sparsity::parse(MAP_SPARSITY).expect("constant sparsity").keep_count(n);
+    let map_cut = MAP_PENALTIES.map(|l| approx_cut(&high[l], map_k));
+    drop(high);
+    let (kept, total_d2) = kept_sums(pair, &scorers, cuts, scratch);
+    TensorStats { name: pair.name.clone(), n, candidates, total_d2, mean, kept, map_cut }
+}
+
+/// The first pass: each scorer's keys counted into a histogram of their high bits, as
+/// `prune --threshold approx` counts them; and the number of candidates.
+fn histograms(pair: &Pair, scorers: &[Scorer], scratch: &mut Scratch) -> (Vec<Histogram>, u64) {
+    let mut high: Vec<Histogram> = scorers.iter().map(|_| Histogram::default()).collect();
     let mut candidates = 0;
     pair.for_chunks(|_, ft, base| {
-        let (len, c) = scratch.score(&scorers, ft, base);
+        let (len, c) = scratch.score(scorers, ft, base);
         for (h, keys) in high.iter_mut().zip(&scratch.keys) {
             h.add_high(&keys[..len]);
         }
         candidates += c;
     });
-    let n = pair.numel();
-    let cuts = |h: &Histogram| -> Vec<Cut> { sparsities.iter().map(|s| approx_cut(h, s.keep_count(n))).collect() };
-    let cuts = [cuts(&high[0]), cuts(&high[1])];
-    let map_k = Sparsity::parse(MAP_SPARSITY).expect("constant sparsity").keep_count(n);
-    let map_cut = [approx_cut(&high[0], map_k), approx_cut(&high[1], map_k)];
-    drop(high);
+    (high, candidates)
+}
 
-    let mut selections: [Vec<Selection>; 2] = cuts.map(|c| c.into_iter().map(Selection::new).collect());
-    let mut kept: [Vec<Kept>; 2] = [vec![Kept::default(); sparsities.len()], vec![Kept::default(); sparsities.len()]];
+/// The last pass: what each scorer's cuts keep (`cuts[l][i]`: strength `l`, sparsity `i`),
+/// selected as the mask stage selects; and the task vector's squared norm.
+fn kept_sums(pair: &Pair, scorers: &[Scorer], cuts: Vec<Vec<Cut>>, scratch: &mut Scratch) -> (Vec<Vec<Kept>>, f64) {
+    let mut kept: Vec<Vec<Kept>> = cuts.iter().map(|c| vec![Kept::default(); c.len()]).collect();
+    let mut selections: Vec<Vec<Selection>> =
+        cuts.into_iter().map(|c| c.into_iter().map(Selection::new).collect()).collect();
     let (ftd, based) = pair.dtypes();
     let mut total_d2 = 0.0;
     pair.for_chunks(|_, ft, base| {
-        let (len, _) = scratch.score(&scorers, ft, base);
+        let (len, _) = scratch.score(scorers, ft, base);
         let Scratch { keys, kept: idx, d2, rel } = scratch;
+        d2.resize(CHUNK, 0.0);
+        rel.resize(CHUNK, 0.0);
         with_elems!(ftd, based, |F, B| changes::<F, B>(ft, base, &mut d2[..len], &mut rel[..len]));
         total_d2 +=
             keys[0][..len].iter().zip(&d2[..len]).filter(|(&k, _)| k != NOT_CANDIDATE).map(|(_, d)| d).sum::<f64>();
-        for m in 0..2 {
-            for (sel, k) in selections[m].iter_mut().zip(&mut kept[m]) {
-                let count = sel.next(&keys[m][..len], idx);
+        for ((keys, sels), kept) in keys.iter().zip(&mut selections).zip(&mut kept) {
+            for (sel, k) in sels.iter_mut().zip(kept) {
+                let count = sel.next(&keys[..len], idx);
                 for &i in &idx[..count] {
-                    let (d2, rel) = (d2[i as usize], rel[i as usize]);
-                    k.d2 += d2;
-                    k.count += 1;
-                    if rel.is_finite() {
-                        k.rel += rel as f64;
-                        k.rel_n += 1;
-                    }
+                    k.add_position(d2[i as usize], rel[i as usize]);
                 }
             }
         }
     });
-    TensorStats { name: pair.name.clone(), n, candidates, total_d2, mean, kept, map_cut }
+    (kept, total_d2)
 }
 
 /// `d^2` (0 where `d` is not finite) and `|d| / |pre|` of every position of a chunk, from

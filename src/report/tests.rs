@@ -6,7 +6,7 @@ use std::path::Path;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use super::stats::MAP_SPARSITY;
+use super::stats::{MAP_SPARSITY, PENALTIES};
 use super::*;
 
 /// A tensor to write: name, dtype, shape, little-endian bytes.
@@ -112,8 +112,9 @@ fn report_writes_every_picture_and_the_page_shows_them() {
     // index + 3 tensors x 6 heatmaps; the charts are inside the page.
     assert_eq!(summary.files.len(), 1 + 18);
     let html = std::fs::read_to_string(&summary.files[0]).unwrap();
-    // 2 whole-model charts and 2 per sparsity, each with its title and axis labels as text.
-    assert_eq!(html.matches("<svg class=\"chart\"").count(), 2 + 2 * SPARSITIES.len());
+    // 2 whole-model charts, the trade-off chart and 2 per sparsity, each with its title and
+    // axis labels as text.
+    assert_eq!(html.matches("<svg class=\"chart\"").count(), 2 + 1 + 2 * SPARSITIES.len());
     assert!(html.contains(">Task-vector norm kept</text>") && html.contains(">norm fraction kept</text>"));
     assert_eq!(html.matches("<svg class=\"heatmap\"").count(), 18);
     for f in &summary.files[1..] {
@@ -200,8 +201,9 @@ fn kept_norm_is_one_at_sparsity_zero_and_never_grows() {
     let sp: Vec<Sparsity> = levels.iter().map(|s| Sparsity::parse(s).unwrap()).collect();
     let s = stats::tensor_stats(&pair, &sp, &mut Scratch::default());
     assert!(s.candidates > 0 && s.total_d2 > 0.0);
-    for m in 0..2 {
-        let fr: Vec<f64> = s.kept[m].iter().map(|k| k.norm_fraction(s.total_d2)).collect();
+    assert_eq!(s.kept.len(), PENALTIES.len());
+    for kept in &s.kept {
+        let fr: Vec<f64> = kept.iter().map(|k| k.norm_fraction(s.total_d2)).collect();
         assert!((fr[0] - 1.0).abs() < 1e-12, "{fr:?}");
         assert_eq!(*fr.last().unwrap(), 0.0);
         assert!(fr.windows(2).all(|w| w[1] <= w[0] + 1e-12), "{fr:?}");
@@ -209,11 +211,17 @@ fn kept_norm_is_one_at_sparsity_zero_and_never_grows() {
     // Exactly k positions are kept, as prune keeps them, ties or not.
     for (j, sparsity) in sp.iter().enumerate() {
         let k = sparsity.keep_count(s.n).min(s.candidates);
-        assert_eq!((s.kept[0][j].count, s.kept[1][j].count), (k, k), "sparsity {}", levels[j]);
+        for kept in &s.kept {
+            assert_eq!(kept[j].count, k, "sparsity {}", levels[j]);
+        }
+        // Magnitude (l = 0) keeps the k largest |d|: no strength keeps more of the norm.
+        for kept in &s.kept[1..] {
+            assert!(kept[j].d2 <= s.kept[0][j].d2 * (1.0 + 1e-12), "sparsity {}", levels[j]);
+        }
     }
     // FAPM trades a little norm for much smaller relative changes.
     let j = 4; // 0.9
-    let (mag, fapm) = (&s.kept[0][j], &s.kept[1][j]);
+    let [mag, fapm] = stats::MAP_PENALTIES.map(|l| &s.kept[l][j]);
     assert!(mag.norm_fraction(s.total_d2) >= fapm.norm_fraction(s.total_d2));
     assert!(fapm.mean_rel() < mag.mean_rel(), "{fapm:?} {mag:?}");
 }
@@ -307,38 +315,7 @@ fn kept_maps_are_what_prune_keeps() {
     let s = stats::tensor_stats(&pair, &[], &mut Scratch::default());
     let grid = heatmap::accumulate(&pair, s.mean, s.map_cut, &mut Scratch::default());
     assert_eq!((grid.gh, grid.gw), (rows as usize, cols as usize));
-    let ctl = RunControl::default();
-    let delta = dir.path().join("d.fapm");
-    let prune = crate::config::PruneConfig {
-        base: dir.path().join("b.safetensors"),
-        finetuned: dir.path().join("f.safetensors"),
-        output: delta.clone(),
-        sparsity: crate::config::sparsity(MAP_SPARSITY).unwrap(),
-        sparsity_for: Vec::new(),
-        metric: crate::config::metric("fapm").unwrap(),
-        penalty: crate::config::Penalty::default(),
-        threshold: crate::config::threshold("approx").unwrap(),
-        include: Vec::new(),
-        exclude: Vec::new(),
-        threads: 1,
-        memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
-        overwrite: false,
-        block_elems: fapm_stages::format::BLOCK_ELEMS,
-        part: None,
-    };
-    crate::prune(&prune, &ctl).unwrap();
-    let out = dir.path().join("out.safetensors");
-    let apply = crate::config::ApplyConfig {
-        base: prune.base.clone(),
-        delta,
-        output: Some(out.clone()),
-        threads: 1,
-        memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
-        overwrite: false,
-    };
-    crate::apply(&apply, &ctl).unwrap();
-    let applied = Checkpoint::open(&out).unwrap();
-    let bytes = applied.get("w").unwrap().bytes().to_vec();
+    let bytes = prune_and_apply(dir.path(), "1", MAP_SPARSITY);
     let kept = grid.values(Quantity::KeptFapm);
     let mut n = 0;
     for (i, (&b, &f)) in base.iter().zip(&ft).enumerate() {
@@ -348,6 +325,131 @@ fn kept_maps_are_what_prune_keeps() {
         n += by_prune as u64;
     }
     assert_eq!(n, Sparsity::parse(MAP_SPARSITY).unwrap().keep_count(rows * cols));
+}
+
+/// Prunes `b.safetensors` / `f.safetensors` in `dir` with `prune --threshold approx
+/// --penalty L --sparsity S`, applies the delta and returns the bytes of tensor `w`.
+fn prune_and_apply(dir: &Path, penalty: &str, sparsity: &str) -> Vec<u8> {
+    let ctl = RunControl::default();
+    let delta = dir.join("d.fapm");
+    let prune = crate::config::PruneConfig {
+        base: dir.join("b.safetensors"),
+        finetuned: dir.join("f.safetensors"),
+        output: delta.clone(),
+        sparsity: crate::config::sparsity(sparsity).unwrap(),
+        sparsity_for: Vec::new(),
+        metric: crate::config::metric("fapm").unwrap(),
+        penalty: crate::config::penalty(penalty).unwrap(),
+        threshold: crate::config::threshold("approx").unwrap(),
+        include: Vec::new(),
+        exclude: Vec::new(),
+        threads: 1,
+        memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
+        overwrite: true,
+        block_elems: fapm_stages::format::BLOCK_ELEMS,
+        part: None,
+    };
+    crate::prune(&prune, &ctl).unwrap();
+    let out = dir.join("out.safetensors");
+    let apply = crate::config::ApplyConfig {
+        base: prune.base.clone(),
+        delta,
+        output: Some(out.clone()),
+        threads: 1,
+        memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
+        overwrite: true,
+    };
+    crate::apply(&apply, &ctl).unwrap();
+    let applied = Checkpoint::open(&out).unwrap();
+    let bytes = applied.get("w").unwrap().bytes().to_vec();
+    bytes
+}
+
+/// Every strength's curve point is what `prune --penalty L` keeps at that sparsity: the same
+/// number of positions and the same `sum d^2`, on a matrix with many ties and on one without.
+#[test]
+fn every_strength_keeps_what_prune_with_that_penalty_keeps() {
+    let (rows, cols) = (40u64, 50u64);
+    let tied: Vec<f32> = (0..rows * cols).map(|i| [0.5f32, 0.25, 1.0, 2.0][(i % 4) as usize]).collect();
+    let tied_ft: Vec<f32> = tied.iter().enumerate().map(|(i, &b)| if i % 3 == 0 { b } else { b + 0.125 }).collect();
+    for (base, ft) in [(tied, tied_ft), matrix(&mut Rng(5), rows as usize, cols as usize)] {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = one_pair(dir.path(), &base, &ft, rows, cols);
+        let sp: Vec<Sparsity> = SPARSITIES.iter().map(|s| Sparsity::parse(s).unwrap()).collect();
+        let s = stats::tensor_stats(&pair, &sp, &mut Scratch::default());
+        for (l, penalty) in PENALTIES.iter().enumerate() {
+            for (j, sparsity) in SPARSITIES.iter().enumerate() {
+                let bytes = prune_and_apply(dir.path(), penalty, sparsity);
+                let mut want = stats::Kept::default();
+                for (i, (&b, &f)) in base.iter().zip(&ft).enumerate() {
+                    let got = f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+                    if b != f && got == f {
+                        let d = f - b;
+                        want.add_position((d as f64) * (d as f64), d.abs() / b.abs());
+                    }
+                }
+                assert_eq!(s.kept[l][j], want, "--penalty {penalty} --sparsity {sparsity}");
+            }
+        }
+    }
+}
+
+/// An extended tensor (rows appended, a resized vocabulary) is charted by its base-shaped
+/// part, which is what prune scores; the page says how many rows are appended.
+#[test]
+fn extended_tensors_are_charted_by_their_base_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, cols, added) = (32usize, 24usize, 5usize);
+    let (b, mut f) = matrix(&mut Rng(11), rows, cols);
+    f.extend((0..added * cols).map(|i| i as f32 * 1e-3));
+    let (bp, fp) = (dir.path().join("b.safetensors"), dir.path().join("f.safetensors"));
+    write_safetensors(&bp, &[("embed.weight".into(), Dtype::F32, vec![rows, cols], f32_bytes(&b))]);
+    write_safetensors(&fp, &[("embed.weight".into(), Dtype::F32, vec![rows + added, cols], f32_bytes(&f))]);
+    let (base, ft) = (Checkpoint::open(&bp).unwrap(), Checkpoint::open(&fp).unwrap());
+    let (pairs, other) = pairs(&base, &ft);
+    assert_eq!((pairs.len(), other), (1, 0));
+    assert_eq!((pairs[0].rows, pairs[0].cols, pairs[0].appended_rows), (rows as u64, cols as u64, added as u64));
+    let sp = [Sparsity::parse("0.9").unwrap()];
+    let s = stats::tensor_stats(&pairs[0], &sp, &mut Scratch::default());
+    assert_eq!(s.n, (rows * cols) as u64);
+    let changed = b.iter().zip(&f).filter(|(b, f)| b != f).count() as u64;
+    assert_eq!(s.candidates, changed);
+    assert_eq!(s.kept[0][0].count, sp[0].keep_count(s.n));
+
+    let summary = report(&config(dir.path(), bp, fp)).unwrap();
+    assert_eq!((summary.tensors_charted, summary.extended_tensors), (1, 1));
+    let html = std::fs::read_to_string(&summary.files[0]).unwrap();
+    assert!(html.contains("embed.weight (+5 rows)"), "the facts name the extended tensor");
+    assert!(html.contains("32 x 24 (+5 appended rows"), "the heatmaps and the table give its shape");
+}
+
+/// The trade-off chart has one point per (strength, sparsity), each naming the flags that
+/// give it, and the table lists them all with the frontier marked.
+#[test]
+fn the_tradeoff_chart_names_the_flags_of_every_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path());
+    let summary = report(&config(dir.path(), b, f)).unwrap();
+    let html = std::fs::read_to_string(&summary.files[0]).unwrap();
+    let start = html.find(">Trade-off: norm kept against relative change</text>").expect("the trade-off chart");
+    let chart = &html[start..start + html[start..].find("</svg>").unwrap()];
+    assert_eq!(chart.matches("<circle").count(), PENALTIES.len() * SPARSITIES.len());
+    for l in PENALTIES {
+        for s in SPARSITIES {
+            let flags = format!("--penalty {l} --sparsity {s}");
+            assert!(chart.contains(&format!("; {flags}</title>")), "{flags} in the chart");
+        }
+    }
+    // The table: a row per sparsity, a column per strength, the frontier starred. Magnitude
+    // at the lowest sparsity keeps the most norm: it is on the frontier.
+    let table = &html[html.find("<th>sparsity</th>").expect("the trade-off table")..];
+    let table = &table[..table.find("</table>").unwrap()];
+    assert_eq!(table.matches("<tr>").count(), SPARSITIES.len());
+    let first_row = &table[table.find("<td>").unwrap()..];
+    let first_row = &first_row[..first_row.find("</tr>").unwrap()];
+    assert_eq!(first_row.matches("<td>").count(), 1 + PENALTIES.len());
+    assert!(first_row.split("</td>").nth(1).unwrap().ends_with(" *"), "{first_row}");
+    assert!(table.matches(" *</td>").count() >= 2, "a frontier of several points");
 }
 
 /// Renders a sample report to `$FAPM_REPORT_SAMPLE` for looking at the pictures:

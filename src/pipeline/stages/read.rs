@@ -79,7 +79,7 @@ pub fn keep_part(tasks: &mut Vec<Task>, part: PartSpec) -> u64 {
 
 /// Whether a fine-tuned tensor is diffed against a base tensor: both dtypes floating, and
 /// the same shape or an extended one.
-fn diffable(base: &TensorInfo, ft: &TensorInfo) -> bool {
+pub(crate) fn diffable(base: &TensorInfo, ft: &TensorInfo) -> bool {
     base.dtype.is_diffable() && ft.dtype.is_diffable() && (base.shape == ft.shape || extends(&base.shape, &ft.shape))
 }
 
