@@ -15,6 +15,8 @@ mod stats;
 mod svg;
 
 use std::io::Write as _;
+
+use rayon::prelude::*;
 use std::path::PathBuf;
 
 use crate::output::Staged;
@@ -143,14 +145,18 @@ fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result
     }
     let chosen = heatmap_choice(&pairs, &cfg.tensors)?;
     let sparsities: Vec<Sparsity> = SPARSITIES.iter().map(|s| Sparsity::parse(s).expect("constant sparsity")).collect();
+    // Tensors are counted on every core, each worker with its own buffers; the numbers of a
+    // tensor do not depend on which worker counts it.
+    let stats: Vec<TensorStats> = pairs
+        .par_iter()
+        .map_init(Scratch::default, |scratch, p| {
+            ctl.check()?;
+            let s = stats::tensor_stats(p, &sparsities, scratch);
+            tracing::debug!(tensor = %s.name, candidates = s.candidates, "report: tensor counted");
+            Ok(s)
+        })
+        .collect::<Result<_, Error>>()?;
     let mut scratch = Scratch::default();
-    let mut stats: Vec<TensorStats> = Vec::with_capacity(pairs.len());
-    for p in &pairs {
-        ctl.check()?;
-        let s = stats::tensor_stats(p, &sparsities, &mut scratch);
-        tracing::debug!(tensor = %s.name, candidates = s.candidates, "report: tensor counted");
-        stats.push(s);
-    }
 
     let mut sections = vec![sections::overview(&stats), sections::tradeoff(&stats)];
     let mut files = vec!["index.html".to_string()];
