@@ -14,7 +14,7 @@ use fapm_stages::error::printable;
 use serde_json::json;
 
 use cli::{Cli, Command};
-use progress::{bytes, count, percent, Monitor};
+use progress::{bytes, count, percent, rate, Monitor};
 
 /// mimalloc keeps freed blocks for reuse instead of returning them to the OS, which saved
 /// the page faults and zeroing of re-allocated buffers (docs/PERFORMANCE.md).
@@ -116,13 +116,12 @@ fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
             let result = fapm::prune(&cfg, ctl);
             let peak = monitor.finish();
             let s = result?;
-            let throughput = s.input_bytes as f64 / s.seconds.max(1e-9) / 1e9;
             if a.run.json {
                 let mut v = serde_json::to_value(&s).expect("a summary serializes");
                 v["command"] = json!("prune");
                 v["kept_fraction"] = json!(s.kept as f64 / (s.elements.max(1)) as f64);
                 v["compression_ratio"] = json!(s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64);
-                v["throughput_gb_per_s"] = json!(throughput);
+                v["throughput_gb_per_s"] = json!(s.input_bytes as f64 / s.seconds.max(1e-9) / 1e9);
                 v["peak_memory_bytes"] = json!(peak);
                 print_json(&v);
             }
@@ -152,7 +151,12 @@ fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
                 if !s.skipped_side_files.is_empty() {
                     eprintln!("skipped side files over 64 MiB: {}", names(&s.skipped_side_files));
                 }
-                eprintln!("time    {:.2} s, {:.2} GB/s of input, peak memory {}", s.seconds, throughput, bytes(peak));
+                eprintln!(
+                    "time    {:.2} s, {} of input, peak memory {}",
+                    s.seconds,
+                    rate(s.input_bytes, s.seconds),
+                    bytes(peak)
+                );
                 eprintln!("wrote   {}", printable(&s.output.display().to_string()));
             }
         }
@@ -207,9 +211,9 @@ fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
                     s.parts, s.tensors, s.side_files, s.blocks
                 );
                 eprintln!(
-                    "time     {:.2} s, {:.2} GB/s, peak memory {}",
+                    "time     {:.2} s, {}, peak memory {}",
                     s.seconds,
-                    s.delta_bytes as f64 / s.seconds.max(1e-9) / 1e9,
+                    rate(s.delta_bytes, s.seconds),
                     bytes(peak)
                 );
                 eprintln!("wrote    {} ({})", printable(&s.output.display().to_string()), bytes(s.delta_bytes));
@@ -256,11 +260,10 @@ fn report(_: cli::ReportArgs, _: &RunControl) -> Result<(), Error> {
 }
 
 fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, quiet: bool) {
-    let throughput = s.tensor_bytes as f64 / s.seconds.max(1e-9) / 1e9;
     if json_out {
         let mut v = serde_json::to_value(&s).expect("a summary serializes");
         v["command"] = json!(verb);
-        v["throughput_gb_per_s"] = json!(throughput);
+        v["throughput_gb_per_s"] = json!(s.tensor_bytes as f64 / s.seconds.max(1e-9) / 1e9);
         v["peak_memory_bytes"] = json!(peak);
         print_json(&v);
     }
@@ -280,7 +283,7 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, qu
     if let Some([i, n]) = s.part {
         eprintln!("part     {i} of {n} of a partitioned prune: join all {n} parts with `fapm merge` to apply them");
     }
-    eprintln!("time     {:.2} s, {:.2} GB/s, peak memory {}", s.seconds, throughput, bytes(peak));
+    eprintln!("time     {:.2} s, {}, peak memory {}", s.seconds, rate(s.tensor_bytes, s.seconds), bytes(peak));
     if let Some(out) = &s.output {
         eprintln!("wrote    {}", printable(&out.display().to_string()));
     }
