@@ -89,6 +89,12 @@ fn print_json(v: &serde_json::Value) {
     println!("{out}");
 }
 
+/// A `--json` summary with the peak memory of this process, which only the binary measures.
+fn with_peak(mut summary: serde_json::Value, peak: u64) -> serde_json::Value {
+    summary["peak_memory_bytes"] = json!(peak);
+    summary
+}
+
 fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
     match command {
         Command::Prune(a) => {
@@ -117,13 +123,7 @@ fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
             let peak = monitor.finish();
             let s = result?;
             if a.run.json {
-                let mut v = serde_json::to_value(&s).expect("a summary serializes");
-                v["command"] = json!("prune");
-                v["kept_fraction"] = json!(s.kept as f64 / (s.elements.max(1)) as f64);
-                v["compression_ratio"] = json!(s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64);
-                v["throughput_gb_per_s"] = json!(s.input_bytes as f64 / s.seconds.max(1e-9) / 1e9);
-                v["peak_memory_bytes"] = json!(peak);
-                print_json(&v);
+                print_json(&with_peak(fapm::json::prune(&s), peak));
             }
             if !a.run.quiet {
                 eprintln!(
@@ -200,10 +200,7 @@ fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
             let peak = monitor.finish();
             let s = result?;
             if a.run.json {
-                let mut v = serde_json::to_value(&s).expect("a summary serializes");
-                v["command"] = json!("merge");
-                v["peak_memory_bytes"] = json!(peak);
-                print_json(&v);
+                print_json(&with_peak(fapm::json::merge(&s), peak));
             }
             if !a.run.quiet {
                 eprintln!(
@@ -261,11 +258,7 @@ fn report(_: cli::ReportArgs, _: &RunControl) -> Result<(), Error> {
 
 fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, quiet: bool) {
     if json_out {
-        let mut v = serde_json::to_value(&s).expect("a summary serializes");
-        v["command"] = json!(verb);
-        v["throughput_gb_per_s"] = json!(s.tensor_bytes as f64 / s.seconds.max(1e-9) / 1e9);
-        v["peak_memory_bytes"] = json!(peak);
-        print_json(&v);
+        print_json(&with_peak(fapm::json::apply(verb, &s), peak));
     }
     if quiet {
         return;
