@@ -16,8 +16,8 @@ use serde_json::json;
 use cli::{Cli, Command};
 use progress::{bytes, count, percent, rate, Monitor};
 
-/// mimalloc keeps freed blocks for reuse instead of returning them to the OS, which saved
-/// the page faults and zeroing of re-allocated buffers (docs/PERFORMANCE.md).
+/// mimalloc keeps freed blocks for reuse instead of returning them to the OS, so buffers
+/// allocated again are not faulted in and zeroed again (docs/PERFORMANCE.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -28,8 +28,7 @@ fn main() -> ExitCode {
     // SAFETY: called first thing, before any other thread exists; SIG_DFL is a valid handler.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     // Transparent huge pages would round each large buffer up to whole 2 MiB pages of
-    // resident memory (the benchmark model's peak: 160 MB instead of 100 MB; 72 MB instead
-    // of 50 MB under a 64M budget), which a memory budget cannot account for.
+    // resident memory, which a memory budget cannot account for (docs/PERFORMANCE.md).
     // SAFETY: prctl(PR_SET_THP_DISABLE) sets a flag of this process and reads no memory.
     #[cfg(target_os = "linux")]
     unsafe {
