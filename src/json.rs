@@ -6,7 +6,7 @@ use std::path::Path;
 use fapm_stages::format::{Manifest, TensorRecord};
 use serde_json::{json, Value};
 
-use crate::{ApplySummary, PruneSummary};
+use crate::{ApplySummary, MergeSummary, PruneSummary};
 
 /// What `prune --json` prints, without `peak_memory_bytes`.
 pub fn prune(s: &PruneSummary) -> Value {
@@ -24,6 +24,13 @@ pub fn apply(verb: &str, s: &ApplySummary) -> Value {
     let mut v = serde_json::to_value(s).expect("a summary serializes");
     v["command"] = json!(verb);
     v["throughput_gb_per_s"] = json!(s.tensor_bytes as f64 / s.seconds.max(1e-9) / 1e9);
+    v
+}
+
+/// What `merge --json` prints, without `peak_memory_bytes`.
+pub fn merge(s: &MergeSummary) -> Value {
+    let mut v = serde_json::to_value(s).expect("a summary serializes");
+    v["command"] = json!("merge");
     v
 }
 

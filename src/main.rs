@@ -14,10 +14,10 @@ use fapm_stages::error::printable;
 use serde_json::json;
 
 use cli::{Cli, Command};
-use progress::{bytes, count, percent, Monitor};
+use progress::{bytes, count, percent, rate, Monitor};
 
-/// mimalloc keeps freed blocks for reuse instead of returning them to the OS, which saved
-/// the page faults and zeroing of re-allocated buffers (docs/PERFORMANCE.md).
+/// mimalloc keeps freed blocks for reuse instead of returning them to the OS, so buffers
+/// allocated again are not faulted in and zeroed again (docs/PERFORMANCE.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -28,8 +28,7 @@ fn main() -> ExitCode {
     // SAFETY: called first thing, before any other thread exists; SIG_DFL is a valid handler.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     // Transparent huge pages would round each large buffer up to whole 2 MiB pages of
-    // resident memory (the benchmark model's peak: 160 MB instead of 100 MB; 72 MB instead
-    // of 50 MB under a 64M budget), which a memory budget cannot account for.
+    // resident memory, which a memory budget cannot account for (docs/PERFORMANCE.md).
     // SAFETY: prctl(PR_SET_THP_DISABLE) sets a flag of this process and reads no memory.
     #[cfg(target_os = "linux")]
     unsafe {
@@ -89,134 +88,148 @@ fn print_json(v: &serde_json::Value) {
     println!("{out}");
 }
 
+/// A `--json` summary with the peak memory of this process, which only the binary measures.
+fn with_peak(mut summary: serde_json::Value, peak: u64) -> serde_json::Value {
+    summary["peak_memory_bytes"] = json!(peak);
+    summary
+}
+
 fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
     match command {
-        Command::Prune(a) => {
-            let cfg = PruneConfig {
-                base: a.base,
-                finetuned: a.finetuned,
-                output: a.output,
-                sparsity: config::sparsity(&a.sparsity)?,
-                sparsity_for: config::sparsity_rules(&a.sparsity_for)?,
-                metric: config::metric(&a.metric)?,
-                penalty: config::penalty(&a.penalty)?,
-                threshold: config::threshold(&a.threshold)?,
-                include: config::regexes("--include", &a.include)?,
-                exclude: config::regexes("--exclude", &a.exclude)?,
-                threads: config::threads(a.run.threads),
-                memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
-                overwrite: a.overwrite,
-                block_elems: fapm_stages::format::BLOCK_ELEMS,
-                part: a.part.as_deref().map(|p| config::part(p, |k| std::env::var(k).ok())).transpose()?,
-            };
-            if cfg.metric == fapm_stages::score::Metric::Magnitude && cfg.penalty.value != 1.0 {
-                return Err(Error::Config("--penalty applies to --metric fapm only".into()));
-            }
-            let monitor = Monitor::start(Arc::clone(ctl), "prune", !a.run.quiet);
-            let result = fapm::prune(&cfg, ctl);
-            let peak = monitor.finish();
-            let s = result?;
-            let throughput = s.input_bytes as f64 / s.seconds.max(1e-9) / 1e9;
-            if a.run.json {
-                let mut v = serde_json::to_value(&s).expect("a summary serializes");
-                v["command"] = json!("prune");
-                v["kept_fraction"] = json!(s.kept as f64 / (s.elements.max(1)) as f64);
-                v["compression_ratio"] = json!(s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64);
-                v["throughput_gb_per_s"] = json!(throughput);
-                v["peak_memory_bytes"] = json!(peak);
-                print_json(&v);
-            }
-            if !a.run.quiet {
-                eprintln!(
-                    "pruned  {} tensors pruned, {} dense, {} whole, {} base-only ignored",
-                    s.pruned, s.dense, s.whole, s.base_only
-                );
-                eprintln!(
-                    "kept    {} of {} elements ({:.2}%); {} had changed ({:.2}%)",
-                    count(s.kept),
-                    count(s.elements),
-                    percent(s.kept, s.elements),
-                    count(s.candidates),
-                    percent(s.candidates, s.elements)
-                );
-                eprintln!(
-                    "size    fine-tuned model {} -> delta {} ({:.1}x smaller)",
-                    bytes(s.finetuned_bytes),
-                    bytes(s.delta_bytes),
-                    s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64
-                );
-                if !s.embedded_side_files.is_empty() {
-                    let (n, list) = (s.embedded_side_files.len(), names(&s.embedded_side_files));
-                    eprintln!("embedded {n} side files: {list}");
-                }
-                if !s.skipped_side_files.is_empty() {
-                    eprintln!("skipped side files over 64 MiB: {}", names(&s.skipped_side_files));
-                }
-                eprintln!("time    {:.2} s, {:.2} GB/s of input, peak memory {}", s.seconds, throughput, bytes(peak));
-                eprintln!("wrote   {}", printable(&s.output.display().to_string()));
-            }
-        }
-        Command::Apply(a) => {
+        Command::Prune(a) => prune(a, ctl),
+        Command::Apply(a) => apply(a, ctl),
+        Command::Verify(a) => verify(a, ctl),
+        Command::Merge(a) => merge(a, ctl),
+        Command::Inspect(a) => inspect(&a.delta, a.json),
+        Command::Report(a) => report(a, ctl),
+    }
+}
+
+/// The settings of `prune`, checked, from its flags.
+fn prune_config(a: &cli::PruneArgs) -> Result<PruneConfig, Error> {
+    let cfg = PruneConfig {
+        base: a.base.clone(),
+        finetuned: a.finetuned.clone(),
+        output: a.output.clone(),
+        sparsity: config::sparsity(&a.sparsity)?,
+        sparsity_for: config::sparsity_rules(&a.sparsity_for)?,
+        metric: config::metric(&a.metric)?,
+        penalty: config::penalty(&a.penalty)?,
+        threshold: config::threshold(&a.threshold)?,
+        include: config::regexes("--include", &a.include)?,
+        exclude: config::regexes("--exclude", &a.exclude)?,
+        threads: config::threads(a.run.threads),
+        memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
+        overwrite: a.overwrite,
+        block_elems: fapm_stages::format::BLOCK_ELEMS,
+        part: a.part.as_deref().map(|p| config::part(p, |k| std::env::var(k).ok())).transpose()?,
+    };
+    if cfg.metric == fapm_stages::score::Metric::Magnitude && cfg.penalty.value != 1.0 {
+        return Err(Error::Config("--penalty applies to --metric fapm only".into()));
+    }
+    Ok(cfg)
+}
+
+fn prune(a: cli::PruneArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
+    let cfg = prune_config(&a)?;
+    let monitor = Monitor::start(Arc::clone(ctl), "prune", !a.run.quiet);
+    let result = fapm::prune(&cfg, ctl);
+    let peak = monitor.finish();
+    let s = result?;
+    if a.run.json {
+        print_json(&with_peak(fapm::json::prune(&s), peak));
+    }
+    if !a.run.quiet {
+        print_prune_summary(&s, peak);
+    }
+    Ok(())
+}
+
+/// The human-readable summary of a prune, on stderr.
+fn print_prune_summary(s: &fapm::PruneSummary, peak: u64) {
+    eprintln!(
+        "pruned  {} tensors pruned, {} dense, {} whole, {} base-only ignored",
+        s.pruned, s.dense, s.whole, s.base_only
+    );
+    eprintln!(
+        "kept    {} of {} elements ({:.2}%); {} had changed ({:.2}%)",
+        count(s.kept),
+        count(s.elements),
+        percent(s.kept, s.elements),
+        count(s.candidates),
+        percent(s.candidates, s.elements)
+    );
+    eprintln!(
+        "size    fine-tuned model {} -> delta {} ({:.1}x smaller)",
+        bytes(s.finetuned_bytes),
+        bytes(s.delta_bytes),
+        s.finetuned_bytes as f64 / s.delta_bytes.max(1) as f64
+    );
+    if !s.embedded_side_files.is_empty() {
+        let (n, list) = (s.embedded_side_files.len(), names(&s.embedded_side_files));
+        eprintln!("embedded {n} side files: {list}");
+    }
+    if !s.skipped_side_files.is_empty() {
+        eprintln!("skipped side files over 64 MiB: {}", names(&s.skipped_side_files));
+    }
+    eprintln!("time    {:.2} s, {} of input, peak memory {}", s.seconds, rate(s.input_bytes, s.seconds), bytes(peak));
+    eprintln!("wrote   {}", printable(&s.output.display().to_string()));
+}
+
+fn apply(a: cli::ApplyArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
+    let cfg = ApplyConfig {
+        base: a.base,
+        delta: a.delta,
+        output: Some(a.output),
+        threads: config::threads(a.run.threads),
+        memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
+        overwrite: a.overwrite,
+    };
+    let monitor = Monitor::start(Arc::clone(ctl), "apply", !a.run.quiet);
+    let result = fapm::apply(&cfg, ctl);
+    let peak = monitor.finish();
+    report_apply("applied", result?, peak, a.run.json, a.run.quiet);
+    Ok(())
+}
+
+/// `verify`: with `--base`, an apply that writes nothing; without, the delta's own hashes.
+fn verify(a: cli::VerifyArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
+    let threads = config::threads(a.run.threads);
+    let monitor = Monitor::start(Arc::clone(ctl), "verify", !a.run.quiet);
+    let result = match a.base {
+        Some(base) => {
             let cfg = ApplyConfig {
-                base: a.base,
+                base,
                 delta: a.delta,
-                output: Some(a.output),
-                threads: config::threads(a.run.threads),
+                output: None,
+                threads,
                 memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
-                overwrite: a.overwrite,
+                overwrite: false,
             };
-            let monitor = Monitor::start(Arc::clone(ctl), "apply", !a.run.quiet);
-            let result = fapm::apply(&cfg, ctl);
-            let peak = monitor.finish();
-            report_apply("applied", result?, peak, a.run.json, a.run.quiet);
+            fapm::apply(&cfg, ctl)
         }
-        Command::Verify(a) => {
-            let threads = config::threads(a.run.threads);
-            let monitor = Monitor::start(Arc::clone(ctl), "verify", !a.run.quiet);
-            let result = match a.base {
-                Some(base) => {
-                    let cfg = ApplyConfig {
-                        base,
-                        delta: a.delta,
-                        output: None,
-                        threads,
-                        memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
-                        overwrite: false,
-                    };
-                    fapm::apply(&cfg, ctl)
-                }
-                None => fapm::verify_delta(&a.delta, threads, ctl),
-            };
-            let peak = monitor.finish();
-            report_apply("verified", result?, peak, a.run.json, a.run.quiet);
-        }
-        Command::Merge(a) => {
-            let monitor = Monitor::start(Arc::clone(ctl), "merge", !a.run.quiet);
-            let result = fapm::merge(&a.parts, &a.output, a.overwrite, ctl);
-            let peak = monitor.finish();
-            let s = result?;
-            if a.run.json {
-                let mut v = serde_json::to_value(&s).expect("a summary serializes");
-                v["command"] = json!("merge");
-                v["peak_memory_bytes"] = json!(peak);
-                print_json(&v);
-            }
-            if !a.run.quiet {
-                eprintln!(
-                    "merged   {} parts: {} tensors, {} side files, {} blocks copied",
-                    s.parts, s.tensors, s.side_files, s.blocks
-                );
-                eprintln!(
-                    "time     {:.2} s, {:.2} GB/s, peak memory {}",
-                    s.seconds,
-                    s.delta_bytes as f64 / s.seconds.max(1e-9) / 1e9,
-                    bytes(peak)
-                );
-                eprintln!("wrote    {} ({})", printable(&s.output.display().to_string()), bytes(s.delta_bytes));
-            }
-        }
-        Command::Inspect(a) => inspect(&a.delta, a.json)?,
-        Command::Report(a) => report(a, ctl)?,
+        None => fapm::verify_delta(&a.delta, threads, ctl),
+    };
+    let peak = monitor.finish();
+    report_apply("verified", result?, peak, a.run.json, a.run.quiet);
+    Ok(())
+}
+
+fn merge(a: cli::MergeArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
+    let monitor = Monitor::start(Arc::clone(ctl), "merge", !a.run.quiet);
+    let result = fapm::merge(&a.parts, &a.output, a.overwrite, ctl);
+    let peak = monitor.finish();
+    let s = result?;
+    if a.run.json {
+        print_json(&with_peak(fapm::json::merge(&s), peak));
+    }
+    if !a.run.quiet {
+        eprintln!(
+            "merged   {} parts: {} tensors, {} side files, {} blocks copied",
+            s.parts, s.tensors, s.side_files, s.blocks
+        );
+        eprintln!("time     {:.2} s, {}, peak memory {}", s.seconds, rate(s.delta_bytes, s.seconds), bytes(peak));
+        eprintln!("wrote    {} ({})", printable(&s.output.display().to_string()), bytes(s.delta_bytes));
     }
     Ok(())
 }
@@ -256,13 +269,8 @@ fn report(_: cli::ReportArgs, _: &RunControl) -> Result<(), Error> {
 }
 
 fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, quiet: bool) {
-    let throughput = s.tensor_bytes as f64 / s.seconds.max(1e-9) / 1e9;
     if json_out {
-        let mut v = serde_json::to_value(&s).expect("a summary serializes");
-        v["command"] = json!(verb);
-        v["throughput_gb_per_s"] = json!(throughput);
-        v["peak_memory_bytes"] = json!(peak);
-        print_json(&v);
+        print_json(&with_peak(fapm::json::apply(verb, &s), peak));
     }
     if quiet {
         return;
@@ -280,7 +288,7 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, qu
     if let Some([i, n]) = s.part {
         eprintln!("part     {i} of {n} of a partitioned prune: join all {n} parts with `fapm merge` to apply them");
     }
-    eprintln!("time     {:.2} s, {:.2} GB/s, peak memory {}", s.seconds, throughput, bytes(peak));
+    eprintln!("time     {:.2} s, {}, peak memory {}", s.seconds, rate(s.tensor_bytes, s.seconds), bytes(peak));
     if let Some(out) = &s.output {
         eprintln!("wrote    {}", printable(&out.display().to_string()));
     }

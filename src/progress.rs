@@ -106,6 +106,12 @@ pub fn bytes(n: u64) -> String {
     indicatif::DecimalBytes(n).to_string()
 }
 
+/// `bytes` over `seconds` as `1.23 GB/s` (decimal units), as the progress bar shows its rate.
+pub fn rate(bytes: u64, seconds: f64) -> String {
+    let per_second = bytes as f64 / seconds.max(1e-9);
+    format!("{}/s", indicatif::DecimalBytes(per_second as u64))
+}
+
 /// A count with thousands separators.
 pub fn count(n: u64) -> String {
     indicatif::HumanCount(n).to_string()
@@ -129,6 +135,8 @@ mod tests {
         assert_eq!(bytes(999), "999 B");
         assert_eq!(bytes(1_234_567), "1.23 MB");
         assert_eq!(format!("{:>8}", bytes(1500)), " 1.50 kB");
+        assert_eq!(rate(3_000_000_000, 2.0), "1.50 GB/s");
+        assert_eq!(rate(1_234_567, 1.0), "1.23 MB/s");
         assert_eq!(count(1234567), "1,234,567");
         assert_eq!(count(12), "12");
         assert_eq!(percent(1, 0), 0.0);

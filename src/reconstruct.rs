@@ -22,7 +22,7 @@ use fapm_stages::{Error, Result};
 use rayon::prelude::*;
 
 /// Runs between two waves of blocks; an error stops the work.
-pub type Between<'a> = &'a mut dyn FnMut() -> Result<()>;
+pub type BetweenWaves<'a> = &'a mut dyn FnMut() -> Result<()>;
 
 /// A delta opened for in-memory use, its tensors found by name.
 pub struct Delta {
@@ -31,8 +31,9 @@ pub struct Delta {
     by_name: HashMap<String, usize>,
 }
 
-/// What one block of a diffable tensor produced: kept count and hash parts.
-struct Done {
+/// One decoded block of a diffable tensor: its kept count and its parts of the base and
+/// output hashes.
+struct DecodedBlock {
     kept: u64,
     base: Option<ChunkHash>,
     out: ChunkHash,
@@ -62,7 +63,7 @@ impl Delta {
 
     /// Checks that `base` holds the bytes the delta was made from, for tensor `t`; `base_path`
     /// names where they came from in the error.
-    pub fn check_base(&self, t: &TensorRecord, base: &[u8], base_path: &Path, between: Between) -> Result<()> {
+    pub fn check_base(&self, t: &TensorRecord, base: &[u8], base_path: &Path, between: BetweenWaves) -> Result<()> {
         let (Some(dtype), Some(want)) = (t.base_dtype, t.base_hash) else {
             return Err(Error::tensor(&self.reader.path, &t.name, "is stored whole: it has no base"));
         };
@@ -88,7 +89,7 @@ impl Delta {
         base: Option<&[u8]>,
         base_path: &Path,
         out: &mut [u8],
-        between: Between,
+        between: BetweenWaves,
     ) -> Result<()> {
         let size = t.dtype.size() as u64;
         expect_len(&t.name, "output", out.len(), t.numel() * size)?;
@@ -113,7 +114,7 @@ impl Delta {
         let spans = self.spans(t);
         let mut chunks = self.out_chunks(t, out);
         let n = chunks.len();
-        let done = collect_waves(&mut chunks, between, |i, c| {
+        let decoded = collect_waves(&mut chunks, between, |i, c| {
             let (start, len) = spans[i];
             let from_base = len.min(diffed.saturating_sub(start));
             let b = &base[(start.min(diffed) * bs) as usize..((start.min(diffed) + from_base) * bs) as usize];
@@ -122,9 +123,9 @@ impl Delta {
             appended.fill(0);
             let kept = self.decode(t, i, c)?;
             let base = (from_base > 0).then(|| hash::hash_chunk(b, start * bs, base_blocks));
-            Ok(Done { kept, base, out: hash::hash_chunk(c, start * size, n) })
+            Ok(DecodedBlock { kept, base, out: hash::hash_chunk(c, start * size, n) })
         })?;
-        self.check_done(t, &done, base_path)
+        self.check_decoded(t, &decoded, base_path)
     }
 
     /// Rebuilds tensor `t` in place: `target` holds the base tensor, whose dtype must be the
@@ -138,7 +139,7 @@ impl Delta {
         target: &mut [u8],
         check_base: bool,
         base_path: &Path,
-        between: Between,
+        between: BetweenWaves,
     ) -> Result<()> {
         self.expect_in_place(t, target.len())?;
         let size = t.dtype.size() as u64;
@@ -152,9 +153,9 @@ impl Delta {
             let base = check_base.then(|| hash::hash_chunk(c, start * size, n));
             let kept = self.decode(t, i, c)?;
             applied[i].store(true, Ordering::Relaxed);
-            Ok(Done { kept, base, out: hash::hash_chunk(c, start * size, n) })
+            Ok(DecodedBlock { kept, base, out: hash::hash_chunk(c, start * size, n) })
         })
-        .and_then(|done| self.check_done(t, &done, base_path));
+        .and_then(|decoded| self.check_decoded(t, &decoded, base_path));
         if let Err(e) = result {
             let applied: Vec<bool> = applied.iter().map(|a| a.load(Ordering::Relaxed)).collect();
             return match self.revert_chunks(t, &mut chunks, &applied) {
@@ -191,7 +192,7 @@ impl Delta {
         base_path: &Path,
         indices: &mut [i64],
         values: &mut [u8],
-        between: Between,
+        between: BetweenWaves,
     ) -> Result<()> {
         let Some(dtype) = t.base_dtype else {
             return Err(Error::tensor(&self.reader.path, &t.name, "is stored whole: it has no patches"));
@@ -204,7 +205,7 @@ impl Delta {
         let spans = self.spans(t);
         let n = spans.len();
         let mut blocks: Vec<usize> = (0..n).collect();
-        let (mut done, mut at) = (Vec::with_capacity(n), 0usize);
+        let (mut decoded, mut at) = (Vec::with_capacity(n), 0usize);
         let too_many = || {
             Error::tensor(
                 &self.reader.path,
@@ -221,7 +222,7 @@ impl Delta {
             let kept = decode_sparse(&raw, &mut out, size).map_err(|e| self.corrupt(t, i, e))?;
             let positions: Vec<usize> =
                 Sparse::parse(&raw, len, size).map_err(|e| self.corrupt(t, i, e))?.positions().collect();
-            let d = Done {
+            let d = DecodedBlock {
                 kept,
                 base: Some(hash::hash_chunk(b, start * bs, n)),
                 out: hash::hash_chunk(&out, start * size as u64, n),
@@ -237,10 +238,10 @@ impl Delta {
                 v.copy_from_slice(&out[p * size..(p + 1) * size]);
             }
             at = end;
-            done.push(d);
+            decoded.push(d);
             Ok(())
         })?;
-        self.check_done(t, &done, base_path)
+        self.check_decoded(t, &decoded, base_path)
     }
 
     /// The element spans `(start, len)` of the blocks of a pruned or dense tensor.
@@ -286,8 +287,8 @@ impl Delta {
     }
 
     /// Checks a finished diffable tensor: kept count, base hash (where computed), out hash.
-    fn check_done(&self, t: &TensorRecord, done: &[Done], base_path: &Path) -> Result<()> {
-        let kept: u64 = done.iter().map(|d| d.kept).sum();
+    fn check_decoded(&self, t: &TensorRecord, decoded: &[DecodedBlock], base_path: &Path) -> Result<()> {
+        let kept: u64 = decoded.iter().map(|d| d.kept).sum();
         let recorded = t.kept + t.extended.as_ref().map_or(0, |e| e.stored);
         if kept != recorded {
             return Err(Error::tensor(
@@ -298,15 +299,15 @@ impl Delta {
         }
         // Blocks wholly past an extended tensor's base have no base part.
         let base: Option<Vec<ChunkHash>> = match t.extended {
-            Some(_) => Some(done.iter().filter_map(|d| d.base).collect()),
-            None => done.iter().map(|d| d.base).collect(),
+            Some(_) => Some(decoded.iter().filter_map(|d| d.base).collect()),
+            None => decoded.iter().map(|d| d.base).collect(),
         };
         if let (Some(base), Some(want)) = (base, t.base_hash) {
             if hash::merge(&base) != want {
                 return Err(base_mismatch(base_path, &t.name));
             }
         }
-        let out: Vec<ChunkHash> = done.iter().map(|d| d.out).collect();
+        let out: Vec<ChunkHash> = decoded.iter().map(|d| d.out).collect();
         self.check_out(t, &out)
     }
 
@@ -369,7 +370,7 @@ fn wave_len() -> usize {
 /// error met.
 fn waves<T: Send, R: Send>(
     items: &mut [T],
-    between: Between,
+    between: BetweenWaves,
     job: impl Fn(usize, &mut T) -> Result<R> + Sync,
     mut sink: impl FnMut(R) -> Result<()>,
 ) -> Result<()> {
@@ -385,7 +386,7 @@ fn waves<T: Send, R: Send>(
 /// [`waves`], the results collected.
 fn collect_waves<T: Send, R: Send>(
     items: &mut [T],
-    between: Between,
+    between: BetweenWaves,
     job: impl Fn(usize, &mut T) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
     let mut out = Vec::with_capacity(items.len());

@@ -19,7 +19,7 @@ use fapm_stages::format::{DeltaReader, Manifest, Source};
 use fapm_stages::{Error, Result};
 
 use super::runner::pool;
-use super::stages::decode::{DecodeStage, Decoded, ModelFiles};
+use super::stages::decode::{DecodeStage, DecodeTotals, ModelFiles};
 use super::stages::read;
 use super::{Budget, RunControl};
 use crate::config::ApplyConfig;
@@ -116,7 +116,7 @@ pub fn verify_delta(path: &Path, threads: usize, ctl: &RunControl) -> Result<App
 }
 
 impl ApplySummary {
-    fn new(d: Decoded, output: Option<PathBuf>, m: &Manifest, start: Instant) -> Self {
+    fn new(d: DecodeTotals, output: Option<PathBuf>, m: &Manifest, start: Instant) -> Self {
         ApplySummary {
             output,
             tensors: d.tensors,

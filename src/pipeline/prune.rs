@@ -27,7 +27,7 @@ use super::hits::HitPool;
 use super::runner::{first_error, join, pool, stage};
 use super::stages::mask_encode::{MaskEncodeStage, ToWriter};
 use super::stages::read::{classify, keep_part, Task, Tasks};
-use super::stages::threshold::{ThresholdStage, Thresholded};
+use super::stages::threshold::{ThresholdStage, ThresholdedTask};
 use super::stages::write::{write_side_file, WriteStage};
 use super::{Budget, RunControl};
 use crate::config::PruneConfig;
@@ -192,7 +192,7 @@ fn run_stages(
 
     // read ──tasks──► threshold ──bounded(1)──► mask_encode ──bounded(window)──► write
     thread::scope(|s| {
-        let (thresholded_tx, thresholded_rx) = bounded::<Thresholded>(THRESHOLD_AHEAD);
+        let (thresholded_tx, thresholded_rx) = bounded::<ThresholdedTask>(THRESHOLD_AHEAD);
         let (blocks_tx, blocks_rx) = bounded::<ToWriter>(window);
         let threshold = s.spawn(|| stage(ctl, || threshold.run(tasks, thresholded_tx)));
         let mask_encode = s.spawn(|| stage(ctl, || mask_encode.run(thresholded_rx, blocks_tx)));

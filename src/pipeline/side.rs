@@ -13,13 +13,14 @@
 
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use fapm_stages::checkpoint::INDEX_FILE;
 use fapm_stages::error::printable;
 pub use fapm_stages::format::{MAX_SIDE_FILE, MAX_SIDE_FILES};
 use fapm_stages::{Error, Result};
+use walkdir::WalkDir;
 
 /// A side file found in the fine-tuned directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,15 +39,27 @@ pub struct SideSource {
 pub fn side_files(root: &Path, output: &Path) -> Result<(Vec<SideSource>, Vec<String>)> {
     let real_root = fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
     let mut walk = Walk {
+        root,
         blobs: hf_blobs(&real_root),
         output: real_path(output),
         real_root,
-        ancestors: Vec::new(),
-        dirs: 0,
+        dirs: Vec::new(),
+        dirs_seen: 0,
         found: Vec::new(),
         skipped: Vec::new(),
     };
-    walk.walk(root, "")?;
+    // Depth first, in the order the directories list their entries; walkdir refuses a
+    // symlink back to a directory above the current one (a loop).
+    let entries = WalkDir::new(root)
+        .follow_links(true)
+        .into_iter()
+        .filter_entry(|entry| entry.depth() == 0 || wanted_name(root, entry.path()));
+    for entry in entries {
+        match entry {
+            Ok(entry) => walk.entry(&entry)?,
+            Err(e) => walk.error(e)?,
+        }
+    }
     let (mut found, mut skipped) = (walk.found, walk.skipped);
     found.sort_by(|a, b| a.rel.cmp(&b.rel));
     skipped.sort();
@@ -73,76 +86,90 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
 /// directories can make a small tree look exponentially large.
 const MAX_DIRS: usize = 10_000;
 
-/// A depth-first walk that follows symlinks but refuses loops and runaway trees.
-struct Walk {
+/// The deepest a directory may lie below the checkpoint directory.
+const MAX_DEPTH: usize = 16;
+
+/// What a symlink loop or a too deep tree is refused with.
+const TOO_DEEP: &str = "directories nested too deeply or a symlink loop";
+
+/// The state of the walk for side files: what was found, and the limits on runaway trees.
+struct Walk<'a> {
+    /// The directory, as given.
+    root: &'a Path,
     /// The directory, with every symlink resolved.
     real_root: PathBuf,
     /// The `blobs/` folder of the Hugging Face cache repository `real_root` is a snapshot of.
     blobs: Option<PathBuf>,
     /// The output's path, with every symlink resolved.
     output: Option<PathBuf>,
-    /// (device, inode) of the directories from the root to the current one.
-    ancestors: Vec<(u64, u64)>,
+    /// The directories from the root to the one being listed, by depth.
+    dirs: Vec<PathBuf>,
     /// Directories visited so far.
-    dirs: usize,
+    dirs_seen: usize,
     found: Vec<SideSource>,
     skipped: Vec<String>,
 }
 
-impl Walk {
-    fn walk(&mut self, dir: &Path, rel: &str) -> Result<()> {
-        let meta = fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
-        let id = (meta.dev(), meta.ino());
-        if self.ancestors.len() > 16 || self.ancestors.contains(&id) {
-            return Err(Error::invalid(dir, "directories nested too deeply or a symlink loop"));
-        }
-        self.dirs += 1;
-        if self.dirs > MAX_DIRS {
-            return Err(Error::invalid(dir, format!("more than {MAX_DIRS} directories (symlinked directories?)")));
-        }
-        self.ancestors.push(id);
-        let r = self.entries(dir, rel);
-        self.ancestors.pop();
-        r
-    }
-
-    fn entries(&mut self, dir: &Path, rel: &str) -> Result<()> {
-        for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-            let entry = entry.map_err(|e| Error::io(dir, e))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                let file = printable(&entry.path().display().to_string()).into_owned();
-                tracing::warn!("side file {file} left out of the delta: its name is not UTF-8");
-                continue;
-            };
-            if name.starts_with('.') {
-                continue;
+impl Walk<'_> {
+    /// Considers an entry whose name passed [`wanted_name`]: `file_type` is that of what a
+    /// symlink points at.
+    fn entry(&mut self, entry: &walkdir::DirEntry) -> Result<()> {
+        let path = entry.path();
+        let rel = relative(self.root, path);
+        let kind = entry.file_type();
+        if kind.is_dir() {
+            if entry.depth() > 0 {
+                self.check_link(path, &rel, "directory");
             }
-            let path = entry.path();
-            let relname = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
-            if name.contains('\\') || name.chars().any(char::is_control) {
-                let file = printable(&relname);
-                tracing::warn!("side file {file} left out of the delta: a '\\' or a control character in its name");
-                continue;
+            if entry.depth() > MAX_DEPTH {
+                return Err(Error::invalid(path, TOO_DEEP));
             }
-            let Ok(meta) = fs::metadata(&path) else { continue }; // dangling symlink
-            if meta.is_dir() {
-                self.check_link(&path, &relname, "directory");
-                self.walk(&path, &relname)?;
-            } else if !meta.is_file() {
-                let file = printable(&relname);
-                tracing::warn!("side file {file} left out of the delta: not a regular file (a device, FIFO or socket)");
-            } else {
-                let weights = name.ends_with(".safetensors") || (rel.is_empty() && name == INDEX_FILE);
-                if !weights {
-                    self.file(path, relname, &meta)?;
-                }
+            self.dirs_seen += 1;
+            if self.dirs_seen > MAX_DIRS {
+                return Err(Error::invalid(path, format!("more than {MAX_DIRS} directories (symlinked directories?)")));
+            }
+            self.dirs.truncate(entry.depth());
+            self.dirs.push(path.to_path_buf());
+        } else if !kind.is_file() {
+            let file = printable(&rel);
+            tracing::warn!("side file {file} left out of the delta: not a regular file (a device, FIFO or socket)");
+        } else {
+            let name = entry.file_name().to_str().unwrap_or_default();
+            let weights = name.ends_with(".safetensors") || (entry.depth() == 1 && name == INDEX_FILE);
+            if !weights {
+                self.file(path.to_path_buf(), rel)?;
             }
         }
         Ok(())
     }
 
+    /// Handles what the walk could not look at: an entry that cannot be `stat`ed (a dangling
+    /// symlink) is passed over like one with an unwanted name; a loop and a directory that
+    /// cannot be read are errors.
+    fn error(&self, e: walkdir::Error) -> Result<()> {
+        if let Some(path) = e.path() {
+            if e.depth() > 0 && !wanted_name(self.root, path) {
+                return Ok(());
+            }
+            if e.loop_ancestor().is_some() {
+                return Err(Error::invalid(path, TOO_DEEP));
+            }
+            if fs::metadata(path).is_err() {
+                return Ok(());
+            }
+        }
+        // Without a path, a directory's listing broke off or a symlinked directory could
+        // not be opened: name the directory that holds it.
+        let dir = match e.path() {
+            Some(p) => p.to_path_buf(),
+            None => self.dirs.get(e.depth().saturating_sub(1)).map_or_else(|| self.root.to_path_buf(), PathBuf::clone),
+        };
+        let source = e.into_io_error().unwrap_or_else(|| std::io::Error::other(TOO_DEEP));
+        Err(Error::io(dir, source))
+    }
+
     /// Considers the regular file (as `stat` says) `path`.
-    fn file(&mut self, path: PathBuf, rel: String, meta: &fs::Metadata) -> Result<()> {
+    fn file(&mut self, path: PathBuf, rel: String) -> Result<()> {
         if self.output.is_some() && real_path(&path) == self.output {
             return Ok(()); // the delta being written, or the one it replaces
         }
@@ -158,7 +185,7 @@ impl Walk {
         }
         self.check_link(&path, &rel, "side file");
         if size > MAX_SIDE_FILE {
-            tracing::warn!(size = meta.len(), "side file {shown} over 64 MiB left out of the delta");
+            tracing::warn!(size, "side file {shown} over 64 MiB left out of the delta");
             self.skipped.push(rel);
             return Ok(());
         }
@@ -188,6 +215,31 @@ impl Walk {
             );
         }
     }
+}
+
+/// Whether the entry at `path` (below `root`) is looked at, by its name: names starting with
+/// '.' are passed over, and names that are not UTF-8 or hold a `\` or a control character
+/// are left out with a warning.
+fn wanted_name(root: &Path, path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        let file = printable(&path.display().to_string()).into_owned();
+        tracing::warn!("side file {file} left out of the delta: its name is not UTF-8");
+        return false;
+    };
+    if name.starts_with('.') {
+        return false;
+    }
+    if name.contains('\\') || name.chars().any(char::is_control) {
+        let file = printable(&relative(root, path)).into_owned();
+        tracing::warn!("side file {file} left out of the delta: a '\\' or a control character in its name");
+        return false;
+    }
+    true
+}
+
+/// `path` relative to `root`, '/'-separated (the walk descends only into UTF-8 names).
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root).unwrap_or(path).to_string_lossy().into_owned()
 }
 
 /// The `blobs/` folder of the Hugging Face cache repository whose snapshot `dir` is
@@ -266,6 +318,56 @@ mod tests {
         assert_eq!(hf_blobs(snap), Some(PathBuf::from("/c/hub/models--org--m/blobs")));
         assert_eq!(hf_blobs(Path::new("/home/me/snapshots/abc")), None);
         assert_eq!(hf_blobs(Path::new("/c/hub/models--org--m/blobs")), None);
+    }
+
+    /// What the walk takes and leaves: hidden names, weights, the top-level index (a nested
+    /// one is a side file), dangling symlinks, names with a '\\'; files sorted by path.
+    #[test]
+    fn side_files_are_found_recursively_and_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ft");
+        for d in ["sub/deeper", ".git", "tok"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in ["config.json", "model.safetensors", INDEX_FILE, ".hidden", ".git/HEAD", "sub/deeper/b.txt"] {
+            fs::write(root.join(f), b"{}").unwrap();
+        }
+        for f in ["sub/a.safetensors", "sub/model.safetensors.index.json", "tok/x\\y.json", "tok/vocab.txt"] {
+            fs::write(root.join(f), b"{}").unwrap();
+        }
+        std::os::unix::fs::symlink("missing", root.join("dangling")).unwrap();
+        std::os::unix::fs::symlink("sub", root.join("linked")).unwrap();
+        let (found, skipped) = side_files(&root, &dir.path().join("d.fapm")).unwrap();
+        let rels: Vec<&str> = found.iter().map(|f| f.rel.as_str()).collect();
+        let expected = [
+            "config.json",
+            "linked/deeper/b.txt",
+            "linked/model.safetensors.index.json",
+            "sub/deeper/b.txt",
+            "sub/model.safetensors.index.json",
+            "tok/vocab.txt",
+        ];
+        assert_eq!(rels, expected);
+        assert!(skipped.is_empty());
+        assert!(found.iter().all(|f| f.size == 2 && f.path.starts_with(&root)));
+    }
+
+    #[test]
+    fn symlink_loops_and_deep_trees_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ft");
+        fs::create_dir_all(root.join("a")).unwrap();
+        std::os::unix::fs::symlink("..", root.join("a/up")).unwrap();
+        let e = side_files(&root, &dir.path().join("d.fapm")).unwrap_err().to_string();
+        assert!(e.contains("symlink loop") && e.contains("up"), "{e}");
+        // A hidden link is never followed, so it is no loop.
+        fs::rename(root.join("a/up"), root.join("a/.up")).unwrap();
+        assert!(side_files(&root, &dir.path().join("d.fapm")).is_ok());
+
+        let deep = (0..=MAX_DEPTH).fold(root.clone(), |p, i| p.join(format!("d{i}")));
+        fs::create_dir_all(&deep).unwrap();
+        let e = side_files(&root, &dir.path().join("d.fapm")).unwrap_err().to_string();
+        assert!(e.contains("nested too deeply"), "{e}");
     }
 
     #[cfg(target_os = "linux")]

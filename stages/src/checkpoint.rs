@@ -57,8 +57,8 @@ impl Mmap {
     }
 
     /// Drops the page-table entries of the pages inside `range`, which the caller will not
-    /// read again soon: unmapping at exit cost 0.1 s per 3 GB mapped, on one thread, after
-    /// everything else was done. The file's pages stay in the page cache. The range is rounded
+    /// read again soon, rather than unmapping them all at exit, on one thread, after
+    /// everything else is done. The file's pages stay in the page cache. The range is rounded
     /// inward to 4 KiB; where pages are larger the kernel's rounding may take in a page of a
     /// neighbouring tensor, which is harmless (see below).
     #[cfg(unix)]

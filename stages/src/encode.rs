@@ -90,11 +90,10 @@ pub fn encode_sparse(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: 
 /// a `piece` at a time. For each piece, in order, `fill(start, piece)` writes the converted
 /// base values of the elements from `start` on; the kept fine-tuned values are written over
 /// them and the finished piece goes to `done`. A piece that fits the cache is hashed there,
-/// instead of a whole reconstructed chunk being written out and read back (that copy was 7%
-/// of prune's time).
+/// instead of a whole reconstructed chunk being written out and read back.
 ///
-/// The block is written to the front of `raw`, which only ever grows (zeroing it for every
-/// block cost 2% of prune's time): returns the block's length.
+/// The block is written to the front of `raw`, which only ever grows (so it is not zeroed
+/// for every block): returns the block's length.
 pub fn encode_sparse_in_pieces(
     kept: &[u32],
     ft: &[u8],

@@ -7,47 +7,49 @@
 
 /// Where the keys being packed sit in their chunk.
 #[derive(Debug, Clone, Copy)]
-pub enum Pos<'a> {
+pub enum KeyPositions<'a> {
     /// Key `i` is at chunk-relative index `offset + i`.
     From(u32),
     /// Key `i` is at `idx[i]` (the keys of gathered hits).
     Of(&'a [u32]),
 }
 
-impl<'a> Pos<'a> {
+impl<'a> KeyPositions<'a> {
     /// The positions of the keys from the `n`-th on.
     #[inline(always)]
-    pub fn skip(self, n: usize) -> Pos<'a> {
+    pub fn skip(self, n: usize) -> KeyPositions<'a> {
         match self {
-            Pos::From(offset) => Pos::From(offset + n as u32),
-            Pos::Of(idx) => Pos::Of(&idx[n..]),
+            KeyPositions::From(offset) => KeyPositions::From(offset + n as u32),
+            KeyPositions::Of(idx) => KeyPositions::Of(&idx[n..]),
         }
     }
 
     #[inline(always)]
     fn at(self, i: usize) -> u32 {
         match self {
-            Pos::From(offset) => offset + i as u32,
-            Pos::Of(idx) => idx[i],
+            KeyPositions::From(offset) => offset + i as u32,
+            KeyPositions::Of(idx) => idx[i],
         }
     }
 }
 
 /// Writes the position of every `keys[i] >= floor` to the front of `idx` and, with `out`,
 /// the key itself to the front of `out`; returns how many, `n`. Entries past the first `n`
-/// may be overwritten: `idx`, `out` and the indices of `Pos::Of` must be at least as long as
-/// `keys`, and the positions of `Pos::From` must fit a `u32` (panics otherwise).
-pub fn pack(keys: &[u32], floor: u32, pos: Pos<'_>, idx: &mut [u32], out: Option<&mut [u32]>) -> usize {
+/// may be overwritten: `idx`, `out` and the indices of `KeyPositions::Of` must be at least as long as
+/// `keys`, and the positions of `KeyPositions::From` must fit a `u32` (panics otherwise).
+pub fn pack(keys: &[u32], floor: u32, pos: KeyPositions<'_>, idx: &mut [u32], out: Option<&mut [u32]>) -> usize {
     assert!(idx.len() >= keys.len(), "pack: {} positions for {} keys", idx.len(), keys.len());
     match pos {
-        Pos::Of(from) => assert!(from.len() >= keys.len(), "pack: {} indices for {} keys", from.len(), keys.len()),
-        Pos::From(offset) => assert!(offset as u64 + keys.len() as u64 <= 1 << 32, "pack: positions past u32"),
+        KeyPositions::Of(from) => {
+            assert!(from.len() >= keys.len(), "pack: {} indices for {} keys", from.len(), keys.len())
+        }
+        KeyPositions::From(offset) => assert!(offset as u64 + keys.len() as u64 <= 1 << 32, "pack: positions past u32"),
     }
     match out {
         Some(out) => {
             assert!(out.len() >= keys.len(), "pack: {} key slots for {} keys", out.len(), keys.len());
             #[cfg(target_arch = "x86_64")]
-            if let Pos::From(offset) = pos {
+            if let KeyPositions::From(offset) = pos {
                 if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("popcnt") {
                     // SAFETY: the CPU supports AVX-512 F and POPCNT, checked just above.
                     return unsafe { gather_avx512(keys, floor, offset, idx, out) };
@@ -60,7 +62,13 @@ pub fn pack(keys: &[u32], floor: u32, pos: Pos<'_>, idx: &mut [u32], out: Option
 }
 
 #[inline(always)]
-fn dispatch<const KEYS: bool>(keys: &[u32], floor: u32, pos: Pos<'_>, idx: &mut [u32], out: &mut [u32]) -> usize {
+fn dispatch<const KEYS: bool>(
+    keys: &[u32],
+    floor: u32,
+    pos: KeyPositions<'_>,
+    idx: &mut [u32],
+    out: &mut [u32],
+) -> usize {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") {
         // SAFETY: the CPU supports AVX2 and POPCNT, checked just above.
@@ -96,7 +104,13 @@ pub fn for_each_in(keys: &[u32], test: impl Fn(u32) -> bool, mut visit: impl FnM
 }
 
 /// The portable [`pack`]: visits the set bits of each group's mask.
-fn pack_portable<const KEYS: bool>(keys: &[u32], floor: u32, pos: Pos<'_>, idx: &mut [u32], out: &mut [u32]) -> usize {
+fn pack_portable<const KEYS: bool>(
+    keys: &[u32],
+    floor: u32,
+    pos: KeyPositions<'_>,
+    idx: &mut [u32],
+    out: &mut [u32],
+) -> usize {
     let mut n = 0;
     for_each_in(
         keys,
@@ -137,18 +151,24 @@ static LANES: [u64; 256] = {
 /// and the vector is stored whole at `n`. Every store stays within the slices when they are
 /// at least `keys.len()` long, as `n` never exceeds the keys seen before the group (the
 /// slices are indexed, so a bug would panic, not write out of bounds). POPCNT counts the
-/// mask (without it, `count_ones` is a multiply-and-shift sequence: 15% more instructions).
+/// mask (without it, `count_ones` is a longer multiply-and-shift sequence).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
-fn pack_avx2<const KEYS: bool>(keys: &[u32], floor: u32, pos: Pos<'_>, idx: &mut [u32], out: &mut [u32]) -> usize {
+fn pack_avx2<const KEYS: bool>(
+    keys: &[u32],
+    floor: u32,
+    pos: KeyPositions<'_>,
+    idx: &mut [u32],
+    out: &mut [u32],
+) -> usize {
     use std::arch::x86_64::*;
     let t = _mm256_set1_epi32(floor as i32);
     let eight = _mm256_set1_epi32(8);
     let mut at = match pos {
-        Pos::From(offset) => {
+        KeyPositions::From(offset) => {
             _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(offset as i32))
         }
-        Pos::Of(_) => _mm256_setzero_si256(),
+        KeyPositions::Of(_) => _mm256_setzero_si256(),
     };
     let mut n = 0;
     let mut groups = keys.chunks_exact(8);
@@ -159,9 +179,9 @@ fn pack_avx2<const KEYS: bool>(keys: &[u32], floor: u32, pos: Pos<'_>, idx: &mut
         let mask = _mm256_movemask_ps(_mm256_castsi256_ps(passing)) as usize;
         let lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(LANES[mask & 0xff] as i64));
         let p = match pos {
-            Pos::From(_) => at,
+            KeyPositions::From(_) => at,
             // SAFETY: `from[g * 8..]` holds 8 u32 (bounds-checked), 32 readable bytes.
-            Pos::Of(from) => unsafe { _mm256_loadu_si256(from[g * 8..g * 8 + 8].as_ptr().cast()) },
+            KeyPositions::Of(from) => unsafe { _mm256_loadu_si256(from[g * 8..g * 8 + 8].as_ptr().cast()) },
         };
         // SAFETY: each destination is 8 u32 = 32 writable bytes (bounds-checked).
         unsafe {
@@ -207,7 +227,13 @@ fn gather_avx512(keys: &[u32], floor: u32, offset: u32, idx: &mut [u32], out: &m
         at = _mm512_add_epi32(at, sixteen);
     }
     let done = keys.len() - groups.remainder().len();
-    n + pack_portable::<true>(groups.remainder(), floor, Pos::From(offset + done as u32), &mut idx[n..], &mut out[n..])
+    n + pack_portable::<true>(
+        groups.remainder(),
+        floor,
+        KeyPositions::From(offset + done as u32),
+        &mut idx[n..],
+        &mut out[n..],
+    )
 }
 
 #[cfg(test)]
@@ -238,7 +264,7 @@ pub(crate) mod tests {
     }
 
     /// Runs one copy of `pack` in uneven pieces, as `Gather::add` calls it, and compares.
-    fn check(name: &str, copy: impl Fn(&[u32], u32, Pos<'_>, &mut [u32], Option<&mut [u32]>) -> usize) {
+    fn check(name: &str, copy: impl Fn(&[u32], u32, KeyPositions<'_>, &mut [u32], Option<&mut [u32]>) -> usize) {
         let keys = random_keys(10_007, 0x9e37_79b9_7f4a_7c15);
         let from: Vec<u32> = (0..keys.len() as u32).map(|i| 3 * i + 1).collect();
         for floor in [1, 0x4000_0000, 0x8000_0000, 0xffff_0000, u32::MAX] {
@@ -249,13 +275,13 @@ pub(crate) mod tests {
                 let (mut n, mut at) = (0, 0);
                 for piece in [1, 7, 8, 9, 15, 16, 17, 4096, 10_007] {
                     let end = (at + piece).min(keys.len());
-                    let pos = if of { Pos::Of(&from[at..]) } else { Pos::From(5 + at as u32) };
+                    let pos = if of { KeyPositions::Of(&from[at..]) } else { KeyPositions::From(5 + at as u32) };
                     n += copy(&keys[at..end], floor, pos, &mut idx[n..], Some(&mut out[n..]));
                     at = end;
                 }
                 assert_eq!((&idx[..n], &out[..n]), (&want.0[..], &want.1[..]), "{name}, floor {floor:#x}, of {of}");
                 let mut only = vec![0; keys.len()];
-                let pos = if of { Pos::Of(&from) } else { Pos::From(5) };
+                let pos = if of { KeyPositions::Of(&from) } else { KeyPositions::From(5) };
                 let m = copy(&keys, floor, pos, &mut only, None);
                 assert_eq!(&only[..m], &want.0[..], "{name}, positions only, floor {floor:#x}, of {of}");
             }
@@ -283,7 +309,7 @@ pub(crate) mod tests {
         if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("popcnt") {
             // SAFETY: the CPU supports AVX-512 F and POPCNT, checked just above.
             check("avx512", |k, f, p, i, o| match (p, o) {
-                (Pos::From(offset), Some(o)) => unsafe { gather_avx512(k, f, offset, i, o) },
+                (KeyPositions::From(offset), Some(o)) => unsafe { gather_avx512(k, f, offset, i, o) },
                 (p, o) => pack(k, f, p, i, o),
             });
         }
@@ -303,7 +329,7 @@ pub(crate) mod tests {
             for of in [false, true] {
                 let want =
                     if of { reference(&keys, floor, |i| from[i]) } else { reference(&keys, floor, |i| 9 + i as u32) };
-                let pos = if of { Pos::Of(&from) } else { Pos::From(9) };
+                let pos = if of { KeyPositions::Of(&from) } else { KeyPositions::From(9) };
                 let (mut idx, mut out) = (vec![0; keys.len()], vec![0; keys.len()]);
                 let n = pack(&keys, floor, pos, &mut idx, Some(&mut out));
                 assert_eq!((&idx[..n], &out[..n]), (&want.0[..], &want.1[..]), "mask {mask:#04x}, of {of}");
@@ -316,24 +342,24 @@ pub(crate) mod tests {
     #[test]
     #[should_panic(expected = "positions for")]
     fn short_positions_are_refused() {
-        pack(&[1, 2, 3], 1, Pos::From(0), &mut [0; 2], None);
+        pack(&[1, 2, 3], 1, KeyPositions::From(0), &mut [0; 2], None);
     }
 
     #[test]
     #[should_panic(expected = "key slots for")]
     fn short_key_slots_are_refused() {
-        pack(&[1, 2, 3], 1, Pos::From(0), &mut [0; 3], Some(&mut [0; 2]));
+        pack(&[1, 2, 3], 1, KeyPositions::From(0), &mut [0; 3], Some(&mut [0; 2]));
     }
 
     #[test]
     #[should_panic(expected = "indices for")]
     fn short_indices_are_refused() {
-        pack(&[1, 2, 3], 1, Pos::Of(&[0, 1]), &mut [0; 3], None);
+        pack(&[1, 2, 3], 1, KeyPositions::Of(&[0, 1]), &mut [0; 3], None);
     }
 
     #[test]
     #[should_panic(expected = "past u32")]
     fn positions_past_u32_are_refused() {
-        pack(&[1, 2, 3], 1, Pos::From(u32::MAX - 1), &mut [0; 3], None);
+        pack(&[1, 2, 3], 1, KeyPositions::From(u32::MAX - 1), &mut [0; 3], None);
     }
 }

@@ -6,7 +6,7 @@
 //! high 16 bits of every candidate's key; the second the low 16 bits inside the boundary bin.
 //! Ties at the final level are filled in index order, so counts, not values, decide.
 
-use crate::pack::{for_each_in, pack, Pos};
+use crate::pack::{for_each_in, pack, KeyPositions};
 use crate::score::NOT_CANDIDATE;
 
 /// The fraction of elements to prune, an exact decimal `num / den` in `[0, 1]`.
@@ -99,9 +99,9 @@ pub enum Bins {
 
 /// A 65,536-bin histogram of keys. It keeps its total and the range of bins it has counted
 /// into, so that totals, scans, merges and clearing cost what it holds rather than its whole
-/// 512 KiB table; and a dropped histogram's table is reused by the next one made. Zeroing a
-/// fresh table for every pass of every tensor, and scanning it whole, cost a model of many
-/// small tensors 8-10% of its prune time (a 60M-parameter pair of 660 tensors).
+/// 512 KiB table; and a dropped histogram's table is reused by the next one made, rather
+/// than a fresh table being zeroed for every pass of every tensor and scanned whole (which
+/// shows on models of many small tensors).
 pub struct Histogram {
     /// 65,536 bins, then 8 spare slots where non-candidates are counted (and ignored).
     counts: Vec<u64>,
@@ -323,7 +323,7 @@ impl Gather {
         }
         let (idx, out) = (&mut self.idx[self.n..], &mut self.keys[self.n..]);
         let offset = u32::try_from(offset).expect("chunk-relative offsets fit u32 (blocks are at most 2^22)");
-        self.n += pack(keys, floor, Pos::From(offset), idx, Some(out));
+        self.n += pack(keys, floor, KeyPositions::From(offset), idx, Some(out));
     }
 
     /// Counts the rest of the chunk's hits into `high`; returns whether the buffer holds
@@ -439,17 +439,24 @@ impl Cut {
     /// most `quota` boundary candidates are kept (the first ones); `at_level` is the chunk's
     /// boundary count when known (else it is counted when needed).
     pub fn select(&self, keys: &[u32], quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
-        self.select_at(keys, Pos::From(0), quota, at_level, kept)
+        self.select_at(keys, KeyPositions::From(0), quota, at_level, kept)
     }
 
     /// [`Cut::select`] over a chunk's gathered hits, whose floor this cut does not go below.
     pub fn select_hits(&self, hits: &Hits, quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
-        self.select_at(&hits.keys, Pos::Of(&hits.idx), quota, at_level, kept)
+        self.select_at(&hits.keys, KeyPositions::Of(&hits.idx), quota, at_level, kept)
     }
 
     /// Selection over keys at the chunk-relative indices `pos` (ascending).
     #[inline(always)]
-    fn select_at(&self, keys: &[u32], pos: Pos<'_>, quota: u64, at_level: Option<u64>, kept: &mut [u32]) -> usize {
+    fn select_at(
+        &self,
+        keys: &[u32],
+        pos: KeyPositions<'_>,
+        quota: u64,
+        at_level: Option<u64>,
+        kept: &mut [u32],
+    ) -> usize {
         match *self {
             Cut::Nothing => 0,
             Cut::All => pack(keys, 1, pos, kept, None),

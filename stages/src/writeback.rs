@@ -3,9 +3,8 @@
 //!
 //! fapm syncs every output before it commits it. Without a hint the kernel keeps gigabytes
 //! of freshly written pages dirty (below its dirty limits, a few GB on a large machine), so
-//! the whole output would be written to disk inside that final `fsync`: 0.6 s for the
-//! 1.7 GB that `apply` writes on the benchmark model, all of it after the work is done.
-//! Started as soon as each range is written, the disk works while the CPU does.
+//! the whole output would be written to disk inside that final `fsync`, after the work is
+//! done. Started as soon as each range is written, the disk works while the CPU does.
 
 use std::fs::File;
 

@@ -69,7 +69,7 @@ struct DecodedBlock {
 
 /// What the decoder did.
 #[derive(Debug, Default)]
-pub struct Decoded {
+pub struct DecodeTotals {
     /// Tensors rebuilt or checked.
     pub tensors: usize,
     /// Tensors whose base hash was checked.
@@ -100,7 +100,7 @@ pub struct DecodeStage<'a> {
 impl DecodeStage<'_> {
     /// Decodes every block (onto the base when given), writes and hashes it, and checks every
     /// tensor.
-    pub fn run(self) -> Result<Decoded> {
+    pub fn run(self) -> Result<DecodeTotals> {
         let m = &self.delta.manifest;
         let jobs = block_jobs(m);
         self.ctl.set_total(m.tensors.iter().map(|t| t.numel() * t.dtype.size() as u64).sum());
@@ -191,7 +191,7 @@ struct TensorChecks<'a> {
     outs: Vec<ChunkHash>,
     base_hashes: Vec<ChunkHash>,
     kept: u64,
-    decoded: Decoded,
+    decoded: DecodeTotals,
 }
 
 impl<'a> TensorChecks<'a> {
@@ -203,7 +203,7 @@ impl<'a> TensorChecks<'a> {
             outs: Vec::new(),
             base_hashes: Vec::new(),
             kept: 0,
-            decoded: Decoded::default(),
+            decoded: DecodeTotals::default(),
         }
     }
 

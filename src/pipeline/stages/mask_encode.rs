@@ -9,7 +9,7 @@
 //! that core's cache. As separate stages, every step would write a chunk-sized buffer to
 //! memory and the next would read it back.
 //!
-//! Input: [`Thresholded`] tensors in output order. Output: each tensor's [`EncodedBlock`]s in
+//! Input: [`ThresholdedTask`] tensors in output order. Output: each tensor's [`EncodedBlock`]s in
 //! order, then the tensor itself ([`ToWriter`]).
 
 use std::io;
@@ -27,7 +27,7 @@ use fapm_stages::{Error, Result};
 use rayon::prelude::*;
 
 use super::read::{chunks, Chunk, PairReader, Task};
-use super::threshold::{ChunkScan, Thresholded};
+use super::threshold::{ChunkScan, ThresholdedTask};
 use crate::pipeline::runner::ordered_window;
 use crate::pipeline::RunControl;
 
@@ -89,7 +89,7 @@ pub struct MaskEncodeStage<'a> {
 
 impl MaskEncodeStage<'_> {
     /// Encodes every tensor, a sliding window of chunks at a time, in order.
-    pub fn run(self, input: Receiver<Thresholded>, output: Sender<ToWriter>) -> Result<()> {
+    pub fn run(self, input: Receiver<ThresholdedTask>, output: Sender<ToWriter>) -> Result<()> {
         // How long this stage waits for the threshold stage: where the time goes (`-v`).
         let mut starved = Duration::ZERO;
         loop {
@@ -116,7 +116,7 @@ impl MaskEncodeStage<'_> {
     /// Encodes a pruned or dense tensor; `false` when the writer has gone.
     fn encode_diffable(
         &self,
-        tensor: &Thresholded,
+        tensor: &ThresholdedTask,
         scorer: Scorer,
         scans: Vec<ChunkScan>,
         output: &Sender<ToWriter>,

@@ -11,7 +11,7 @@
 //! 4. the low pass (exact mode, only part of the boundary bin kept): the boundary bin's keys
 //!    counted by their low 16 bits, from the hits where they were kept.
 //!
-//! Input: [`Task`]s in output order. Output: [`Thresholded`] tensors in the same order.
+//! Input: [`Task`]s in output order. Output: [`ThresholdedTask`] tensors in the same order.
 
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use crate::pipeline::hits::{HeldHits, HitPool};
 use crate::pipeline::RunControl;
 
 /// A task with its cut decided: the threshold stage's output.
-pub struct Thresholded<'p> {
+pub struct ThresholdedTask<'p> {
     /// The tensor.
     pub task: Task,
     /// How its positions are scored (`None` for a whole tensor).
@@ -86,7 +86,7 @@ pub struct ThresholdStage<'a> {
 
 impl<'a> ThresholdStage<'a> {
     /// Decides the cut of every task, in order, and sends it on.
-    pub fn run(self, input: impl IntoIterator<Item = Task>, output: Sender<Thresholded<'a>>) -> Result<()> {
+    pub fn run(self, input: impl IntoIterator<Item = Task>, output: Sender<ThresholdedTask<'a>>) -> Result<()> {
         // How long this stage waits for the mask + encode stage: where the time goes (`-v`).
         let mut blocked = Duration::ZERO;
         for task in input {
@@ -105,15 +105,15 @@ impl<'a> ThresholdStage<'a> {
 
     /// One tensor's cut: whole tensors keep everything, dense ones every candidate, pruned
     /// ones what the passes find.
-    fn threshold(&self, task: Task) -> Result<Thresholded<'a>> {
+    fn threshold(&self, task: Task) -> Result<ThresholdedTask<'a>> {
         let Some(base) = &task.base else {
-            return Ok(Thresholded { task, scorer: None, cut: Cut::All, chunks: Vec::new() });
+            return Ok(ThresholdedTask { task, scorer: None, cut: Cut::All, chunks: Vec::new() });
         };
         let (fi, bi) = (task.ft.info(), base.info());
         let mut scorer = Scorer { ft: fi.dtype, base: bi.dtype, metric: self.metric, mean: 0.0, penalty: self.penalty };
         if task.mode == Mode::Dense || task.keep == 0 {
             let cut = if task.mode == Mode::Dense { Cut::All } else { Cut::Nothing };
-            return Ok(Thresholded { task, scorer: Some(scorer), cut, chunks: Vec::new() });
+            return Ok(ThresholdedTask { task, scorer: Some(scorer), cut, chunks: Vec::new() });
         }
         // An extended tensor's appended rows are not scored: the passes go over the elements
         // it shares with its base.
@@ -139,7 +139,7 @@ impl<'a> ThresholdStage<'a> {
         let gathered = scans.iter().filter(|p| p.hits.is_some()).count();
         let hits: usize = scans.iter().filter_map(|p| p.hits.as_ref()).map(|h| h.hits.len()).sum();
         tracing::debug!(tensor = %fi.name, ?passes, floor, gathered, hits, keep = task.keep, chunks = chunks.len(), mean = scorer.mean, ?cut, "thresholded");
-        Ok(Thresholded { task, scorer: Some(scorer), cut, chunks: scans })
+        Ok(ThresholdedTask { task, scorer: Some(scorer), cut, chunks: scans })
     }
 
     /// The FAPM mean `A = f32(sum_f64 |pre| / n)`: per-chunk partial sums added in chunk

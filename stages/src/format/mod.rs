@@ -41,8 +41,8 @@ pub const RAW_BLOCK_BYTES: u64 = 4 << 20;
 /// The zstd level of every block and of the manifest.
 pub const ZSTD_LEVEL: i32 = 1;
 /// The log2 of the match table for sparse blocks (level 1 uses 14): on task-vector blocks a
-/// 1024-entry table, which stays in the L1 cache, compresses 8% faster and 0.6% smaller.
-/// Whole tensors and side files (JSON text: up to 30% larger with it) keep level 1's own.
+/// 1024-entry table, which stays in the L1 cache, compresses both faster and smaller. Whole
+/// tensors and side files (text compresses worse with it) keep level 1's own.
 const SPARSE_HASH_LOG: u32 = 10;
 
 /// What a block holds, which chooses the compressor's parameters (readers need not know).

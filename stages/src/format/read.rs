@@ -50,87 +50,25 @@ impl DeltaReader {
     /// (its compressed and decompressed text, what it is parsed into, and the shard headers
     /// parsed to check it) bounded by `memory_budget`.
     pub fn open_within(path: &Path, memory_budget: u64) -> Result<Self> {
-        let bad = |msg: String| Error::invalid(path, msg);
-        // Checked before opening: opening a FIFO would block.
-        if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
-            return Err(bad("not a regular file".into()));
-        }
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(bad("not a regular file".into()));
-        }
-        let size = meta.len();
-        if size < PREAMBLE_LEN + FOOTER_LEN {
-            return Err(bad(format!("{size} bytes is too short for a fapm delta")));
-        }
-        let read = |offset: u64, len: u64| -> Result<Vec<u8>> {
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, offset).map_err(|e| Error::io(path, e))?;
-            Ok(buf)
-        };
-        let pre = read(0, PREAMBLE_LEN)?;
-        if pre[..8] != MAGIC {
-            return Err(bad("not a fapm delta (bad magic)".into()));
-        }
-        let version = u32::from_le_bytes(pre[8..12].try_into().unwrap());
-        if version > VERSION {
-            return Err(bad(format!(
-                "delta format version {version} is newer than this fapm reads ({VERSION}); upgrade fapm"
-            )));
-        }
-        if version < OLDEST_VERSION || pre[12..16] != [0; 4] {
-            return Err(bad(format!("corrupt preamble (version {version})")));
-        }
-        let footer = read(size - FOOTER_LEN, FOOTER_LEN)?;
-        if footer[56..] != END_MAGIC {
-            return Err(bad("truncated or corrupt delta (no end marker)".into()));
-        }
-        let word = |i: usize| u64::from_le_bytes(footer[8 * i..8 * i + 8].try_into().unwrap());
-        let (m_off, m_len, m_raw) = (word(0), word(1), word(2));
-        if m_off < PREAMBLE_LEN || m_off.checked_add(m_len) != Some(size - FOOTER_LEN) {
-            return Err(bad("corrupt footer (manifest position)".into()));
-        }
-        if m_raw > MAX_MANIFEST_LEN {
-            return Err(bad(format!("manifest of {m_raw} bytes exceeds the {MAX_MANIFEST_LEN}-byte limit")));
-        }
-        // A real manifest compresses well, but not thousands of times over: a far higher
-        // claimed ratio is a decompression bomb, refused before allocating for it.
-        if m_raw > MAX_MANIFEST_RATIO.saturating_mul(m_len).max(1 << 20) {
-            return Err(bad(format!(
-                "manifest of {m_raw} bytes from {m_len} compressed exceeds the {MAX_MANIFEST_RATIO}:1 limit"
-            )));
-        }
-        // Both texts are held while the manifest is parsed; what it is parsed into is charged
-        // to what is left of the budget as it is allocated.
-        let text = m_len + m_raw;
-        let over = |msg: &str| bad(format!("manifest of {m_raw} bytes ({m_len} compressed): {msg}"));
+        let (file, size) = open_regular(path)?;
+        let pre = read_at(&file, path, 0, PREAMBLE_LEN)?;
+        let version = check_preamble(path, &pre)?;
+        let footer = read_at(&file, path, size - FOOTER_LEN, FOOTER_LEN)?;
+        let place = ManifestPlace::from_footer(path, &footer, size)?;
+        // Both texts are held while the manifest is parsed; what it is parsed into, and the
+        // shard headers `validate` parses, are charged to what is left of the budget.
+        let text = place.len + place.raw_len;
         if text > memory_budget {
-            return Err(over(json::OVER_BUDGET));
+            return Err(place.error(path, json::OVER_BUDGET));
         }
         let _allowance = json::Allowance::new(memory_budget - text);
-        let packed = read(m_off, m_len)?;
-        if footer_hash(&pre, &packed, &footer).0[..] != footer[24..56] {
-            return Err(bad("manifest hash mismatch: the delta is corrupt".into()));
-        }
-        let json = zstd::bulk::decompress(&packed, m_raw as usize)
-            .map_err(|e| bad(format!("manifest does not decompress: {e}")))?;
-        if json.len() as u64 != m_raw {
-            return Err(bad("manifest has the wrong length".into()));
-        }
-        let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| {
-            if e.to_string().starts_with(json::OVER_BUDGET) {
-                over(json::OVER_BUDGET)
-            } else {
-                bad(format!("malformed manifest: {e}"))
-            }
-        })?;
+        let manifest = read_manifest(&file, path, &pre, &footer, place)?;
         if manifest.version != version {
-            return Err(bad(format!("manifest version {} in a version {version} file", manifest.version)));
+            let msg = format!("manifest version {} in a version {version} file", manifest.version);
+            return Err(Error::invalid(path, msg));
         }
-        drop((json, packed));
         json::refund(text);
-        let block_memory = validate(path, &manifest, m_off)?;
+        let block_memory = validate(path, &manifest, place.offset)?;
         Ok(DeltaReader { path: path.to_path_buf(), manifest, size, file, block_memory })
     }
 
@@ -166,6 +104,117 @@ impl DeltaReader {
     pub fn block_memory(&self) -> u64 {
         self.block_memory
     }
+}
+
+/// Opens `path` if it is a regular file long enough to be a delta; the file and its size.
+fn open_regular(path: &Path) -> Result<(File, u64)> {
+    let not_regular = || Error::invalid(path, "not a regular file");
+    // Checked before opening: opening a FIFO would block.
+    if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
+        return Err(not_regular());
+    }
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    let size = meta.len();
+    if size < PREAMBLE_LEN + FOOTER_LEN {
+        return Err(Error::invalid(path, format!("{size} bytes is too short for a fapm delta")));
+    }
+    Ok((file, size))
+}
+
+/// `len` bytes of `file` (at `path`) from `offset`.
+fn read_at(file: &File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset).map_err(|e| Error::io(path, e))?;
+    Ok(buf)
+}
+
+/// Checks the preamble's magic and version; returns the format version.
+fn check_preamble(path: &Path, pre: &[u8]) -> Result<u32> {
+    if pre[..8] != MAGIC {
+        return Err(Error::invalid(path, "not a fapm delta (bad magic)"));
+    }
+    let version = u32::from_le_bytes(pre[8..12].try_into().unwrap());
+    if version > VERSION {
+        return Err(Error::invalid(
+            path,
+            format!("delta format version {version} is newer than this fapm reads ({VERSION}); upgrade fapm"),
+        ));
+    }
+    if version < OLDEST_VERSION || pre[12..16] != [0; 4] {
+        return Err(Error::invalid(path, format!("corrupt preamble (version {version})")));
+    }
+    Ok(version)
+}
+
+/// Where the footer says the manifest is, and how long it is once decompressed.
+#[derive(Debug, Clone, Copy)]
+struct ManifestPlace {
+    /// Offset of the compressed manifest, which is also where the blocks end.
+    offset: u64,
+    /// Its compressed length.
+    len: u64,
+    /// Its decompressed length.
+    raw_len: u64,
+}
+
+impl ManifestPlace {
+    /// Reads the footer of a file of `size` bytes and checks the manifest's place and lengths
+    /// against the file and the limits, before anything is allocated for it.
+    fn from_footer(path: &Path, footer: &[u8], size: u64) -> Result<Self> {
+        let bad = |msg: String| Error::invalid(path, msg);
+        if footer[56..] != END_MAGIC {
+            return Err(bad("truncated or corrupt delta (no end marker)".into()));
+        }
+        let word = |i: usize| u64::from_le_bytes(footer[8 * i..8 * i + 8].try_into().unwrap());
+        let place = ManifestPlace { offset: word(0), len: word(1), raw_len: word(2) };
+        let (m_len, m_raw) = (place.len, place.raw_len);
+        if place.offset < PREAMBLE_LEN || place.offset.checked_add(m_len) != Some(size - FOOTER_LEN) {
+            return Err(bad("corrupt footer (manifest position)".into()));
+        }
+        if m_raw > MAX_MANIFEST_LEN {
+            return Err(bad(format!("manifest of {m_raw} bytes exceeds the {MAX_MANIFEST_LEN}-byte limit")));
+        }
+        // A real manifest compresses well, but not thousands of times over: a far higher
+        // claimed ratio is a decompression bomb, refused before allocating for it.
+        if m_raw > MAX_MANIFEST_RATIO.saturating_mul(m_len).max(1 << 20) {
+            return Err(bad(format!(
+                "manifest of {m_raw} bytes from {m_len} compressed exceeds the {MAX_MANIFEST_RATIO}:1 limit"
+            )));
+        }
+        Ok(place)
+    }
+
+    /// An error about the manifest that names its lengths.
+    fn error(&self, path: &Path, msg: &str) -> Error {
+        Error::invalid(path, format!("manifest of {} bytes ({} compressed): {msg}", self.raw_len, self.len))
+    }
+}
+
+/// Reads the manifest at `place`, checks its hash against the footer (which covers the
+/// preamble `pre` too), decompresses and parses it, charging what it is parsed into to the
+/// current [`json::Allowance`].
+fn read_manifest(file: &File, path: &Path, pre: &[u8], footer: &[u8], place: ManifestPlace) -> Result<Manifest> {
+    let bad = |msg: String| Error::invalid(path, msg);
+    let packed = read_at(file, path, place.offset, place.len)?;
+    if footer_hash(pre, &packed, footer).0[..] != footer[24..56] {
+        return Err(bad("manifest hash mismatch: the delta is corrupt".into()));
+    }
+    let json = zstd::bulk::decompress(&packed, place.raw_len as usize)
+        .map_err(|e| bad(format!("manifest does not decompress: {e}")))?;
+    if json.len() as u64 != place.raw_len {
+        return Err(bad("manifest has the wrong length".into()));
+    }
+    serde_json::from_slice(&json).map_err(|e| {
+        if e.to_string().starts_with(json::OVER_BUDGET) {
+            place.error(path, json::OVER_BUDGET)
+        } else {
+            bad(format!("malformed manifest: {e}"))
+        }
+    })
 }
 
 /// Checks the fields of one tensor record against each other; the reason when they disagree.
@@ -220,53 +269,84 @@ impl json::Heap for SideFile {
 /// Checks that a manifest describes a consistent delta whose blocks tile the file, before
 /// anything is allocated from its counts; returns the most memory one block needs.
 fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<u64> {
-    let bad = |msg: String| Error::invalid(path, format!("inconsistent manifest: {msg}"));
+    let bad = |msg: String| inconsistent(path, msg);
+    check_layout(m).map_err(bad)?;
+    let mut tiling = Tiling { next: PREAMBLE_LEN, end: blocks_end, block_memory: 0 };
+    check_tensor_records(path, m, &mut tiling)?;
+    check_side_file_records(m, &mut tiling).map_err(bad)?;
+    if tiling.next != blocks_end {
+        return Err(bad("blocks do not fill the file".into()));
+    }
+    Ok(tiling.block_memory)
+}
+
+/// The error for a manifest whose records disagree.
+fn inconsistent(path: &Path, msg: String) -> Error {
+    Error::invalid(path, format!("inconsistent manifest: {msg}"))
+}
+
+/// Checks the manifest's format, block sizes, counts and paths.
+fn check_layout(m: &Manifest) -> std::result::Result<(), String> {
     if m.format != "fapm-delta" || !m.version_fields_ok() {
-        return Err(bad(format!("format '{}' version {}", json::clip(&m.format, 32), m.version)));
+        return Err(format!("format '{}' version {}", json::clip(&m.format, 32), m.version));
     }
     // Blocks are hashed as blake3 subtrees: a power of two of at least 1 KiB each.
     let pow2 = |x: u64, lo: u64, hi: u64| x.is_power_of_two() && (lo..=hi).contains(&x);
     if !pow2(m.block_elems, 512, MAX_BLOCK_ELEMS) || !pow2(m.raw_block_bytes, 1024, MAX_SIDE_FILE) {
-        return Err(bad("block sizes out of range".into()));
+        return Err("block sizes out of range".into());
     }
     if m.shards.is_empty() {
-        return Err(bad("no shards".into()));
+        return Err("no shards".into());
     }
     if m.source == Source::File && (m.shards.len() != 1 || !m.side_files.is_empty() || m.index) {
-        return Err(bad("a single-file delta must have one shard, no side files and no index".into()));
+        return Err("a single-file delta must have one shard, no side files and no index".into());
     }
     if m.shards.len() > MAX_SHARDS || m.side_files.len() > MAX_SIDE_FILES {
-        return Err(bad(format!(
+        return Err(format!(
             "{} shards and {} side files; at most {MAX_SHARDS} and {MAX_SIDE_FILES}",
             m.shards.len(),
             m.side_files.len()
-        )));
+        ));
     }
-    check_paths(m).map_err(bad)?;
+    check_paths(m)
+}
 
-    let mut next = PREAMBLE_LEN;
-    let mut block_memory = 0u64;
-    // `out`: bytes of the output chunk a sparse block is decoded onto (0 for raw bytes).
-    let mut check_block = |b: &Block, max_raw: u64, exact: bool, out: u64, what: &str| {
-        if b.offset != next || b.raw_len > max_raw || (exact && b.raw_len != max_raw) {
-            return Err(bad(format!("block of '{}' out of place", json::clip(what, 200))));
+/// The blocks checked so far, which must follow each other from the preamble to `end`.
+struct Tiling {
+    /// Where the next block must start.
+    next: u64,
+    /// Where the blocks end (the manifest's offset).
+    end: u64,
+    /// The most memory one block checked so far needs.
+    block_memory: u64,
+}
+
+impl Tiling {
+    /// Checks block `b` of `what`: in place, at most `max_raw` bytes decompressed (exactly
+    /// that with `exact`), no longer than its contents can compress to; `out` is the bytes of
+    /// the output chunk a sparse block is decoded onto (0 for raw bytes).
+    fn check(&mut self, b: &Block, max_raw: u64, exact: bool, out: u64, what: &str) -> std::result::Result<(), String> {
+        if b.offset != self.next || b.raw_len > max_raw || (exact && b.raw_len != max_raw) {
+            return Err(format!("block of '{}' out of place", json::clip(what, 200)));
         }
         // No compressor writes more than this (max_raw is at most ~75 MB, so it fits).
         if b.len > zstd::zstd_safe::compress_bound(b.raw_len as usize) as u64 {
-            return Err(bad(format!(
-                "block of '{}' is longer than its contents can compress to",
-                json::clip(what, 200)
-            )));
+            return Err(format!("block of '{}' is longer than its contents can compress to", json::clip(what, 200)));
         }
-        next = b
+        self.next = b
             .offset
             .checked_add(b.len)
-            .filter(|&e| e <= blocks_end)
-            .ok_or_else(|| bad(format!("block of '{}' past the end", json::clip(what, 200))))?;
-        block_memory = block_memory.max(b.len + b.raw_len + out);
+            .filter(|&e| e <= self.end)
+            .ok_or_else(|| format!("block of '{}' past the end", json::clip(what, 200)))?;
+        self.block_memory = self.block_memory.max(b.len + b.raw_len + out);
         Ok(())
-    };
-    // A part holds the records of a contiguous run of the shard headers' tensors.
+    }
+}
+
+/// Checks the tensor records against the shard headers, in order (a part holds the records
+/// of a contiguous run of the headers' tensors), and tiles their blocks.
+fn check_tensor_records(path: &Path, m: &Manifest, tiling: &mut Tiling) -> Result<()> {
+    let bad = |msg: String| inconsistent(path, msg);
     let (first, total) = match &m.part {
         Some(p) if p.index >= 1 && p.index <= p.count && p.first <= p.total => (p.first, p.total),
         Some(_) => return Err(bad("bad part numbers".into())),
@@ -290,25 +370,7 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<u64> {
                 return Err(bad(format!("tensor '{}' appears twice", json::clip(&t.name, 200))));
             }
             check_record(t).map_err(|why| bad(format!("record '{}' {why}", json::clip(&t.name, 200))))?;
-            // The header check proved the byte length fits in a u64.
-            let size = t.dtype.size() as u64;
-            let n = info.byte_len() / size;
-            let diffable = t.mode != Mode::Whole;
-            // Counted, not listed: a record may claim a tensor of 2^60 elements.
-            let (len, per) = if diffable { (n, m.block_elems) } else { (n * size, m.raw_block_bytes) };
-            if t.blocks.len() as u64 != len.div_ceil(per) {
-                return Err(bad(format!(
-                    "tensor '{}' has {} blocks, expected {}",
-                    json::clip(&t.name, 200),
-                    t.blocks.len(),
-                    len.div_ceil(per)
-                )));
-            }
-            for (b, (_, len)) in t.blocks.iter().zip(block_sizes(len, per)) {
-                let (max, exact, out) =
-                    if diffable { (max_sparse_len(len, size as usize), false, len * size) } else { (len, true, 0) };
-                check_block(b, max, exact, out, &t.name)?;
-            }
+            check_tensor_blocks(m, t, info.byte_len(), tiling).map_err(bad)?;
         }
         json::refund(parsed_cost(&infos));
     }
@@ -318,21 +380,52 @@ fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<u64> {
     if records.next().is_some() {
         return Err(bad("more tensor records than shard headers declare".into()));
     }
+    Ok(())
+}
+
+/// Checks the number of blocks of tensor `t` (of `byte_len` bytes, which the header check
+/// proved fits in a u64) and tiles them.
+fn check_tensor_blocks(
+    m: &Manifest,
+    t: &TensorRecord,
+    byte_len: u64,
+    tiling: &mut Tiling,
+) -> std::result::Result<(), String> {
+    let size = t.dtype.size() as u64;
+    let n = byte_len / size;
+    let diffable = t.mode != Mode::Whole;
+    // Counted, not listed: a record may claim a tensor of 2^60 elements.
+    let (len, per) = if diffable { (n, m.block_elems) } else { (n * size, m.raw_block_bytes) };
+    if t.blocks.len() as u64 != len.div_ceil(per) {
+        return Err(format!(
+            "tensor '{}' has {} blocks, expected {}",
+            json::clip(&t.name, 200),
+            t.blocks.len(),
+            len.div_ceil(per)
+        ));
+    }
+    for (b, (_, len)) in t.blocks.iter().zip(block_sizes(len, per)) {
+        let (max, exact, out) =
+            if diffable { (max_sparse_len(len, size as usize), false, len * size) } else { (len, true, 0) };
+        tiling.check(b, max, exact, out, &t.name)?;
+    }
+    Ok(())
+}
+
+/// Checks the side file records (sizes, numbers of blocks) and tiles their blocks.
+fn check_side_file_records(m: &Manifest, tiling: &mut Tiling) -> std::result::Result<(), String> {
     for f in &m.side_files {
         if f.size > MAX_SIDE_FILE {
-            return Err(bad(format!("side file '{}' is over 64 MiB", json::clip(&f.path, 200))));
+            return Err(format!("side file '{}' is over 64 MiB", json::clip(&f.path, 200)));
         }
         if f.blocks.len() as u64 != f.size.div_ceil(m.raw_block_bytes) {
-            return Err(bad(format!("side file '{}' has the wrong number of blocks", json::clip(&f.path, 200))));
+            return Err(format!("side file '{}' has the wrong number of blocks", json::clip(&f.path, 200)));
         }
         for (b, (_, len)) in f.blocks.iter().zip(block_sizes(f.size, m.raw_block_bytes)) {
-            check_block(b, len, true, 0, &f.path)?;
+            tiling.check(b, len, true, 0, &f.path)?;
         }
     }
-    if next != blocks_end {
-        return Err(bad("blocks do not fill the file".into()));
-    }
-    Ok(block_memory)
+    Ok(())
 }
 
 /// Checks every path the delta names (shards, side files, and the index `apply` writes):
