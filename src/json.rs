@@ -34,6 +34,15 @@ pub fn merge(s: &MergeSummary) -> Value {
     v
 }
 
+/// What `report --json` prints, the run having taken `seconds`.
+#[cfg(feature = "report")]
+pub fn report(s: &crate::report::ReportSummary, seconds: f64) -> Value {
+    json!({
+        "command": "report", "output": s.output, "files": s.files, "tensors_charted": s.tensors_charted,
+        "extended_tensors": s.extended_tensors, "heatmap_tensors": s.heatmap_tensors, "seconds": seconds,
+    })
+}
+
 /// What `inspect --json` prints for the delta at `path` of `size` bytes.
 pub fn inspect(path: &Path, m: &Manifest, size: u64) -> Value {
     let encoded = |t: &TensorRecord| t.blocks.iter().map(|b| b.len).sum::<u64>();

@@ -246,13 +246,15 @@ fn report(a: cli::ReportArgs, ctl: &RunControl) -> Result<(), Error> {
     let start = std::time::Instant::now();
     let s = fapm::report::report_with(&cfg, ctl)?;
     if a.json {
-        print_json(&json!({"command": "report", "output": s.output, "files": s.files,
-                   "tensors_charted": s.tensors_charted, "heatmap_tensors": s.heatmap_tensors,
-                   "seconds": start.elapsed().as_secs_f64()}));
+        print_json(&fapm::json::report(&s, start.elapsed().as_secs_f64()));
     }
     if !a.quiet {
+        let extended = match s.extended_tensors {
+            0 => String::new(),
+            n => format!(" ({n} extended: their base-shaped part)"),
+        };
         eprintln!(
-            "report   {} tensors charted, heatmaps of {}; {} files in {:.2} s",
+            "report   {} tensors charted{extended}, heatmaps of {}; {} files in {:.2} s",
             s.tensors_charted,
             names(&s.heatmap_tensors),
             s.files.len(),

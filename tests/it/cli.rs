@@ -248,6 +248,21 @@ fn report_writes_linked_pngs() {
     assert!(pngs >= 4);
 }
 
+/// `fapm report` on a resized vocabulary charts the grown tensors by their base-shaped part
+/// and counts them in its summary.
+#[cfg(feature = "report")]
+#[test]
+fn report_counts_extended_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let o = on_fixture("report", "resized/bf16/base", "resized/bf16/finetuned", &out, &["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (charted, extended) = (v["tensors_charted"].as_u64().unwrap(), v["extended_tensors"].as_u64().unwrap());
+    assert!(extended >= 1 && charted > extended, "{v}");
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(html.contains(&format!("{extended} tensors are extended")), "the page says which");
+}
+
 /// Built without the `report` feature, `fapm report` says so and fails like bad input.
 #[cfg(not(feature = "report"))]
 #[test]
