@@ -8,8 +8,9 @@ export CARGO_TERM_COLOR=never
 command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
 step() { echo "python.sh: $1 took $(( $(date +%s) - t0 )) s"; t0=$(date +%s); }
 t0=$(date +%s)
-# torch pulls its CUDA libraries (about 14 GB, about 6 minutes on a fresh machine).
-python3 -m pip install -q --disable-pip-version-check torch numpy ml_dtypes safetensors pytest
+# .ci/python-test.txt: torch pulls its CUDA libraries (about 3 GB, several minutes on a fresh
+# machine; tests/all.sh starts this install in the background at its start).
+python3 -m pip install -q --disable-pip-version-check -r .ci/python-test.txt
 step "installing the test dependencies"
 # The tests run fapm apply to compare with: the binary `cargo test --workspace` built.
 cargo build --quiet --profile test --bin fapm

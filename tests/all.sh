@@ -16,17 +16,56 @@ part() { # NAME COMMAND...
     echo "time: $name $((SECONDS - start)) s"
 }
 log=$(mktemp -d)
-trap 'rm -rf "$log"' EXIT
+installs=() # the background installs' pids
+finish() {
+    local status=$? pid
+    trap - EXIT
+    # An install is not cut off half-way (dpkg, pip): a failed run still waits for it.
+    for pid in "${installs[@]}"; do
+        [ -z "$pid" ] || wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$log"
+    exit "$status"
+}
+trap finish EXIT
 command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
+# The installs wait on the network, the build and the Rust tests on the CPU: Debian's packages
+# for the Slurm and browser parts (one apt-get session) and the Python tests' dependencies
+# (torch pulls about 3 GB of CUDA libraries) install in the background from here, and each part
+# first waits for what it needs. The parts' own scripts then find them installed.
+bash .ci/packages.sh slurm chromium >"$log/debian-packages" 2>&1 &
+installs[0]=$!
+python3 -m pip install -q --disable-pip-version-check -r .ci/python-test.txt >"$log/python-packages" 2>&1 &
+installs[1]=$!
+ready() { # INDEX NAME: waits for the background install INDEX; shows its log if it failed
+    local start=$SECONDS pid=${installs[$1]}
+    [ -n "$pid" ] || return 0
+    installs[$1]=
+    if ! wait "$pid"; then
+        echo "error: installing $2 in the background failed:" >&2
+        cat "$log/$2" >&2
+        exit 1
+    fi
+    echo "install: $2 ready (waited $((SECONDS - start)) s for it)"
+}
 # The tests' build on its own, so that its time shows apart from the tests' own.
 part build cargo test --workspace --no-run
 rust_tests() { cargo test --workspace 2>&1 | tee "$log/rust"; }
 part rust-tests rust_tests
-slurm() { bash .ci/slurm.sh 2>&1 | tee "$log/slurm"; }
+slurm() {
+    ready 0 debian-packages
+    bash .ci/slurm.sh 2>&1 | tee "$log/slurm"
+}
 part slurm slurm
-python_tests() { bash .ci/python.sh 2>&1 | tee "$log/python"; }
+python_tests() {
+    ready 1 python-packages
+    bash .ci/python.sh 2>&1 | tee "$log/python"
+}
 part python python_tests
-browser() { bash docs/images/check-report.sh 2>&1 | tee "$log/browser"; }
+browser() {
+    ready 0 debian-packages
+    bash docs/images/check-report.sh 2>&1 | tee "$log/browser"
+}
 part report-browser browser
 echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'), all $SECONDS s"
 # Rust: "test result: ok. P passed; F failed"; Slurm: "slurm: P passed, F failed"; pytest:
