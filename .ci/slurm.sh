@@ -8,8 +8,9 @@
 # Needs root on Debian (no systemd needed): installs munge and Slurm from Debian's packages when
 # missing (.ci/packages.sh), and runs its own munged, slurmctld and slurmd, listening on 127.0.0.1
 # only, with their state under /var/spool/fapm-ci-slurm; they are stopped when the script ends,
-# however it ends, and any left by an earlier run are stopped first. FAPM=path/to/fapm uses that binary, otherwise
-# `cargo build` builds one (the debug profile that `cargo test` builds too).
+# however it ends, and any left by an earlier run are stopped first. FAPM=path/to/fapm uses that
+# binary, otherwise `cargo build --profile test` builds one: the binary `cargo test` built (the
+# dev profile's would be another build of the crate, at opt-level 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -83,8 +84,8 @@ echo "slurm: packages ready in $(since "$t") s ($(slurmctld -V))"
 # ---- fapm
 t=$(now)
 if [ -z "${FAPM:-}" ]; then
-    cargo build --quiet --bin fapm
-    FAPM=$repo/target/debug/fapm
+    cargo build --quiet --profile test --bin fapm
+    FAPM=${CARGO_TARGET_DIR:-$repo/target}/debug/fapm
 fi
 FAPM=$(realpath "$FAPM")
 [ -x "$FAPM" ] || fail "$FAPM is not an executable"
