@@ -3,9 +3,19 @@
 # running the partitioned prune, the Python package's tests (with torch) and the report checked
 # in headless Chromium. Installs what it needs (Debian's packages, PyPI's); run as root on a
 # fresh machine or again on a warm one. Each part prints its time; the last line counts every
-# test of every part.
+# test of every part. With --lint (.ci/run), rustfmt's check and clippy run first, as a part,
+# while the installs run in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+lint=
+case ${1:-} in
+--lint) lint=1 ;;
+"") ;;
+*)
+    echo "usage: $0 [--lint]" >&2
+    exit 2
+    ;;
+esac
 export CARGO_TERM_COLOR=never
 times=()
 part() { # NAME COMMAND...
@@ -48,6 +58,15 @@ ready() { # INDEX NAME: waits for the background install INDEX; shows its log if
     fi
     echo "install: $2 ready (waited $((SECONDS - start)) s for it)"
 }
+lint() {
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+}
+lint_time=0
+if [ -n "$lint" ]; then
+    part fmt-clippy lint
+    lint_time=$SECONDS
+fi
 # The tests' build on its own, so that its time shows apart from the tests' own.
 part build cargo test --workspace --no-run
 rust_tests() { cargo test --workspace 2>&1 | tee "$log/rust"; }
@@ -67,7 +86,8 @@ browser() {
     bash docs/images/check-report.sh 2>&1 | tee "$log/browser"
 }
 part report-browser browser
-echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'), all $SECONDS s"
+# With --lint, the test suite's own time too: the run's but fmt-clippy (and the installs' start).
+echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'),${lint:+ tests $((SECONDS - lint_time)) s,} all $SECONDS s"
 # Rust: "test result: ok. P passed; F failed"; Slurm: "slurm: P passed, F failed"; pytest:
 # "P passed in S s"; the browser check is one test that passed if we got here.
 # Any failure stopped the script above (set -e, pipefail), so only passes are left to count.
