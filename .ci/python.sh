@@ -12,8 +12,9 @@ t0=$(date +%s)
 # machine; tests/all.sh starts this install in the background at its start).
 python3 -m pip install -q --disable-pip-version-check -r .ci/python-test.txt
 step "installing the test dependencies"
-# The tests run fapm apply to compare with: the binary `cargo test --workspace` built.
-cargo build --quiet --profile test --bin fapm
+# The tests run fapm apply to compare with: $FAPM_BIN (tests/all.sh: the binary `cargo test`
+# built), else this build of it.
+[ -n "${FAPM_BIN:-}" ] || cargo build --quiet --profile test --bin fapm
 step "building the fapm binary"
 # The repository's target directory, which outlives pip's temporary build directory: a
 # rebuild is incremental. The dev profile (the dependencies, fapm among them, at opt-level 2,

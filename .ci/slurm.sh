@@ -9,8 +9,8 @@
 # missing (.ci/packages.sh), and runs its own munged, slurmctld and slurmd, listening on 127.0.0.1
 # only, with their state under /var/spool/fapm-ci-slurm; they are stopped when the script ends,
 # however it ends, and any left by an earlier run are stopped first. FAPM=path/to/fapm uses that
-# binary, otherwise `cargo build --profile test` builds one: the binary `cargo test` built (the
-# dev profile's would be another build of the crate, at opt-level 0).
+# binary (tests/all.sh: the one `cargo test` built), otherwise `cargo build --profile test`
+# builds one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD

@@ -69,6 +69,11 @@ if [ -n "$lint" ]; then
 fi
 # The tests' build on its own, so that its time shows apart from the tests' own.
 part build cargo test --workspace --no-run
+# The parts below run the fapm binary that build made for the integration tests (the test
+# profile, with the dev-dependencies' features): `cargo build --bin fapm` alone would build the
+# crate and some of its dependencies again, for their features without the dev-dependencies.
+FAPM=${CARGO_TARGET_DIR:-$PWD/target}/debug/fapm
+export FAPM FAPM_BIN=$FAPM
 rust_tests() { cargo test --workspace 2>&1 | tee "$log/rust"; }
 part rust-tests rust_tests
 slurm() {
