@@ -17,11 +17,9 @@ step "installing the test dependencies"
 [ -n "${FAPM_BIN:-}" ] || cargo build --quiet --profile test --bin fapm
 step "building the fapm binary"
 # The repository's target directory, which outlives pip's temporary build directory: a
-# rebuild is incremental. The dev profile (the dependencies, fapm among them, at opt-level 2,
-# fapm-stages at 3; thin LTO would cost several CPU-minutes): pip install ./python without
-# MATURIN_PEP517_ARGS builds the release profile, as users get (docs/PERFORMANCE.md, "CI time").
-CARGO_TARGET_DIR="$PWD/target" MATURIN_PEP517_ARGS=${MATURIN_PEP517_ARGS-"--profile dev"} \
-    python3 -m pip install -q --disable-pip-version-check ./python
+# rebuild is incremental. The release profile, as users get: the dev profile or release without
+# LTO and debug info cost as much or more here (docs/PERFORMANCE.md, "CI time").
+CARGO_TARGET_DIR="$PWD/target" python3 -m pip install -q --disable-pip-version-check ./python
 step "building and installing the package"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
