@@ -8,14 +8,17 @@ export CARGO_TERM_COLOR=never
 command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
 step() { echo "python.sh: $1 took $(( $(date +%s) - t0 )) s"; t0=$(date +%s); }
 t0=$(date +%s)
-# torch pulls its CUDA libraries (about 14 GB, about 6 minutes on a fresh machine).
-python3 -m pip install -q --disable-pip-version-check torch numpy ml_dtypes safetensors pytest
+# .ci/python-test.txt: torch pulls its CUDA libraries (about 3 GB, several minutes on a fresh
+# machine; tests/all.sh starts this install in the background at its start).
+python3 -m pip install -q --disable-pip-version-check -r .ci/python-test.txt
 step "installing the test dependencies"
-# The tests run fapm apply to compare with: the binary `cargo test --workspace` built.
-cargo build --quiet --profile test --bin fapm
+# The tests run fapm apply to compare with: $FAPM_BIN (tests/all.sh: the binary `cargo test`
+# built), else this build of it.
+[ -n "${FAPM_BIN:-}" ] || cargo build --quiet --profile test --bin fapm
 step "building the fapm binary"
 # The repository's target directory, which outlives pip's temporary build directory: a
-# rebuild is incremental.
+# rebuild is incremental. The release profile, as users get: the dev profile or release without
+# LTO and debug info cost as much or more here (docs/PERFORMANCE.md, "CI time").
 CARGO_TARGET_DIR="$PWD/target" python3 -m pip install -q --disable-pip-version-check ./python
 step "building and installing the package"
 log=$(mktemp)

@@ -6,10 +6,11 @@
 #    the missing part, and that task run again alone, then the merge, give the same delta.
 #
 # Needs root on Debian (no systemd needed): installs munge and Slurm from Debian's packages when
-# missing, and runs its own munged, slurmctld and slurmd, listening on 127.0.0.1 only, with their
-# state under /var/spool/fapm-ci-slurm; they are stopped when the script ends, however it ends, and
-# any left by an earlier run are stopped first. FAPM=path/to/fapm uses that binary, otherwise
-# `cargo build` builds one (the debug profile that `cargo test` builds too).
+# missing (.ci/packages.sh), and runs its own munged, slurmctld and slurmd, listening on 127.0.0.1
+# only, with their state under /var/spool/fapm-ci-slurm; they are stopped when the script ends,
+# however it ends, and any left by an earlier run are stopped first. FAPM=path/to/fapm uses that
+# binary (tests/all.sh: the one `cargo test` built), otherwise `cargo build --profile test`
+# builds one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -19,7 +20,6 @@ daemons=(slurmd slurmctld munged)   # the order they are stopped in
 work=
 prune_job=
 merge_job=
-policy_created=
 passed=0
 
 now() { date +%s.%N; }
@@ -65,7 +65,6 @@ finish() {
         scancel ${prune_job:+"$prune_job"} ${merge_job:+"$merge_job"} 2>/dev/null || true
     fi
     stop_daemons
-    [ -n "$policy_created" ] && rm -f /usr/sbin/policy-rc.d
     [ -n "$work" ] && rm -rf "$work"
     echo "slurm: $passed passed, $((status == 0 ? 0 : 1)) failed"
     exit "$status"
@@ -79,32 +78,14 @@ fail() {
 
 # ---- packages
 t=$(now)
-missing=
-for c in munged slurmctld slurmd sbatch; do
-    command -v "$c" >/dev/null || missing=1
-done
-if [ -n "$missing" ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    # The packages' scripts would start the distribution's services; this script runs its own.
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-        policy_created=1
-    fi
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends munge slurmctld slurmd slurm-client >/dev/null
-    if [ -n "$policy_created" ]; then
-        rm -f /usr/sbin/policy-rc.d
-        policy_created=
-    fi
-fi
+bash "$repo/.ci/packages.sh" slurm
 echo "slurm: packages ready in $(since "$t") s ($(slurmctld -V))"
 
 # ---- fapm
 t=$(now)
 if [ -z "${FAPM:-}" ]; then
-    cargo build --quiet --bin fapm
-    FAPM=$repo/target/debug/fapm
+    cargo build --quiet --profile test --bin fapm
+    FAPM=${CARGO_TARGET_DIR:-$repo/target}/debug/fapm
 fi
 FAPM=$(realpath "$FAPM")
 [ -x "$FAPM" ] || fail "$FAPM is not an executable"

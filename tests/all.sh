@@ -3,9 +3,19 @@
 # running the partitioned prune, the Python package's tests (with torch) and the report checked
 # in headless Chromium. Installs what it needs (Debian's packages, PyPI's); run as root on a
 # fresh machine or again on a warm one. Each part prints its time; the last line counts every
-# test of every part.
+# test of every part. With --lint (.ci/run), rustfmt's check and clippy run first, as a part,
+# while the installs run in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+lint=
+case ${1:-} in
+--lint) lint=1 ;;
+"") ;;
+*)
+    echo "usage: $0 [--lint]" >&2
+    exit 2
+    ;;
+esac
 export CARGO_TERM_COLOR=never
 times=()
 part() { # NAME COMMAND...
@@ -16,19 +26,73 @@ part() { # NAME COMMAND...
     echo "time: $name $((SECONDS - start)) s"
 }
 log=$(mktemp -d)
-trap 'rm -rf "$log"' EXIT
+installs=() # the background installs' pids
+finish() {
+    local status=$? pid
+    trap - EXIT
+    # An install is not cut off half-way (dpkg, pip): a failed run still waits for it.
+    for pid in "${installs[@]}"; do
+        [ -z "$pid" ] || wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$log"
+    exit "$status"
+}
+trap finish EXIT
 command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
+# The installs wait on the network, the build and the Rust tests on the CPU: Debian's packages
+# for the Slurm and browser parts (one apt-get session) and the Python tests' dependencies
+# (torch pulls about 3 GB of CUDA libraries) install in the background from here, and each part
+# first waits for what it needs. The parts' own scripts then find them installed.
+bash .ci/packages.sh slurm chromium >"$log/debian-packages" 2>&1 &
+installs[0]=$!
+python3 -m pip install -q --disable-pip-version-check -r .ci/python-test.txt >"$log/python-packages" 2>&1 &
+installs[1]=$!
+ready() { # INDEX NAME: waits for the background install INDEX; shows its log if it failed
+    local start=$SECONDS pid=${installs[$1]}
+    [ -n "$pid" ] || return 0
+    installs[$1]=
+    if ! wait "$pid"; then
+        echo "error: installing $2 in the background failed:" >&2
+        cat "$log/$2" >&2
+        exit 1
+    fi
+    echo "install: $2 ready (waited $((SECONDS - start)) s for it)"
+}
+lint() {
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+}
+lint_time=0
+if [ -n "$lint" ]; then
+    part fmt-clippy lint
+    lint_time=$SECONDS
+fi
 # The tests' build on its own, so that its time shows apart from the tests' own.
 part build cargo test --workspace --no-run
+# The parts below run the fapm binary that build made for the integration tests (the test
+# profile, with the dev-dependencies' features): `cargo build --bin fapm` alone would build the
+# crate and some of its dependencies again, for their features without the dev-dependencies.
+FAPM=${CARGO_TARGET_DIR:-$PWD/target}/debug/fapm
+export FAPM FAPM_BIN=$FAPM
 rust_tests() { cargo test --workspace 2>&1 | tee "$log/rust"; }
 part rust-tests rust_tests
-slurm() { bash .ci/slurm.sh 2>&1 | tee "$log/slurm"; }
+slurm() {
+    ready 0 debian-packages
+    bash .ci/slurm.sh 2>&1 | tee "$log/slurm"
+}
 part slurm slurm
-python_tests() { bash .ci/python.sh 2>&1 | tee "$log/python"; }
+python_tests() {
+    ready 1 python-packages
+    bash .ci/python.sh 2>&1 | tee "$log/python"
+}
 part python python_tests
-browser() { bash docs/images/check-report.sh 2>&1 | tee "$log/browser"; }
+browser() {
+    ready 0 debian-packages
+    bash docs/images/check-report.sh 2>&1 | tee "$log/browser"
+}
 part report-browser browser
-echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'), all $SECONDS s"
+# With --lint, the test suite's own time too: the run's but fmt-clippy (and the installs' start).
+echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'),${lint:+ tests $((SECONDS - lint_time)) s,} all $SECONDS s"
 # Rust: "test result: ok. P passed; F failed"; Slurm: "slurm: P passed, F failed"; pytest:
 # "P passed in S s"; the browser check is one test that passed if we got here.
 # Any failure stopped the script above (set -e, pipefail), so only passes are left to count.

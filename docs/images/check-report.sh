@@ -3,13 +3,13 @@
 # are SVG in the page with their titles and axis labels as text, every heatmap the page shows
 # exists, and the screenshot holds the page's white, its text and the heatmaps' colours (not
 # a blank or an error page). With --write, the screenshot also becomes the README's
-# docs/images/report.png. Installs Debian's chromium when it is missing, so it never passes
-# for want of a browser. Usage (from anywhere):
+# docs/images/report.png. Installs Debian's chromium when it is missing (.ci/packages.sh), so it
+# never passes for want of a browser. Usage (from anywhere):
 #   docs/images/check-report.sh [--write]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 write=${1:-}
-command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+bash .ci/packages.sh chromium
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # The test profile: what `cargo test` builds anyway, and several times faster than dev here.
