@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 
+use crate::pipeline::stages::read::{self, PairReader};
 use fapm_stages::checkpoint::TensorRef;
 use fapm_stages::dtype::{DType, Elem};
 use fapm_stages::score::{mean_abs, sum_abs, Metric, Scorer, NOT_CANDIDATE};
@@ -63,16 +64,13 @@ impl Pair {
         self.rows * self.cols
     }
 
-    /// Calls `f(first_element, ft_bytes, base_bytes)` for consecutive chunks of the tensor.
+    /// Calls `f(first_element, ft_bytes, base_bytes)` for consecutive chunks of the charted
+    /// part, read by the shard reader's [`PairReader`] as prune reads them.
     pub fn for_chunks(&self, mut f: impl FnMut(u64, &[u8], &[u8])) {
-        let (fs, bs) = (self.ft.info().dtype.size(), self.base.info().dtype.size());
-        let (ft, base) = (self.ft.bytes(), self.base.bytes());
-        let n = self.numel() as usize;
-        let mut start = 0;
-        while start < n {
-            let end = (start + CHUNK).min(n);
-            f(start as u64, &ft[start * fs..end * fs], &base[start * bs..end * bs]);
-            start = end;
+        let reader = PairReader::new(&self.ft, &self.base);
+        for chunk in read::chunks(self.numel(), CHUNK as u64) {
+            let (ft, base) = reader.chunk(chunk);
+            f(chunk.start as u64, ft, base);
         }
     }
 
