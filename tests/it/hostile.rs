@@ -25,154 +25,175 @@ struct Case {
 }
 
 fn malformed_checkpoints() -> Vec<Case> {
-    let good = safetensors_bytes(&[T::new("w", DType::F32, &[4], f32s([1.0, 2.0, 3.0, 4.0]))], None);
-    let tensor = |header: &str, data_len: usize| raw_shard(header, &vec![0; data_len]);
-    let one = |name, bytes: Vec<u8>, needles: Vec<&'static str>| Case {
+    [malformed_layouts(), malformed_headers(), malformed_tensor_entries(), malformed_directories(), malformed_indexes()]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// A good single-tensor shard, for the cases to break or to surround a bad file with.
+fn good_shard() -> Vec<u8> {
+    safetensors_bytes(&[T::new("w", DType::F32, &[4], f32s([1.0, 2.0, 3.0, 4.0]))], None)
+}
+
+/// A shard with this JSON header and `data_len` zero bytes of data.
+fn shard(header: &str, data_len: usize) -> Vec<u8> {
+    raw_shard(header, &vec![0; data_len])
+}
+
+/// An index file with this weight map.
+fn index(map: &str) -> Vec<u8> {
+    format!(r#"{{"metadata":{{}},"weight_map":{map}}}"#).into_bytes()
+}
+
+/// A case of one file, `m.safetensors`, opened as the checkpoint; the error names it.
+fn one_file(name: &'static str, bytes: Vec<u8>, needles: Vec<&'static str>) -> Case {
+    Case {
         name,
         files: vec![("m.safetensors", bytes)],
         path: "m.safetensors",
         needles: [vec!["m.safetensors"], needles].concat(),
-    };
+    }
+}
+
+/// A case whose checkpoint is the case directory itself.
+fn directory(name: &'static str, files: Vec<(&'static str, Vec<u8>)>, needles: Vec<&'static str>) -> Case {
+    Case { name, files, path: "", needles }
+}
+
+/// Files too short, truncated, or with a header length that points nowhere.
+fn malformed_layouts() -> Vec<Case> {
+    let good = good_shard();
     let mut huge_len = good.clone();
     huge_len[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     let mut past_end = good.clone();
     past_end[..8].copy_from_slice(&(good.len() as u64).to_le_bytes());
-    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    let index = |map: &str| format!(r#"{{"metadata":{{}},"weight_map":{map}}}"#).into_bytes();
     vec![
-        one("empty file", vec![], vec!["too short"]),
-        one("three bytes", vec![1, 2, 3], vec!["too short"]),
-        one("truncated data", good[..good.len() - 3].to_vec(), vec!["'w'", "outside"]),
-        one("truncated header", good[..20].to_vec(), vec!["past the end"]),
-        one("header length u64::MAX", huge_len, vec!["limit"]),
-        one("header length past the end", past_end, vec!["past the end"]),
-        one("header not JSON", raw_shard("{not json", &[]), vec!["malformed header"]),
-        one(
+        one_file("empty file", vec![], vec!["too short"]),
+        one_file("three bytes", vec![1, 2, 3], vec!["too short"]),
+        one_file("truncated data", good[..good.len() - 3].to_vec(), vec!["'w'", "outside"]),
+        one_file("truncated header", good[..20].to_vec(), vec!["past the end"]),
+        one_file("header length u64::MAX", huge_len, vec!["limit"]),
+        one_file("header length past the end", past_end, vec!["past the end"]),
+    ]
+}
+
+/// Headers that are not a JSON object.
+fn malformed_headers() -> Vec<Case> {
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    vec![
+        one_file("header not JSON", raw_shard("{not json", &[]), vec!["malformed header"]),
+        one_file(
             "header not UTF-8",
             raw_shard("{\"\u{ff}\":1}", &[]).iter().map(|&b| if b == 0xc3 { 0xff } else { b }).collect(),
             vec!["UTF-8"],
         ),
-        one("header deeply nested", raw_shard(&deep, &[]), vec!["malformed header"]),
-        one("header a list", raw_shard("[1]", &[]), vec!["malformed header"]),
-        one(
+        one_file("header deeply nested", raw_shard(&deep, &[]), vec!["malformed header"]),
+        one_file("header a list", raw_shard("[1]", &[]), vec!["malformed header"]),
+    ]
+}
+
+/// Well-formed headers whose tensor entries (or metadata) are wrong.
+fn malformed_tensor_entries() -> Vec<Case> {
+    vec![
+        one_file(
             "unknown dtype",
-            tensor(r#"{"w":{"dtype":"F7","shape":[1],"data_offsets":[0,1]}}"#, 1),
+            shard(r#"{"w":{"dtype":"F7","shape":[1],"data_offsets":[0,1]}}"#, 1),
             vec!["'w'", "dtype"],
         ),
-        one(
+        one_file(
             "shape disagrees with offsets",
-            tensor(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4),
+            shard(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4),
             vec!["'w'", "needs 8"],
         ),
-        one(
+        one_file(
             "offsets out of range",
-            tensor(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#, 4),
+            shard(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#, 4),
             vec!["'w'", "outside"],
         ),
-        one(
+        one_file(
             "offsets reversed",
-            tensor(r#"{"w":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}}"#, 4),
+            shard(r#"{"w":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}}"#, 4),
             vec!["'w'", "outside"],
         ),
-        one(
+        one_file(
             "offsets negative",
-            tensor(r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[-1,0]}}"#, 4),
+            shard(r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[-1,0]}}"#, 4),
             vec!["'w'", "malformed header entry"],
         ),
-        one(
+        one_file(
             "overlapping tensors",
-            tensor(
+            shard(
                 r#"{"v":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"w":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
                 6,
             ),
             vec!["'w'", "overlaps"],
         ),
-        one(
+        one_file(
             "shape overflows",
-            tensor(r#"{"w":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, 8),
+            shard(r#"{"w":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, 8),
             vec!["'w'", "too large"],
         ),
-        one(
+        one_file(
             "duplicate tensor in one header",
-            tensor(
+            shard(
                 r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
                 2,
             ),
             vec!["duplicate", "'w'"],
         ),
-        one("bad metadata", tensor(r#"{"__metadata__":{"a":[1]}}"#, 0), vec!["__metadata__"]),
-        Case {
-            name: "duplicate tensor across shards",
-            files: vec![("a.safetensors", good.clone()), ("b.safetensors", good.clone())],
-            path: "",
-            needles: vec!["b.safetensors", "'w'", "a.safetensors"],
-        },
-        Case {
-            name: "index names a missing shard",
-            files: vec![
-                ("a.safetensors", good.clone()),
-                ("model.safetensors.index.json", index(r#"{"w":"zz.safetensors"}"#)),
-            ],
-            path: "",
-            needles: vec!["model.safetensors.index.json", "zz.safetensors"],
-        },
-        Case {
-            name: "index path outside the directory",
-            files: vec![
-                ("a.safetensors", good.clone()),
-                ("model.safetensors.index.json", index(r#"{"w":"../a.safetensors"}"#)),
-            ],
-            path: "",
-            needles: vec!["model.safetensors.index.json", "'w'", "outside"],
-        },
-        Case {
-            name: "index absolute path",
-            files: vec![
-                ("a.safetensors", good.clone()),
-                ("model.safetensors.index.json", index(r#"{"w":"/etc/passwd"}"#)),
-            ],
-            path: "",
-            needles: vec!["model.safetensors.index.json", "'w'", "outside"],
-        },
-        Case {
-            name: "index names the wrong shard",
-            files: vec![
-                ("a.safetensors", good.clone()),
-                ("b.safetensors", tensor(r#"{"v":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 1)),
-                ("model.safetensors.index.json", index(r#"{"w":"b.safetensors","v":"b.safetensors"}"#)),
-            ],
-            path: "",
-            needles: vec!["model.safetensors.index.json", "'w'"],
-        },
-        Case {
-            name: "index malformed",
-            files: vec![
-                ("a.safetensors", good.clone()),
-                ("model.safetensors.index.json", b"{\"weight_map\":".to_vec()),
-            ],
-            path: "",
-            needles: vec!["model.safetensors.index.json", "malformed"],
-        },
-        Case {
-            name: "index without weight_map",
-            files: vec![("a.safetensors", good.clone()), ("model.safetensors.index.json", b"{}".to_vec())],
-            path: "",
-            needles: vec!["model.safetensors.index.json", "weight_map"],
-        },
-        Case { name: "empty directory", files: vec![], path: "", needles: vec!["no *.safetensors"] },
-        Case {
-            name: "directory without weights",
-            files: vec![("config.json", b"{}".to_vec()), ("sub/x.safetensors", good.clone())],
-            path: "",
-            needles: vec!["no *.safetensors"],
-        },
-        Case {
-            name: "a bad shard among good ones",
-            files: vec![("a.safetensors", good.clone()), ("b.safetensors", good[..30].to_vec())],
-            path: "",
-            needles: vec!["b.safetensors"],
-        },
+        one_file("bad metadata", shard(r#"{"__metadata__":{"a":[1]}}"#, 0), vec!["__metadata__"]),
+    ]
+}
+
+/// Directories of shards without an index: clashing, missing or bad shards, and a missing path.
+fn malformed_directories() -> Vec<Case> {
+    let good = good_shard();
+    vec![
+        directory(
+            "duplicate tensor across shards",
+            vec![("a.safetensors", good.clone()), ("b.safetensors", good.clone())],
+            vec!["b.safetensors", "'w'", "a.safetensors"],
+        ),
+        directory("empty directory", vec![], vec!["no *.safetensors"]),
+        directory(
+            "directory without weights",
+            vec![("config.json", b"{}".to_vec()), ("sub/x.safetensors", good.clone())],
+            vec!["no *.safetensors"],
+        ),
+        directory(
+            "a bad shard among good ones",
+            vec![("a.safetensors", good.clone()), ("b.safetensors", good[..30].to_vec())],
+            vec!["b.safetensors"],
+        ),
         Case { name: "missing path", files: vec![], path: "nope.safetensors", needles: vec!["nope.safetensors"] },
+    ]
+}
+
+/// Directories whose `model.safetensors.index.json` is malformed or routes tensors wrongly.
+fn malformed_indexes() -> Vec<Case> {
+    const INDEX: &str = "model.safetensors.index.json";
+    let with_index =
+        |name, index: Vec<u8>, needles| directory(name, vec![("a.safetensors", good_shard()), (INDEX, index)], needles);
+    vec![
+        with_index("index names a missing shard", index(r#"{"w":"zz.safetensors"}"#), vec![INDEX, "zz.safetensors"]),
+        with_index(
+            "index path outside the directory",
+            index(r#"{"w":"../a.safetensors"}"#),
+            vec![INDEX, "'w'", "outside"],
+        ),
+        with_index("index absolute path", index(r#"{"w":"/etc/passwd"}"#), vec![INDEX, "'w'", "outside"]),
+        directory(
+            "index names the wrong shard",
+            vec![
+                ("a.safetensors", good_shard()),
+                ("b.safetensors", shard(r#"{"v":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 1)),
+                (INDEX, index(r#"{"w":"b.safetensors","v":"b.safetensors"}"#)),
+            ],
+            vec![INDEX, "'w'"],
+        ),
+        with_index("index malformed", b"{\"weight_map\":".to_vec(), vec![INDEX, "malformed"]),
+        with_index("index without weight_map", b"{}".to_vec(), vec![INDEX, "weight_map"]),
     ]
 }
 
