@@ -11,7 +11,8 @@
 
 use std::time::Duration;
 
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use fapm_stages::dtype::convert_chunk;
 use fapm_stages::dtype::DType;
 use fapm_stages::encode::{decode_sparse, encode_sparse};
@@ -66,39 +67,86 @@ fn to_f32_bytes(xs: &[f32]) -> Vec<u8> {
     xs.iter().flat_map(|&x| x.to_le_bytes()).collect()
 }
 
+type Group<'a> = BenchmarkGroup<'a, WallTime>;
+
+/// One chunk of the benchmark pair in the stored dtypes, with a scorer for each.
+struct Chunk {
+    base: Vec<f32>,
+    ft: Vec<f32>,
+    base16: Vec<u8>,
+    ft16: Vec<u8>,
+    base32: Vec<u8>,
+    ft32: Vec<u8>,
+    s16: Scorer,
+    s32: Scorer,
+}
+
+impl Chunk {
+    fn new() -> Chunk {
+        let (base, ft) = pair_f32();
+        let (base16, ft16) = (to_bf16(&base), to_bf16(&ft));
+        let (base32, ft32) = (to_f32_bytes(&base), to_f32_bytes(&ft));
+        let mean = (base.iter().map(|x| x.abs() as f64).sum::<f64>() / N as f64) as f32;
+        let s16 = Scorer { ft: DType::BF16, base: DType::BF16, metric: Metric::Fapm, mean, penalty: 1.0 };
+        let s32 = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Fapm, mean, penalty: 1.0 };
+        Chunk { base, ft, base16, ft16, base32, ft32, s16, s32 }
+    }
+
+    /// The bf16 chunk's keys, and how many elements are candidates.
+    fn keys16(&self) -> (Vec<u32>, usize) {
+        let mut keys = vec![0u32; N];
+        let candidates = self.s16.keys(&self.ft16, &self.base16, &mut keys);
+        (keys, candidates)
+    }
+}
+
 fn stages(c: &mut Criterion) {
-    let (bf, ff) = pair_f32();
-    let (base16, ft16) = (to_bf16(&bf), to_bf16(&ff));
-    let (base32, ft32) = (to_f32_bytes(&bf), to_f32_bytes(&ff));
-    let mean = (bf.iter().map(|x| x.abs() as f64).sum::<f64>() / N as f64) as f32;
-    let s16 = Scorer { ft: DType::BF16, base: DType::BF16, metric: Metric::Fapm, mean, penalty: 1.0 };
-    let s32 = Scorer { ft: DType::F32, base: DType::F32, metric: Metric::Fapm, mean, penalty: 1.0 };
-    let mut keys = vec![0u32; N];
-    let cand16 = s16.keys(&ft16, &base16, &mut keys);
+    let chunk = Chunk::new();
+    let (keys, cand16) = chunk.keys16();
     eprintln!("bf16 chunk: {cand16} of {N} elements changed");
 
     let mut g = c.benchmark_group("stages");
     g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500)).sample_size(20);
-
-    g.throughput(Throughput::Bytes((base16.len() + ft16.len()) as u64));
-    g.bench_function(BenchmarkId::new("keys_fapm", "bf16_bf16"), |b| {
-        b.iter(|| s16.keys(black_box(&ft16), black_box(&base16), &mut keys))
+    keys_fapm(&mut g, &chunk);
+    keys_fapm_other_density(&mut g, &chunk);
+    histogram_add(&mut g, &keys);
+    let kept = selection(&mut g, &keys);
+    g.throughput(Throughput::Bytes(chunk.base16.len() as u64));
+    g.bench_function(BenchmarkId::new("sum_abs", "bf16"), |b| {
+        b.iter(|| sum_abs(DType::BF16, black_box(&chunk.base16)))
     });
-    g.throughput(Throughput::Bytes((base32.len() + ft32.len()) as u64));
+    let raw = encode(&mut g, &chunk, &kept);
+    compress_zstd(&mut g, &raw, kept.len());
+    decode(&mut g, &chunk, &raw);
+    hash_and_convert(&mut g, &chunk);
+    g.finish();
+}
+
+/// Scoring both tensors of the chunk, bf16 and f32.
+fn keys_fapm(g: &mut Group, chunk: &Chunk) {
+    let mut keys = vec![0u32; N];
+    g.throughput(Throughput::Bytes((chunk.base16.len() + chunk.ft16.len()) as u64));
+    g.bench_function(BenchmarkId::new("keys_fapm", "bf16_bf16"), |b| {
+        b.iter(|| chunk.s16.keys(black_box(&chunk.ft16), black_box(&chunk.base16), &mut keys))
+    });
+    g.throughput(Throughput::Bytes((chunk.base32.len() + chunk.ft32.len()) as u64));
     let mut keys32 = vec![0u32; N];
     g.bench_function(BenchmarkId::new("keys_fapm", "f32_f32"), |b| {
-        b.iter(|| s32.keys(black_box(&ft32), black_box(&base32), &mut keys32))
+        b.iter(|| chunk.s32.keys(black_box(&chunk.ft32), black_box(&chunk.base32), &mut keys32))
     });
+}
 
-    // Same kernels with the other candidate density: every bf16 element changed (d = 1e-3),
-    // and half of the f32 elements unchanged (every other element copied from the base).
-    // They tell branch mispredictions on the candidate test apart from the per-element cost.
+/// Same kernels with the other candidate density: every bf16 element changed (d = 1e-3),
+/// and half of the f32 elements unchanged (every other element copied from the base).
+/// They tell branch mispredictions on the candidate test apart from the per-element cost.
+fn keys_fapm_other_density(g: &mut Group, chunk: &Chunk) {
+    let Chunk { base, ft, base16, ft16, base32, ft32, s16, s32 } = chunk;
     let ft16_all =
-        to_bf16(&bf.iter().enumerate().map(|(i, &b)| b + if i % 2 == 0 { 1e-3 } else { -1e-3 }).collect::<Vec<_>>());
+        to_bf16(&base.iter().enumerate().map(|(i, &b)| b + if i % 2 == 0 { 1e-3 } else { -1e-3 }).collect::<Vec<_>>());
     let ft32_half: Vec<u8> = {
-        let half: Vec<f32> = ff
+        let half: Vec<f32> = ft
             .iter()
-            .zip(&bf)
+            .zip(base)
             .enumerate()
             .map(|(i, (&f, &b))| if splitmix(i as u64) & 1 == 0 { b } else { f })
             .collect();
@@ -107,37 +155,43 @@ fn stages(c: &mut Criterion) {
     let mut k2 = vec![0u32; N];
     eprintln!(
         "bf16 all-changed chunk: {} candidates; f32 half chunk: {}",
-        s16.keys(&ft16_all, &base16, &mut k2),
-        s32.keys(&ft32_half, &base32, &mut k2)
+        s16.keys(&ft16_all, base16, &mut k2),
+        s32.keys(&ft32_half, base32, &mut k2)
     );
     g.throughput(Throughput::Bytes((base16.len() + ft16.len()) as u64));
     g.bench_function(BenchmarkId::new("keys_fapm", "bf16_bf16_all_changed"), |b| {
-        b.iter(|| s16.keys(black_box(&ft16_all), black_box(&base16), &mut k2))
+        b.iter(|| s16.keys(black_box(&ft16_all), black_box(base16), &mut k2))
     });
     g.throughput(Throughput::Bytes((base32.len() + ft32.len()) as u64));
     g.bench_function(BenchmarkId::new("keys_fapm", "f32_f32_half_changed"), |b| {
-        b.iter(|| s32.keys(black_box(&ft32_half), black_box(&base32), &mut k2))
+        b.iter(|| s32.keys(black_box(&ft32_half), black_box(base32), &mut k2))
     });
+}
 
-    s16.keys(&ft16, &base16, &mut keys);
+/// Histograms of the keys: the high bins, then the low bins within the top one.
+fn histogram_add(g: &mut Group, keys: &[u32]) {
     g.throughput(Throughput::Bytes((N * 4) as u64));
     g.bench_function(BenchmarkId::new("histogram_add", "high"), |b| {
         let mut h = Histogram::default();
-        b.iter(|| h.add_high(black_box(&keys)))
+        b.iter(|| h.add_high(black_box(keys)))
     });
     g.bench_function(BenchmarkId::new("histogram_add", "low_within"), |b| {
         let bin = keys.iter().copied().filter(|&k| k != 0).max().unwrap_or(0) >> 16;
         let mut h = Histogram::default();
-        b.iter(|| h.add_low(bin, black_box(&keys)))
+        b.iter(|| h.add_low(bin, black_box(keys)))
     });
+}
 
-    // The cut that keeps 10% of the chunk, as the pipeline plans it, from a floor that
-    // gathers about 12.5% of the chunk (what the sample's floor does on the benchmark pair).
+/// The cut that keeps 10% of the chunk, as the pipeline plans it, from a floor that
+/// gathers about 12.5% of the chunk (what the sample's floor does on the benchmark pair).
+/// Returns the kept indices.
+fn selection(g: &mut Group, keys: &[u32]) -> Vec<u32> {
     let k = (N / 10) as u64;
     let mut sorted: Vec<u32> = keys.iter().copied().filter(|&k| k != 0).collect();
     sorted.sort_unstable_by(|a, b| b.cmp(a));
     let floor = sorted.get(N / 8).map_or(1, |&k| (k & !0xffff).max(1));
     let mut gather = Gather::default();
+    g.throughput(Throughput::Bytes((N * 4) as u64));
     g.bench_function(BenchmarkId::new("gather", "12pct"), |b| {
         let mut high = Histogram::default();
         b.iter(|| {
@@ -154,11 +208,11 @@ fn stages(c: &mut Criterion) {
         match bins {
             Bins::High { floor } => {
                 gather.start(N);
-                gather.add(&keys, floor, 0, &mut h);
+                gather.add(keys, floor, 0, &mut h);
                 assert!(gather.finish(&mut h));
                 hits.copy_from(&gather);
             }
-            Bins::Low { bin } => h.add_low(bin, &keys),
+            Bins::Low { bin } => h.add_low(bin, keys),
         }
         Ok(h)
     })
@@ -166,54 +220,64 @@ fn stages(c: &mut Criterion) {
     eprintln!("gathered {} of {N}", hits.len());
     g.bench_function(BenchmarkId::new("cut_select", "10pct"), |b| {
         let mut kept = vec![0u32; N];
-        b.iter(|| cut.select(black_box(&keys), u64::MAX, None, &mut kept))
+        b.iter(|| cut.select(black_box(keys), u64::MAX, None, &mut kept))
     });
     g.bench_function(BenchmarkId::new("cut_select_hits", "10pct"), |b| {
         let mut kept = vec![0u32; N];
         b.iter(|| cut.select_hits(black_box(&hits), u64::MAX, None, &mut kept))
     });
     let mut kept = vec![0u32; N];
-    let n = cut.select(&keys, k, None, &mut kept);
+    let n = cut.select(keys, k, None, &mut kept);
     kept.truncate(n);
     eprintln!("kept {} of {N}", kept.len());
+    kept
+}
 
-    g.throughput(Throughput::Bytes(base16.len() as u64));
-    g.bench_function(BenchmarkId::new("sum_abs", "bf16"), |b| b.iter(|| sum_abs(DType::BF16, black_box(&base16))));
-
-    let mut out = base16.clone();
+/// Encoding the kept values of the bf16 chunk; returns the raw payload.
+fn encode(g: &mut Group, chunk: &Chunk, kept: &[u32]) -> Vec<u8> {
+    let mut out = chunk.base16.clone();
     let mut raw = Vec::new();
-    g.throughput(Throughput::Bytes(ft16.len() as u64));
+    g.throughput(Throughput::Bytes(chunk.ft16.len() as u64));
     g.bench_function(BenchmarkId::new("encode_sparse", "bf16_10pct"), |b| {
-        b.iter(|| encode_sparse(black_box(&kept), black_box(&ft16), &mut out, 2, &mut raw))
+        b.iter(|| encode_sparse(black_box(kept), black_box(&chunk.ft16), &mut out, 2, &mut raw))
     });
-    encode_sparse(&kept, &ft16, &mut out, 2, &mut raw);
+    encode_sparse(kept, &chunk.ft16, &mut out, 2, &mut raw);
+    raw
+}
 
+fn compress_zstd(g: &mut Group, raw: &[u8], kept: usize) {
     g.throughput(Throughput::Bytes(raw.len() as u64));
     g.bench_function(BenchmarkId::new("compress_zstd", "encoded_10pct"), |b| {
-        b.iter(|| compress(black_box(&raw), Payload::Sparse))
+        b.iter(|| compress(black_box(raw), Payload::Sparse))
     });
-    let z = compress(&raw, Payload::Sparse).expect("compress");
-    eprintln!("raw {} B -> zstd {} B ({:.2} B per kept value)", raw.len(), z.len(), z.len() as f64 / kept.len() as f64);
+    let z = compress(raw, Payload::Sparse).expect("compress");
+    eprintln!("raw {} B -> zstd {} B ({:.2} B per kept value)", raw.len(), z.len(), z.len() as f64 / kept as f64);
+}
 
-    g.throughput(Throughput::Bytes(ft16.len() as u64));
-    let mut dec = base16.clone();
+fn decode(g: &mut Group, chunk: &Chunk, raw: &[u8]) {
+    g.throughput(Throughput::Bytes(chunk.ft16.len() as u64));
+    let mut dec = chunk.base16.clone();
     g.bench_function(BenchmarkId::new("decode_sparse", "bf16_10pct"), |b| {
-        b.iter(|| decode_sparse(black_box(&raw), &mut dec, 2).expect("decode"))
+        b.iter(|| decode_sparse(black_box(raw), &mut dec, 2).expect("decode"))
+    });
+}
+
+/// Hashing a part of the fine-tuned chunk, and converting chunks to bf16.
+fn hash_and_convert(g: &mut Group, chunk: &Chunk) {
+    g.throughput(Throughput::Bytes(chunk.ft16.len() as u64));
+    g.bench_function(BenchmarkId::new("hash_part", "2MiB"), |b| {
+        b.iter(|| hash::hash_chunk(black_box(&chunk.ft16), 0, 2))
     });
 
-    g.throughput(Throughput::Bytes(ft16.len() as u64));
-    g.bench_function(BenchmarkId::new("hash_part", "2MiB"), |b| b.iter(|| hash::hash_chunk(black_box(&ft16), 0, 2)));
-
-    let mut conv = vec![0u8; base16.len()];
-    g.throughput(Throughput::Bytes(base16.len() as u64));
+    let mut conv = vec![0u8; chunk.base16.len()];
+    g.throughput(Throughput::Bytes(chunk.base16.len() as u64));
     g.bench_function(BenchmarkId::new("convert_chunk", "bf16_to_bf16"), |b| {
-        b.iter(|| convert_chunk(DType::BF16, DType::BF16, black_box(&base16), &mut conv))
+        b.iter(|| convert_chunk(DType::BF16, DType::BF16, black_box(&chunk.base16), &mut conv))
     });
-    g.throughput(Throughput::Bytes(base32.len() as u64));
+    g.throughput(Throughput::Bytes(chunk.base32.len() as u64));
     g.bench_function(BenchmarkId::new("convert_chunk", "f32_to_bf16"), |b| {
-        b.iter(|| convert_chunk(DType::BF16, DType::F32, black_box(&base32), &mut conv))
+        b.iter(|| convert_chunk(DType::BF16, DType::F32, black_box(&chunk.base32), &mut conv))
     });
-    g.finish();
 }
 
 criterion_group!(benches, stages);
