@@ -209,9 +209,9 @@ pub struct TensorStats {
 }
 
 /// Per-chunk buffers, reused from chunk to chunk and tensor to tensor.
-#[derive(Default)]
 pub struct Scratch {
-    /// Score keys of each scorer ([`NOT_CANDIDATE`] where nothing changed).
+    /// Score keys of each scorer ([`NOT_CANDIDATE`] where nothing changed); a buffer is
+    /// added the first time a pass has more scorers than there are buffers.
     pub keys: Vec<Vec<u32>>,
     /// Chunk-relative indices of kept positions.
     pub kept: Vec<u32>,
@@ -219,16 +219,22 @@ pub struct Scratch {
     rel: Vec<f32>,
 }
 
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch { keys: Vec::new(), kept: vec![0; CHUNK], d2: vec![0.0; CHUNK], rel: vec![0.0; CHUNK] }
+    }
+}
+
 impl Scratch {
     /// Scores one chunk with every scorer into [`Scratch::keys`]; returns the chunk length
     /// and its number of candidates (the same for every scorer: the positions that changed).
     pub fn score(&mut self, scorers: &[Scorer], ft: &[u8], base: &[u8]) -> (usize, u64) {
         let len = ft.len() / scorers[0].ft.size();
-        self.keys.resize_with(scorers.len(), Vec::new);
-        self.kept.resize(CHUNK, 0);
+        if self.keys.len() < scorers.len() {
+            self.keys.resize_with(scorers.len(), || vec![0; CHUNK]);
+        }
         let mut candidates = 0;
         for (scorer, keys) in scorers.iter().zip(&mut self.keys) {
-            keys.resize(CHUNK, 0);
             candidates = scorer.keys(ft, base, &mut keys[..len]);
         }
         (len, candidates as u64)
@@ -277,8 +283,6 @@ fn kept_sums(pair: &Pair, scorers: &[Scorer], cuts: Vec<Vec<Cut>>, scratch: &mut
     pair.for_chunks(|_, ft, base| {
         let (len, _) = scratch.score(scorers, ft, base);
         let Scratch { keys, kept: idx, d2, rel } = scratch;
-        d2.resize(CHUNK, 0.0);
-        rel.resize(CHUNK, 0.0);
         with_elems!(ftd, based, |F, B| changes::<F, B>(ft, base, &mut d2[..len], &mut rel[..len]));
         total_d2 +=
             keys[0][..len].iter().zip(&d2[..len]).filter(|(&k, _)| k != NOT_CANDIDATE).map(|(_, d)| d).sum::<f64>();
