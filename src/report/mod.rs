@@ -158,7 +158,8 @@ fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result
         .collect::<Result<_, Error>>()?;
     let mut scratch = Scratch::default();
 
-    let mut sections = vec![sections::overview(&stats), sections::tradeoff(&stats)];
+    let whole = sections::WholeModel::new(&stats);
+    let mut sections = vec![sections::overview(&whole), sections::tradeoff(&whole)];
     let mut files = vec!["index.html".to_string()];
     let mut heatmap_tensors = Vec::new();
     for &i in &chosen {

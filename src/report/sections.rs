@@ -37,17 +37,34 @@ fn strength_series(points: impl Fn(usize) -> Vec<(f64, f64)>) -> Vec<Series> {
     (0..PENALTIES.len()).map(|l| Series::line(strength_label(l), STRENGTH_COLORS[l], points(l))).collect()
 }
 
-/// What every strength keeps of the whole model at every sparsity, `[l][j]`, and the task
-/// vector's whole squared norm.
-fn whole_model(stats: &[TensorStats]) -> (Vec<Vec<Kept>>, f64) {
-    let total = stats.iter().map(|s| s.total_d2).sum();
-    let mut sums = vec![vec![Kept::default(); SPARSITIES.len()]; PENALTIES.len()];
-    for s in stats {
-        for (sum, kept) in sums.iter_mut().flatten().zip(s.kept.iter().flatten()) {
-            sum.add(kept);
+/// What every strength keeps of the whole model at every sparsity: the sums over tensors that
+/// the whole-model charts and the trade-off chart draw.
+pub struct WholeModel {
+    /// `kept[l][j]`: what strength `PENALTIES[l]` keeps at sparsity `SPARSITIES[j]`.
+    kept: Vec<Vec<Kept>>,
+    /// The task vector's whole squared norm.
+    total_d2: f64,
+    /// How many tensors are summed.
+    tensors: usize,
+}
+
+impl WholeModel {
+    /// Sums the tensors' numbers.
+    pub fn new(stats: &[TensorStats]) -> Self {
+        let mut kept = vec![vec![Kept::default(); SPARSITIES.len()]; PENALTIES.len()];
+        for s in stats {
+            for (sum, k) in kept.iter_mut().flatten().zip(s.kept.iter().flatten()) {
+                sum.add(k);
+            }
         }
+        WholeModel { kept, total_d2: stats.iter().map(|s| s.total_d2).sum(), tensors: stats.len() }
     }
-    (sums, total)
+
+    /// Strength `l` at sparsity `j` as a point of the trade-off chart: (mean relative change
+    /// of kept positions, norm fraction kept).
+    fn point(&self, l: usize, j: usize) -> (f64, f64) {
+        (self.kept[l][j].mean_rel(), self.kept[l][j].norm_fraction(self.total_d2))
+    }
 }
 
 fn figure(c: &Chart, caption: impl Into<String>) -> Figure {
@@ -56,10 +73,9 @@ fn figure(c: &Chart, caption: impl Into<String>) -> Figure {
 
 /// The whole-model charts (norm kept, relative change), one point per sparsity and one line
 /// per penalty strength.
-pub fn overview(stats: &[TensorStats]) -> Section {
-    let (sums, total) = whole_model(stats);
-    let series = |f: &dyn Fn(&Kept) -> f64| {
-        strength_series(|l| sums[l].iter().enumerate().map(|(j, k)| (j as f64, f(k))).collect())
+pub fn overview(whole: &WholeModel) -> Section {
+    let series = |f: &dyn Fn((f64, f64)) -> f64| {
+        strength_series(|l| (0..SPARSITIES.len()).map(|j| (j as f64, f(whole.point(l, j)))).collect())
     };
     let norm = Chart {
         title: "Task-vector norm kept".into(),
@@ -71,7 +87,7 @@ pub fn overview(stats: &[TensorStats]) -> Section {
         y_range: Some((0.0, 1.0)),
         x_ticks: Some(sparsity_ticks()),
         x_names: Some(SPARSITIES.iter().map(|s| format!("sparsity {}", pct(s))).collect()),
-        series: series(&|k| k.norm_fraction(total)),
+        series: series(&|(_, norm)| norm),
     };
     let rel = Chart {
         title: "Relative change of kept positions".into(),
@@ -79,7 +95,7 @@ pub fn overview(stats: &[TensorStats]) -> Section {
         y_label: "mean |dW| / |W_base|".into(),
         y_log: true,
         y_range: None,
-        series: series(&|k| k.mean_rel()),
+        series: series(&|(rel, _)| rel),
         ..norm.clone()
     };
     Section {
@@ -89,7 +105,7 @@ pub fn overview(stats: &[TensorStats]) -> Section {
              (l = 0), blue the paper's FAPM (l = 1), purple the strongest penalty. x: sparsity (the \
              share of each matrix pruned back to the base). Computed over the {} 2-D floating \
              tensors that prune diffs against the base. Hover over a point for its value.",
-            stats.len()
+            whole.tensors
         ),
         figures: vec![
             figure(
@@ -109,24 +125,22 @@ pub fn overview(stats: &[TensorStats]) -> Section {
     }
 }
 
-/// Whether point `i` of `points` (norm kept, mean relative change) is on the trade-off
-/// frontier: no other point keeps at least as much norm with at most its relative change and
-/// is better in one of the two.
+/// Whether point `i` of the trade-off chart's `points` (relative change, norm kept) is on its
+/// frontier: no other point has at most its relative change and at least its norm and is
+/// better in one of the two.
 fn on_frontier(points: &[(f64, f64)], i: usize) -> bool {
-    let (n, r) = points[i];
+    let (r, n) = points[i];
     if !(n.is_finite() && r.is_finite()) {
         return false;
     }
-    !points.iter().any(|&(n2, r2)| n2 >= n && r2 <= r && (n2 > n || r2 < r))
+    !points.iter().any(|&(r2, n2)| n2 >= n && r2 <= r && (n2 > n || r2 < r))
 }
 
 /// The trade-off chart: kept norm against mean relative change of kept positions, one point
 /// per (strength, sparsity), and the table of every point with the flags that give it.
-pub fn tradeoff(stats: &[TensorStats]) -> Section {
-    let (sums, total) = whole_model(stats);
-    let point = |l: usize, j: usize| (sums[l][j].mean_rel(), sums[l][j].norm_fraction(total));
+pub fn tradeoff(whole: &WholeModel) -> Section {
     let describe = |l: usize, j: usize| {
-        let (rel, norm) = point(l, j);
+        let (rel, norm) = whole.point(l, j);
         format!(
             "{}, sparsity {}: norm kept {:.3}, mean |dW| / |W_base| {:.3e}; {}",
             strength_label(l),
@@ -140,14 +154,18 @@ pub fn tradeoff(stats: &[TensorStats]) -> Section {
         .map(|j| Series {
             label: pct(SPARSITIES[j]),
             color: GUIDE,
-            points: (0..PENALTIES.len()).map(|l| point(l, j)).collect(),
+            points: (0..PENALTIES.len()).map(|l| whole.point(l, j)).collect(),
             tips: None,
             guide: true,
         })
         .collect();
     series.extend((0..PENALTIES.len()).map(|l| Series {
         tips: Some((0..SPARSITIES.len()).map(|j| describe(l, j)).collect()),
-        ..Series::line(strength_label(l), STRENGTH_COLORS[l], (0..SPARSITIES.len()).map(|j| point(l, j)).collect())
+        ..Series::line(
+            strength_label(l),
+            STRENGTH_COLORS[l],
+            (0..SPARSITIES.len()).map(|j| whole.point(l, j)).collect(),
+        )
     }));
     let chart = Chart {
         title: "Trade-off: norm kept against relative change".into(),
@@ -161,16 +179,16 @@ pub fn tradeoff(stats: &[TensorStats]) -> Section {
         x_names: None,
         series,
     };
-    // The frontier over every (strength, sparsity), as (norm kept, relative change).
-    let cells: Vec<(usize, usize)> =
-        (0..SPARSITIES.len()).flat_map(|j| (0..PENALTIES.len()).map(move |l| (l, j))).collect();
-    let points: Vec<(f64, f64)> = cells.iter().map(|&(l, j)| (point(l, j).1, point(l, j).0)).collect();
+    // Every (strength, sparsity), sparsity-major as the table's cells, for the frontier.
+    let points: Vec<(f64, f64)> =
+        (0..SPARSITIES.len()).flat_map(|j| (0..PENALTIES.len()).map(move |l| whole.point(l, j))).collect();
     let rows = (0..SPARSITIES.len())
         .map(|j| {
             let mut row = vec![pct(SPARSITIES[j])];
             row.extend((0..PENALTIES.len()).map(|l| {
-                let (rel, norm) = point(l, j);
-                let mark = if on_frontier(&points, j * PENALTIES.len() + l) { " *" } else { "" };
+                let i = j * PENALTIES.len() + l;
+                let (rel, norm) = points[i];
+                let mark = if on_frontier(&points, i) { " *" } else { "" };
                 format!("{norm:.3} / {rel:.2e}{mark}")
             }));
             row
@@ -397,8 +415,8 @@ mod tests {
 
     #[test]
     fn the_frontier_is_the_points_nothing_beats_on_both_axes() {
-        // (norm kept, relative change): higher norm and lower change are better.
-        let points = [(0.9, 0.5), (0.8, 0.1), (0.7, 0.2), (0.9, 0.6), (f64::NAN, 0.0), (0.8, 0.1)];
+        // (relative change, norm kept): lower change and higher norm are better.
+        let points = [(0.5, 0.9), (0.1, 0.8), (0.2, 0.7), (0.6, 0.9), (0.0, f64::NAN), (0.1, 0.8)];
         let frontier: Vec<bool> = (0..points.len()).map(|i| on_frontier(&points, i)).collect();
         assert_eq!(frontier, [true, true, false, false, false, true]);
     }
