@@ -225,16 +225,24 @@ fn version_1_deltas_still_apply() {
     assert_same_tree(&old, &new);
 }
 
+/// Runs `fapm report --json` on a fixture pair into `dir/report`: the report directory, its
+/// JSON summary and its page.
+#[cfg(feature = "report")]
+fn report_on_fixture(dir: &Path, base: &str, ft: &str) -> (std::path::PathBuf, serde_json::Value, String) {
+    let out = dir.join("report");
+    let o = on_fixture("report", base, ft, &out, &["--json"]);
+    let v = serde_json::from_slice(&o.stdout).unwrap();
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    (out, v, html)
+}
+
 /// `fapm report` writes an index.html and valid PNGs it links to, for a sharded model.
 #[cfg(feature = "report")]
 #[test]
 fn report_writes_linked_pngs() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("report");
-    let o = on_fixture("report", "sharded/base", "sharded/finetuned", &out, &["--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (out, v, html) = report_on_fixture(dir.path(), "sharded/base", "sharded/finetuned");
     assert!(v["tensors_charted"].as_u64().unwrap() > 0);
-    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
     let mut pngs = 0;
     for entry in std::fs::read_dir(&out).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
@@ -254,12 +262,9 @@ fn report_writes_linked_pngs() {
 #[test]
 fn report_counts_extended_tensors() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("report");
-    let o = on_fixture("report", "resized/bf16/base", "resized/bf16/finetuned", &out, &["--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (_, v, html) = report_on_fixture(dir.path(), "resized/bf16/base", "resized/bf16/finetuned");
     let (charted, extended) = (v["tensors_charted"].as_u64().unwrap(), v["extended_tensors"].as_u64().unwrap());
     assert!(extended >= 1 && charted > extended, "{v}");
-    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
     assert!(html.contains(&format!("{extended} tensors are extended")), "the page says which");
 }
 

@@ -446,8 +446,7 @@ fn crafted_paths_never_escape_the_output() {
         assert!(!Path::new("/tmp/fapm-evil").exists() && !Path::new("/tmp/fapm-evil.safetensors").exists());
     }
     // The untouched delta still applies, inside the output.
-    let o = run(&["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out), "-q"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    apply_ok(&base_dir, &delta, &out);
     assert_eq!(fs::read(out.join("tok/config.json")).unwrap(), b"{\"x\":1}");
 }
 
@@ -787,8 +786,7 @@ fn two_spellings_of_one_path_are_refused() {
         refused_everywhere(&bad, &base_dir, "inconsistent manifest", &what);
     }
     let out = dir.path().join("out");
-    let o = run(&["apply", "--base", s(&base_dir), "--delta", s(&delta), "-o", s(&out), "-q"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    apply_ok(&base_dir, &delta, &out);
     assert_ne!(fs::read(out.join("sub/model.safetensors")).unwrap(), b"pwned");
 }
 

@@ -70,6 +70,12 @@ pub fn run(args: &[&str]) -> Output {
     fapm().args(args).output().unwrap()
 }
 
+/// Runs `fapm apply --base BASE --delta DELTA -o OUT -q` and asserts that it succeeds.
+pub fn apply_ok(base: &Path, delta: &Path, out: &Path) {
+    let o = run(&["apply", "--base", s(base), "--delta", s(delta), "-o", s(out), "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// A fixture path under `fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
