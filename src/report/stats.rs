@@ -1,8 +1,8 @@
-//! The report's numbers, computed the way `prune --threshold approx` chooses: both metrics'
-//! score keys are counted into the threshold's own [`Histogram`], [`threshold::plan`] makes
-//! the cut for each charted sparsity, and a last pass sums what every cut keeps, selected by
-//! [`Cut::select`] as the mask stage selects. The curves are therefore what prune keeps,
-//! position for position, not an estimate from the bins.
+//! The report's numbers, computed the way `prune --threshold approx` chooses: each penalty
+//! strength's score keys are counted into the threshold's own [`Histogram`],
+//! [`threshold::plan`] makes the cut for each charted sparsity, and a last pass sums what
+//! every cut keeps, selected by [`Cut::select`] as the mask stage selects. The curves are
+//! therefore what prune keeps, not an estimate from the bins.
 //!
 //! Every pass streams the memory-mapped tensors in chunks of [`CHUNK`] elements; what stays
 //! per tensor is two histograms and a few numbers.
