@@ -267,6 +267,26 @@ proptest! {
         check_tuned(&case, &out, M::Fapm, penalty.parse().unwrap(), &of)?;
     }
 
+    /// `--penalty 0` is magnitude pruning bit for bit (SPEC section 3): the same model, in
+    /// both threshold modes, also where a base weight is 0 and the penalty term is infinite.
+    #[test]
+    fn penalty_zero_is_magnitude(
+        seed in any::<u64>(),
+        sparsity in prop::sample::select(vec!["0.9", "0.5", "0.99"]),
+        approx in any::<bool>(),
+    ) {
+        let case = gen_case(seed, 3, 3000);
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(&dir.path().join("base.safetensors"), &case.base);
+        write_safetensors(&dir.path().join("ft.safetensors"), &case.ft);
+        let mode = if approx { ThresholdMode::Approx } else { ThresholdMode::Exact };
+        let (_, magnitude) = round_trip(&prune_cfg(dir.path(), sparsity, M::Magnitude, mode, 2));
+        let mut cfg = tuned_cfg(dir.path(), sparsity, M::Fapm, "0", None, 2);
+        cfg.threshold = mode;
+        let (_, zero) = round_trip(&cfg);
+        prop_assert_eq!(zero, magnitude);
+    }
+
     /// Tensors of many chunks, from which the threshold pass gathers the candidates above a
     /// sampled floor: the delta is the same whether those hits all fit the memory budget,
     /// some do, or none, in both modes; and exact mode still agrees with the reference.
