@@ -15,11 +15,11 @@ use criterion::measurement::WallTime;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use fapm_stages::dtype::convert_chunk;
 use fapm_stages::dtype::DType;
-use fapm_stages::encode::{decode_sparse, encode_sparse};
+use fapm_stages::format::sparse::{decode_sparse, encode_sparse};
 use fapm_stages::format::{compress, Payload};
 use fapm_stages::hash;
-use fapm_stages::score::{sum_abs, Metric, Scorer};
-use fapm_stages::threshold::{plan, Bins, Gather, Histogram, Hits, ThresholdMode};
+use fapm_stages::threshold::score::{sum_abs, Metric, Scorer};
+use fapm_stages::threshold::select::{plan, Bins, Gather, Histogram, Hits, ThresholdMode};
 
 const N: usize = 1 << 20;
 

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use fapm::config::options;
 
 /// Forgetting-aware pruning of fine-tuned checkpoints into compact, verified sparse deltas.
 ///
@@ -37,22 +38,43 @@ pub enum Command {
     Report(ReportArgs),
 }
 
-/// Flags shared by the commands that run a pipeline.
+/// `--memory-budget`, taken by every command that reads a delta or a checkpoint.
 #[derive(Debug, Args)]
-pub struct RunArgs {
-    /// Worker threads [default: one per core].
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
-    /// Bound on the memory fapm allocates (channels, chunks, histograms), e.g. 512M, 2G.
-    /// Memory-mapped inputs are paged in and out by the OS. [default: 256M]
+pub struct MemoryArgs {
+    /// Bound on the memory fapm allocates (manifests, channels, chunks, histograms), e.g. 512M,
+    /// 2G. Memory-mapped inputs are paged in and out by the OS. [default: 256M]
     #[arg(long, value_name = "SIZE")]
     pub memory_budget: Option<String>,
+}
+
+/// How a command reports: quietly or not, and as JSON or not.
+#[derive(Debug, Args)]
+pub struct SummaryArgs {
     /// Print nothing on stderr but errors.
     #[arg(short, long)]
     pub quiet: bool,
     /// Print one JSON summary object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Flags shared by the commands that run a pipeline on the worker pool.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Worker threads [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub summary: SummaryArgs,
+}
+
+impl RunArgs {
+    /// The threads and memory options as given, for `config` to check.
+    pub fn options(&self) -> options::Run {
+        options::Run { threads: self.threads, memory_budget: self.memory.memory_budget.clone() }
+    }
 }
 
 /// `fapm prune`.
@@ -101,6 +123,27 @@ pub struct PruneArgs {
     pub run: RunArgs,
 }
 
+impl PruneArgs {
+    /// The options as given, for `config` to check.
+    pub fn options(&self) -> options::Prune {
+        options::Prune {
+            base: self.base.clone(),
+            finetuned: self.finetuned.clone(),
+            output: self.output.clone(),
+            sparsity: self.sparsity.clone(),
+            sparsity_for: self.sparsity_for.clone(),
+            metric: self.metric.clone(),
+            penalty: self.penalty.clone(),
+            threshold: self.threshold.clone(),
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            part: self.part.clone(),
+            overwrite: self.overwrite,
+            run: self.run.options(),
+        }
+    }
+}
+
 /// `fapm merge`.
 #[derive(Debug, Args)]
 pub struct MergeArgs {
@@ -114,7 +157,9 @@ pub struct MergeArgs {
     #[arg(long)]
     pub overwrite: bool,
     #[command(flatten)]
-    pub run: RunArgs,
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub summary: SummaryArgs,
 }
 
 /// `fapm apply`.
@@ -144,6 +189,8 @@ pub struct InspectArgs {
     /// Print the header and tensor table as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
 }
 
 /// `fapm verify`.
@@ -177,10 +224,6 @@ pub struct ReportArgs {
     /// Replace DIR if it exists.
     #[arg(long)]
     pub overwrite: bool,
-    /// Print nothing on stderr but errors.
-    #[arg(short, long)]
-    pub quiet: bool,
-    /// Print one JSON summary object on stdout.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub summary: SummaryArgs,
 }

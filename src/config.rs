@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
-use fapm_stages::score::Metric;
-use fapm_stages::threshold::{Sparsity, ThresholdMode};
+use fapm_stages::read::partition::PartSpec;
+use fapm_stages::threshold::score::Metric;
+use fapm_stages::threshold::select::{Sparsity, ThresholdMode};
 use fapm_stages::Error;
 use regex::Regex;
 
@@ -56,6 +57,12 @@ impl PruneConfig {
             && !self.exclude.iter().any(|r| r.is_match(name))
     }
 
+    /// How tensor `name` is treated when it is diffable: pruned at its sparsity, or dense
+    /// (`None`) when it is not selected.
+    pub fn pruning(&self, name: &str) -> Option<Sparsity> {
+        self.selects(name).then(|| self.sparsity_of(name))
+    }
+
     /// The sparsity of tensor `name`: the first matching `--sparsity-for` rule's, else
     /// `--sparsity`.
     pub fn sparsity_of(&self, name: &str) -> Sparsity {
@@ -87,15 +94,6 @@ impl Default for Penalty {
     }
 }
 
-/// `--part I/N`: write part `index` of `count` (both from 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartSpec {
-    /// This part, from 1.
-    pub index: u32,
-    /// How many parts.
-    pub count: u32,
-}
-
 /// Everything `apply` and `verify --base` need.
 #[derive(Debug, Clone)]
 pub struct ApplyConfig {
@@ -111,6 +109,181 @@ pub struct ApplyConfig {
     pub memory_budget: u64,
     /// Replace an existing output.
     pub overwrite: bool,
+}
+
+/// Everything `verify` needs.
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    /// The delta.
+    pub delta: PathBuf,
+    /// With a base: an apply that writes nothing; without: the delta's own hashes.
+    pub base: Option<PathBuf>,
+    /// Worker threads.
+    pub threads: usize,
+    /// Bytes fapm may allocate.
+    pub memory_budget: u64,
+}
+
+/// Everything `merge` needs.
+#[derive(Debug, Clone)]
+pub struct MergeConfig {
+    /// The part deltas, in any order.
+    pub parts: Vec<PathBuf>,
+    /// Where the delta goes.
+    pub output: PathBuf,
+    /// Bytes fapm may allocate, for all the parts together.
+    pub memory_budget: u64,
+    /// Replace an existing output.
+    pub overwrite: bool,
+}
+
+/// Everything `inspect` needs.
+#[derive(Debug, Clone)]
+pub struct InspectConfig {
+    /// The delta.
+    pub delta: PathBuf,
+    /// Bytes fapm may allocate.
+    pub memory_budget: u64,
+}
+
+/// The options of a command as given, before they are checked: what the command line's
+/// flags and the Python package's keyword arguments convert into. Each `check` builds the
+/// command's validated settings, so both front ends refuse the same values with the same
+/// message.
+pub mod options {
+    use std::path::PathBuf;
+
+    /// Options every command that reads a delta or a checkpoint takes.
+    #[derive(Debug, Clone, Default)]
+    pub struct Run {
+        /// Worker threads (`None` or 0: one per core).
+        pub threads: Option<usize>,
+        /// `--memory-budget` as given (`None`: the default).
+        pub memory_budget: Option<String>,
+    }
+
+    /// `prune`'s options as given.
+    #[derive(Debug, Clone)]
+    pub struct Prune {
+        /// The base checkpoint.
+        pub base: PathBuf,
+        /// The fine-tuned checkpoint.
+        pub finetuned: PathBuf,
+        /// Where the delta goes.
+        pub output: PathBuf,
+        /// `--sparsity`.
+        pub sparsity: String,
+        /// `--sparsity-for RE=S` rules.
+        pub sparsity_for: Vec<String>,
+        /// `--metric`.
+        pub metric: String,
+        /// `--penalty`.
+        pub penalty: String,
+        /// `--threshold`.
+        pub threshold: String,
+        /// `--include` patterns.
+        pub include: Vec<String>,
+        /// `--exclude` patterns.
+        pub exclude: Vec<String>,
+        /// `--part`.
+        pub part: Option<String>,
+        /// Replace an existing output.
+        pub overwrite: bool,
+        /// Threads and memory.
+        pub run: Run,
+    }
+
+    impl Prune {
+        /// The defaults of every option but the paths (as `fapm prune --help` shows them).
+        pub fn new(base: PathBuf, finetuned: PathBuf, output: PathBuf) -> Self {
+            Prune {
+                base,
+                finetuned,
+                output,
+                sparsity: "0.9".into(),
+                sparsity_for: Vec::new(),
+                metric: "fapm".into(),
+                penalty: "1".into(),
+                threshold: "exact".into(),
+                include: Vec::new(),
+                exclude: Vec::new(),
+                part: None,
+                overwrite: false,
+                run: Run::default(),
+            }
+        }
+    }
+}
+
+impl options::Prune {
+    /// Checks every option; `env` reads the environment for `--part auto`.
+    pub fn check(&self, env: impl Fn(&str) -> Option<String>) -> Result<PruneConfig, Error> {
+        let cfg = PruneConfig {
+            base: self.base.clone(),
+            finetuned: self.finetuned.clone(),
+            output: self.output.clone(),
+            sparsity: sparsity(&self.sparsity)?,
+            sparsity_for: sparsity_rules(&self.sparsity_for)?,
+            metric: metric(&self.metric)?,
+            penalty: penalty(&self.penalty)?,
+            threshold: threshold(&self.threshold)?,
+            include: regexes("--include", &self.include)?,
+            exclude: regexes("--exclude", &self.exclude)?,
+            threads: threads(self.run.threads),
+            memory_budget: memory_budget(self.run.memory_budget.as_deref())?,
+            overwrite: self.overwrite,
+            block_elems: fapm_stages::format::BLOCK_ELEMS,
+            part: self.part.as_deref().map(|p| part(p, env)).transpose()?,
+        };
+        if cfg.metric == Metric::Magnitude && cfg.penalty.value != 1.0 {
+            return Err(Error::Config("--penalty applies to --metric fapm only".into()));
+        }
+        Ok(cfg)
+    }
+}
+
+impl options::Run {
+    /// The checked thread count and memory budget.
+    pub fn check(&self) -> Result<(usize, u64), Error> {
+        Ok((threads(self.threads), memory_budget(self.memory_budget.as_deref())?))
+    }
+}
+
+impl ApplyConfig {
+    /// `apply`'s settings (with `output`) or those of `verify --base` (without), checked.
+    pub fn new(
+        base: PathBuf,
+        delta: PathBuf,
+        output: Option<PathBuf>,
+        overwrite: bool,
+        run: &options::Run,
+    ) -> Result<Self, Error> {
+        let (threads, memory_budget) = run.check()?;
+        Ok(ApplyConfig { base, delta, output, threads, memory_budget, overwrite })
+    }
+}
+
+impl VerifyConfig {
+    /// `verify`'s settings, checked.
+    pub fn new(delta: PathBuf, base: Option<PathBuf>, run: &options::Run) -> Result<Self, Error> {
+        let (threads, memory_budget) = run.check()?;
+        Ok(VerifyConfig { delta, base, threads, memory_budget })
+    }
+}
+
+impl MergeConfig {
+    /// `merge`'s settings, checked. Merging copies blocks without decoding them: it runs on
+    /// one thread and takes no `--threads`.
+    pub fn new(parts: Vec<PathBuf>, output: PathBuf, overwrite: bool, budget: Option<&str>) -> Result<Self, Error> {
+        Ok(MergeConfig { parts, output, memory_budget: memory_budget(budget)?, overwrite })
+    }
+}
+
+impl InspectConfig {
+    /// `inspect`'s settings, checked.
+    pub fn new(delta: PathBuf, budget: Option<&str>) -> Result<Self, Error> {
+        Ok(InspectConfig { delta, memory_budget: memory_budget(budget)? })
+    }
 }
 
 /// Parses `--sparsity`.

@@ -9,21 +9,21 @@ pub mod json;
 pub mod merge;
 pub mod output;
 pub mod pipeline;
-pub mod reconstruct;
 #[cfg(feature = "report")]
 pub mod report;
 pub mod sigbus;
 
+pub use fapm_stages::run::RunControl;
 pub use fapm_stages::{Error, Result};
 pub use merge::{merge, MergeSummary};
-pub use pipeline::apply::{apply, verify_delta, ApplySummary};
+pub use pipeline::apply::{apply, verify, ApplySummary};
 pub use pipeline::prune::{prune, PruneSummary};
-pub use pipeline::RunControl;
 #[cfg(feature = "report")]
 pub use report::{report, ReportConfig, ReportSummary};
 
-/// Opens a delta and returns its verified manifest (blocks are not read).
-pub fn inspect(path: &std::path::Path) -> Result<(fapm_stages::format::Manifest, u64)> {
-    let reader = fapm_stages::format::DeltaReader::open(path)?;
+/// Opens a delta within the memory budget and returns its verified manifest and size (blocks
+/// are not read).
+pub fn inspect(cfg: &config::InspectConfig) -> Result<(fapm_stages::format::Manifest, u64)> {
+    let reader = fapm_stages::format::DeltaReader::open_within(&cfg.delta, cfg.memory_budget)?;
     Ok((reader.manifest, reader.size))
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use fapm::config::{self, ApplyConfig, PruneConfig};
+use fapm::config::{self, ApplyConfig, InspectConfig, MergeConfig, VerifyConfig};
 use fapm::{Error, RunControl};
 use fapm_stages::error::printable;
 use serde_json::json;
@@ -37,11 +37,11 @@ fn main() -> ExitCode {
     fapm::sigbus::install();
     let cli = Cli::parse();
     let quiet = match &cli.command {
-        Command::Prune(a) => a.run.quiet,
-        Command::Apply(a) => a.run.quiet,
-        Command::Merge(a) => a.run.quiet,
-        Command::Verify(a) => a.run.quiet,
-        Command::Report(a) => a.quiet,
+        Command::Prune(a) => a.run.summary.quiet,
+        Command::Apply(a) => a.run.summary.quiet,
+        Command::Merge(a) => a.summary.quiet,
+        Command::Verify(a) => a.run.summary.quiet,
+        Command::Report(a) => a.summary.quiet,
         Command::Inspect(_) => false,
     };
     progress::init_logging(cli.verbose, quiet);
@@ -100,46 +100,22 @@ fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
         Command::Apply(a) => apply(a, ctl),
         Command::Verify(a) => verify(a, ctl),
         Command::Merge(a) => merge(a, ctl),
-        Command::Inspect(a) => inspect(&a.delta, a.json),
+        Command::Inspect(a) => inspect(&InspectConfig::new(a.delta, a.memory.memory_budget.as_deref())?, a.json),
         Command::Report(a) => report(a, ctl),
     }
 }
 
-/// The settings of `prune`, checked, from its flags.
-fn prune_config(a: &cli::PruneArgs) -> Result<PruneConfig, Error> {
-    let cfg = PruneConfig {
-        base: a.base.clone(),
-        finetuned: a.finetuned.clone(),
-        output: a.output.clone(),
-        sparsity: config::sparsity(&a.sparsity)?,
-        sparsity_for: config::sparsity_rules(&a.sparsity_for)?,
-        metric: config::metric(&a.metric)?,
-        penalty: config::penalty(&a.penalty)?,
-        threshold: config::threshold(&a.threshold)?,
-        include: config::regexes("--include", &a.include)?,
-        exclude: config::regexes("--exclude", &a.exclude)?,
-        threads: config::threads(a.run.threads),
-        memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
-        overwrite: a.overwrite,
-        block_elems: fapm_stages::format::BLOCK_ELEMS,
-        part: a.part.as_deref().map(|p| config::part(p, |k| std::env::var(k).ok())).transpose()?,
-    };
-    if cfg.metric == fapm_stages::score::Metric::Magnitude && cfg.penalty.value != 1.0 {
-        return Err(Error::Config("--penalty applies to --metric fapm only".into()));
-    }
-    Ok(cfg)
-}
-
 fn prune(a: cli::PruneArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
-    let cfg = prune_config(&a)?;
-    let monitor = Monitor::start(Arc::clone(ctl), "prune", !a.run.quiet);
+    let cfg = a.options().check(|k| std::env::var(k).ok())?;
+    let (quiet, json_out) = (a.run.summary.quiet, a.run.summary.json);
+    let monitor = Monitor::start(Arc::clone(ctl), "prune", !quiet);
     let result = fapm::prune(&cfg, ctl);
     let peak = monitor.finish();
     let s = result?;
-    if a.run.json {
+    if json_out {
         print_json(&with_peak(fapm::json::prune(&s), peak));
     }
-    if !a.run.quiet {
+    if !quiet {
         print_prune_summary(&s, peak);
     }
     Ok(())
@@ -177,53 +153,34 @@ fn print_prune_summary(s: &fapm::PruneSummary, peak: u64) {
 }
 
 fn apply(a: cli::ApplyArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
-    let cfg = ApplyConfig {
-        base: a.base,
-        delta: a.delta,
-        output: Some(a.output),
-        threads: config::threads(a.run.threads),
-        memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
-        overwrite: a.overwrite,
-    };
-    let monitor = Monitor::start(Arc::clone(ctl), "apply", !a.run.quiet);
+    let cfg = ApplyConfig::new(a.base, a.delta, Some(a.output), a.overwrite, &a.run.options())?;
+    let monitor = Monitor::start(Arc::clone(ctl), "apply", !a.run.summary.quiet);
     let result = fapm::apply(&cfg, ctl);
     let peak = monitor.finish();
-    report_apply("applied", result?, peak, a.run.json, a.run.quiet);
+    report_apply("applied", result?, peak, &a.run.summary);
     Ok(())
 }
 
 /// `verify`: with `--base`, an apply that writes nothing; without, the delta's own hashes.
 fn verify(a: cli::VerifyArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
-    let threads = config::threads(a.run.threads);
-    let monitor = Monitor::start(Arc::clone(ctl), "verify", !a.run.quiet);
-    let result = match a.base {
-        Some(base) => {
-            let cfg = ApplyConfig {
-                base,
-                delta: a.delta,
-                output: None,
-                threads,
-                memory_budget: config::memory_budget(a.run.memory_budget.as_deref())?,
-                overwrite: false,
-            };
-            fapm::apply(&cfg, ctl)
-        }
-        None => fapm::verify_delta(&a.delta, threads, ctl),
-    };
+    let cfg = VerifyConfig::new(a.delta, a.base, &a.run.options())?;
+    let monitor = Monitor::start(Arc::clone(ctl), "verify", !a.run.summary.quiet);
+    let result = fapm::verify(&cfg, ctl);
     let peak = monitor.finish();
-    report_apply("verified", result?, peak, a.run.json, a.run.quiet);
+    report_apply("verified", result?, peak, &a.run.summary);
     Ok(())
 }
 
 fn merge(a: cli::MergeArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
-    let monitor = Monitor::start(Arc::clone(ctl), "merge", !a.run.quiet);
-    let result = fapm::merge(&a.parts, &a.output, a.overwrite, ctl);
+    let cfg = MergeConfig::new(a.parts, a.output, a.overwrite, a.memory.memory_budget.as_deref())?;
+    let monitor = Monitor::start(Arc::clone(ctl), "merge", !a.summary.quiet);
+    let result = fapm::merge(&cfg, ctl);
     let peak = monitor.finish();
     let s = result?;
-    if a.run.json {
+    if a.summary.json {
         print_json(&with_peak(fapm::json::merge(&s), peak));
     }
-    if !a.run.quiet {
+    if !a.summary.quiet {
         eprintln!(
             "merged   {} parts: {} tensors, {} side files, {} blocks copied",
             s.parts, s.tensors, s.side_files, s.blocks
@@ -245,10 +202,10 @@ fn report(a: cli::ReportArgs, ctl: &RunControl) -> Result<(), Error> {
     };
     let start = std::time::Instant::now();
     let s = fapm::report::report_with(&cfg, ctl)?;
-    if a.json {
+    if a.summary.json {
         print_json(&fapm::json::report(&s, start.elapsed().as_secs_f64()));
     }
-    if !a.quiet {
+    if !a.summary.quiet {
         let extended = match s.extended_tensors {
             0 => String::new(),
             n => format!(" ({n} extended: their base-shaped part)"),
@@ -270,11 +227,11 @@ fn report(_: cli::ReportArgs, _: &RunControl) -> Result<(), Error> {
     Err(Error::Config("report is not built in: build fapm with the `report` feature (on by default)".into()))
 }
 
-fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, quiet: bool) {
-    if json_out {
+fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, how: &cli::SummaryArgs) {
+    if how.json {
         print_json(&with_peak(fapm::json::apply(verb, &s), peak));
     }
-    if quiet {
+    if how.quiet {
         return;
     }
     eprintln!(
@@ -296,8 +253,9 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, json_out: bool, qu
     }
 }
 
-fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
-    let (m, size) = fapm::inspect(path)?;
+fn inspect(cfg: &InspectConfig, json_out: bool) -> Result<(), Error> {
+    let path = cfg.delta.as_path();
+    let (m, size) = fapm::inspect(cfg)?;
     let encoded = |t: &fapm_stages::format::TensorRecord| t.blocks.iter().map(|b| b.len).sum::<u64>();
     if json_out {
         print_json(&fapm::json::inspect(path, &m, size));
@@ -315,15 +273,15 @@ fn inspect(path: &std::path::Path, json_out: bool) -> Result<(), Error> {
         m.metric.name(),
         printable(&m.sparsity),
         match m.threshold {
-            fapm_stages::threshold::ThresholdMode::Exact => "exact",
-            fapm_stages::threshold::ThresholdMode::Approx => "approx",
+            fapm_stages::threshold::select::ThresholdMode::Exact => "exact",
+            fapm_stages::threshold::select::ThresholdMode::Approx => "approx",
         },
         if m.source == fapm_stages::format::Source::File { "file," } else { "directory," },
         m.shards.len(),
         m.side_files.len(),
         m.base_only.len()
     );
-    if m.metric == fapm_stages::score::Metric::Fapm && m.penalty != "1" {
+    if m.metric == fapm_stages::threshold::score::Metric::Fapm && m.penalty != "1" {
         println!("penalty {}", one_line(&m.penalty));
     }
     for r in &m.sparsity_for {

@@ -6,16 +6,16 @@
 //! their runs are the ones the split rule gives, then copies every block as it is (its hash
 //! checked, never decoded) into one file, in tensor order, one block at a time.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use fapm_stages::format::{Block, DeltaReader, DeltaWriter, Manifest, PartRecord};
-use fapm_stages::partition::split;
+use fapm_stages::read::partition::split;
 use fapm_stages::{Error, Result};
 
+use crate::config::MergeConfig;
 use crate::output::Staged;
-use crate::pipeline::RunControl;
+use fapm_stages::run::RunControl;
 
 /// What a merge did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -37,12 +37,13 @@ pub struct MergeSummary {
 }
 
 /// Merges the part deltas `parts` (any order) into the delta `output`.
-pub fn merge(parts: &[PathBuf], output: &Path, overwrite: bool, ctl: &RunControl) -> Result<MergeSummary> {
+pub fn merge(cfg: &MergeConfig, ctl: &RunControl) -> Result<MergeSummary> {
+    let (output, overwrite) = (cfg.output.as_path(), cfg.overwrite);
     let start = Instant::now();
-    let readers = open_in_order(parts)?;
+    let readers = open_in_order(&cfg.parts, cfg.memory_budget)?;
     check_runs(&readers)?;
     let total: u64 = readers.iter().map(|r| r.size).sum();
-    ctl.total.store(total, Ordering::Relaxed);
+    ctl.set_total(total);
 
     let staged = Staged::new(output, overwrite)?;
     let mut writer = DeltaWriter::new(staged.create_file(staged.path())?, output)?;
@@ -89,10 +90,12 @@ pub fn merge(parts: &[PathBuf], output: &Path, overwrite: bool, ctl: &RunControl
 
 /// Opens every part and orders them by part number; refuses a whole delta, parts of other
 /// inputs or options, and a missing or repeated part, naming the file.
-fn open_in_order(paths: &[PathBuf]) -> Result<Vec<DeltaReader>> {
+fn open_in_order(paths: &[PathBuf], memory_budget: u64) -> Result<Vec<DeltaReader>> {
+    // Every part's manifest is held until the end: each is read within its share of the budget.
+    let share = memory_budget / paths.len().max(1) as u64;
     let mut readers = Vec::with_capacity(paths.len());
     for path in paths {
-        let r = DeltaReader::open(path)?;
+        let r = DeltaReader::open_within(path, share)?;
         if r.manifest.part.is_none() {
             return Err(Error::invalid(path, "not a part of a partitioned prune (it is a whole delta already)"));
         }

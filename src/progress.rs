@@ -54,15 +54,13 @@ impl Monitor {
             thread::spawn(move || loop {
                 peak.fetch_max(anon_memory(), Ordering::Relaxed);
                 if let Some(bar) = &bar {
-                    let total = ctl.total.load(Ordering::Relaxed);
+                    let (done, total) = ctl.progress();
                     if total > 0 && bar.is_hidden() {
                         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                     }
                     bar.set_length(total);
-                    bar.set_position(ctl.done.load(Ordering::Relaxed));
-                    if let Ok(c) = ctl.current.lock() {
-                        bar.set_message(fapm_stages::error::printable(&c).into_owned());
-                    }
+                    bar.set_position(done);
+                    bar.set_message(fapm_stages::error::printable(&ctl.current()).into_owned());
                 }
                 if stop.load(Ordering::Relaxed) {
                     if let Some(bar) = &bar {

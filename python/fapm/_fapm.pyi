@@ -18,14 +18,14 @@ class FapmError(Exception):
 class Checkpoint:
     """A base checkpoint (a .safetensors file or a directory of shards), memory-mapped."""
 
-    def __init__(self, path: _Path) -> None: ...
+    def __init__(self, path: _Path, *, memory_budget: Optional[str] = None) -> None: ...
     @property
     def path(self) -> str: ...
 
 class Delta:
     """An opened delta: its verified manifest; blocks are read when a tensor is asked for."""
 
-    def __init__(self, path: _Path) -> None: ...
+    def __init__(self, path: _Path, *, threads: Optional[int] = None, memory_budget: Optional[str] = None) -> None: ...
     @property
     def path(self) -> str: ...
     def names(self) -> List[str]: ...
@@ -87,5 +87,5 @@ def verify(
 ) -> Dict[str, Any]:
     """``fapm verify``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
 
-def inspect(delta: _Path) -> Dict[str, Any]:
+def inspect(delta: _Path, *, memory_budget: Optional[str] = None) -> Dict[str, Any]:
     """``fapm inspect --json``, as a dict."""

@@ -1,19 +1,20 @@
 //! `fapm._fapm`: the Rust half of the Python package, a thin layer over the `fapm` library.
 //!
 //! Tensors cross as flat NumPy byte arrays (the Python half views them with their dtype and
-//! shape), results are handed to NumPy without a copy, the GIL is released while Rust works,
-//! and Ctrl-C is checked between waves of blocks (or, for whole-model commands, every 50 ms
-//! while a worker thread runs them). Every fapm error becomes `FapmError` with the message the
-//! command line prints.
+//! shape), results are handed to NumPy without a copy, the GIL is released while Rust works
+//! on a worker thread, and Ctrl-C (checked every 50 ms) cancels it as it cancels the command
+//! line. Settings are checked by `fapm::config`, the command line's own checks, and tensors
+//! are rebuilt by the decoder `apply` uses. Every fapm error becomes `FapmError` with the
+//! message the command line prints.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fapm::config::{self, ApplyConfig, PruneConfig};
-use fapm::reconstruct::Delta as RustDelta;
+use fapm::config::{options, ApplyConfig, InspectConfig, VerifyConfig};
 use fapm::{Error, RunControl};
 use fapm_stages::checkpoint::Checkpoint as RustCheckpoint;
+use fapm_stages::decode::in_memory::Delta as RustDelta;
 use fapm_stages::format::TensorRecord;
 use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::create_exception;
@@ -37,26 +38,8 @@ fn to_py(e: Error, interrupted: Option<PyErr>) -> PyErr {
     }
 }
 
-/// Runs `f` with the GIL released, giving it a check for Ctrl-C to call between waves.
-fn detached<T: Send>(
-    py: Python<'_>,
-    f: impl FnOnce(&mut dyn FnMut() -> fapm::Result<()>) -> fapm::Result<T> + Send,
-) -> PyResult<T> {
-    let mut interrupted = None;
-    let result = py.detach(|| {
-        let mut between = || {
-            Python::attach(|py| py.check_signals()).map_err(|e| {
-                interrupted = Some(e);
-                Error::Cancelled
-            })
-        };
-        f(&mut between)
-    });
-    result.map_err(|e| to_py(e, interrupted))
-}
-
-/// Runs a whole-model command on a worker thread with the GIL released; Ctrl-C (checked every
-/// 50 ms) cancels it at its next chunk, and the KeyboardInterrupt is raised once it stopped.
+/// Runs `f` on a worker thread with the GIL released; Ctrl-C (checked every 50 ms) cancels it
+/// at its next block or chunk, and the KeyboardInterrupt is raised once it stopped.
 fn pipeline<T: Send>(py: Python<'_>, f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send) -> PyResult<T> {
     let ctl = RunControl::default();
     let mut interrupted = None;
@@ -156,8 +139,11 @@ struct Checkpoint {
 #[pymethods]
 impl Checkpoint {
     #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = detached(py, |_| RustCheckpoint::open(&path))?;
+    #[pyo3(signature = (path, *, memory_budget = None))]
+    fn new(py: Python<'_>, path: PathBuf, memory_budget: Option<String>) -> PyResult<Self> {
+        let run = options::Run { threads: None, memory_budget };
+        let (_, budget) = run.check().map_err(|e| to_py(e, None))?;
+        let inner = pipeline(py, |_| RustCheckpoint::open_within(&path, budget))?;
         Ok(Checkpoint { inner })
     }
 
@@ -183,8 +169,10 @@ impl Delta {
 #[pymethods]
 impl Delta {
     #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = detached(py, |_| RustDelta::open(&path))?;
+    #[pyo3(signature = (path, *, threads = None, memory_budget = None))]
+    fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, memory_budget: Option<String>) -> PyResult<Self> {
+        let (threads, budget) = options::Run { threads, memory_budget }.check().map_err(|e| to_py(e, None))?;
+        let inner = pipeline(py, |_| RustDelta::open(&path, budget, threads))?;
         Ok(Delta { inner: Arc::new(inner) })
     }
 
@@ -251,7 +239,6 @@ impl Delta {
         base_label: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
         let t = self.record(name)?;
-        let mut out = Buffer::new(t.dtype.size(), t.numel() as usize);
         let (base_ref, label) = match &base {
             Some(Base::Checkpoint(c)) => {
                 let b = self.inner.base_of(&c.inner, t).map_err(|e| to_py(e, None))?;
@@ -265,9 +252,18 @@ impl Delta {
             (_, Some(b)) => Some(b.bytes()),
             _ => None,
         };
+        if let (Some(dtype), Some(b)) = (t.base_dtype, bytes) {
+            // Checked before the output is allocated from the record's shape.
+            let want = t.diffed_numel() * dtype.size() as u64;
+            if b.len() as u64 != want {
+                let msg = format!("tensor '{name}': base buffer has {} bytes, the tensor {want}", b.len());
+                return Err(to_py(Error::Config(msg), None));
+            }
+        }
+        let mut out = Buffer::new(t.dtype.size(), t.numel() as usize);
         let delta = &self.inner;
         let out_bytes = out.bytes_mut();
-        detached(py, |between| delta.reconstruct(t, bytes, &label, out_bytes, between))?;
+        pipeline(py, |ctl| delta.reconstruct(name, bytes, &label, out_bytes, ctl))?;
         if let Some(b) = &base_ref {
             b.release();
         }
@@ -288,30 +284,29 @@ impl Delta {
         base_label: &str,
         done: Option<Bound<'_, PyList>>,
     ) -> PyResult<()> {
-        let t = self.record(name)?;
         let target = target.as_slice_mut()?;
         let delta = &self.inner;
         let label = PathBuf::from(base_label);
-        detached(py, |between| delta.patch(t, target, check_base, &label, between))?;
+        pipeline(py, |ctl| delta.patch(name, target, check_base, &label, ctl))?;
         done.map_or(Ok(()), |d| d.append(name))
     }
 
     /// Undoes `patch`: puts the base bits back at every position the delta keeps.
     fn revert(&self, py: Python<'_>, name: &str, mut target: PyReadwriteArray1<'_, u8>) -> PyResult<()> {
-        let t = self.record(name)?;
         let target = target.as_slice_mut()?;
         let delta = &self.inner;
-        detached(py, |_| delta.revert(t, target))
+        // Undoing is never interrupted: a Ctrl-C waits for it, then is raised.
+        let r = py.detach(|| delta.revert(name, target));
+        r.map_err(|e| to_py(e, None))
     }
 
     /// Checks that `base` (the bytes of a base tensor) is what the delta was made from.
     #[pyo3(signature = (name, base, base_label = "base"))]
     fn check_base(&self, py: Python<'_>, name: &str, base: PyReadonlyArray1<'_, u8>, base_label: &str) -> PyResult<()> {
-        let t = self.record(name)?;
         let base = base.as_slice()?;
         let delta = &self.inner;
         let label = PathBuf::from(base_label);
-        detached(py, |between| delta.check_base(t, base, &label, between))
+        pipeline(py, |ctl| delta.check_base(name, base, &label, ctl))
     }
 
     /// `(indices, values)` of tensor `name`: flat int64 kept positions and the fine-tuned
@@ -338,10 +333,19 @@ impl Delta {
             (_, Some(b)) => b.bytes(),
             (_, None) => &[],
         };
+        // Kept positions are at most the base tensor's elements (the reader checked), and the
+        // base is checked against the record before anything is allocated from its counts.
+        if let Some(dtype) = t.base_dtype {
+            let want = t.diffed_numel() * dtype.size() as u64;
+            if bytes.len() as u64 != want {
+                let msg = format!("tensor '{name}': base buffer has {} bytes, the tensor {want}", bytes.len());
+                return Err(to_py(Error::Config(msg), None));
+            }
+        }
         let mut indices = vec![0i64; t.kept as usize];
         let mut values = Buffer::new(t.dtype.size(), t.kept as usize);
         let (delta, idx, vals) = (&self.inner, &mut indices[..], values.bytes_mut());
-        detached(py, |between| delta.patches(t, bytes, &label, idx, vals, between))?;
+        pipeline(py, |ctl| delta.patches(name, bytes, &label, idx, vals, ctl))?;
         if let Some(b) = &base_ref {
             b.release();
         }
@@ -372,26 +376,20 @@ fn prune<'py>(
     sparsity_for: Vec<String>,
     part: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let cfg = (|| {
-        Ok::<_, Error>(PruneConfig {
-            base,
-            finetuned,
-            output,
-            sparsity: config::sparsity(sparsity)?,
-            metric: config::metric(metric)?,
-            threshold: config::threshold(threshold)?,
-            include: config::regexes("--include", &include)?,
-            exclude: config::regexes("--exclude", &exclude)?,
-            threads: config::threads(threads),
-            memory_budget: config::memory_budget(memory_budget)?,
-            overwrite,
-            block_elems: fapm_stages::format::BLOCK_ELEMS,
-            penalty: config::penalty(penalty)?,
-            sparsity_for: config::sparsity_rules(&sparsity_for)?,
-            part: part.map(|p| config::part(p, |k| std::env::var(k).ok())).transpose()?,
-        })
-    })()
-    .map_err(|e| to_py(e, None))?;
+    let opts = options::Prune {
+        sparsity: sparsity.into(),
+        sparsity_for,
+        metric: metric.into(),
+        penalty: penalty.into(),
+        threshold: threshold.into(),
+        include,
+        exclude,
+        part: part.map(Into::into),
+        overwrite,
+        run: options::Run { threads, memory_budget: memory_budget.map(Into::into) },
+        ..options::Prune::new(base, finetuned, output)
+    };
+    let cfg = opts.check(|k| std::env::var(k).ok()).map_err(|e| to_py(e, None))?;
     let s = pipeline(py, |ctl| fapm::prune(&cfg, ctl))?;
     json_to_py(py, &fapm::json::prune(&s))
 }
@@ -409,9 +407,8 @@ fn apply<'py>(
     memory_budget: Option<&str>,
     overwrite: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let memory_budget = config::memory_budget(memory_budget).map_err(|e| to_py(e, None))?;
-    let cfg =
-        ApplyConfig { base, delta, output: Some(output), threads: config::threads(threads), memory_budget, overwrite };
+    let run = options::Run { threads, memory_budget: memory_budget.map(Into::into) };
+    let cfg = ApplyConfig::new(base, delta, Some(output), overwrite, &run).map_err(|e| to_py(e, None))?;
     let s = pipeline(py, |ctl| fapm::apply(&cfg, ctl))?;
     json_to_py(py, &fapm::json::apply("applied", &s))
 }
@@ -428,23 +425,19 @@ fn verify<'py>(
     threads: Option<usize>,
     memory_budget: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let memory_budget = config::memory_budget(memory_budget).map_err(|e| to_py(e, None))?;
-    let threads = config::threads(threads);
-    let s = match base {
-        Some(base) => {
-            let cfg = ApplyConfig { base, delta, output: None, threads, memory_budget, overwrite: false };
-            pipeline(py, |ctl| fapm::apply(&cfg, ctl))?
-        }
-        None => pipeline(py, |ctl| fapm::verify_delta(&delta, threads, ctl))?,
-    };
+    let run = options::Run { threads, memory_budget: memory_budget.map(Into::into) };
+    let cfg = VerifyConfig::new(delta, base, &run).map_err(|e| to_py(e, None))?;
+    let s = pipeline(py, |ctl| fapm::verify(&cfg, ctl))?;
     json_to_py(py, &fapm::json::apply("verified", &s))
 }
 
 /// `fapm inspect --json`, as a dict.
 #[pyfunction]
-fn inspect<'py>(py: Python<'py>, delta: PathBuf) -> PyResult<Bound<'py, PyAny>> {
-    let (m, size) = detached(py, |_| fapm::inspect(&delta))?;
-    json_to_py(py, &fapm::json::inspect(&delta, &m, size))
+#[pyo3(signature = (delta, *, memory_budget = None))]
+fn inspect<'py>(py: Python<'py>, delta: PathBuf, memory_budget: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
+    let cfg = InspectConfig::new(delta, memory_budget).map_err(|e| to_py(e, None))?;
+    let (m, size) = pipeline(py, |_| fapm::inspect(&cfg))?;
+    json_to_py(py, &fapm::json::inspect(&cfg.delta, &m, size))
 }
 
 /// The Rust half of `fapm`.

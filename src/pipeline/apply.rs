@@ -18,12 +18,12 @@ use fapm_stages::checkpoint::{parse_header, Checkpoint, INDEX_FILE};
 use fapm_stages::format::{DeltaReader, Manifest, Source};
 use fapm_stages::{Error, Result};
 
-use super::runner::pool;
-use super::stages::decode::{DecodeStage, DecodeTotals, ModelFiles};
-use super::stages::read;
-use super::{Budget, RunControl};
-use crate::config::ApplyConfig;
+use crate::config::{ApplyConfig, VerifyConfig};
 use crate::output::Staged;
+use fapm_stages::decode::{DecodeStage, DecodeTotals, ModelFiles};
+use fapm_stages::read;
+use fapm_stages::run::runner::pool;
+use fapm_stages::run::{Budget, RunControl};
 
 /// What an apply or verify run did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -51,16 +51,7 @@ pub struct ApplySummary {
 pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
     let start = Instant::now();
     let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget)?;
-    if let Some(p) = &delta.manifest.part {
-        return Err(Error::invalid(
-            &cfg.delta,
-            format!(
-                "this is part {} of {} of a partitioned prune, not a whole delta: join all {} parts with \
-                 `fapm merge PART... --output DELTA`, then use DELTA",
-                p.index, p.count, p.count
-            ),
-        ));
-    }
+    delta.refuse_part()?;
     let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
     let m = &delta.manifest;
     let bases = read::base_tensors(m, &base)?;
@@ -96,12 +87,24 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
     Ok(ApplySummary::new(decoded, cfg.output.clone(), m, start))
 }
 
-/// Checks every hash inside a delta and decodes every block, without a base.
-pub fn verify_delta(path: &Path, threads: usize, ctl: &RunControl) -> Result<ApplySummary> {
+/// `verify`: with a base, [`apply`] without an output; without, every hash inside the delta
+/// checked and every block decoded.
+pub fn verify(cfg: &VerifyConfig, ctl: &RunControl) -> Result<ApplySummary> {
+    if let Some(base) = &cfg.base {
+        let apply_cfg = ApplyConfig {
+            base: base.clone(),
+            delta: cfg.delta.clone(),
+            output: None,
+            threads: cfg.threads,
+            memory_budget: cfg.memory_budget,
+            overwrite: false,
+        };
+        return apply(&apply_cfg, ctl);
+    }
     let start = Instant::now();
-    let delta = DeltaReader::open(path)?;
-    let pool = pool(threads)?;
-    let budget = Budget::new(crate::config::DEFAULT_MEMORY_BUDGET, threads, delta.manifest.block_elems);
+    let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget)?;
+    let pool = pool(cfg.threads)?;
+    let budget = Budget::new(cfg.memory_budget, cfg.threads, delta.manifest.block_elems);
     let decode = DecodeStage {
         delta: &delta,
         bases: None,

@@ -1,19 +1,6 @@
-//! The streaming pipelines behind `prune`, `apply` and `verify`: stages on threads joined by
-//! bounded channels, chunk-parallel work on a fixed-size worker pool, one shared flag for
-//! cancellation and atomic counters for progress. See docs/PIPELINE.md.
-//!
-//! The stages are in [`stages`], one module each, in the order a chunk goes through them;
-//! each has its input and output messages and a `run`, and none knows the others' threads or
-//! channels. The graphs are wired in [`prune`] and [`apply`].
+//! The graphs of `prune`, `apply` and `verify`: which stages of `fapm-stages` run, on which
+//! threads, joined by which bounded channels. The stages themselves (what each does to a
+//! chunk) are in the `fapm-stages` crate, one module each. See docs/PIPELINE.md.
 
 pub mod apply;
-pub mod budget;
-pub mod control;
-mod hits;
 pub mod prune;
-mod runner;
-pub mod side;
-pub(crate) mod stages;
-
-pub use budget::Budget;
-pub use control::RunControl;

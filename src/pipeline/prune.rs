@@ -14,24 +14,23 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::Instant;
 
+use crate::config::PruneConfig;
+use crate::output::Staged;
 use crossbeam_channel::bounded;
 use fapm_stages::checkpoint::{is_safe_relative, Checkpoint, Layout};
 use fapm_stages::format::{
     DeltaWriter, Manifest, Mode, PartRecord, ShardRecord, SideFile, Source, SparsityRule, TensorRecord,
     MAX_BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
 };
-use fapm_stages::partition::layout_hash;
+use fapm_stages::mask_encode::{MaskEncodeStage, ToWriter};
+use fapm_stages::read::partition::layout_hash;
+use fapm_stages::read::{classify, keep_part, side, Task, Tasks};
+use fapm_stages::run::runner::{first_error, join, pool, stage};
+use fapm_stages::run::{Budget, RunControl};
+use fapm_stages::threshold::hits::HitPool;
+use fapm_stages::threshold::{ThresholdStage, ThresholdedTask};
+use fapm_stages::write::{write_side_file, WriteStage};
 use fapm_stages::{Error, Result};
-
-use super::hits::HitPool;
-use super::runner::{first_error, join, pool, stage};
-use super::stages::mask_encode::{MaskEncodeStage, ToWriter};
-use super::stages::read::{classify, keep_part, Task, Tasks};
-use super::stages::threshold::{ThresholdStage, ThresholdedTask};
-use super::stages::write::{write_side_file, WriteStage};
-use super::{Budget, RunControl};
-use crate::config::PruneConfig;
-use crate::output::Staged;
 
 /// What a prune run did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -84,12 +83,12 @@ pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
     if let Some(s) = ft.shards.iter().find(|s| ft.layout == Layout::Directory && !is_safe_relative(&s.name)) {
         return Err(Error::invalid(&s.path, "this shard name cannot be stored in a delta (non-UTF-8 or '\\')"));
     }
-    let Tasks { mut tasks, base_only } = classify(cfg, &base, &ft);
+    let Tasks { mut tasks, base_only } = classify(&|name| cfg.pruning(name), &base, &ft);
     let total_tensors = tasks.len() as u64;
     // A part prunes its own run of the tensors; part 1 also carries the side files.
     let first = cfg.part.map_or(0, |p| keep_part(&mut tasks, p));
     let (side, skipped) = if ft.layout == Layout::Directory && cfg.part.is_none_or(|p| p.index == 1) {
-        super::side::side_files(&ft.root, &cfg.output)?
+        side::side_files(&ft.root, &cfg.output)?
     } else {
         Default::default()
     };

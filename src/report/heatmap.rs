@@ -11,8 +11,8 @@
 use std::fmt::Write as _;
 
 use fapm_stages::dtype::Elem;
-use fapm_stages::score::{score, Metric};
-use fapm_stages::threshold::Cut;
+use fapm_stages::threshold::score::{score, Metric};
+use fapm_stages::threshold::select::Cut;
 use fapm_stages::with_elems;
 
 use super::stats::{Pair, Scratch, Selection, MAP_PENALTIES, MAP_SPARSITY};

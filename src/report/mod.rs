@@ -20,10 +20,10 @@ use rayon::prelude::*;
 use std::path::PathBuf;
 
 use crate::output::Staged;
-use crate::pipeline::stages::read;
-use crate::pipeline::RunControl;
 use fapm_stages::checkpoint::Checkpoint;
-use fapm_stages::threshold::Sparsity;
+use fapm_stages::read;
+use fapm_stages::run::RunControl;
+use fapm_stages::threshold::select::Sparsity;
 use fapm_stages::Error;
 
 use heatmap::Quantity;

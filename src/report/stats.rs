@@ -9,11 +9,11 @@
 
 use std::convert::Infallible;
 
-use crate::pipeline::stages::read::{self, PairReader};
 use fapm_stages::checkpoint::TensorRef;
 use fapm_stages::dtype::{DType, Elem};
-use fapm_stages::score::{mean_abs, sum_abs, Metric, Scorer, NOT_CANDIDATE};
-use fapm_stages::threshold::{self, Cut, Histogram, Sparsity, ThresholdMode};
+use fapm_stages::read::{self, PairReader};
+use fapm_stages::threshold::score::{mean_abs, sum_abs, Metric, Scorer, NOT_CANDIDATE};
+use fapm_stages::threshold::select::{self, Cut, Histogram, Sparsity, ThresholdMode};
 use fapm_stages::with_elems;
 
 /// Elements per chunk: the per-chunk buffers (keys, kept indices, changes) stay within the
@@ -148,8 +148,7 @@ impl Kept {
 /// The cut `prune --threshold approx` makes to keep `k` of the candidates counted in `high`.
 pub fn approx_cut(high: &Histogram, k: u64) -> Cut {
     // Approx mode only ever asks for the high-bits histogram, which is already counted.
-    let planned =
-        threshold::plan(k, ThresholdMode::Approx, 1, |_| Ok::<_, Infallible>(Histogram::default().merge(high)));
+    let planned = select::plan(k, ThresholdMode::Approx, 1, |_| Ok::<_, Infallible>(Histogram::default().merge(high)));
     planned.unwrap_or_else(|never| match never {})
 }
 
@@ -183,7 +182,7 @@ impl Selection {
             return self.cut.select(keys, quota, None, kept);
         }
         let at_level = self.cut.at_level_in(keys);
-        let quota = threshold::quotas([at_level], &mut self.quota)[0];
+        let quota = select::quotas([at_level], &mut self.quota)[0];
         self.at_level_left -= at_level;
         self.cut.select(keys, quota, Some(at_level), kept)
     }
@@ -312,7 +311,7 @@ fn changes<F: Elem, B: Elem>(ft: &[u8], base: &[u8], d2: &mut [f64], rel: &mut [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fapm_stages::score::key;
+    use fapm_stages::threshold::score::key;
 
     fn histogram(scores: &[f32]) -> Histogram {
         let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use serde::de::{Deserializer, Error as _, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
+use crate::bounded_json as json;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::json;
 use crate::DEFAULT_MEMORY_BUDGET;
 
 /// The largest safetensors header fapm accepts (SPEC section 1).

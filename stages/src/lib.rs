@@ -7,17 +7,18 @@
 
 #![warn(missing_docs)]
 
+pub mod bounded_json;
 pub mod checkpoint;
+pub mod decode;
 pub mod dtype;
-pub mod encode;
 pub mod error;
 pub mod format;
 pub mod hash;
-pub mod json;
-pub mod pack;
-pub mod partition;
-pub mod score;
+pub mod mask_encode;
+pub mod read;
+pub mod run;
 pub mod threshold;
+pub mod write;
 pub mod writeback;
 
 pub use error::{Error, Result};

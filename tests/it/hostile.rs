@@ -239,7 +239,13 @@ fn fixture_delta(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn verify_in_process(delta: &Path) -> fapm::Result<fapm::ApplySummary> {
-    fapm::verify_delta(delta, 1, &RunControl::default())
+    let cfg = config::VerifyConfig {
+        delta: delta.to_path_buf(),
+        base: None,
+        threads: 1,
+        memory_budget: config::DEFAULT_MEMORY_BUDGET,
+    };
+    fapm::verify(&cfg, &RunControl::default())
 }
 
 fn apply_in_process(base: &Path, delta: &Path, output: Option<PathBuf>) -> fapm::Result<fapm::ApplySummary> {

@@ -8,8 +8,8 @@ use std::path::Path;
 use fapm::config::{self, ApplyConfig, PruneConfig};
 use fapm::RunControl;
 use fapm_stages::dtype::DType;
-use fapm_stages::score::Metric as M;
-use fapm_stages::threshold::ThresholdMode;
+use fapm_stages::threshold::score::Metric as M;
+use fapm_stages::threshold::select::ThresholdMode;
 use proptest::prelude::*;
 
 use crate::reference::{self, Metric};

@@ -2,19 +2,20 @@
 //! decodable zstd blocks, a zstd-compressed JSON manifest, and a fixed footer. Written in one streaming pass; every
 //! byte is covered by a blake3 hash. The byte-level description is docs/FORMAT.md.
 
-mod read;
-mod write;
+mod reader;
+pub mod sparse;
+mod writer;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use read::{DeltaReader, MAX_SIDE_FILE, MAX_SIDE_FILES};
-pub use write::DeltaWriter;
+pub use reader::{DeltaReader, MAX_SIDE_FILE, MAX_SIDE_FILES};
+pub use writer::DeltaWriter;
 
 use crate::dtype::DType;
-use crate::score::Metric;
-use crate::threshold::ThresholdMode;
+use crate::threshold::score::Metric;
+use crate::threshold::select::ThresholdMode;
 
 /// The first 8 bytes of every delta file.
 pub const MAGIC: [u8; 8] = *b"FAPMDLTA";
@@ -112,7 +113,7 @@ impl Serialize for Hash {
 
 impl<'de> Deserialize<'de> for Hash {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = crate::json::Str::deserialize(d)?.0;
+        let s = crate::bounded_json::Str::deserialize(d)?.0;
         let bad = || serde::de::Error::custom("a hash must be 64 lowercase hex digits");
         if s.len() != 64 {
             return Err(bad());
@@ -197,7 +198,7 @@ pub struct TensorRecord {
     /// The fine-tuned (and output) dtype.
     pub dtype: DType,
     /// Shape.
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub shape: Vec<u64>,
     /// How it is stored.
     pub mode: Mode,
@@ -215,7 +216,7 @@ pub struct TensorRecord {
     /// Positions stored (for a whole tensor: every element).
     pub kept: u64,
     /// The blocks, in order.
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub blocks: Vec<Block>,
 }
 
@@ -244,7 +245,7 @@ impl TensorRecord {
 #[serde(deny_unknown_fields)]
 pub struct Extended {
     /// The base tensor's shape: the row-major prefix that is pruned or dense.
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub base_shape: Vec<u64>,
     /// Positions stored in the appended rows (their non-zero elements).
     pub stored: u64,
@@ -261,7 +262,7 @@ pub struct SideFile {
     /// blake3 of the contents.
     pub hash: Hash,
     /// The blocks, in order.
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub blocks: Vec<Block>,
 }
 
@@ -271,10 +272,10 @@ pub struct SideFile {
 #[serde(deny_unknown_fields)]
 pub struct SparsityRule {
     /// The regex, as given.
-    #[serde(deserialize_with = "crate::json::string")]
+    #[serde(deserialize_with = "crate::bounded_json::string")]
     pub pattern: String,
     /// The sparsity, as the decimal given.
-    #[serde(deserialize_with = "crate::json::string")]
+    #[serde(deserialize_with = "crate::bounded_json::string")]
     pub sparsity: String,
 }
 
@@ -298,36 +299,36 @@ pub struct PartRecord {
 }
 
 /// The self-describing header of a delta, stored at its end. Its lists and strings are
-/// parsed through [`crate::json`], so reading one is charged to a memory allowance.
+/// parsed through [`crate::bounded_json`], so reading one is charged to a memory allowance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Always "fapm-delta".
-    #[serde(deserialize_with = "crate::json::string")]
+    #[serde(deserialize_with = "crate::bounded_json::string")]
     pub format: String,
     /// The format version (also in the preamble).
     pub version: u32,
     /// The program that wrote it, e.g. "fapm 0.1.0".
-    #[serde(deserialize_with = "crate::json::string")]
+    #[serde(deserialize_with = "crate::bounded_json::string")]
     pub tool: String,
     /// The metric used to score.
     pub metric: Metric,
     /// The FAPM penalty strength, as the decimal given ("1" in version 1).
-    #[serde(default = "default_penalty", deserialize_with = "crate::json::string")]
+    #[serde(default = "default_penalty", deserialize_with = "crate::bounded_json::string")]
     pub penalty: String,
     /// The sparsity, as the decimal given.
-    #[serde(deserialize_with = "crate::json::string")]
+    #[serde(deserialize_with = "crate::bounded_json::string")]
     pub sparsity: String,
     /// `--sparsity-for` rules, in the order given.
-    #[serde(default, deserialize_with = "crate::json::vec")]
+    #[serde(default, deserialize_with = "crate::bounded_json::vec")]
     pub sparsity_for: Vec<SparsityRule>,
     /// The threshold mode.
     pub threshold: ThresholdMode,
     /// `--include` patterns.
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub include: Vec<String>,
     /// `--exclude` patterns.
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub exclude: Vec<String>,
     /// Elements per block of pruned and dense tensors.
     pub block_elems: u64,
@@ -339,16 +340,16 @@ pub struct Manifest {
     /// writes a regenerated one).
     pub index: bool,
     /// Output shards.
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub shards: Vec<ShardRecord>,
     /// Output tensors, shard by shard in data order.
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub tensors: Vec<TensorRecord>,
     /// Side files.
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub side_files: Vec<SideFile>,
     /// Names of the tensors only the base has (ignored).
-    #[serde(deserialize_with = "crate::json::vec")]
+    #[serde(deserialize_with = "crate::bounded_json::vec")]
     pub base_only: Vec<String>,
     /// Set in a part of a partitioned prune, which `merge` turns into a whole delta.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,8 +6,8 @@
 //! high 16 bits of every candidate's key; the second the low 16 bits inside the boundary bin.
 //! Ties at the final level are filled in index order, so counts, not values, decide.
 
-use crate::pack::{for_each_in, pack, KeyPositions};
-use crate::score::NOT_CANDIDATE;
+use crate::threshold::pack::{for_each_in, pack, KeyPositions};
+use crate::threshold::score::NOT_CANDIDATE;
 
 /// The fraction of elements to prune, an exact decimal `num / den` in `[0, 1]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl Sparsity {
     /// How many of `n` elements to keep: `floor(n * (1 - s))`, in exact integer arithmetic.
     ///
     /// ```
-    /// use fapm_stages::threshold::Sparsity;
+    /// use fapm_stages::threshold::select::Sparsity;
     /// let s = Sparsity::parse("0.9").unwrap();
     /// assert_eq!(s.keep_count(19), 1); // 19 * 0.1 = 1.9
     /// assert_eq!(s.keep_count(10), 1); // exact: 0.9 as an f64 would give 0.99999...
@@ -505,7 +505,7 @@ pub fn quotas(at_level_per_chunk: impl IntoIterator<Item = u64>, remaining: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::score::key;
+    use crate::threshold::score::key;
 
     #[test]
     fn sparsity_is_an_exact_decimal() {
@@ -629,7 +629,7 @@ mod tests {
 
     #[test]
     fn gathering_counts_every_hit_and_keeps_them_while_they_fit() {
-        let keys = crate::pack::tests::random_keys(10_007, 0x9e37_79b9_7f4a_7c15);
+        let keys = crate::threshold::pack::tests::random_keys(10_007, 0x9e37_79b9_7f4a_7c15);
         for floor in [1, 0x4000_0000, 0x8000_0000, 0xffff_0000, u32::MAX] {
             let want: (Vec<u32>, Vec<u32>) =
                 (0..keys.len()).filter(|&i| keys[i] >= floor).map(|i| (5 + i as u32, keys[i])).unzip();
@@ -671,7 +671,7 @@ mod tests {
     /// and a table handed on by a dropped histogram starts empty.
     #[test]
     fn histograms_count_merge_and_reuse_their_tables() {
-        let keys = crate::pack::tests::random_keys(50_000, 0x2545_f491_4f6c_dd1d);
+        let keys = crate::threshold::pack::tests::random_keys(50_000, 0x2545_f491_4f6c_dd1d);
         let (a, b) = keys.split_at(20_000);
         for round in 0..3 {
             let (mut ha, mut hb) = (Histogram::default(), Histogram::default());

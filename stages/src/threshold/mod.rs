@@ -2,7 +2,7 @@
 //! its candidates the masker keeps (SPEC section 3), found in a few streaming passes over the
 //! memory-mapped pair. Each pass computes every chunk's task vector and scores on the worker
 //! pool (`Scorer` in `stages/src/score.rs`) and counts the keys into histograms; the
-//! selection logic is `fapm_stages::threshold::plan`, which asks for the passes:
+//! selection logic is `crate::threshold::select::plan`, which asks for the passes:
 //!
 //! 1. the FAPM mean `A` (FAPM only): one pass over the base;
 //! 2. the floor: a strided sample's histogram guesses a key a little below the cut;
@@ -13,19 +13,24 @@
 //!
 //! Input: [`Task`]s in output order. Output: [`ThresholdedTask`] tensors in the same order.
 
+pub mod hits;
+pub mod pack;
+pub mod score;
+pub mod select;
+
 use std::time::{Duration, Instant};
 
+use crate::dtype::DType;
+use crate::format::Mode;
+use crate::{Error, Result};
 use crossbeam_channel::Sender;
-use fapm_stages::dtype::DType;
-use fapm_stages::format::Mode;
-use fapm_stages::score::{mean_abs, sum_abs, Metric, Scorer};
-use fapm_stages::threshold::{floor, plan, Bins, Cut, Gather, Histogram, ThresholdMode};
-use fapm_stages::{Error, Result};
 use rayon::prelude::*;
+use score::{mean_abs, sum_abs, Metric, Scorer};
+use select::{floor, plan, Bins, Cut, Gather, Histogram, ThresholdMode};
 
-use super::read::{chunks, Chunk, PairReader, Task, TensorReader};
-use crate::pipeline::hits::{HeldHits, HitPool};
-use crate::pipeline::RunControl;
+use crate::read::{chunks, Chunk, PairReader, Task, TensorReader};
+use crate::run::RunControl;
+use hits::{HeldHits, HitPool};
 
 /// A task with its cut decided: the threshold stage's output.
 pub struct ThresholdedTask<'p> {

@@ -16,10 +16,10 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use fapm_stages::checkpoint::INDEX_FILE;
-use fapm_stages::error::printable;
-pub use fapm_stages::format::{MAX_SIDE_FILE, MAX_SIDE_FILES};
-use fapm_stages::{Error, Result};
+use crate::checkpoint::INDEX_FILE;
+use crate::error::printable;
+pub use crate::format::{MAX_SIDE_FILE, MAX_SIDE_FILES};
+use crate::{Error, Result};
 use walkdir::WalkDir;
 
 /// A side file found in the fine-tuned directory.
@@ -179,7 +179,7 @@ impl Walk<'_> {
             return Ok(());
         };
         let mut magic = [0u8; 8];
-        if size >= magic.len() as u64 && file.read_exact(&mut magic).is_ok() && magic == fapm_stages::format::MAGIC {
+        if size >= magic.len() as u64 && file.read_exact(&mut magic).is_ok() && magic == crate::format::MAGIC {
             tracing::warn!("side file {shown} left out of the delta: it is a fapm delta");
             return Ok(());
         }

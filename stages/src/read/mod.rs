@@ -6,12 +6,17 @@
 //! hands on is the page cache itself, and the stages after it read each chunk straight from
 //! there on the worker that needs it.
 
-use fapm_stages::checkpoint::{Checkpoint, TensorInfo, TensorRef};
-use fapm_stages::format::{block_sizes, Manifest, Mode, TensorRecord};
-use fapm_stages::partition::split;
-use fapm_stages::{Error, Result};
+mod chunk;
+pub mod partition;
+pub mod side;
 
-use crate::config::{PartSpec, PruneConfig};
+pub use chunk::{chunks, Chunk, PairReader, TensorReader};
+
+use crate::checkpoint::{Checkpoint, TensorInfo, TensorRef};
+use crate::format::{Manifest, Mode, TensorRecord};
+use crate::threshold::select::Sparsity;
+use crate::{Error, Result};
+use partition::{split, PartSpec};
 
 /// One fine-tuned tensor and how to treat it: the reader's output, in output order.
 pub struct Task {
@@ -22,7 +27,7 @@ pub struct Task {
     /// Pruned, dense or whole (SPEC section 2).
     pub mode: Mode,
     /// How many positions a pruned tensor keeps, `floor(n (1 - s))`, its sparsity `s` the
-    /// first matching `--sparsity-for` rule's or `--sparsity`.
+    /// first matching `--sparsity-for` rule's or `--sparsity` (a dense tensor: all `diffed`).
     pub keep: u64,
     /// Elements diffed against the base: the base's element count (the fine-tuned tensor's
     /// too, unless it is extended); 0 for a whole tensor.
@@ -44,25 +49,25 @@ pub struct Tasks {
     pub base_only: Vec<String>,
 }
 
-/// Decides what to do with each fine-tuned tensor (SPEC section 2).
-pub fn classify(cfg: &PruneConfig, base: &Checkpoint, ft: &Checkpoint) -> Tasks {
-    let tasks = ft.tensors().map(|t| task(cfg, base, t)).collect();
+/// Decides what to do with each fine-tuned tensor (SPEC section 2). `pruning` says how a
+/// diffable tensor is treated, by name: pruned at a sparsity, or dense (`None`).
+pub fn classify(pruning: &dyn Fn(&str) -> Option<Sparsity>, base: &Checkpoint, ft: &Checkpoint) -> Tasks {
+    let tasks = ft.tensors().map(|t| task(pruning, base, t)).collect();
     let base_only = base.tensors().map(|t| t.info().name.clone()).filter(|n| ft.get(n).is_none()).collect();
     Tasks { tasks, base_only }
 }
 
 /// The task of one fine-tuned tensor: diffable against its base (pruned when selected,
 /// else dense) or whole, and its keep count.
-fn task(cfg: &PruneConfig, base: &Checkpoint, ft: TensorRef) -> Task {
+fn task(pruning: &dyn Fn(&str) -> Option<Sparsity>, base: &Checkpoint, ft: TensorRef) -> Task {
     let info = ft.info();
     let base = base.get(&info.name).filter(|b| diffable(b.info(), info));
-    let mode = match base {
-        Some(_) if cfg.selects(&info.name) => Mode::Pruned,
-        Some(_) => Mode::Dense,
-        None => Mode::Whole,
-    };
     let diffed = base.as_ref().map_or(0, |b| b.info().numel());
-    let keep = cfg.sparsity_of(&info.name).keep_count(diffed);
+    let (mode, keep) = match (&base, pruning(&info.name)) {
+        (Some(_), Some(sparsity)) => (Mode::Pruned, sparsity.keep_count(diffed)),
+        (Some(_), None) => (Mode::Dense, diffed),
+        (None, _) => (Mode::Whole, 0),
+    };
     Task { ft, base, mode, keep, diffed }
 }
 
@@ -79,7 +84,7 @@ pub fn keep_part(tasks: &mut Vec<Task>, part: PartSpec) -> u64 {
 
 /// Whether a fine-tuned tensor is diffed against a base tensor: both dtypes floating, and
 /// the same shape or an extended one.
-pub(crate) fn diffable(base: &TensorInfo, ft: &TensorInfo) -> bool {
+pub fn diffable(base: &TensorInfo, ft: &TensorInfo) -> bool {
     base.dtype.is_diffable() && ft.dtype.is_diffable() && (base.shape == ft.shape || extends(&base.shape, &ft.shape))
 }
 
@@ -119,67 +124,4 @@ pub fn base_tensor(base: &Checkpoint, t: &TensorRecord) -> Result<Option<TensorR
         ));
     }
     Ok(Some(b))
-}
-
-/// A range of elements of a tensor: one chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Chunk {
-    /// The first element.
-    pub start: usize,
-    /// How many elements.
-    pub len: usize,
-}
-
-impl Chunk {
-    /// The part of the chunk before element `end` (empty, at `end`, when it starts after).
-    pub fn before(self, end: usize) -> Chunk {
-        Chunk { start: self.start.min(end), len: self.len.min(end.saturating_sub(self.start)) }
-    }
-}
-
-/// The chunks of `block_elems` elements of a tensor of `n` elements (the last one shorter).
-pub fn chunks(n: u64, block_elems: u64) -> Vec<Chunk> {
-    block_sizes(n, block_elems).map(|(s, l)| Chunk { start: s as usize, len: l as usize }).collect()
-}
-
-/// One tensor's bytes, read a chunk of elements at a time.
-#[derive(Clone, Copy)]
-pub struct TensorReader<'t> {
-    bytes: &'t [u8],
-    elem: usize,
-}
-
-impl<'t> TensorReader<'t> {
-    /// Reads `t` from its shard's memory map.
-    pub fn new(t: &'t TensorRef) -> Self {
-        TensorReader { bytes: t.bytes(), elem: t.info().dtype.size() }
-    }
-
-    /// The bytes of `chunk`.
-    #[inline]
-    pub fn chunk(&self, chunk: Chunk) -> &'t [u8] {
-        &self.bytes[chunk.start * self.elem..(chunk.start + chunk.len) * self.elem]
-    }
-}
-
-/// A fine-tuned tensor and its base tensor, read in step.
-#[derive(Clone, Copy)]
-pub struct PairReader<'t> {
-    /// The fine-tuned tensor.
-    pub ft: TensorReader<'t>,
-    /// The base tensor.
-    pub base: TensorReader<'t>,
-}
-
-impl<'t> PairReader<'t> {
-    /// Reads `ft` and `base` (of the same number of elements).
-    pub fn new(ft: &'t TensorRef, base: &'t TensorRef) -> Self {
-        PairReader { ft: TensorReader::new(ft), base: TensorReader::new(base) }
-    }
-
-    /// The fine-tuned and the base bytes of `chunk`.
-    #[inline]
-    pub fn chunk(&self, chunk: Chunk) -> (&'t [u8], &'t [u8]) {
-        (self.ft.chunk(chunk), self.base.chunk(chunk))
-    }
 }

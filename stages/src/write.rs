@@ -6,16 +6,16 @@
 
 use std::path::Path;
 
-use crossbeam_channel::Receiver;
-use fapm_stages::format::{
+use crate::format::{
     block_sizes, compress, Block, DeltaWriter, Extended, Mode, Payload, SideFile, TensorRecord, RAW_BLOCK_BYTES,
 };
-use fapm_stages::hash::{self, ChunkHash};
-use fapm_stages::{Error, Result};
+use crate::hash::{self, ChunkHash};
+use crate::{Error, Result};
+use crossbeam_channel::Receiver;
 
-use super::mask_encode::{EncodedBlock, ToWriter};
-use super::read::Task;
-use crate::pipeline::RunControl;
+use crate::mask_encode::{EncodedBlock, ToWriter};
+use crate::read::Task;
+use crate::run::RunControl;
 
 /// The writer stage: one thread.
 pub struct WriteStage<'a> {
@@ -96,7 +96,7 @@ impl TensorBlocks {
 
 /// Appends the side file `path` to the delta as `rel`.
 pub fn write_side_file(writer: &mut DeltaWriter, rel: &str, path: &Path) -> Result<SideFile> {
-    let data = crate::pipeline::side::read(path)?;
+    let data = crate::read::side::read(path)?;
     let mut blocks = Vec::new();
     for (s, l) in block_sizes(data.len() as u64, RAW_BLOCK_BYTES) {
         let raw = &data[s as usize..(s + l) as usize];

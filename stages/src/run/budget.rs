@@ -2,9 +2,9 @@
 //! (chunks in flight, gathered hits) is sized here, so the peak stays below the budget
 //! whatever the size of the model or of its largest tensor.
 
-use fapm_stages::format::RAW_BLOCK_BYTES;
+use crate::format::RAW_BLOCK_BYTES;
 
-use super::stages::mask_encode::PIECE_BYTES;
+use crate::mask_encode::PIECE_BYTES;
 
 /// The memory budget of one run and what it gives each stage.
 #[derive(Debug, Clone, Copy)]
@@ -61,11 +61,11 @@ mod tests {
     /// Two threads with the default budget keep four chunks in flight; the smallest budget one.
     #[test]
     fn windows_follow_the_budget() {
-        let default = Budget::new(256 << 20, 2, fapm_stages::format::BLOCK_ELEMS);
+        let default = Budget::new(256 << 20, 2, crate::format::BLOCK_ELEMS);
         assert_eq!(default.encode_window(), 4);
         assert!(default.hit_bytes() > 100 << 20);
         assert_eq!(default.decode_window(0), 4);
-        let tight = Budget::new(64 << 20, 2, fapm_stages::format::MAX_BLOCK_ELEMS);
+        let tight = Budget::new(64 << 20, 2, crate::format::MAX_BLOCK_ELEMS);
         assert_eq!(tight.encode_window(), 1);
         assert_eq!(tight.decode_window(0), 1);
     }

@@ -83,7 +83,7 @@ fn score_as<const FORM: u8>(ft: f32, pre: f32, mean: f32, l: f32) -> f32 {
 /// and `-0.0` as `+0.0`, so equal scores always get equal keys.
 ///
 /// ```
-/// use fapm_stages::score::key;
+/// use fapm_stages::threshold::score::key;
 /// assert!(key(-2.0) < key(-1.0) && key(-1.0) < key(0.0) && key(0.0) < key(3.5));
 /// assert_eq!(key(f32::NAN), key(f32::NEG_INFINITY));
 /// assert_eq!(key(-0.0), key(0.0));

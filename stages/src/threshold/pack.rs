@@ -239,7 +239,7 @@ fn gather_avx512(keys: &[u32], floor: u32, offset: u32, idx: &mut [u32], out: &m
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::score::NOT_CANDIDATE;
+    use crate::threshold::score::NOT_CANDIDATE;
 
     /// `n` pseudo-random keys (xorshift from `seed`), a third of them non-candidates.
     pub(crate) fn random_keys(n: usize, seed: u64) -> Vec<u32> {

@@ -112,7 +112,7 @@ pub fn push<T: Heap>(v: &mut Vec<T>, x: T) -> Result<(), &'static str> {
 }
 
 /// Deserializes a list, charging every element and every growth: for
-/// `#[serde(deserialize_with = "crate::json::vec")]`.
+/// `#[serde(deserialize_with = "crate::bounded_json::vec")]`.
 pub fn vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
@@ -135,7 +135,7 @@ where
     d.deserialize_seq(V(PhantomData))
 }
 
-/// Deserializes a string, charging it: for `#[serde(deserialize_with = "crate::json::string")]`.
+/// Deserializes a string, charging it: for `#[serde(deserialize_with = "crate::bounded_json::string")]`.
 pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let s = Str::deserialize(d)?.0;
     charge(string_cost(s.len())).map_err(de::Error::custom)?;

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::thread;
 
-use fapm_stages::{Error, Result};
+use crate::{Error, Result};
 
 use super::RunControl;
 
 /// Builds the worker pool for `threads` threads.
-pub(crate) fn pool(threads: usize) -> Result<rayon::ThreadPool> {
+pub fn pool(threads: usize) -> Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("fapm-worker-{i}"))
@@ -20,7 +20,7 @@ pub(crate) fn pool(threads: usize) -> Result<rayon::ThreadPool> {
 }
 
 /// Runs a stage body; a real failure cancels the other stages.
-pub(crate) fn stage<T>(ctl: &RunControl, body: impl FnOnce() -> Result<T>) -> Result<T> {
+pub fn stage<T>(ctl: &RunControl, body: impl FnOnce() -> Result<T>) -> Result<T> {
     let r = body();
     if matches!(r, Err(ref e) if !matches!(e, Error::Cancelled)) {
         ctl.cancel();
@@ -29,7 +29,7 @@ pub(crate) fn stage<T>(ctl: &RunControl, body: impl FnOnce() -> Result<T>) -> Re
 }
 
 /// Joins a stage thread: its result, or its panic re-raised.
-pub(crate) fn join<T>(handle: thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+pub fn join<T>(handle: thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
     match handle.join() {
         Ok(r) => r,
         Err(panic) => resume_unwind(panic),
@@ -38,7 +38,7 @@ pub(crate) fn join<T>(handle: thread::ScopedJoinHandle<'_, Result<T>>) -> Result
 
 /// The first real error of several stages: a cancellation caused by another stage's
 /// failure is not the cause.
-pub(crate) fn first_error<T>(results: impl IntoIterator<Item = Result<T>>) -> Result<()> {
+pub fn first_error<T>(results: impl IntoIterator<Item = Result<T>>) -> Result<()> {
     let mut cancelled = false;
     for r in results {
         match r {
@@ -59,7 +59,7 @@ pub(crate) fn first_error<T>(results: impl IntoIterator<Item = Result<T>>) -> Re
 /// worker waits for a slower neighbour before it starts on the next item. Stops early when
 /// the run is cancelled, at `sink`'s first error, or when `sink` returns `false` (whoever
 /// it feeds has gone); returns that `false`.
-pub(crate) fn ordered_window<I: Send, T: Send>(
+pub fn ordered_window<I: Send, T: Send>(
     pool: &rayon::ThreadPool,
     items: impl IntoIterator<Item = I>,
     window: usize,

@@ -6,15 +6,16 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::write::footer_hash;
+use super::writer::footer_hash;
 use super::{
     block_sizes, Block, Manifest, Mode, ShardRecord, SideFile, Source, SparsityRule, TensorRecord, END_MAGIC,
     FOOTER_LEN, MAGIC, MAX_BLOCK_ELEMS, MAX_MANIFEST_LEN, OLDEST_VERSION, PREAMBLE_LEN, VERSION,
 };
+use crate::bounded_json as json;
 use crate::checkpoint::{is_safe_relative, parse_header, parsed_cost, INDEX_FILE, MAX_SHARDS};
-use crate::encode::max_sparse_len;
 use crate::error::{Error, Result};
-use crate::{json, DEFAULT_MEMORY_BUDGET};
+use crate::format::sparse::max_sparse_len;
+use crate::DEFAULT_MEMORY_BUDGET;
 
 /// The largest ratio of decompressed to compressed manifest bytes a reader accepts (above
 /// the first MiB). Real manifests of many similar tensors reach about 70:1 (3,000 tensors);
@@ -70,6 +71,22 @@ impl DeltaReader {
         json::refund(text);
         let block_memory = validate(path, &manifest, place.offset)?;
         Ok(DeltaReader { path: path.to_path_buf(), manifest, size, file, block_memory })
+    }
+
+    /// Refuses a part of a partitioned prune where a whole delta is needed (`apply`, the
+    /// Python package): its tensors are only some of the model's.
+    pub fn refuse_part(&self) -> Result<()> {
+        match &self.manifest.part {
+            Some(p) => Err(Error::invalid(
+                &self.path,
+                format!(
+                    "this is part {} of {} of a partitioned prune, not a whole delta: join all {} parts with \
+                     `fapm merge PART... --output DELTA`, then use DELTA",
+                    p.index, p.count, p.count
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Reads one block's compressed bytes and checks their hash; `what` names it in errors.

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use fapm_stages::threshold::{Gather, Hits};
+use crate::threshold::select::{Gather, Hits};
 
 /// Buffers for gathered hits, bounded by [`super::Budget::hit_bytes`].
 pub struct HitPool {

@@ -4,18 +4,18 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use fapm_stages::{Error, Result};
+use crate::{Error, Result};
 
 /// Shared state of one run: cancellation and progress, read by the binary's progress bar.
 #[derive(Default)]
 pub struct RunControl {
     cancelled: AtomicBool,
     /// Input bytes processed so far (each pass over a tensor counts its bytes once).
-    pub done: AtomicU64,
+    done: AtomicU64,
     /// Input bytes the run will process, when known.
-    pub total: AtomicU64,
+    total: AtomicU64,
     /// The tensor being processed.
-    pub current: Mutex<String>,
+    current: Mutex<String>,
 }
 
 impl RunControl {
@@ -46,6 +46,16 @@ impl RunControl {
     /// Sets the number of input bytes the run will process.
     pub fn set_total(&self, bytes: u64) {
         self.total.store(bytes, Ordering::Relaxed);
+    }
+
+    /// How far the run is: input bytes processed so far and the total (0 when not known yet).
+    pub fn progress(&self) -> (u64, u64) {
+        (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+    }
+
+    /// The tensor being processed.
+    pub fn current(&self) -> String {
+        self.current.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// Records which tensor is being processed.

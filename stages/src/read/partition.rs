@@ -7,6 +7,15 @@ use std::ops::Range;
 
 use crate::format::Hash;
 
+/// `--part I/N`: write part `index` of `count` (both from 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartSpec {
+    /// This part, from 1.
+    pub index: u32,
+    /// How many parts.
+    pub count: u32,
+}
+
 /// The run of tensors of each of `count` parts, given every tensor's byte size in output
 /// order. Tensor `i` goes to the part in which the middle of its bytes falls: with `c` the
 /// bytes before it, `b` its own and `B` all of them, part `floor(count * (2c + b) / 2B)`
@@ -14,7 +23,7 @@ use crate::format::Hash;
 /// number. Parts can be empty (more parts than tensors, or one tensor larger than a part).
 ///
 /// ```
-/// use fapm_stages::partition::split;
+/// use fapm_stages::read::partition::split;
 /// assert_eq!(split(&[10, 10, 10, 10], 2), vec![0..2, 2..4]);
 /// assert_eq!(split(&[100, 1, 1], 2), vec![0..1, 1..3]);
 /// assert_eq!(split(&[5], 3), vec![0..0, 0..1, 1..1]);

@@ -15,21 +15,21 @@
 use std::io;
 use std::time::{Duration, Instant};
 
+use crate::checkpoint::TensorRef;
+use crate::dtype::convert_chunk;
+use crate::format::sparse::encode_sparse_in_pieces;
+use crate::format::{block_sizes, compress, Payload, RAW_BLOCK_BYTES};
+use crate::hash::{self, ChunkHash, ChunkHasher};
+use crate::threshold::score::Scorer;
+use crate::threshold::select::{quotas, Cut};
+use crate::{Error, Result};
 use crossbeam_channel::{Receiver, Sender};
-use fapm_stages::checkpoint::TensorRef;
-use fapm_stages::dtype::convert_chunk;
-use fapm_stages::encode::encode_sparse_in_pieces;
-use fapm_stages::format::{block_sizes, compress, Payload, RAW_BLOCK_BYTES};
-use fapm_stages::hash::{self, ChunkHash, ChunkHasher};
-use fapm_stages::score::Scorer;
-use fapm_stages::threshold::{quotas, Cut};
-use fapm_stages::{Error, Result};
 use rayon::prelude::*;
 
-use super::read::{chunks, Chunk, PairReader, Task};
-use super::threshold::{ChunkScan, ThresholdedTask};
-use crate::pipeline::runner::ordered_window;
-use crate::pipeline::RunControl;
+use crate::read::{chunks, Chunk, PairReader, Task};
+use crate::run::runner::ordered_window;
+use crate::run::RunControl;
+use crate::threshold::{ChunkScan, ThresholdedTask};
 
 /// One encoded block on its way to the writer.
 pub struct EncodedBlock {
@@ -79,7 +79,7 @@ thread_local! {
 pub struct MaskEncodeStage<'a> {
     /// Elements per chunk of a diffable tensor.
     pub block_elems: u64,
-    /// Chunks in flight at a time ([`crate::pipeline::Budget::encode_window`]).
+    /// Chunks in flight at a time ([`crate::run::Budget::encode_window`]).
     pub window: usize,
     /// The worker pool.
     pub pool: &'a rayon::ThreadPool,
