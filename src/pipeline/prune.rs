@@ -17,12 +17,13 @@ use std::time::Instant;
 use crate::config::PruneConfig;
 use crate::output::Staged;
 use crossbeam_channel::bounded;
-use fapm_stages::checkpoint::{is_safe_relative, Checkpoint, Layout};
+use fapm_stages::checkpoint::{Checkpoint, Layout};
 use fapm_stages::format::{
     DeltaWriter, Manifest, Mode, PartRecord, ShardRecord, SideFile, Source, SparsityRule, TensorRecord,
     MAX_BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
 };
 use fapm_stages::mask_encode::{MaskEncodeStage, ToWriter};
+use fapm_stages::paths::is_safe_relative;
 use fapm_stages::read::partition::layout_hash;
 use fapm_stages::read::{classify, keep_part, side, Task, Tasks};
 use fapm_stages::run::runner::{first_error, join, pool, stage};

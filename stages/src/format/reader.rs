@@ -12,9 +12,10 @@ use super::{
     FOOTER_LEN, MAGIC, MAX_BLOCK_ELEMS, MAX_MANIFEST_LEN, OLDEST_VERSION, PREAMBLE_LEN, VERSION,
 };
 use crate::bounded_json as json;
-use crate::checkpoint::{is_safe_relative, parse_header, parsed_cost, INDEX_FILE, MAX_SHARDS};
+use crate::checkpoint::{parse_header, parsed_cost, INDEX_FILE, MAX_SHARDS};
 use crate::error::{Error, Result};
 use crate::format::sparse::max_sparse_len;
+use crate::paths::is_safe_relative;
 use crate::DEFAULT_MEMORY_BUDGET;
 
 /// The largest ratio of decompressed to compressed manifest bytes a reader accepts (above
