@@ -140,12 +140,14 @@ fn kill_at_many_points(args: &[&str], out: &Path, old: Option<&BTreeMap<String, 
         set_up();
         let delay = took.mul_f64(1.2 * rng.unit());
         let what = format!("fapm {args:?} killed after {delay:?} (point {point}, seed {seed:#x})");
-        let mut child = fapm().args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let child = fapm().args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         std::thread::sleep(delay);
         // SAFETY: kill on the pid of our own child, which has not been waited for yet.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
-        let status = child.wait().unwrap();
-        assert!(status.success() || status.signal() == Some(libc::SIGKILL), "{what}: {status:?}");
+        let o = child.wait_with_output().unwrap();
+        let status = o.status;
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(status.success() || status.signal() == Some(libc::SIGKILL), "{what}: {status:?} {stderr}");
         let found = tree(out);
         if status.success() {
             seen.finished += 1;
