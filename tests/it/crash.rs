@@ -125,13 +125,16 @@ fn kill_at_many_points(args: &[&str], out: &Path, old: Option<&BTreeMap<String, 
             plant(out, old);
         }
     };
-    // The new output, and how long an uninterrupted run takes (the slowest of three, as the
-    // machine may be busy).
-    let mut took = Duration::ZERO;
-    for _ in 0..3 {
-        set_up();
-        took = took.max(run_ok(&args));
-    }
+    // The new output, and how long an uninterrupted run takes: the median of five, as a busy
+    // machine makes a run now and then much slower.
+    let mut times: Vec<Duration> = (0..5)
+        .map(|_| {
+            set_up();
+            run_ok(&args)
+        })
+        .collect();
+    times.sort();
+    let took = times[2];
     let new = tree(out);
     assert!(new.is_some() && new.as_ref() != old, "{args:?}: no new output");
     let mut rng = Rng(seed);
