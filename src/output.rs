@@ -4,6 +4,12 @@
 //! Temporary names carry the host and the process id (`.NAME.fapm-tmp.HOST.PID`), so two
 //! runs never share one, and a run removes the temporaries of its destination left by a
 //! process of the same host that no longer exists (killed before it could clean up).
+//!
+//! Committing is crash-safe: every staged file and directory is synced before the rename, the
+//! destination's directory after it. Without `--overwrite` the rename itself refuses an existing
+//! destination (`renameat2(RENAME_NOREPLACE)`), so something that appeared there while fapm ran
+//! is never replaced; with it, a directory is swapped with the old output atomically
+//! (`renameat2(RENAME_EXCHANGE)`) and the old one, then at the temporary name, is removed.
 
 use std::fs;
 use std::io::Write;
@@ -20,6 +26,7 @@ use crate::sigbus::{self, Registration};
 pub struct Staged {
     tmp: PathBuf,
     dest: PathBuf,
+    overwrite: bool,
     committed: bool,
     guards: Mutex<Vec<Registration>>,
 }
@@ -39,7 +46,7 @@ impl Staged {
             remove(&tmp); // left by an earlier process with our id
         }
         let guards = Mutex::new(vec![sigbus::register(&tmp)]);
-        Ok(Staged { tmp, dest: dest.to_path_buf(), committed: false, guards })
+        Ok(Staged { tmp, dest: dest.to_path_buf(), overwrite, committed: false, guards })
     }
 
     /// Registers a file or directory created inside a temporary directory with the SIGBUS
@@ -60,28 +67,67 @@ impl Staged {
         &self.tmp
     }
 
-    /// Moves the finished output into place, replacing an existing one. When the old
-    /// destination cannot be replaced, it is left where it was.
+    /// Syncs the finished output (every file, then every directory once its entries are in)
+    /// and moves it into place, then syncs the destination's directory. Without `overwrite`,
+    /// anything at the destination now (it appeared while the run ran) is an error and is left
+    /// untouched, and the temporary is removed. With it, an old output is replaced; when it
+    /// cannot be, it is left where it was.
     pub fn commit(mut self) -> Result<()> {
+        sync_tree(&self.tmp).map_err(|e| Error::io(&self.dest, e))?;
+        let old = if self.overwrite { self.replace()? } else { self.place_new().map(|()| None)? };
+        self.committed = true;
+        self.untrack();
+        let synced = sync_dir(parent(&self.dest));
+        if let Some(old) = old {
+            remove(&old); // a SIGKILL here leaves it at a temporary name, removed by the next run
+        }
+        synced.map_err(|e| Error::io(&self.dest, e))
+    }
+
+    /// Renames the temporary to a destination that must not exist, atomically where the
+    /// file system can (`RENAME_NOREPLACE`), else by a check and a rename.
+    fn place_new(&self) -> Result<()> {
+        let appeared = || {
+            Error::invalid(
+                &self.dest,
+                "appeared while fapm was running and was left as it is (use --overwrite to replace it)",
+            )
+        };
+        match renameat2(&self.tmp, &self.dest, RenameFlag::NoReplace) {
+            Ok(true) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(appeared()),
+            Err(e) => Err(Error::io(&self.dest, e)),
+            Ok(false) => {
+                // No atomic way here: a destination created between the check and the rename
+                // is replaced if it is a file or an empty directory (docs/SECURITY.md).
+                if fs::symlink_metadata(&self.dest).is_ok() {
+                    return Err(appeared());
+                }
+                fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))
+            }
+        }
+    }
+
+    /// Moves the temporary into place over whatever is at the destination; returns where the
+    /// old output now is when it still has to be removed.
+    fn replace(&self) -> Result<Option<PathBuf>> {
         let existing = fs::symlink_metadata(&self.dest).ok();
         if existing.is_some_and(|m| m.is_dir() || self.tmp.is_dir()) {
             // rename cannot replace a directory: swap the two atomically where the system can
             // (the old output then sits at the temporary name), else move the old one aside.
-            match exchange(&self.tmp, &self.dest) {
-                Ok(true) => {}
-                Ok(false) => replace_by_renames(&self.tmp, &self.dest, &sibling(&self.dest, OLD, std::process::id()))
-                    .map_err(|e| Error::io(&self.dest, e))?,
-                Err(e) => return Err(Error::io(&self.dest, e)),
+            match renameat2(&self.tmp, &self.dest, RenameFlag::Exchange) {
+                Ok(true) => return Ok(Some(self.tmp.clone())),
+                Ok(false) => {
+                    let old = sibling(&self.dest, OLD, std::process::id());
+                    replace_by_renames(&self.tmp, &self.dest, &old).map_err(|e| Error::io(&self.dest, e))?;
+                    return Ok(None);
+                }
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&self.dest, e)),
+                Err(_) => {} // the old output went away meanwhile: nothing to swap with
             }
-            self.committed = true;
-            self.untrack();
-            remove(&self.tmp);
-            return Ok(());
         }
         fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
-        self.committed = true;
-        self.untrack();
-        Ok(())
+        Ok(None)
     }
 
     fn untrack(&self) {
@@ -141,13 +187,9 @@ fn host() -> String {
 /// Removes the temporaries of `dest` left by processes of this host that no longer exist.
 /// A moved-aside old output is only removed when `dest` exists (the swap finished).
 fn remove_stale(dest: &Path) {
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
     let name = dest.file_name().unwrap_or_default().to_string_lossy();
     let host = host();
-    let Ok(entries) = fs::read_dir(parent) else { return };
+    let Ok(entries) = fs::read_dir(parent(dest)) else { return };
     for entry in entries.flatten() {
         let file = entry.file_name();
         let Some(file) = file.to_str() else { continue };
@@ -172,24 +214,31 @@ fn alive(pid: u32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
-/// Swaps `a` and `b` atomically; `Ok(false)` when the system or file system cannot.
-fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+/// The two uses of `renameat2`.
+#[derive(Clone, Copy)]
+enum RenameFlag {
+    /// Fail with `EEXIST` if the destination exists.
+    NoReplace,
+    /// Swap the two paths.
+    Exchange,
+}
+
+/// Renames `a` to `b` with `flag`, atomically; `Ok(false)` when the system or the file system
+/// does not offer it (then nothing was done).
+fn renameat2(a: &Path, b: &Path, flag: RenameFlag) -> std::io::Result<bool> {
     #[cfg(target_os = "linux")]
     {
         use std::ffi::CString;
         use std::os::unix::ffi::OsStrExt;
         let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
         let (a, b) = (c(a)?, c(b)?);
+        let flags = match flag {
+            RenameFlag::NoReplace => libc::RENAME_NOREPLACE,
+            RenameFlag::Exchange => libc::RENAME_EXCHANGE,
+        };
         // SAFETY: both paths are NUL-terminated strings that outlive the call.
         let r = unsafe {
-            libc::syscall(
-                libc::SYS_renameat2,
-                libc::AT_FDCWD,
-                a.as_ptr(),
-                libc::AT_FDCWD,
-                b.as_ptr(),
-                libc::RENAME_EXCHANGE,
-            )
+            libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags)
         };
         if r == 0 {
             return Ok(true);
@@ -199,8 +248,47 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
             return Err(e);
         }
     }
-    let _ = (a, b);
+    let _ = (a, b, flag);
     Ok(false)
+}
+
+/// Syncs `path` to disk: a file, or a directory after everything in it (depth first). Symlinks
+/// are never followed (fapm creates none in an output).
+fn sync_tree(path: &Path) -> std::io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_symlink() {
+                sync_tree(&entry.path())?;
+            }
+        }
+        return sync_dir(path);
+    }
+    if !meta.is_file() {
+        return Ok(());
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?.sync_all()
+}
+
+/// Syncs a directory, so the entries created, renamed or removed in it last; a file system that
+/// cannot sync directories (`EINVAL`) has nothing to sync.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir)?;
+    match f.sync_all() {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r,
+    }
+}
+
+/// The directory that holds `dest`.
+fn parent(dest: &Path) -> &Path {
+    match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// Replaces `dest` with `tmp` by moving `dest` aside to `old` first; if `tmp` cannot take
@@ -290,6 +378,41 @@ mod tests {
             assert_eq!(fs::read(dest.join("new")).unwrap(), b"2");
             assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary was left");
             fs::remove_dir_all(&dest).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_destination_that_appears_before_the_commit_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        let appear: [fn(&Path); 3] = [
+            |p| fs::write(p, b"theirs").unwrap(),
+            |p| fs::create_dir(p).unwrap(),
+            |p| std::os::unix::fs::symlink("elsewhere", p).unwrap(),
+        ];
+        for (i, make) in appear.into_iter().enumerate() {
+            for staged_is_dir in [false, true] {
+                let staged = Staged::new(&dest, false).unwrap();
+                if staged_is_dir {
+                    fs::create_dir(staged.path()).unwrap();
+                    fs::create_dir(staged.path().join("sub")).unwrap();
+                    fs::write(staged.path().join("sub/new"), b"2").unwrap();
+                } else {
+                    fs::write(staged.path(), b"new").unwrap();
+                }
+                make(&dest);
+                let err = staged.commit().unwrap_err().to_string();
+                assert!(err.contains("appeared while fapm was running"), "{err}");
+                let meta = fs::symlink_metadata(&dest).unwrap();
+                assert!([meta.is_file(), meta.is_dir(), meta.file_type().is_symlink()][i]);
+                match i {
+                    0 => assert_eq!(fs::read(&dest).unwrap(), b"theirs"),
+                    1 => assert_eq!(fs::read_dir(&dest).unwrap().count(), 0),
+                    _ => assert_eq!(fs::read_link(&dest).unwrap(), Path::new("elsewhere")),
+                }
+                assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary was left");
+                remove(&dest);
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! fapm's integration tests: one binary (ripgrep-style), one module per concern.
 
 mod cli;
+mod crash;
 mod faults;
 mod hostile;
 mod parts;
