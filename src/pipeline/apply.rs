@@ -73,9 +73,6 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
         if m.index {
             write_index(m, &staged.path().join(INDEX_FILE), out)?;
         }
-        for f in outputs.as_ref().map(|o| &o.files[..]).unwrap_or(&[]) {
-            f.sync_all().map_err(|e| Error::io(out, e))?;
-        }
     } else {
         check_side_files(&delta)?;
     }
