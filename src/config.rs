@@ -313,16 +313,7 @@ pub fn sparsity_rules(rules: &[String]) -> Result<Vec<SparsityRule>, Error> {
 /// assert!(fapm::config::penalty("-1").is_err() && fapm::config::penalty("inf").is_err());
 /// ```
 pub fn penalty(text: &str) -> Result<Penalty, Error> {
-    let bad = || Error::Config(format!("invalid penalty '{text}': expected a decimal number >= 0, such as 0.5"));
-    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
-    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
-        return Err(bad());
-    }
-    let value: f32 = text.parse().map_err(|_| bad())?;
-    if !value.is_finite() {
-        return Err(bad());
-    }
+    let value = fapm_stages::options::penalty(text).map_err(Error::Config)?;
     Ok(Penalty { text: text.to_owned(), value })
 }
 
@@ -380,12 +371,7 @@ pub fn regexes(flag: &str, patterns: &[String]) -> Result<Vec<Regex>, Error> {
     patterns
         .iter()
         .map(|p| {
-            Regex::new(p).map_err(|e| {
-                // regex explains with a multi-line diagram; its last line says what is wrong.
-                let text = e.to_string();
-                let why = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-                Error::Config(format!("invalid {flag} pattern '{p}': {}", why.trim_start_matches("error: ")))
-            })
+            fapm_stages::options::regex(p).map_err(|why| Error::Config(format!("invalid {flag} pattern '{p}': {why}")))
         })
         .collect()
 }

@@ -22,8 +22,8 @@ pub use pipeline::prune::{prune, PruneSummary};
 pub use report::{report, ReportConfig, ReportSummary};
 
 /// Opens a delta within the memory budget and returns its verified manifest and size (blocks
-/// are not read).
-pub fn inspect(cfg: &config::InspectConfig) -> Result<(fapm_stages::format::Manifest, u64)> {
-    let reader = fapm_stages::format::DeltaReader::open_within(&cfg.delta, cfg.memory_budget)?;
+/// are not read); opening stops once `ctl` is cancelled.
+pub fn inspect(cfg: &config::InspectConfig, ctl: &RunControl) -> Result<(fapm_stages::format::Manifest, u64)> {
+    let reader = fapm_stages::format::DeltaReader::open_within(&cfg.delta, cfg.memory_budget, ctl)?;
     Ok((reader.manifest, reader.size))
 }

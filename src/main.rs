@@ -72,20 +72,15 @@ fn names<S: AsRef<str>>(list: &[S]) -> String {
 }
 
 /// Prints a `--json` summary on stdout: one line, with every character a terminal could act
-/// on written as a JSON escape (serde_json escapes only C0 controls; DEL, C1 controls and
-/// bidirectional marks from file names would otherwise reach the terminal raw).
+/// on written as a JSON escape ([`fapm::json::TerminalSafe`]).
 fn print_json(v: &serde_json::Value) {
-    let text = v.to_string();
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        // Outside strings JSON is plain ASCII, so every such character is inside a string.
-        if fapm_stages::error::needs_escape(c) {
-            out.push_str(&format!("\\u{:04x}", c as u32));
-        } else {
-            out.push(c);
-        }
-    }
-    println!("{out}");
+    use std::io::Write;
+    let mut out = fapm::json::TerminalSafe::new(std::io::stdout().lock());
+    // As println! would, but a closed stdout ends the process quietly (SIGPIPE, above).
+    let _ = serde_json::to_writer(&mut out, v).map_err(std::io::Error::from).and_then(|()| {
+        out.write_all(b"\n")?;
+        out.flush()
+    });
 }
 
 /// A `--json` summary with the peak memory of this process, which only the binary measures.
@@ -100,7 +95,7 @@ fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
         Command::Apply(a) => apply(a, ctl),
         Command::Verify(a) => verify(a, ctl),
         Command::Merge(a) => merge(a, ctl),
-        Command::Inspect(a) => inspect(&InspectConfig::new(a.delta, a.memory.memory_budget.as_deref())?, a.json),
+        Command::Inspect(a) => inspect(&InspectConfig::new(a.delta, a.memory.memory_budget.as_deref())?, a.json, ctl),
         Command::Report(a) => report(a, ctl),
     }
 }
@@ -253,13 +248,19 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, how: &cli::Summary
     }
 }
 
-fn inspect(cfg: &InspectConfig, json_out: bool) -> Result<(), Error> {
+fn inspect(cfg: &InspectConfig, json_out: bool, ctl: &RunControl) -> Result<(), Error> {
     let path = cfg.delta.as_path();
-    let (m, size) = fapm::inspect(cfg)?;
+    let (m, size) = fapm::inspect(cfg, ctl)?;
     let encoded = |t: &fapm_stages::format::TensorRecord| t.blocks.iter().map(|b| b.len).sum::<u64>();
     if json_out {
-        print_json(&fapm::json::inspect(path, &m, size));
-        return Ok(());
+        // Streamed: a JSON value of a large manifest would take many times its size.
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let written = fapm::json::inspect_to(&mut out, path, &m, size).and_then(|()| {
+            use std::io::Write;
+            writeln!(out)?;
+            out.flush()
+        });
+        return written.map_err(|e| Error::io(std::path::Path::new("<stdout>"), e));
     }
     println!(
         "{}  ({}, format v{}, written by {})",

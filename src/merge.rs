@@ -40,7 +40,7 @@ pub struct MergeSummary {
 pub fn merge(cfg: &MergeConfig, ctl: &RunControl) -> Result<MergeSummary> {
     let (output, overwrite) = (cfg.output.as_path(), cfg.overwrite);
     let start = Instant::now();
-    let readers = open_in_order(&cfg.parts, cfg.memory_budget)?;
+    let readers = open_in_order(&cfg.parts, cfg.memory_budget, ctl)?;
     check_runs(&readers)?;
     let total: u64 = readers.iter().map(|r| r.size).sum();
     ctl.set_total(total);
@@ -89,15 +89,38 @@ pub fn merge(cfg: &MergeConfig, ctl: &RunControl) -> Result<MergeSummary> {
 }
 
 /// Opens every part and orders them by part number; refuses a whole delta, parts of other
-/// inputs or options, and a missing or repeated part, naming the file.
-fn open_in_order(paths: &[PathBuf], memory_budget: u64) -> Result<Vec<DeltaReader>> {
-    // Every part's manifest is held until the end: each is read within its share of the budget.
+/// inputs or options, and a missing or repeated part, naming the file. One file named twice
+/// is refused before any part is opened, and each part is checked against those opened before
+/// it as soon as it is opened, so a bad list costs at most one part's manifest more. All the
+/// manifests are held until the end: each is read within its share of the budget, so that
+/// together they stay within it.
+fn open_in_order(paths: &[PathBuf], memory_budget: u64, ctl: &RunControl) -> Result<Vec<DeltaReader>> {
+    refuse_repeated_files(paths)?;
     let share = memory_budget / paths.len().max(1) as u64;
-    let mut readers = Vec::with_capacity(paths.len());
+    let mut readers: Vec<DeltaReader> = Vec::with_capacity(paths.len());
     for path in paths {
-        let r = DeltaReader::open_within(path, share)?;
+        ctl.check()?;
+        let r = DeltaReader::open_within(path, share, ctl)?;
         if r.manifest.part.is_none() {
             return Err(Error::invalid(path, "not a part of a partitioned prune (it is a whole delta already)"));
+        }
+        if let Some(first) = readers.first() {
+            if let Some(field) = disagreement(&first.manifest, &r.manifest) {
+                return Err(Error::invalid(
+                    &r.path,
+                    format!(
+                        "this part does not belong with {}: its {field} differs (parts must come from the same inputs and options)",
+                        first.path.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(other) = readers.iter().find(|o| part(o).index == part(&r).index) {
+            let p = part(&r);
+            return Err(Error::invalid(
+                &r.path,
+                format!("part {} of {} is given twice (also {})", p.index, p.count, other.path.display()),
+            ));
         }
         readers.push(r);
     }
@@ -105,26 +128,7 @@ fn open_in_order(paths: &[PathBuf], memory_budget: u64) -> Result<Vec<DeltaReade
     let Some(first) = readers.first() else {
         return Err(Error::Config("merge needs at least one part".into()));
     };
-    for r in &readers[1..] {
-        if let Some(field) = disagreement(&first.manifest, &r.manifest) {
-            return Err(Error::invalid(
-                &r.path,
-                format!(
-                    "this part does not belong with {}: its {field} differs (parts must come from the same inputs and options)",
-                    first.path.display()
-                ),
-            ));
-        }
-    }
     let count = part(first).count;
-    for (i, pair) in readers.windows(2).enumerate() {
-        if part(&pair[0]).index == part(&pair[1]).index {
-            return Err(Error::invalid(
-                &pair[1].path,
-                format!("part {} of {count} is given twice (also {})", part(&pair[1]).index, readers[i].path.display()),
-            ));
-        }
-    }
     let have: Vec<u32> = readers.iter().map(|r| part(r).index).collect();
     if let Some(missing) = (1..=count).find(|i| !have.contains(i)) {
         return Err(Error::invalid(
@@ -133,6 +137,20 @@ fn open_in_order(paths: &[PathBuf], memory_budget: u64) -> Result<Vec<DeltaReade
         ));
     }
     Ok(readers)
+}
+
+/// Refuses a list that names one file twice (the same device and inode, however spelled),
+/// before anything is opened.
+fn refuse_repeated_files(paths: &[PathBuf]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashMap::with_capacity(paths.len());
+    for path in paths {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if let Some(other) = seen.insert((meta.dev(), meta.ino()), path) {
+            return Err(Error::invalid(path, format!("this file is given twice (also as {})", other.display())));
+        }
+    }
+    Ok(())
 }
 
 fn part(r: &DeltaReader) -> &PartRecord {

@@ -50,7 +50,7 @@ pub struct ApplySummary {
 /// (or, without an output, only checks: `verify --base`).
 pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
     let start = Instant::now();
-    let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget)?;
+    let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget, ctl)?;
     delta.refuse_part()?;
     let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
     let m = &delta.manifest;
@@ -99,7 +99,7 @@ pub fn verify(cfg: &VerifyConfig, ctl: &RunControl) -> Result<ApplySummary> {
         return apply(&apply_cfg, ctl);
     }
     let start = Instant::now();
-    let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget)?;
+    let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget, ctl)?;
     let pool = pool(cfg.threads)?;
     let budget = Budget::new(cfg.memory_budget, cfg.threads, delta.manifest.block_elems);
     let decode = DecodeStage {

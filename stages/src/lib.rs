@@ -15,6 +15,7 @@ pub mod error;
 pub mod format;
 pub mod hash;
 pub mod mask_encode;
+pub mod options;
 pub mod paths;
 pub mod read;
 pub mod run;

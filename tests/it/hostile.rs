@@ -229,7 +229,7 @@ fn malformed_checkpoints_are_clean_errors() {
 }
 
 /// A delta of the single fixture (sparsity 0.9), and the fixture's base.
-fn fixture_delta(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn fixture_delta(dir: &Path) -> (PathBuf, PathBuf) {
     let base = fixture("single/base.safetensors");
     let ft = fixture("single/finetuned.safetensors");
     let delta = dir.join("d.fapm");
@@ -349,13 +349,15 @@ fn truncated_newer_and_bomb_deltas_are_refused() {
     fs::write(&bad, &bomb).unwrap();
     assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", "limit"], "manifest bomb");
 
-    // A manifest of 8 MiB that compresses to a few hundred bytes, with a valid footer hash.
+    // A manifest of a few hundred bytes, with a valid footer hash, that claims more than zstd
+    // can decompress it to.
     let raw = vec![b' '; 8 << 20];
     let packed = zstd::bulk::compress(&raw, 3).unwrap();
     let mut file = good[..16].to_vec();
     file.extend_from_slice(&packed);
     let mut footer = Vec::new();
-    for word in [16, packed.len() as u64, raw.len() as u64] {
+    let claim = packed.len() as u64 * (fapm_stages::format::MAX_MANIFEST_RATIO + 1);
+    for word in [16, packed.len() as u64, claim] {
         footer.extend_from_slice(&word.to_le_bytes());
     }
     let mut h = blake3::Hasher::new();
@@ -366,7 +368,7 @@ fn truncated_newer_and_bomb_deltas_are_refused() {
     footer.extend_from_slice(b"FAPMEND1");
     file.extend_from_slice(&footer);
     fs::write(&bad, &file).unwrap();
-    assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", "4096:1"], "manifest ratio bomb");
+    assert_error(&run(&["verify", s(&bad)]), &["bad.fapm", "32768:1"], "manifest ratio bomb");
 
     // Crafted manifests with valid hashes: absurd block and tensor sizes.
     let m = DeltaReader::open(&delta).unwrap().manifest;
@@ -582,13 +584,13 @@ fn many_similar_tensors_make_a_valid_delta() {
 
 /// A delta taken apart: its manifest, every tensor's decompressed blocks and every side
 /// file's contents. Edit any of them and [`pack`] writes a delta whose hashes all match.
-struct Unpacked {
-    m: Manifest,
-    tensors: Vec<Vec<Vec<u8>>>,
-    side: Vec<Vec<u8>>,
+pub(crate) struct Unpacked {
+    pub(crate) m: Manifest,
+    pub(crate) tensors: Vec<Vec<Vec<u8>>>,
+    pub(crate) side: Vec<Vec<u8>>,
 }
 
-fn unpack(delta: &Path) -> Unpacked {
+pub(crate) fn unpack(delta: &Path) -> Unpacked {
     let r = DeltaReader::open(delta).unwrap();
     let tensors =
         r.manifest.tensors.iter().map(|t| t.blocks.iter().map(|b| r.block(b, &t.name).unwrap()).collect()).collect();
@@ -604,7 +606,7 @@ fn unpack(delta: &Path) -> Unpacked {
 /// Writes `u` as the delta `to` with fapm's own writer: every block compressed and hashed
 /// again, every side file's size, hash and blocks taken from its contents, manifest and
 /// footer hashed. Tensor hashes (`out_hash`, `base_hash`) are left as `u` says.
-fn pack(u: &Unpacked, to: &Path) {
+pub(crate) fn pack(u: &Unpacked, to: &Path) {
     let mut m = u.m.clone();
     let mut w = DeltaWriter::new(fs::File::create(to).unwrap(), to).unwrap();
     let mut block = |raw: &[u8]| w.block(&zstd::bulk::compress(raw, 1).unwrap(), raw.len() as u64).unwrap();
@@ -622,7 +624,7 @@ fn pack(u: &Unpacked, to: &Path) {
 
 /// Replaces the manifest of `from` by the JSON text `json` (compressed, footer hashed) as
 /// `to`: for manifests too large or too odd to build as a `Manifest`.
-fn with_manifest_text(from: &Path, json: &[u8], to: &Path) {
+pub(crate) fn with_manifest_text(from: &Path, json: &[u8], to: &Path) {
     let good = fs::read(from).unwrap();
     let m_off = u64::from_le_bytes(good[good.len() - 64..good.len() - 56].try_into().unwrap()) as usize;
     let packed = zstd::bulk::compress(json, 1).unwrap();
@@ -644,12 +646,12 @@ fn with_manifest_text(from: &Path, json: &[u8], to: &Path) {
 
 /// The memory given to fapm where memory is the point: far more than any honest run here
 /// needs (see the control runs), far less than the hostile files asked for.
-const MEMORY_LIMIT: u64 = 1 << 30;
+pub(crate) const MEMORY_LIMIT: u64 = 1 << 30;
 
 /// Runs fapm with `args` with its data limited to `bytes` (RLIMIT_DATA: the heap and every
 /// private writable mapping, so every allocation; not the read-only maps of the inputs).
 /// An allocation past it fails, which aborts a Rust program (exit 134).
-fn run_limited(args: &[&str], bytes: u64) -> std::process::Output {
+pub(crate) fn run_limited(args: &[&str], bytes: u64) -> std::process::Output {
     use std::os::unix::process::CommandExt;
     let mut cmd = fapm();
     cmd.args(args);

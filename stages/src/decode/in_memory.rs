@@ -38,10 +38,10 @@ pub struct Delta {
 
 impl Delta {
     /// Opens a delta and checks its manifest (blocks are read when used) within
-    /// `memory_budget`, for work on `threads` worker threads. A part of a partitioned prune is
-    /// refused, as `apply` refuses it.
-    pub fn open(path: &Path, memory_budget: u64, threads: usize) -> Result<Self> {
-        let reader = DeltaReader::open_within(path, memory_budget)?;
+    /// `memory_budget`, for work on `threads` worker threads; opening stops once `ctl` is
+    /// cancelled. A part of a partitioned prune is refused, as `apply` refuses it.
+    pub fn open(path: &Path, memory_budget: u64, threads: usize, ctl: &RunControl) -> Result<Self> {
+        let reader = DeltaReader::open_within(path, memory_budget, ctl)?;
         reader.refuse_part()?;
         let by_name = reader.manifest.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let window =

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use reader::{DeltaReader, MAX_SIDE_FILE, MAX_SIDE_FILES};
+pub use reader::{DeltaReader, MAX_BLOCK_RATIO, MAX_MANIFEST_RATIO, MAX_SIDE_FILE, MAX_SIDE_FILES};
 pub use writer::DeltaWriter;
 
 use crate::dtype::DType;

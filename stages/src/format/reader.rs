@@ -15,13 +15,26 @@ use crate::bounded_json as json;
 use crate::checkpoint::{parse_header, parsed_cost, INDEX_FILE, MAX_SHARDS};
 use crate::error::{Error, Result};
 use crate::format::sparse::max_sparse_len;
+use crate::options;
 use crate::paths::is_safe_relative;
+use crate::run::RunControl;
+use crate::threshold::select::Sparsity;
 use crate::DEFAULT_MEMORY_BUDGET;
 
 /// The largest ratio of decompressed to compressed manifest bytes a reader accepts (above
-/// the first MiB). Real manifests of many similar tensors reach about 70:1 (3,000 tensors);
-/// a bomb of a few hundred bytes that claims megabytes is in the tens of thousands.
-pub const MAX_MANIFEST_RATIO: u64 = 4096;
+/// the first MiB): zstd's own ceiling, [`MAX_BLOCK_RATIO`]. Real manifests of many similar
+/// tensors reach about 70:1 (3,000 tensors), but one that holds a shard header with a long
+/// repetitive `__metadata__` value approaches the ceiling (20 MiB of one letter: 29,000:1 at
+/// level 1), and what `prune` writes its readers accept. A claim past the ceiling cannot
+/// decompress to what it says; below it, the memory the text takes is bounded by the budget.
+pub const MAX_MANIFEST_RATIO: u64 = MAX_BLOCK_RATIO;
+
+/// The largest ratio of a block's raw length to its compressed length: zstd's own ceiling. A
+/// zstd block holds at most 128 KiB and is never shorter than 4 bytes (an RLE block: a 3-byte
+/// header and the repeated byte), so no frame decompresses to more than 32768 times its
+/// length; level 1 compresses 4 MiB of zero bytes to about 150 bytes (about 28,000:1). A block
+/// that claims more is a bomb: whatever its contents, it cannot decompress to what it says.
+pub const MAX_BLOCK_RATIO: u64 = 128 << 10 >> 2;
 
 /// The largest side file a delta may carry (SPEC section 4).
 pub const MAX_SIDE_FILE: u64 = 64 << 20;
@@ -43,15 +56,16 @@ pub struct DeltaReader {
 
 impl DeltaReader {
     /// Opens `path`, checks preamble, footer and manifest hash, and validates the manifest,
-    /// within [`DEFAULT_MEMORY_BUDGET`] (see [`DeltaReader::open_within`]).
+    /// within [`DEFAULT_MEMORY_BUDGET`], never cancelled (see [`DeltaReader::open_within`]).
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_within(path, DEFAULT_MEMORY_BUDGET)
+        Self::open_within(path, DEFAULT_MEMORY_BUDGET, &RunControl::default())
     }
 
     /// [`DeltaReader::open`], with the memory that reading the manifest takes at its peak
     /// (its compressed and decompressed text, what it is parsed into, and the shard headers
-    /// parsed to check it) bounded by `memory_budget`.
-    pub fn open_within(path: &Path, memory_budget: u64) -> Result<Self> {
+    /// parsed to check it) bounded by `memory_budget`; validation stops with
+    /// [`Error::Cancelled`] between records once `ctl` is cancelled.
+    pub fn open_within(path: &Path, memory_budget: u64, ctl: &RunControl) -> Result<Self> {
         let (file, size) = open_regular(path)?;
         let pre = read_at(&file, path, 0, PREAMBLE_LEN)?;
         let version = check_preamble(path, &pre)?;
@@ -70,7 +84,8 @@ impl DeltaReader {
             return Err(Error::invalid(path, msg));
         }
         json::refund(text);
-        let block_memory = validate(path, &manifest, place.offset)?;
+        ctl.check()?;
+        let block_memory = validate(path, &manifest, place.offset, ctl)?;
         Ok(DeltaReader { path: path.to_path_buf(), manifest, size, file, block_memory })
     }
 
@@ -254,6 +269,13 @@ fn check_record(t: &TensorRecord) -> std::result::Result<(), &'static str> {
         if !extends || t.candidates > t.diffed_numel() || e.stored > n - t.diffed_numel() {
             return Err("has a base shape that it does not extend");
         }
+        // The appended elements not stored come back as zero bits, from no byte of the delta:
+        // at most as many as the base tensor has, so that the output is bounded by the base
+        // (real resized vocabularies add far fewer rows than they had, and store nearly
+        // every appended element: new rows are initialised non-zero).
+        if n - t.diffed_numel() - e.stored > t.diffed_numel() {
+            return Err("appends more zero elements than its base tensor has");
+        }
     }
     Ok(())
 }
@@ -286,12 +308,13 @@ impl json::Heap for SideFile {
 
 /// Checks that a manifest describes a consistent delta whose blocks tile the file, before
 /// anything is allocated from its counts; returns the most memory one block needs.
-fn validate(path: &Path, m: &Manifest, blocks_end: u64) -> Result<u64> {
+fn validate(path: &Path, m: &Manifest, blocks_end: u64, ctl: &RunControl) -> Result<u64> {
     let bad = |msg: String| inconsistent(path, msg);
     check_layout(m).map_err(bad)?;
+    check_options(m, ctl)?.map_err(bad)?;
     let mut tiling = Tiling { next: PREAMBLE_LEN, end: blocks_end, block_memory: 0 };
-    check_tensor_records(path, m, &mut tiling)?;
-    check_side_file_records(m, &mut tiling).map_err(bad)?;
+    check_tensor_records(path, m, &mut tiling, ctl)?;
+    check_side_file_records(path, m, &mut tiling, ctl)?;
     if tiling.next != blocks_end {
         return Err(bad("blocks do not fill the file".into()));
     }
@@ -329,6 +352,31 @@ fn check_layout(m: &Manifest) -> std::result::Result<(), String> {
     check_paths(m)
 }
 
+/// Checks the options the delta records with the parsers `prune` checks its flags with: a
+/// delta shows no option that a prune could not have used (NaN, a negative penalty, a regex
+/// that does not compile). The outer result is cancellation, the inner the reason.
+fn check_options(m: &Manifest, ctl: &RunControl) -> Result<std::result::Result<(), String>> {
+    let clip = |s: &str| json::clip(s, 200).into_owned();
+    if let Err(e) = Sparsity::parse(&m.sparsity) {
+        return Ok(Err(format!("recorded sparsity: {}", clip(&e))));
+    }
+    if let Err(e) = options::penalty(&m.penalty) {
+        return Ok(Err(format!("recorded penalty: {}", clip(&e))));
+    }
+    let rules = m.sparsity_for.iter().map(|r| ("sparsity rule", &r.pattern, Some(&r.sparsity)));
+    let filters = m.include.iter().chain(&m.exclude).map(|p| ("include/exclude", p, None));
+    for (kind, pattern, sparsity) in rules.chain(filters) {
+        ctl.check()?;
+        if let Some(Err(e)) = sparsity.map(|s| Sparsity::parse(s)) {
+            return Ok(Err(format!("recorded {kind}: {}", clip(&e))));
+        }
+        if let Err(e) = options::regex(pattern) {
+            return Ok(Err(format!("recorded {kind} pattern '{}': {}", clip(pattern), clip(&e))));
+        }
+    }
+    Ok(Ok(()))
+}
+
 /// The blocks checked so far, which must follow each other from the preamble to `end`.
 struct Tiling {
     /// Where the next block must start.
@@ -351,6 +399,14 @@ impl Tiling {
         if b.len > zstd::zstd_safe::compress_bound(b.raw_len as usize) as u64 {
             return Err(format!("block of '{}' is longer than its contents can compress to", json::clip(what, 200)));
         }
+        if b.raw_len > b.len.saturating_mul(MAX_BLOCK_RATIO) {
+            return Err(format!(
+                "block of '{}' claims {} bytes from {} compressed, past zstd's {MAX_BLOCK_RATIO}:1",
+                json::clip(what, 200),
+                b.raw_len,
+                b.len
+            ));
+        }
         self.next = b
             .offset
             .checked_add(b.len)
@@ -363,7 +419,7 @@ impl Tiling {
 
 /// Checks the tensor records against the shard headers, in order (a part holds the records
 /// of a contiguous run of the headers' tensors), and tiles their blocks.
-fn check_tensor_records(path: &Path, m: &Manifest, tiling: &mut Tiling) -> Result<()> {
+fn check_tensor_records(path: &Path, m: &Manifest, tiling: &mut Tiling, ctl: &RunControl) -> Result<()> {
     let bad = |msg: String| inconsistent(path, msg);
     let (first, total) = match &m.part {
         Some(p) if p.index >= 1 && p.index <= p.count && p.first <= p.total => (p.first, p.total),
@@ -374,8 +430,10 @@ fn check_tensor_records(path: &Path, m: &Manifest, tiling: &mut Tiling) -> Resul
     let mut tensor_names = HashSet::new();
     let mut position = 0u64;
     for (si, shard) in m.shards.iter().enumerate() {
+        ctl.check()?;
         let infos = parse_header(path, &shard.header, u64::MAX)?;
         for info in &infos {
+            ctl.check()?;
             position += 1;
             if position <= first || position - first > m.tensors.len() as u64 {
                 continue;
@@ -431,16 +489,18 @@ fn check_tensor_blocks(
 }
 
 /// Checks the side file records (sizes, numbers of blocks) and tiles their blocks.
-fn check_side_file_records(m: &Manifest, tiling: &mut Tiling) -> std::result::Result<(), String> {
+fn check_side_file_records(path: &Path, m: &Manifest, tiling: &mut Tiling, ctl: &RunControl) -> Result<()> {
+    let bad = |msg: String| inconsistent(path, msg);
     for f in &m.side_files {
+        ctl.check()?;
         if f.size > MAX_SIDE_FILE {
-            return Err(format!("side file '{}' is over 64 MiB", json::clip(&f.path, 200)));
+            return Err(bad(format!("side file '{}' is over 64 MiB", json::clip(&f.path, 200))));
         }
         if f.blocks.len() as u64 != f.size.div_ceil(m.raw_block_bytes) {
-            return Err(format!("side file '{}' has the wrong number of blocks", json::clip(&f.path, 200)));
+            return Err(bad(format!("side file '{}' has the wrong number of blocks", json::clip(&f.path, 200))));
         }
         for (b, (_, len)) in f.blocks.iter().zip(block_sizes(f.size, m.raw_block_bytes)) {
-            tiling.check(b, len, true, 0, &f.path)?;
+            tiling.check(b, len, true, 0, &f.path).map_err(bad)?;
         }
     }
     Ok(())
