@@ -75,12 +75,14 @@ fn names<S: AsRef<str>>(list: &[S]) -> String {
 /// on written as a JSON escape ([`fapm::json::TerminalSafe`]).
 fn print_json(v: &serde_json::Value) {
     use std::io::Write;
-    let mut out = fapm::json::TerminalSafe::new(std::io::stdout().lock());
-    // As println! would, but a closed stdout ends the process quietly (SIGPIPE, above).
-    let _ = serde_json::to_writer(&mut out, v).map_err(std::io::Error::from).and_then(|()| {
-        out.write_all(b"\n")?;
-        out.flush()
-    });
+    let mut stdout = std::io::stdout().lock();
+    // As println! would, but a closed stdout ends the process quietly (SIGPIPE, above). The
+    // final newline goes around the escaping writer, which would escape it.
+    let escaped = {
+        let mut out = fapm::json::TerminalSafe::new(&mut stdout);
+        serde_json::to_writer(&mut out, v).map_err(std::io::Error::from).and_then(|()| out.flush())
+    };
+    let _ = escaped.and_then(|()| stdout.write_all(b"\n")).and_then(|()| stdout.flush());
 }
 
 /// A `--json` summary with the peak memory of this process, which only the binary measures.

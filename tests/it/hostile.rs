@@ -1004,11 +1004,22 @@ fn text_from_a_delta_never_reaches_the_terminal_raw() {
     let mut u = unpack(&delta);
     let evil = "\u{1b}]0;owned\u{7}\u{1b}[2J\r\u{9b}31m\u{7f}\u{202e}";
     u.m.tool = format!("fapm {evil}");
-    u.m.sparsity = format!("0.9{evil}");
-    u.m.include = vec![evil.into()];
+    // Recorded options must parse (a pattern that compiles), and still reach the output.
+    u.m.include = vec![regex::escape(evil)];
     u.m.base_only = vec![evil.into()];
     let bad = dir.path().join("bad.fapm");
     pack(&u, &bad);
+    // A recorded option that does not parse is refused, and named escaped in the error.
+    let mut refused = unpack(&delta);
+    refused.m.sparsity = format!("0.9{evil}");
+    let refused_path = dir.path().join("refused.fapm");
+    pack(&refused, &refused_path);
+    let o = run(&["inspect", s(&refused_path)]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("owned"), "{stderr}");
+    for c in ['\u{1b}', '\u{7}', '\r', '\u{9b}', '\u{7f}', '\u{202e}'] {
+        assert!(!stderr.contains(c), "the error printed {c:?} raw: {stderr:?}");
+    }
     for json in [false, true] {
         let args = [&["inspect", s(&bad)][..], if json { &["--json"] } else { &[] }].concat();
         let o = run(&args);

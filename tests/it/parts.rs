@@ -138,7 +138,7 @@ fn wrong_parts_are_refused_by_name() {
 
     assert_error(&merge(&parts[..2], &out), &["part 3 of 3 is missing", "--part 3/3"], "missing part");
     let twice = [parts[0].clone(), parts[1].clone(), parts[1].clone(), parts[2].clone()];
-    assert_error(&merge(&twice, &out), &["part-2.fapm", "part 2 of 3 is given twice"], "repeated part");
+    assert_error(&merge(&twice, &out), &["part-2.fapm", "this file is given twice"], "repeated part");
 
     let other = d.join("other");
     let sub = |name: &str| {
