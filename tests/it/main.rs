@@ -1,5 +1,6 @@
 //! fapm's integration tests: one binary (ripgrep-style), one module per concern.
 
+mod bounds;
 mod cli;
 mod crash;
 mod faults;
