@@ -279,6 +279,15 @@ fn inspect_json_of_100k_records_stays_within_the_budget() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["tensors"].as_array().unwrap().len(), 100_000);
+    // --memory-budget is honoured by every reader of the delta, with or without a base.
+    let name = delta.file_name().unwrap().to_str().unwrap();
+    for args in [
+        vec!["inspect", "--json", "--memory-budget", "64M", s(&delta)],
+        vec!["inspect", "--memory-budget", "64M", s(&delta)],
+        vec!["verify", "--memory-budget", "64M", s(&delta)],
+    ] {
+        assert_error(&run(&args), &[name, "memory budget"], &format!("{args:?}"));
+    }
     if Path::new("/usr/bin/time").exists() {
         let (peak, o) = peak_of(&["inspect", "--json", s(&delta)]);
         assert!(o.status.success());
