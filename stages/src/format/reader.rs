@@ -364,7 +364,12 @@ fn check_layout(m: &Manifest) -> std::result::Result<(), String> {
 /// that does not compile). The outer result is cancellation, the inner the reason.
 fn check_options(m: &Manifest, ctl: &RunControl) -> Result<std::result::Result<(), String>> {
     let clip = |s: &str| json::clip(s, 200).into_owned();
-    if let Err(e) = Sparsity::parse(&m.sparsity) {
+    // Every parser's message quotes its text: too long a text is refused before it is copied.
+    let sparsity = |s: &str| match s.len() > options::MAX_NUMBER_LEN {
+        true => Err(format!("a sparsity of {} bytes", s.len())),
+        false => Sparsity::parse(s).map(|_| ()),
+    };
+    if let Err(e) = sparsity(&m.sparsity) {
         return Ok(Err(format!("recorded sparsity: {}", clip(&e))));
     }
     if let Err(e) = options::penalty(&m.penalty) {
@@ -372,9 +377,9 @@ fn check_options(m: &Manifest, ctl: &RunControl) -> Result<std::result::Result<(
     }
     let rules = m.sparsity_for.iter().map(|r| ("sparsity rule", &r.pattern, Some(&r.sparsity)));
     let filters = m.include.iter().chain(&m.exclude).map(|p| ("include/exclude", p, None));
-    for (kind, pattern, sparsity) in rules.chain(filters) {
+    for (kind, pattern, rule_sparsity) in rules.chain(filters) {
         ctl.check()?;
-        if let Some(Err(e)) = sparsity.map(|s| Sparsity::parse(s)) {
+        if let Some(Err(e)) = rule_sparsity.map(|s| sparsity(s)) {
             return Ok(Err(format!("recorded {kind}: {}", clip(&e))));
         }
         if let Err(e) = options::regex(pattern) {
