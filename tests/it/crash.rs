@@ -220,7 +220,7 @@ fn sigkill_at_any_point_leaves_the_old_output_or_the_new_one() {
     fs::create_dir(&out).unwrap();
     let prune = ["prune", "--base", s(&base), "--finetuned", s(&ft), "--sparsity", "0.5", "--threads", "1"];
     let apply = ["apply", "--base", s(&base), "--delta", s(&delta), "--threads", "1"];
-    let merge = ["merge", s(&p1), s(&p2), "--threads", "1"];
+    let merge = ["merge", s(&p1), s(&p2)];
     for (i, (args, dest, old)) in
         [(&prune[..], "d.fapm", &old_file), (&apply[..], "model", &old_dir), (&merge[..], "m.fapm", &old_file)]
             .into_iter()
