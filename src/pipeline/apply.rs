@@ -19,7 +19,7 @@ use fapm_stages::format::{DeltaReader, Manifest, Source};
 use fapm_stages::{Error, Result};
 
 use crate::config::{ApplyConfig, VerifyConfig};
-use crate::output::Staged;
+use crate::output::{Kind, Staged};
 use fapm_stages::decode::{DecodeStage, DecodeTotals, ModelFiles};
 use fapm_stages::read;
 use fapm_stages::run::runner::pool;
@@ -55,7 +55,8 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
     let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
     let m = &delta.manifest;
     let bases = read::base_tensors(m, &base)?;
-    let staged = cfg.output.as_deref().map(|o| Staged::new(o, cfg.overwrite)).transpose()?;
+    let kind = if m.source == Source::Directory { Kind::Directory } else { Kind::File };
+    let staged = cfg.output.as_deref().map(|o| Staged::new(o, kind, cfg.overwrite)).transpose()?;
     let outputs = staged.as_ref().map(|s| create_outputs(m, s, cfg.output.as_deref().unwrap())).transpose()?;
     let pool = pool(cfg.threads)?;
     let budget = Budget::new(cfg.memory_budget, cfg.threads, m.block_elems);

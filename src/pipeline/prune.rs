@@ -15,7 +15,7 @@ use std::thread;
 use std::time::Instant;
 
 use crate::config::PruneConfig;
-use crate::output::Staged;
+use crate::output::{Kind, Staged};
 use crossbeam_channel::bounded;
 use fapm_stages::checkpoint::{Checkpoint, Layout};
 use fapm_stages::format::{
@@ -96,7 +96,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
     let mut summary = PruneSummary::new(cfg, &base, &ft, &tasks, base_only.len(), skipped);
     ctl.set_total(summary.read_bytes(&tasks));
 
-    let staged = Staged::new(&cfg.output, cfg.overwrite)?;
+    let staged = Staged::new(&cfg.output, Kind::File, cfg.overwrite)?;
     let file = staged.create_file(staged.path())?;
     let mut writer = DeltaWriter::new(file, &cfg.output)?;
     let records = run_stages(cfg, tasks, &mut writer, ctl)?;
