@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test of fapm, as the README's test command: the Rust suite, a one-node Slurm cluster
 # running the partitioned prune, the Python package's tests (with torch) and the report checked
-# in headless Chromium. Installs what it needs (Debian's packages, PyPI's); run as root on a
-# fresh machine or again on a warm one. Each part prints its time; the last line counts every
+# in headless Chromium. Installs what it needs: Debian's packages (as root), and PyPI's into the
+# repository's own venv, .venv/ (.ci/venv.sh), never into the system's Python. Run on a fresh
+# machine or again on a warm one. Each part prints its time; the last line counts every
 # test of every part. With --lint (.ci/run), rustfmt's check and clippy run first, as a part,
 # while the installs run in the background.
 set -euo pipefail
@@ -38,14 +39,18 @@ finish() {
     exit "$status"
 }
 trap finish EXIT
-command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
+# Python 3 with venv (Debian's python3 leaves it to python3-venv), before the background apt-get
+# session so that two never wait on dpkg's lock; a no-op where they are installed.
+python3 -c 'import ensurepip, venv' 2>/dev/null ||
+    { apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null; }
 # The installs wait on the network, the build and the Rust tests on the CPU: Debian's packages
-# for the Slurm and browser parts (one apt-get session) and the Python tests' dependencies
-# (torch pulls about 3 GB of CUDA libraries) install in the background from here, and each part
-# first waits for what it needs. The parts' own scripts then find them installed.
+# for the Slurm and browser parts (one apt-get session) and the Python dependencies
+# (torch pulls about 3 GB of CUDA libraries; into .venv/, one pip session) install in the
+# background from here, and each part first waits for what it needs. The parts' own scripts then
+# find them installed.
 bash .ci/packages.sh slurm chromium >"$log/debian-packages" 2>&1 &
 installs[0]=$!
-python3 -m pip install -q --disable-pip-version-check -r .ci/python-test.txt >"$log/python-packages" 2>&1 &
+bash .ci/venv.sh >"$log/python-packages" 2>&1 &
 installs[1]=$!
 ready() { # INDEX NAME: waits for the background install INDEX; shows its log if it failed
     local start=$SECONDS pid=${installs[$1]}
