@@ -99,9 +99,10 @@ part report-browser browser
 # With --lint, the test suite's own time too: the run's but fmt-clippy (and the installs' start).
 echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'),${lint:+ tests $((SECONDS - lint_time)) s,} all $SECONDS s"
 # Rust: "test result: ok. P passed; F failed"; Slurm: "slurm: P passed, F failed"; pytest:
-# "P passed in S s"; the browser check is one test that passed if we got here.
+# "P passed in S s", which .ci/python.sh prints again as its last line: counted once; the browser
+# check is one test that passed if we got here.
 # Any failure stopped the script above (set -e, pipefail), so only passes are left to count.
 awk '/^test result:/ { p += $4; f += $6 }
      /^slurm: [0-9]+ passed/ { p += $2; f += $4 }
-     /^=* *[0-9]+ passed/ { sub(/^=+ */, ""); p += $1 }
+     /^=* *[0-9]+ passed/ && !seen[$0]++ { sub(/^=+ */, ""); p += $1 }
      END { printf "total: %d passed, %d failed\n", p + 1, f }' "$log/rust" "$log/slurm" "$log/python"
