@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CI for the Python package: installs what its tests need into the repository's own venv
 # (.ci/venv.sh: .venv/, made on the first run and reused; pip skips what is installed), builds
-# and installs the package from python/ into it, runs pytest and prints its summary line.
-# Nothing goes into the system's Python. Run from anywhere; prints how long each part took.
+# and installs the package from python/ into it, checks the type stubs against the built module,
+# runs pytest and prints its summary line. Nothing goes into the system's Python. Run from
+# anywhere; prints how long each part took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -22,9 +23,12 @@ step "building the fapm binary"
 # LTO and debug info cost as much or more here (docs/PERFORMANCE.md, "CI time").
 CARGO_TARGET_DIR="$PWD/target" "$python" -m pip install -q --disable-pip-version-check ./python
 step "building and installing the package"
+# The stubs against the module they describe: a function, argument, default or class in one and
+# not the other fails here. From python/tests, as pytest below: `fapm` is the installed package.
+(cd python/tests && "$python" -m mypy.stubtest fapm._fapm)
+step "checking the stubs (mypy.stubtest)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-# From python/tests, so that `import fapm` is the installed package, not python/fapm.
 set +e
 (cd python/tests && "$python" -m pytest -q -p no:cacheprovider . 2>&1) | tee "$log"
 status=${PIPESTATUS[0]}
