@@ -5,8 +5,8 @@
 # warm run takes seconds. Nothing is installed into the system's Python. Prints the venv's python
 # on its last line. FAPM_VENV=DIR puts the environment elsewhere.
 #
-# tests/all.sh runs this in the background while the Rust tests build; .ci/python.sh runs it
-# again (a no-op then) so that it also works alone.
+# tests/all.sh runs this in the background while the Rust tests build; .ci/python.sh and
+# .ci/container.sh run it again (a no-op then) so that each also works alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${FAPM_VENV:-$PWD/.venv}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test of fapm, as the README's test command: the Rust suite, a one-node Slurm cluster
-# running the partitioned prune, the Python package's tests (with torch) and the report checked
-# in headless Chromium. Installs what it needs: Debian's packages (as root), and PyPI's into the
+# running the partitioned prune, the container image and the Kubernetes manifests run as pods
+# would run them, the Python package's tests (with torch) and the report checked in headless
+# Chromium. Installs what it needs: Debian's packages (as root), and PyPI's into the
 # repository's own venv, .venv/ (.ci/venv.sh), never into the system's Python. Run on a fresh
 # machine or again on a warm one. Each part prints its time; the last line counts every
 # test of every part. With --lint (.ci/run), rustfmt's check and clippy run first, as a part,
@@ -44,11 +45,14 @@ trap finish EXIT
 python3 -c 'import ensurepip, venv' 2>/dev/null ||
     { apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null; }
 # The installs wait on the network, the build and the Rust tests on the CPU: Debian's packages
-# for the Slurm and browser parts (one apt-get session) and the Python dependencies
+# for the Slurm, container and browser parts (one apt-get session) and the Python dependencies
 # (torch pulls about 3 GB of CUDA libraries; into .venv/, one pip session) install in the
 # background from here, and each part first waits for what it needs. The parts' own scripts then
 # find them installed.
-bash .ci/packages.sh slurm chromium >"$log/debian-packages" 2>&1 &
+# The container part's base image (a Debian root file system: debootstrap, about 2 minutes on a
+# fresh machine, then kept) is made after the apt-get session, in the same background job.
+{ bash .ci/packages.sh slurm container chromium && bash deploy/container/build.sh --base; } \
+    >"$log/debian-packages" 2>&1 &
 installs[0]=$!
 bash .ci/venv.sh >"$log/python-packages" 2>&1 &
 installs[1]=$!
@@ -86,6 +90,12 @@ slurm() {
     bash .ci/slurm.sh 2>&1 | tee "$log/slurm"
 }
 part slurm slurm
+container() {
+    ready 0 debian-packages
+    ready 1 python-packages
+    bash .ci/container.sh 2>&1 | tee "$log/container"
+}
+part container container
 python_tests() {
     ready 1 python-packages
     bash .ci/python.sh 2>&1 | tee "$log/python"
@@ -98,11 +108,12 @@ browser() {
 part report-browser browser
 # With --lint, the test suite's own time too: the run's but fmt-clippy (and the installs' start).
 echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'),${lint:+ tests $((SECONDS - lint_time)) s,} all $SECONDS s"
-# Rust: "test result: ok. P passed; F failed"; Slurm: "slurm: P passed, F failed"; pytest:
+# Rust: "test result: ok. P passed; F failed"; Slurm and the container: "slurm: P passed,
+# F failed", "container: P passed, F failed"; pytest:
 # "P passed in S s", which .ci/python.sh prints again as its last line: counted once; the browser
 # check is one test that passed if we got here.
 # Any failure stopped the script above (set -e, pipefail), so only passes are left to count.
 awk '/^test result:/ { p += $4; f += $6 }
-     /^slurm: [0-9]+ passed/ { p += $2; f += $4 }
+     /^(slurm|container): [0-9]+ passed/ { p += $2; f += $4 }
      /^=* *[0-9]+ passed/ && !seen[$0]++ { sub(/^=+ */, ""); p += $1 }
-     END { printf "total: %d passed, %d failed\n", p + 1, f }' "$log/rust" "$log/slurm" "$log/python"
+     END { printf "total: %d passed, %d failed\n", p + 1, f }' "$log/rust" "$log/slurm" "$log/container" "$log/python"
