@@ -11,8 +11,10 @@ model is said in deploy/kubernetes/README.md; a manifest that uses anything else
 reference, a working directory, another volume...) is refused here, so that the check is never
 quietly partial.
 
-    kube_pods.py --image IMAGE --data DIR job MANIFEST [--index K]...   runs the Job's pods
-                                                 (an Indexed Job: every index, or those given)
+    kube_pods.py [--podman 'podman run ...'] --image IMAGE --data DIR job MANIFEST [--index K]...
+
+runs the Job's pods (an Indexed Job: every index in turn, or those given), each container with
+`--podman` (how .ci/container.sh found podman can run a container here; default `podman run`).
 
 Prints one line per container run; exits 1 when a container exits non-zero (the lines say
 which), 2 when a manifest is outside what it models.
