@@ -80,9 +80,15 @@ if [ -z "$fapm" ]; then
     echo "$base"
     exit 0
 fi
-# The build context: the binary alone.
+# The build context: the binary alone. No intermediate images (--layers=false), and the image
+# this one replaces under its name is removed, so that rebuilds leave nothing behind.
 tmp=$(mktemp -d)
 cp "$fapm" "$tmp/fapm"
-podman build --quiet --pull=never --network=none -f "$here/Containerfile" \
+old=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null) || old=
+podman build --quiet --layers=false --pull=never --network=none -f "$here/Containerfile" \
     --build-arg "BASE=$base" -t "$image" "$tmp" >/dev/null
+new=$(podman image inspect --format '{{.Id}}' "$image")
+if [ -n "$old" ] && [ "$old" != "$new" ]; then
+    podman rmi "$old" >/dev/null 2>&1 || true # still used by a container: left
+fi
 echo "$image"
