@@ -49,13 +49,18 @@ python3 -c 'import ensurepip, venv' 2>/dev/null ||
 # (torch pulls about 3 GB of CUDA libraries; into .venv/, one pip session) install in the
 # background from here, and each part first waits for what it needs. The parts' own scripts then
 # find them installed.
-# The container part's base image (a Debian root file system: debootstrap, about 2 minutes on a
-# fresh machine, then kept) is made after the apt-get session, in the same background job.
-{ bash .ci/packages.sh slurm container chromium && bash deploy/container/build.sh --base; } \
-    >"$log/debian-packages" 2>&1 &
+bash .ci/packages.sh slurm container chromium >"$log/debian-packages" 2>&1 &
 installs[0]=$!
 bash .ci/venv.sh >"$log/python-packages" 2>&1 &
 installs[1]=$!
+# The container part's base image (a Debian root file system: debootstrap, about 2 minutes on a
+# fresh machine, then kept) once the apt-get session has ended (it needs debootstrap and podman;
+# packages.sh is a no-op then), so that a failure here fails the container part alone.
+{
+    while kill -0 "${installs[0]}" 2>/dev/null; do sleep 2; done
+    bash .ci/packages.sh container && bash deploy/container/build.sh --base
+} >"$log/container-base" 2>&1 &
+installs[2]=$!
 ready() { # INDEX NAME: waits for the background install INDEX; shows its log if it failed
     local start=$SECONDS pid=${installs[$1]}
     [ -n "$pid" ] || return 0
@@ -92,6 +97,7 @@ slurm() {
 part slurm slurm
 container() {
     ready 0 debian-packages
+    ready 2 container-base
     ready 1 python-packages
     bash .ci/container.sh 2>&1 | tee "$log/container"
 }
