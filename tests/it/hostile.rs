@@ -940,7 +940,10 @@ fn prune_names_every_side_file_and_embeds_only_data() {
         let (json, stderr) = prune_json(&base_dir, &ft_dir, &out);
         let embedded: Vec<&str> =
             json["embedded_side_files"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        assert_eq!(embedded, ["config.json", "note\u{202e}txt.md", "token.txt"], "{stderr}");
+        // A bidirectional control is invisible: such a name is left out (SPEC section 4).
+        assert_eq!(embedded, ["config.json", "token.txt"], "{stderr}");
+        let left_out = json["left_out_side_files"].as_array().unwrap();
+        assert!(left_out.iter().any(|l| l["path"] == "note\u{202e}txt.md"), "{json}");
         let warned = |needles: &[&str]| stderr.lines().any(|l| needles.iter().all(|n| l.contains(n)));
         let target = fs::canonicalize(outside.join("token.txt")).unwrap();
         assert!(warned(&["token.txt", s(&target), "outside"]), "{stderr}");
