@@ -44,6 +44,7 @@ fn refused(delta: &Path, base: &Path, needle: &str, what: &str, limit: Duration)
         let err = assert_error(&run, &[name, needle], &format!("{what}: {args:?}"));
         assert!(run.stdout.is_empty(), "{what}: {args:?} printed {:?}", String::from_utf8_lossy(&run.stdout));
         assert!(took < limit, "{what}: {args:?} took {took:?}: {err}");
+        eprintln!("{what}: {} refused in {took:?}", args[0]);
     }
     assert!(!out.exists(), "{what}: output written");
 }
