@@ -67,6 +67,7 @@ pub fn inspect(path: &Path, m: &Manifest, size: u64) -> Value {
         "shards": m.shards.iter().map(|s| &s.name).collect::<Vec<_>>(),
         "tensors": tensors,
         "side_files": m.side_files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
+        "code_files": crate::pipeline::apply::code_files(m),
         "base_only": m.base_only,
     })
 }

@@ -80,7 +80,10 @@ fn print_json(v: &serde_json::Value) {
     for c in text.chars() {
         // Outside strings JSON is plain ASCII, so every such character is inside a string.
         if fapm_stages::error::needs_escape(c) {
-            out.push_str(&format!("\\u{:04x}", c as u32));
+            // Above U+FFFF (U+E0001, tag characters) JSON escapes a surrogate pair.
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
         } else {
             out.push(c);
         }
@@ -145,8 +148,9 @@ fn print_prune_summary(s: &fapm::PruneSummary, peak: u64) {
         let (n, list) = (s.embedded_side_files.len(), names(&s.embedded_side_files));
         eprintln!("embedded {n} side files: {list}");
     }
-    if !s.skipped_side_files.is_empty() {
-        eprintln!("skipped side files over 64 MiB: {}", names(&s.skipped_side_files));
+    print_code_files(&s.code_files);
+    for l in &s.left_out_side_files {
+        eprintln!("left out {} ({})", printable(&l.path), l.reason);
     }
     eprintln!("time    {:.2} s, {} of input, peak memory {}", s.seconds, rate(s.input_bytes, s.seconds), bytes(peak));
     eprintln!("wrote   {}", printable(&s.output.display().to_string()));
@@ -241,6 +245,7 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, how: &cli::Summary
         s.side_files,
         s.blocks
     );
+    print_code_files(&s.code_files);
     if s.base_tensors_checked > 0 {
         eprintln!("base     {} base tensors match the delta's hashes", s.base_tensors_checked);
     }
@@ -250,6 +255,13 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, how: &cli::Summary
     eprintln!("time     {:.2} s, {}, peak memory {}", s.seconds, rate(s.tensor_bytes, s.seconds), bytes(peak));
     if let Some(out) = &s.output {
         eprintln!("wrote    {}", printable(&out.display().to_string()));
+    }
+}
+
+/// Names every code file a delta carries (SPEC section 4), on stderr.
+fn print_code_files(code: &[String]) {
+    if !code.is_empty() {
+        eprintln!("code     this delta ships code: {}", names(code));
     }
 }
 
@@ -324,7 +336,12 @@ fn inspect(cfg: &InspectConfig, json_out: bool) -> Result<(), Error> {
         );
     }
     for f in &m.side_files {
-        println!("side file {}  ({})", printable(&f.path), bytes(f.size));
+        let code = if fapm_stages::paths::is_code(&f.path) { "  code" } else { "" };
+        println!("side file {}  ({}){code}", printable(&f.path), bytes(f.size));
+    }
+    let code = fapm::pipeline::apply::code_files(&m);
+    if !code.is_empty() {
+        println!("this delta ships code: {}", names(&code));
     }
     Ok(())
 }

@@ -36,6 +36,9 @@ pub struct ApplySummary {
     pub base_tensors_checked: usize,
     /// Side files written or checked.
     pub side_files: usize,
+    /// The side files that are code (`.py`, ...; `paths::is_code`), named so nobody runs
+    /// them unawares (SPEC section 4).
+    pub code_files: Vec<String>,
     /// Blocks whose hash was checked.
     pub blocks: usize,
     /// Bytes of tensor data written or checked.
@@ -123,12 +126,18 @@ impl ApplySummary {
             tensors: d.tensors,
             base_tensors_checked: d.base_tensors_checked,
             side_files: m.side_files.len(),
+            code_files: code_files(m),
             blocks: d.blocks,
             tensor_bytes: d.tensor_bytes,
             part: m.part.as_ref().map(|p| [p.index, p.count]),
             seconds: start.elapsed().as_secs_f64(),
         }
     }
+}
+
+/// The paths of the side files of `m` that are code, in the delta's order.
+pub fn code_files(m: &Manifest) -> Vec<String> {
+    m.side_files.iter().filter(|f| fapm_stages::paths::is_code(&f.path)).map(|f| f.path.clone()).collect()
 }
 
 /// Creates the output file or directory of shards, headers written and data sized.

@@ -229,7 +229,7 @@ fn malformed_checkpoints_are_clean_errors() {
 }
 
 /// A delta of the single fixture (sparsity 0.9), and the fixture's base.
-fn fixture_delta(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn fixture_delta(dir: &Path) -> (PathBuf, PathBuf) {
     let base = fixture("single/base.safetensors");
     let ft = fixture("single/finetuned.safetensors");
     let delta = dir.join("d.fapm");
@@ -582,13 +582,13 @@ fn many_similar_tensors_make_a_valid_delta() {
 
 /// A delta taken apart: its manifest, every tensor's decompressed blocks and every side
 /// file's contents. Edit any of them and [`pack`] writes a delta whose hashes all match.
-struct Unpacked {
-    m: Manifest,
-    tensors: Vec<Vec<Vec<u8>>>,
-    side: Vec<Vec<u8>>,
+pub(crate) struct Unpacked {
+    pub(crate) m: Manifest,
+    pub(crate) tensors: Vec<Vec<Vec<u8>>>,
+    pub(crate) side: Vec<Vec<u8>>,
 }
 
-fn unpack(delta: &Path) -> Unpacked {
+pub(crate) fn unpack(delta: &Path) -> Unpacked {
     let r = DeltaReader::open(delta).unwrap();
     let tensors =
         r.manifest.tensors.iter().map(|t| t.blocks.iter().map(|b| r.block(b, &t.name).unwrap()).collect()).collect();
@@ -604,7 +604,7 @@ fn unpack(delta: &Path) -> Unpacked {
 /// Writes `u` as the delta `to` with fapm's own writer: every block compressed and hashed
 /// again, every side file's size, hash and blocks taken from its contents, manifest and
 /// footer hashed. Tensor hashes (`out_hash`, `base_hash`) are left as `u` says.
-fn pack(u: &Unpacked, to: &Path) {
+pub(crate) fn pack(u: &Unpacked, to: &Path) {
     let mut m = u.m.clone();
     let mut w = DeltaWriter::new(fs::File::create(to).unwrap(), to).unwrap();
     let mut block = |raw: &[u8]| w.block(&zstd::bulk::compress(raw, 1).unwrap(), raw.len() as u64).unwrap();
@@ -644,12 +644,12 @@ fn with_manifest_text(from: &Path, json: &[u8], to: &Path) {
 
 /// The memory given to fapm where memory is the point: far more than any honest run here
 /// needs (see the control runs), far less than the hostile files asked for.
-const MEMORY_LIMIT: u64 = 1 << 30;
+pub(crate) const MEMORY_LIMIT: u64 = 1 << 30;
 
 /// Runs fapm with `args` with its data limited to `bytes` (RLIMIT_DATA: the heap and every
 /// private writable mapping, so every allocation; not the read-only maps of the inputs).
 /// An allocation past it fails, which aborts a Rust program (exit 134).
-fn run_limited(args: &[&str], bytes: u64) -> std::process::Output {
+pub(crate) fn run_limited(args: &[&str], bytes: u64) -> std::process::Output {
     use std::os::unix::process::CommandExt;
     let mut cmd = fapm();
     cmd.args(args);
@@ -746,7 +746,7 @@ fn json_that_asks_for_gigabytes_is_refused_within_the_budget() {
 
 /// A directory pair whose fine-tuned shard lives in `sub/` (named by an index) with one
 /// side file `config.json`, pruned: (base dir, fine-tuned dir, delta).
-fn sub_shard_delta(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+pub(crate) fn sub_shard_delta(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (base_dir, ft_dir) = (dir.join("base"), dir.join("ft"));
     let (b, f) = small_pair(dir);
     for (file, d) in [(&b, &base_dir), (&f, &ft_dir)] {
@@ -909,7 +909,7 @@ fn large_raw_blocks_stay_within_the_budget() {
 }
 
 /// Runs prune of `ft_dir` (against `base_dir`) into `out` with `--json`: (stdout, stderr).
-fn prune_json(base_dir: &Path, ft_dir: &Path, out: &Path) -> (serde_json::Value, String) {
+pub(crate) fn prune_json(base_dir: &Path, ft_dir: &Path, out: &Path) -> (serde_json::Value, String) {
     let o = run(&["prune", "--base", s(base_dir), "--finetuned", s(ft_dir), "-o", s(out), "--json", "--overwrite"]);
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{stderr}");
@@ -940,7 +940,10 @@ fn prune_names_every_side_file_and_embeds_only_data() {
         let (json, stderr) = prune_json(&base_dir, &ft_dir, &out);
         let embedded: Vec<&str> =
             json["embedded_side_files"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        assert_eq!(embedded, ["config.json", "note\u{202e}txt.md", "token.txt"], "{stderr}");
+        // A bidirectional control is invisible: such a name is left out (SPEC section 4).
+        assert_eq!(embedded, ["config.json", "token.txt"], "{stderr}");
+        let left_out = json["left_out_side_files"].as_array().unwrap();
+        assert!(left_out.iter().any(|l| l["path"] == "note\u{202e}txt.md"), "{json}");
         let warned = |needles: &[&str]| stderr.lines().any(|l| needles.iter().all(|n| l.contains(n)));
         let target = fs::canonicalize(outside.join("token.txt")).unwrap();
         assert!(warned(&["token.txt", s(&target), "outside"]), "{stderr}");
