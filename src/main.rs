@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::Parser;
 use fapm::config::{self, ApplyConfig, InspectConfig, MergeConfig, VerifyConfig};
 use fapm::{Error, RunControl};
-use fapm_stages::error::printable;
+use fapm_stages::error::{one_line, printable};
 use serde_json::json;
 
 use cli::{Cli, Command};
@@ -58,12 +58,6 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// One line, whatever the error's own formatting, with control characters from hostile file
-/// and tensor names escaped (no line breaks, no terminal escape sequences).
-fn one_line(msg: &str) -> String {
-    printable(&msg.replace('\n', " ")).into_owned()
 }
 
 /// A list of names from files, each escaped, comma-separated.

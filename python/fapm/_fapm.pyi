@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 _Path = Union[str, os.PathLike]
 
-__all__ = ["FapmError", "Checkpoint", "Delta", "prune", "apply", "verify", "inspect", "__version__"]
+__all__ = ["FapmError", "Checkpoint", "Delta", "prune", "apply", "verify", "inspect", "__version__", "_one_line"]
 
 __version__: str
 
@@ -27,7 +27,8 @@ class Checkpoint:
 
 @final
 class Delta:
-    """An opened delta: its verified manifest; blocks are read when a tensor is asked for."""
+    """An opened delta: its verified manifest; blocks are read when a tensor is asked for. A part
+    of a partitioned prune is refused, as ``fapm apply`` refuses it."""
 
     def __new__(cls, path: _Path, *, threads: Optional[int] = None, memory_budget: Optional[str] = None) -> "Delta": ...
     @property
@@ -94,3 +95,7 @@ def verify(
 
 def inspect(delta: _Path, *, memory_budget: Optional[str] = None) -> Dict[str, Any]:
     """``fapm inspect --json``, as a dict."""
+
+def _one_line(msg: str) -> str:
+    """``msg`` as one printable line: line breaks as spaces, control characters escaped, as
+    fapm's own messages are."""

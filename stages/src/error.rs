@@ -81,6 +81,13 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// An error message as one printable line, as the command line prints it after `error:` and
+/// the Python package raises it: line breaks become spaces, then control characters from
+/// hostile file and tensor names are escaped ([`printable`]).
+pub fn one_line(msg: &str) -> String {
+    printable(&msg.replace('\n', " ")).into_owned()
+}
+
 /// Whether [`printable`] escapes `c`: a control or invisible character (the table of
 /// [`crate::paths::is_control_or_invisible`], the same that refuses such paths).
 pub fn needs_escape(c: char) -> bool {
