@@ -67,6 +67,7 @@ pub fn inspect_text(path: &Path, m: &Manifest, size: u64) -> String {
 #[derive(Serialize)]
 struct Inspect<'a> {
     base_only: &'a [String],
+    code_files: Vec<String>,
     exclude: &'a [String],
     file: std::borrow::Cow<'a, str>,
     include: &'a [String],
@@ -90,6 +91,7 @@ impl<'a> Inspect<'a> {
     fn new(path: &'a Path, m: &'a Manifest, size: u64) -> Self {
         Inspect {
             base_only: &m.base_only,
+            code_files: crate::pipeline::apply::code_files(m),
             exclude: &m.exclude,
             file: path.to_string_lossy(),
             include: &m.include,
@@ -212,7 +214,10 @@ impl<W: Write> TerminalSafe<W> {
         for (i, c) in text.char_indices() {
             if fapm_stages::error::needs_escape(c) {
                 inner.write_all(&text.as_bytes()[start..i])?;
-                write!(inner, "\\u{:04x}", c as u32)?;
+                // Above U+FFFF (U+E0001, tag characters) JSON escapes a surrogate pair.
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    write!(inner, "\\u{unit:04x}")?;
+                }
                 start = i + c.len_utf8();
             }
         }
@@ -278,12 +283,15 @@ mod tests {
             "shards": m.shards.iter().map(|s| &s.name).collect::<Vec<_>>(),
             "tensors": tensors,
             "side_files": m.side_files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
+            "code_files": crate::pipeline::apply::code_files(m),
             "base_only": m.base_only,
         });
         let mut out = String::new();
         for c in v.to_string().chars() {
             if fapm_stages::error::needs_escape(c) {
-                out.push_str(&format!("\\u{:04x}", c as u32));
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
             } else {
                 out.push(c);
             }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::Parser;
 use fapm::config::{self, ApplyConfig, InspectConfig, MergeConfig, VerifyConfig};
 use fapm::{Error, RunControl};
-use fapm_stages::error::printable;
+use fapm_stages::error::{one_line, printable};
 use serde_json::json;
 
 use cli::{Cli, Command};
@@ -58,12 +58,6 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// One line, whatever the error's own formatting, with control characters from hostile file
-/// and tensor names escaped (no line breaks, no terminal escape sequences).
-fn one_line(msg: &str) -> String {
-    printable(&msg.replace('\n', " ")).into_owned()
 }
 
 /// A list of names from files, each escaped, comma-separated.
@@ -142,8 +136,9 @@ fn print_prune_summary(s: &fapm::PruneSummary, peak: u64) {
         let (n, list) = (s.embedded_side_files.len(), names(&s.embedded_side_files));
         eprintln!("embedded {n} side files: {list}");
     }
-    if !s.skipped_side_files.is_empty() {
-        eprintln!("skipped side files over 64 MiB: {}", names(&s.skipped_side_files));
+    print_code_files(&s.code_files);
+    for l in &s.left_out_side_files {
+        eprintln!("left out {} ({})", printable(&l.path), l.reason);
     }
     eprintln!("time    {:.2} s, {} of input, peak memory {}", s.seconds, rate(s.input_bytes, s.seconds), bytes(peak));
     eprintln!("wrote   {}", printable(&s.output.display().to_string()));
@@ -238,6 +233,7 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, how: &cli::Summary
         s.side_files,
         s.blocks
     );
+    print_code_files(&s.code_files);
     if s.base_tensors_checked > 0 {
         eprintln!("base     {} base tensors match the delta's hashes", s.base_tensors_checked);
     }
@@ -247,6 +243,13 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, how: &cli::Summary
     eprintln!("time     {:.2} s, {}, peak memory {}", s.seconds, rate(s.tensor_bytes, s.seconds), bytes(peak));
     if let Some(out) = &s.output {
         eprintln!("wrote    {}", printable(&out.display().to_string()));
+    }
+}
+
+/// Names every code file a delta carries (SPEC section 4), on stderr.
+fn print_code_files(code: &[String]) {
+    if !code.is_empty() {
+        eprintln!("code     this delta ships code: {}", names(code));
     }
 }
 
@@ -327,7 +330,12 @@ fn inspect(cfg: &InspectConfig, json_out: bool, ctl: &RunControl) -> Result<(), 
         );
     }
     for f in &m.side_files {
-        println!("side file {}  ({})", printable(&f.path), bytes(f.size));
+        let code = if fapm_stages::paths::is_code(&f.path) { "  code" } else { "" };
+        println!("side file {}  ({}){code}", printable(&f.path), bytes(f.size));
+    }
+    let code = fapm::pipeline::apply::code_files(&m);
+    if !code.is_empty() {
+        println!("this delta ships code: {}", names(&code));
     }
     Ok(())
 }

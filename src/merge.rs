@@ -14,7 +14,7 @@ use fapm_stages::read::partition::split;
 use fapm_stages::{Error, Result};
 
 use crate::config::MergeConfig;
-use crate::output::Staged;
+use crate::output::{Kind, Staged};
 use fapm_stages::run::RunControl;
 
 /// What a merge did.
@@ -45,7 +45,7 @@ pub fn merge(cfg: &MergeConfig, ctl: &RunControl) -> Result<MergeSummary> {
     let total: u64 = readers.iter().map(|r| r.size).sum();
     ctl.set_total(total);
 
-    let staged = Staged::new(output, overwrite)?;
+    let staged = Staged::new(output, Kind::File, overwrite)?;
     let mut writer = DeltaWriter::new(staged.create_file(staged.path())?, output)?;
     let mut copy = |reader: &DeltaReader, blocks: &[Block], what: &str| -> Result<Vec<Block>> {
         blocks

@@ -26,17 +26,44 @@ use crate::sigbus::{self, Registration};
 pub struct Staged {
     tmp: PathBuf,
     dest: PathBuf,
+    kind: Kind,
     overwrite: bool,
     committed: bool,
     guards: Mutex<Vec<Registration>>,
 }
 
+/// What an output is: a file (a delta, a single-file model) or a directory (a model, a report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A file.
+    File,
+    /// A directory.
+    Directory,
+}
+
+impl Kind {
+    /// `--overwrite` replaces an earlier output of the same kind only: a delta file never
+    /// replaces a directory (and whatever it holds), nor a model directory a file.
+    fn check_replaces(self, dest: &Path) -> Result<()> {
+        let is_dir = fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir());
+        match (self, is_dir) {
+            (Kind::File, true) => Err(Error::invalid(dest, "is a directory: --overwrite replaces a file output only")),
+            (Kind::Directory, false) if fs::symlink_metadata(dest).is_ok() => {
+                Err(Error::invalid(dest, "is not a directory: --overwrite replaces a directory output only"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Staged {
-    /// Reserves a temporary name beside `dest`. Fails if `dest` exists and `overwrite` is off.
-    pub fn new(dest: &Path, overwrite: bool) -> Result<Self> {
+    /// Reserves a temporary name beside `dest` for an output of `kind`. Fails if `dest` exists
+    /// and `overwrite` is off, or if it is of the other kind.
+    pub fn new(dest: &Path, kind: Kind, overwrite: bool) -> Result<Self> {
         if !overwrite && fs::symlink_metadata(dest).is_ok() {
             return Err(Error::invalid(dest, "already exists (use --overwrite to replace it)"));
         }
+        kind.check_replaces(dest)?;
         if dest.file_name().is_none() {
             return Err(Error::invalid(dest, "not a file or directory name"));
         }
@@ -46,7 +73,7 @@ impl Staged {
             remove(&tmp); // left by an earlier process with our id
         }
         let guards = Mutex::new(vec![sigbus::register(&tmp)]);
-        Ok(Staged { tmp, dest: dest.to_path_buf(), overwrite, committed: false, guards })
+        Ok(Staged { tmp, dest: dest.to_path_buf(), kind, overwrite, committed: false, guards })
     }
 
     /// Registers a file or directory created inside a temporary directory with the SIGBUS
@@ -111,6 +138,7 @@ impl Staged {
     /// Moves the temporary into place over whatever is at the destination; returns where the
     /// old output now is when it still has to be removed.
     fn replace(&self) -> Result<Option<PathBuf>> {
+        self.kind.check_replaces(&self.dest)?;
         let existing = fs::symlink_metadata(&self.dest).ok();
         if existing.is_some_and(|m| m.is_dir() || self.tmp.is_dir()) {
             // rename cannot replace a directory: swap the two atomically where the system can
@@ -344,41 +372,62 @@ mod tests {
         fs::write(&old_aside, b"previous output").unwrap();
         let other = dir.path().join(format!(".other.fapm-tmp.{}.{dead_pid}", host()));
         fs::write(&other, b"another destination's").unwrap();
-        let staged = Staged::new(&dest, false).unwrap();
+        let staged = Staged::new(&dest, Kind::File, false).unwrap();
         assert!(!stale.exists(), "a dead process's temporary was kept");
         // dest does not exist: the old output moved aside may be the only copy.
         assert!(old_aside.exists() && other.exists());
         assert_eq!(staged.path(), temporary(&dest, std::process::id()));
         fs::write(staged.path(), b"new").unwrap();
         staged.commit().unwrap();
-        let _ = Staged::new(&dest, true).unwrap();
+        let _ = Staged::new(&dest, Kind::File, true).unwrap();
         assert!(!old_aside.exists(), "once dest exists, an old output moved aside is stale");
         // A live process's temporary stays.
         let live = sibling(&dest, TMP, 1);
         fs::write(&live, b"init's").unwrap();
-        let _ = Staged::new(&dest, true).unwrap();
+        let _ = Staged::new(&dest, Kind::File, true).unwrap();
         assert!(live.exists());
     }
 
     #[test]
-    fn committing_a_directory_over_a_directory_or_a_file() {
+    fn committing_a_directory_over_a_directory() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("out");
-        for existing_is_dir in [true, false] {
-            if existing_is_dir {
-                fs::create_dir(&dest).unwrap();
-                fs::write(dest.join("old"), b"1").unwrap();
-            } else {
-                fs::write(&dest, b"old file").unwrap();
-            }
-            let staged = Staged::new(&dest, true).unwrap();
-            fs::create_dir(staged.path()).unwrap();
-            fs::write(staged.path().join("new"), b"2").unwrap();
-            staged.commit().unwrap();
-            assert_eq!(fs::read(dest.join("new")).unwrap(), b"2");
-            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary was left");
-            fs::remove_dir_all(&dest).unwrap();
-        }
+        fs::create_dir(&dest).unwrap();
+        fs::write(dest.join("old"), b"1").unwrap();
+        let staged = Staged::new(&dest, Kind::Directory, true).unwrap();
+        fs::create_dir(staged.path()).unwrap();
+        fs::write(staged.path().join("new"), b"2").unwrap();
+        staged.commit().unwrap();
+        assert_eq!(fs::read(dest.join("new")).unwrap(), b"2");
+        assert!(!dest.join("old").exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary was left");
+    }
+
+    /// `prune --output X --overwrite` with a directory at X deleted the directory and all it
+    /// held: --overwrite replaces an earlier output of the same kind only, checked at the start
+    /// and again at the commit.
+    #[test]
+    fn overwrite_never_replaces_the_other_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a_dir, a_file) = (dir.path().join("a_dir"), dir.path().join("a_file"));
+        fs::create_dir(&a_dir).unwrap();
+        fs::write(a_dir.join("keep"), b"1").unwrap();
+        fs::write(&a_file, b"keep").unwrap();
+        let err = Staged::new(&a_dir, Kind::File, true).err().unwrap().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        let err = Staged::new(&a_file, Kind::Directory, true).err().unwrap().to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+        // A directory that appears where a file output goes, while the run runs.
+        let late = dir.path().join("late");
+        let staged = Staged::new(&late, Kind::File, true).unwrap();
+        fs::write(staged.path(), b"new").unwrap();
+        fs::create_dir(&late).unwrap();
+        fs::write(late.join("keep"), b"1").unwrap();
+        assert!(staged.commit().unwrap_err().to_string().contains("is a directory"));
+        assert_eq!(fs::read(a_dir.join("keep")).unwrap(), b"1");
+        assert_eq!(fs::read(&a_file).unwrap(), b"keep");
+        assert_eq!(fs::read(late.join("keep")).unwrap(), b"1");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3, "a temporary was left");
     }
 
     #[test]
@@ -392,7 +441,8 @@ mod tests {
         ];
         for (i, make) in appear.into_iter().enumerate() {
             for staged_is_dir in [false, true] {
-                let staged = Staged::new(&dest, false).unwrap();
+                let kind = if staged_is_dir { Kind::Directory } else { Kind::File };
+                let staged = Staged::new(&dest, kind, false).unwrap();
                 if staged_is_dir {
                     fs::create_dir(staged.path()).unwrap();
                     fs::create_dir(staged.path().join("sub")).unwrap();

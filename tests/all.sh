@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every test of fapm, as the README's test command: the Rust suite, a one-node Slurm cluster
-# running the partitioned prune, the Python package's tests (with torch) and the report checked
-# in headless Chromium. Installs what it needs (Debian's packages, PyPI's); run as root on a
-# fresh machine or again on a warm one. Each part prints its time; the last line counts every
+# running the partitioned prune, the container image and the Kubernetes manifests run as pods
+# would run them, the Python package's tests (with torch) and the report checked in headless
+# Chromium. Installs what it needs: Debian's packages (as root), and PyPI's into the
+# repository's own venv, .venv/ (.ci/venv.sh), never into the system's Python. Run on a fresh
+# machine or again on a warm one. Each part prints its time; the last line counts every
 # test of every part. With --lint (.ci/run), rustfmt's check and clippy run first, as a part,
 # while the installs run in the background.
 set -euo pipefail
@@ -38,15 +40,27 @@ finish() {
     exit "$status"
 }
 trap finish EXIT
-command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
+# Python 3 with venv (Debian's python3 leaves it to python3-venv), before the background apt-get
+# session so that two never wait on dpkg's lock; a no-op where they are installed.
+python3 -c 'import ensurepip, venv' 2>/dev/null ||
+    { apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null; }
 # The installs wait on the network, the build and the Rust tests on the CPU: Debian's packages
-# for the Slurm and browser parts (one apt-get session) and the Python tests' dependencies
-# (torch pulls about 3 GB of CUDA libraries) install in the background from here, and each part
-# first waits for what it needs. The parts' own scripts then find them installed.
-bash .ci/packages.sh slurm chromium >"$log/debian-packages" 2>&1 &
+# for the Slurm, container and browser parts (one apt-get session) and the Python dependencies
+# (torch pulls about 3 GB of CUDA libraries; into .venv/, one pip session) install in the
+# background from here, and each part first waits for what it needs. The parts' own scripts then
+# find them installed.
+bash .ci/packages.sh slurm container chromium >"$log/debian-packages" 2>&1 &
 installs[0]=$!
-python3 -m pip install -q --disable-pip-version-check -r .ci/python-test.txt >"$log/python-packages" 2>&1 &
+bash .ci/venv.sh >"$log/python-packages" 2>&1 &
 installs[1]=$!
+# The container part's base image (a Debian root file system: debootstrap, about 2 minutes on a
+# fresh machine, then kept) once the apt-get session has ended (it needs debootstrap and podman;
+# packages.sh is a no-op then), so that a failure here fails the container part alone.
+{
+    while kill -0 "${installs[0]}" 2>/dev/null; do sleep 2; done
+    bash .ci/packages.sh container && bash deploy/container/build.sh --base
+} >"$log/container-base" 2>&1 &
+installs[2]=$!
 ready() { # INDEX NAME: waits for the background install INDEX; shows its log if it failed
     local start=$SECONDS pid=${installs[$1]}
     [ -n "$pid" ] || return 0
@@ -81,6 +95,13 @@ slurm() {
     bash .ci/slurm.sh 2>&1 | tee "$log/slurm"
 }
 part slurm slurm
+container() {
+    ready 0 debian-packages
+    ready 2 container-base
+    ready 1 python-packages
+    bash .ci/container.sh 2>&1 | tee "$log/container"
+}
+part container container
 python_tests() {
     ready 1 python-packages
     bash .ci/python.sh 2>&1 | tee "$log/python"
@@ -93,10 +114,12 @@ browser() {
 part report-browser browser
 # With --lint, the test suite's own time too: the run's but fmt-clippy (and the installs' start).
 echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'),${lint:+ tests $((SECONDS - lint_time)) s,} all $SECONDS s"
-# Rust: "test result: ok. P passed; F failed"; Slurm: "slurm: P passed, F failed"; pytest:
-# "P passed in S s"; the browser check is one test that passed if we got here.
+# Rust: "test result: ok. P passed; F failed"; Slurm and the container: "slurm: P passed,
+# F failed", "container: P passed, F failed"; pytest:
+# "P passed in S s", which .ci/python.sh prints again as its last line: counted once; the browser
+# check is one test that passed if we got here.
 # Any failure stopped the script above (set -e, pipefail), so only passes are left to count.
 awk '/^test result:/ { p += $4; f += $6 }
-     /^slurm: [0-9]+ passed/ { p += $2; f += $4 }
-     /^=* *[0-9]+ passed/ { sub(/^=+ */, ""); p += $1 }
-     END { printf "total: %d passed, %d failed\n", p + 1, f }' "$log/rust" "$log/slurm" "$log/python"
+     /^(slurm|container): [0-9]+ passed/ { p += $2; f += $4 }
+     /^=* *[0-9]+ passed/ && !seen[$0]++ { sub(/^=+ */, ""); p += $1 }
+     END { printf "total: %d passed, %d failed\n", p + 1, f }' "$log/rust" "$log/slurm" "$log/container" "$log/python"

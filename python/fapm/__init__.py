@@ -14,8 +14,18 @@ same Rust code as the ``fapm`` command line, checking the same hashes:
 - ``prune``, ``apply``, ``verify``, ``inspect``: the command line's commands, returning what
   their ``--json`` prints, as dicts.
 
-Every failure raises ``FapmError`` with the message the command line prints; Ctrl-C interrupts
-a long call (``KeyboardInterrupt``), leaving targets as they were.
+Every failure raises ``FapmError`` with the message the command line prints (one line, control
+characters from file and tensor names escaped); Ctrl-C interrupts a long call
+(``KeyboardInterrupt``), leaving targets as they were.
+
+Every entry point that reads a delta or a checkpoint takes ``memory_budget=`` (the command
+line's ``--memory-budget``: ``"256M"``, ``"4G"``, ...; default 256 MiB) and, where the work runs
+on a thread pool, ``threads=`` (default: every core). The budget bounds fapm's own memory: the
+manifest, the blocks in flight and their buffers, whatever the thread count. The arrays a call
+returns are not counted, except bytes that no base bounds (a tensor stored whole, the added rows
+of a resized vocabulary): those are allocated only up to the budget, or 64 times their
+compressed size in the delta if that is more, so that a small hostile delta cannot ask for
+gigabytes. Settings are checked by the command line's own code, with its messages.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from . import numpy as _np
 from ._fapm import Checkpoint as _Checkpoint
 from ._fapm import Delta as _Delta
 from ._fapm import FapmError, __version__, apply, inspect, prune, verify
+from ._fapm import _one_line
 
 __all__ = [
     "FapmError",
@@ -57,8 +68,16 @@ def _framework(name: str):
     raise ValueError(f"framework must be 'np' or 'pt', not {name!r}")
 
 
-def _delta(delta) -> _Delta:
-    return delta if isinstance(delta, _Delta) else _Delta(delta)
+def _delta(delta, threads: Optional[int] = None, memory_budget: Optional[str] = None) -> _Delta:
+    if isinstance(delta, _Delta):
+        return delta
+    return _Delta(delta, threads=threads, memory_budget=memory_budget)
+
+
+def _error(msg: str) -> FapmError:
+    """``FapmError`` with ``msg`` made one printable line, as fapm's own messages are (names in
+    it come from the delta)."""
+    return FapmError(_one_line(msg))
 
 
 class safe_open:
@@ -72,13 +91,23 @@ class safe_open:
     ``delta`` is a fapm delta file, ``base`` the base checkpoint it was made against (a
     ``.safetensors`` file or a directory of shards), ``framework`` ``"np"`` (NumPy arrays;
     BF16 as ``ml_dtypes.bfloat16``) or ``"pt"`` (torch tensors). The base is memory-mapped;
-    nothing is read until a tensor is asked for.
+    nothing is read until a tensor is asked for. ``threads`` (default: every core) decode each
+    tensor's blocks; ``memory_budget`` bounds the memory fapm uses for it (see the package's
+    documentation). A part of a partitioned prune is refused, as ``fapm apply`` refuses it.
     """
 
-    def __init__(self, delta: PathLike, base: PathLike, framework: str = "np"):
+    def __init__(
+        self,
+        delta: PathLike,
+        base: PathLike,
+        framework: str = "np",
+        *,
+        threads: Optional[int] = None,
+        memory_budget: Optional[str] = None,
+    ):
         self._fw = _framework(framework)
-        self._delta = _delta(delta)
-        self._base = _Checkpoint(base)
+        self._delta = _delta(delta, threads, memory_budget)
+        self._base = _Checkpoint(base, memory_budget=memory_budget)
 
     def __enter__(self) -> "safe_open":
         return self
@@ -108,11 +137,19 @@ class safe_open:
         return self._delta.info()
 
 
-def load_file(delta: PathLike, base: PathLike, framework: str = "np") -> Dict[str, Any]:
+def load_file(
+    delta: PathLike,
+    base: PathLike,
+    framework: str = "np",
+    *,
+    threads: Optional[int] = None,
+    memory_budget: Optional[str] = None,
+) -> Dict[str, Any]:
     """Every tensor of the fine-tuned model, rebuilt from ``base`` and ``delta``, checked like
     ``fapm apply`` checks them: the same bytes that ``fapm apply`` writes, as a dict of NumPy
-    arrays (``framework="np"``) or torch tensors (``"pt"``) in the model's order."""
-    with safe_open(delta, base, framework) as f:
+    arrays (``framework="np"``) or torch tensors (``"pt"``) in the model's order. ``threads``
+    and ``memory_budget`` as for ``safe_open``."""
+    with safe_open(delta, base, framework, threads=threads, memory_budget=memory_budget) as f:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
@@ -224,7 +261,7 @@ def _plan(d: _Delta, tgt: _Target) -> List[_Step]:
         if mapped and key is None:
             continue
         if mapped and key not in tgt.tensors:
-            raise FapmError(f"tensor '{name}': rename maps it to '{key}', which the target does not have")
+            raise _error(f"tensor '{name}': rename maps it to '{key}', which the target does not have")
         value = tgt.tensors[key] if mapped else None
         fw = tgt.fw(value) if value is not None else None
         where = f"target tensor '{key}'" if key == name or key is None else f"target tensor '{key}' (for '{name}')"
@@ -232,13 +269,13 @@ def _plan(d: _Delta, tgt: _Target) -> List[_Step]:
             vdtype, vshape = fw.dtype_name(value), list(value.shape)
         if base_dtype is not None:
             if value is None:
-                raise FapmError(
+                raise _error(
                     f"tensor '{name}': not in the target, which must hold the base tensor "
                     "(map it with rename=, or skip it with rename={name: None})"
                 )
             bshape = list(d.base_shape(name))
             if vdtype != base_dtype or vshape != bshape:
-                raise FapmError(
+                raise _error(
                     f"{where}: is {vdtype} {vshape}, but the delta was made against {base_dtype} {bshape}"
                 )
             # A tensor that changes dtype, or grows (added tokens), gets a new buffer.
@@ -246,7 +283,7 @@ def _plan(d: _Delta, tgt: _Target) -> List[_Step]:
             steps.append(_Step("patch" if in_place else "replace", name, key, value, fw))
         elif value is None:
             if not tgt.is_dict:
-                raise FapmError(
+                raise _error(
                     f"tensor '{name}': stored whole in the delta but not in the model "
                     "(map it with rename=, or skip it with rename={name: None})"
                 )
@@ -261,7 +298,7 @@ def _bytes(step: _Step, writable: bool):
     try:
         return step.fw.as_bytes(step.value, writable)
     except ValueError as e:
-        raise FapmError(f"target tensor '{step.key}': {e}") from None
+        raise _error(f"target tensor '{step.key}': {e}") from None
 
 
 def _run(d: _Delta, tgt: _Target, step: _Step, label: str, done: List[_Step]) -> None:
@@ -292,6 +329,21 @@ def _run(d: _Delta, tgt: _Target, step: _Step, label: str, done: List[_Step]) ->
         tgt.set(step.key, new)
 
 
+def _undo_all(d: _Delta, tgt: _Target, done: List[_Step]) -> Optional[FapmError]:
+    """Undoes every step in ``done``, last first, going on past the ones that fail; returns
+    None, or one ``FapmError`` naming every tensor that could not be restored (left as the
+    failed undo left it, neither base nor fine-tuned for a patch)."""
+    failed = []
+    for s in reversed(done):
+        try:
+            _undo(d, tgt, s)
+        except Exception as e:  # noqa: BLE001 - every undo is tried; all failures are reported
+            failed.append(f"'{s.key}' ({e})")
+    if not failed:
+        return None
+    return _error(f"could not restore {len(failed)} tensor(s) to the base: " + "; ".join(failed))
+
+
 def _undo(d: _Delta, tgt: _Target, step: _Step) -> None:
     if step.kind == "patch":
         d.revert(step.name, _bytes(step, True))
@@ -303,8 +355,10 @@ def _undo(d: _Delta, tgt: _Target, step: _Step) -> None:
         tgt.remove(step.key)
 
 
-def _patch(target, delta, check_base: bool, rename: Rename) -> Tuple[_Delta, _Target, List[_Step]]:
-    d = _delta(delta)
+def _patch(
+    target, delta, check_base: bool, rename: Rename, threads: Optional[int], memory_budget: Optional[str]
+) -> Tuple[_Delta, _Target, List[_Step]]:
+    d = _delta(delta, threads, memory_budget)
     tgt = _Target(target, rename)
     steps = _plan(d, tgt)
     label = "target" if tgt.is_dict else type(target).__name__
@@ -316,14 +370,23 @@ def _patch(target, delta, check_base: bool, rename: Rename) -> Tuple[_Delta, _Ta
     try:
         for s in steps:
             _run(d, tgt, s, f"{label} '{s.key}'", done)
-    except BaseException:
-        for s in reversed(done):
-            _undo(d, tgt, s)
+    except BaseException as e:
+        failed = _undo_all(d, tgt, done)
+        if failed is not None:
+            raise failed from e
         raise
     return d, tgt, done
 
 
-def patch_(target, delta: PathLike, *, check_base: bool = True, rename: Rename = None):
+def patch_(
+    target,
+    delta: PathLike,
+    *,
+    check_base: bool = True,
+    rename: Rename = None,
+    threads: Optional[int] = None,
+    memory_budget: Optional[str] = None,
+):
     """Turns ``target``, which holds the base model, into the fine-tune in place: bit for bit
     the tensors ``fapm apply`` writes. Returns ``target``.
 
@@ -338,14 +401,25 @@ def patch_(target, delta: PathLike, *, check_base: bool = True, rename: Rename =
     base the delta was made from before anything is written: one mismatch and nothing is
     modified, and the ``FapmError`` names the tensor. Pruned tensors are patched where they
     are, a block at a time (no second copy of the model); every result is checked against its
-    recorded hash. A failure or Ctrl-C part way puts back everything already changed.
+    recorded hash. A failure or Ctrl-C part way puts back everything already changed (if some
+    of that fails, every other tensor is still put back, and the ``FapmError`` names the ones
+    that could not be). ``threads`` and ``memory_budget`` as for ``safe_open``; a part of a
+    partitioned prune is refused.
     """
-    _patch(target, delta, check_base, rename)
+    _patch(target, delta, check_base, rename, threads, memory_budget)
     return target
 
 
 @contextlib.contextmanager
-def patched(target, delta: PathLike, *, check_base: bool = True, rename: Rename = None):
+def patched(
+    target,
+    delta: PathLike,
+    *,
+    check_base: bool = True,
+    rename: Rename = None,
+    threads: Optional[int] = None,
+    memory_budget: Optional[str] = None,
+):
     """``patch_`` for the duration of a ``with`` block, then the base again, also when the
     block raises: one loaded base serves many fine-tunes in turn::
 
@@ -357,13 +431,18 @@ def patched(target, delta: PathLike, *, check_base: bool = True, rename: Rename 
     delta stores whole (and the originals of tensors it changes in dtype or shape) is kept
     aside. Changes that code inside the block makes to the weights are not undone, and at the
     patched positions they leave neither base nor fine-tuned values.
+
+    On exit every tensor that can be restored is restored, even when some cannot (a target
+    replaced by one of another shape inside the block, say); then one ``FapmError`` names every
+    tensor that could not be (chained to the block's own exception, if it raised one).
     """
-    d, tgt, done = _patch(target, delta, check_base, rename)
+    d, tgt, done = _patch(target, delta, check_base, rename, threads, memory_budget)
     try:
         yield target
     finally:
-        for s in reversed(done):
-            _undo(d, tgt, s)
+        failed = _undo_all(d, tgt, done)
+        if failed is not None:
+            raise failed
 
 
 def iter_patches(
@@ -372,6 +451,9 @@ def iter_patches(
     names: Optional[List[str]] = None,
     framework: Optional[str] = None,
     rename: Rename = None,
+    *,
+    threads: Optional[int] = None,
+    memory_budget: Optional[str] = None,
 ) -> Iterator[Tuple[str, Any, Any]]:
     """Yields ``(name, indices, values)`` for each tensor of the delta (or of ``names``), for
     engines that take sparse updates: ``indices`` are the flat (row-major) int64 positions the
@@ -383,19 +465,23 @@ def iter_patches(
     ``base`` is the base checkpoint's path, or the model / dict of arrays that holds it (names
     resolved as ``patch_`` resolves them, with ``rename``). Every hash is checked as in
     ``load_file``. ``framework`` is ``"np"`` or ``"pt"``; by default ``"pt"`` when ``base``
-    holds torch tensors, else ``"np"``.
+    holds torch tensors, else ``"np"``. ``threads`` and ``memory_budget`` as for ``safe_open``;
+    a part of a partitioned prune is refused (on the call, before the first tensor).
     """
-    d = _delta(delta)
-    tgt = None
+    d = _delta(delta, threads, memory_budget)
+    tgt, src = None, None
     if isinstance(base, (str, os.PathLike)):
-        src = _Checkpoint(base)
+        src = _Checkpoint(base, memory_budget=memory_budget)
     else:
         tgt = _Target(base, rename)
     if framework is None:
         framework = "np"
         if tgt is not None and any(tgt.fw(v) is not _np for v in tgt.tensors.values()):
             framework = "pt"
-    fw = _framework(framework)
+    return _iter_patches(d, src, tgt, names, _framework(framework))
+
+
+def _iter_patches(d: _Delta, src, tgt, names, fw) -> Iterator[Tuple[str, Any, Any]]:
     for name in d.names() if names is None else names:
         dtype, shape, _, base_dtype, _ = d.tensor(name)
         if base_dtype is None:
@@ -418,13 +504,13 @@ def iter_patches(
 def _plan_one(d: _Delta, tgt: _Target, name: str) -> _Step:
     mapped, key = tgt.key(name)
     if not mapped or key is None or key not in tgt.tensors:
-        raise FapmError(f"tensor '{name}': not in the base given (map it with rename=)")
+        raise _error(f"tensor '{name}': not in the base given (map it with rename=)")
     value = tgt.tensors[key]
     step = _Step("patch", name, key, value, tgt.fw(value))
     _, _, _, base_dtype, _ = d.tensor(name)
     shape = list(d.base_shape(name))
     if step.fw.dtype_name(value) != base_dtype or list(value.shape) != shape:
-        raise FapmError(
+        raise _error(
             f"base tensor '{key}': is {step.fw.dtype_name(value)} {list(value.shape)}, "
             f"but the delta was made against {base_dtype} {shape}"
         )

@@ -2,12 +2,14 @@
 unsigned integers of the element's width; ``fapm`` views them with their dtype and shape."""
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
 _Path = Union[str, os.PathLike]
+
+__all__ = ["FapmError", "Checkpoint", "Delta", "prune", "apply", "verify", "inspect", "__version__", "_one_line"]
 
 __version__: str
 
@@ -15,17 +17,20 @@ class FapmError(Exception):
     """A fapm failure: bad input, a hash mismatch, a corrupt delta. The message is the one
     the fapm command line prints after ``error:``."""
 
+@final
 class Checkpoint:
     """A base checkpoint (a .safetensors file or a directory of shards), memory-mapped."""
 
-    def __init__(self, path: _Path, *, memory_budget: Optional[str] = None) -> None: ...
+    def __new__(cls, path: _Path, *, memory_budget: Optional[str] = None) -> "Checkpoint": ...
     @property
     def path(self) -> str: ...
 
+@final
 class Delta:
-    """An opened delta: its verified manifest; blocks are read when a tensor is asked for."""
+    """An opened delta: its verified manifest; blocks are read when a tensor is asked for. A part
+    of a partitioned prune is refused, as ``fapm apply`` refuses it."""
 
-    def __init__(self, path: _Path, *, threads: Optional[int] = None, memory_budget: Optional[str] = None) -> None: ...
+    def __new__(cls, path: _Path, *, threads: Optional[int] = None, memory_budget: Optional[str] = None) -> "Delta": ...
     @property
     def path(self) -> str: ...
     def names(self) -> List[str]: ...
@@ -60,16 +65,17 @@ def prune(
     sparsity: str = "0.9",
     metric: str = "fapm",
     threshold: str = "exact",
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
+    include: Sequence[str] = ...,
+    exclude: Sequence[str] = ...,
     threads: Optional[int] = None,
     memory_budget: Optional[str] = None,
     overwrite: bool = False,
     penalty: str = "1",
-    sparsity_for: Sequence[str] = (),
+    sparsity_for: Sequence[str] = ...,
     part: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """``fapm prune``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
+    """``fapm prune``; returns what ``--json`` prints (without ``peak_memory_bytes``).
+    ``include``, ``exclude`` and ``sparsity_for`` are empty unless given."""
 
 def apply(
     base: _Path,
@@ -89,3 +95,7 @@ def verify(
 
 def inspect(delta: _Path, *, memory_budget: Optional[str] = None) -> Dict[str, Any]:
     """``fapm inspect --json``, as a dict."""
+
+def _one_line(msg: str) -> str:
+    """``msg`` as one printable line: line breaks as spaces, control characters escaped, as
+    fapm's own messages are."""

@@ -5,9 +5,17 @@
 //! on a worker thread, and Ctrl-C (checked every 50 ms) cancels it as it cancels the command
 //! line. Settings are checked by `fapm::config`, the command line's own checks, and tensors
 //! are rebuilt by the decoder `apply` uses. Every fapm error becomes `FapmError` with the
-//! message the command line prints.
+//! message the command line prints, escaped as it escapes it.
+//!
+//! Nothing is allocated from a size the delta declares before it was bounded: a tensor built
+//! on a base only after the base was checked against the record (dtype, shape, bytes), bytes
+//! that no base bounds (a tensor stored whole, the added rows of an extended one) only within
+//! [`unbounded_limit`], and every output buffer with a fallible allocation. Buffers that may be
+//! memory-mapped files are watched for SIGBUS while Rust reads them (`sigbus`).
 
-use std::path::PathBuf;
+mod sigbus;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +23,7 @@ use fapm::config::{options, ApplyConfig, InspectConfig, VerifyConfig};
 use fapm::{Error, RunControl};
 use fapm_stages::checkpoint::Checkpoint as RustCheckpoint;
 use fapm_stages::decode::in_memory::Delta as RustDelta;
+use fapm_stages::error::one_line;
 use fapm_stages::format::TensorRecord;
 use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::create_exception;
@@ -34,13 +43,45 @@ create_exception!(
 fn to_py(e: Error, interrupted: Option<PyErr>) -> PyErr {
     match (e, interrupted) {
         (Error::Cancelled, Some(py)) => py,
-        (e, _) => FapmError::new_err(e.to_string()),
+        (e, _) => FapmError::new_err(one_line(&e.to_string())),
     }
+}
+
+/// The error for a buffer whose file shrank while Rust read it (`sigbus`): `label` names it.
+fn truncated(label: &Path) -> PyErr {
+    to_py(Error::invalid(label, "changed or was truncated while fapm was reading it (memory-mapped)"), None)
+}
+
+/// How many times its compressed bytes a tensor's bytes that no base bounds may be: more than
+/// honest tensors compress (floats about 1.1-2, integers rarely 10), far less than a block of
+/// zeros does (thousands).
+const UNBOUNDED_RATIO: u64 = 64;
+
+/// The most bytes that no base bounds (a tensor stored whole, the added rows of an extended
+/// tensor) that may be allocated for record `t`: the memory budget, or [`UNBOUNDED_RATIO`]
+/// times the compressed bytes of its blocks if that is more. The reader has checked that the
+/// blocks decompress to the tensor's bytes, but a zstd block of zeros is 64 MiB from a few
+/// KiB: without this a delta of kilobytes could ask for gigabytes.
+fn unbounded_limit(t: &TensorRecord, budget: u64) -> u64 {
+    let packed: u64 = t.blocks.iter().map(|b| b.len).fold(0, u64::saturating_add);
+    budget.max(packed.saturating_mul(UNBOUNDED_RATIO))
 }
 
 /// Runs `f` on a worker thread with the GIL released; Ctrl-C (checked every 50 ms) cancels it
 /// at its next block or chunk, and the KeyboardInterrupt is raised once it stopped.
 fn pipeline<T: Send>(py: Python<'_>, f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send) -> PyResult<T> {
+    match run(py, f) {
+        (Ok(_), Some(e)) => Err(e),
+        (r, i) => r.map_err(|e| to_py(e, i)),
+    }
+}
+
+/// [`pipeline`]'s work and the Ctrl-C seen while it ran, apart: work that finished although
+/// it was cancelled (the Ctrl-C came after its last check) has still done what it does.
+fn run<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send,
+) -> (fapm::Result<T>, Option<PyErr>) {
     let ctl = RunControl::default();
     let mut interrupted = None;
     let result = py.detach(|| {
@@ -64,15 +105,17 @@ fn pipeline<T: Send>(py: Python<'_>, f: impl FnOnce(&RunControl) -> fapm::Result
             worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     });
-    match (result, interrupted) {
-        (Ok(_), Some(e)) => Err(e),
-        (r, i) => r.map_err(|e| to_py(e, i)),
-    }
+    (result, interrupted)
 }
 
 /// A JSON value as the Python object `json.loads` makes of it.
 fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
-    py.import("json")?.call_method1("loads", (v.to_string(),))
+    json_text_to_py(py, v.to_string())
+}
+
+/// JSON text as the Python object `json.loads` makes of it.
+fn json_text_to_py(py: Python<'_>, text: String) -> PyResult<Bound<'_, PyAny>> {
+    py.import("json")?.call_method1("loads", (text,))
 }
 
 /// A fresh buffer of `n` elements of `size` bytes, typed so that its memory is aligned for
@@ -84,14 +127,38 @@ enum Buffer {
     B8(Vec<u64>),
 }
 
+/// `n` zeroed elements, or None when the memory cannot be had (instead of aborting).
+fn try_zeroed<T: Copy>(n: usize) -> Option<Vec<T>> {
+    let layout = std::alloc::Layout::array::<T>(n).ok()?;
+    if layout.size() == 0 {
+        return Some(Vec::new());
+    }
+    // SAFETY: the layout's size is not zero.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` comes from the global allocator with the layout of `n` elements of T, all
+    // zero bits, a valid value of the plain integers T is used with here.
+    Some(unsafe { Vec::from_raw_parts(p, n, n) })
+}
+
 impl Buffer {
-    fn new(size: usize, n: usize) -> Self {
-        match size {
-            1 => Buffer::B1(vec![0; n]),
-            2 => Buffer::B2(vec![0; n]),
-            4 => Buffer::B4(vec![0; n]),
-            _ => Buffer::B8(vec![0; n]),
-        }
+    /// A zeroed buffer of `n` elements of `size` bytes for tensor `name` of `delta`; an error,
+    /// not an abort, when the memory cannot be had.
+    fn new(size: usize, n: u64, delta: &Path, name: &str) -> PyResult<Self> {
+        let fail = || {
+            let msg = format!("cannot allocate {} bytes for it", n.saturating_mul(size as u64));
+            to_py(Error::tensor(delta, name, msg), None)
+        };
+        let n = usize::try_from(n).map_err(|_| fail())?;
+        let b = match size {
+            1 => try_zeroed(n).map(Buffer::B1),
+            2 => try_zeroed(n).map(Buffer::B2),
+            4 => try_zeroed(n).map(Buffer::B4),
+            _ => try_zeroed(n).map(Buffer::B8),
+        };
+        b.ok_or_else(fail)
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
@@ -158,6 +225,8 @@ impl Checkpoint {
 #[pyclass(module = "fapm._fapm", frozen)]
 struct Delta {
     inner: Arc<RustDelta>,
+    /// The checked memory budget, which also bounds what no base bounds ([`unbounded_limit`]).
+    budget: u64,
 }
 
 impl Delta {
@@ -172,8 +241,8 @@ impl Delta {
     #[pyo3(signature = (path, *, threads = None, memory_budget = None))]
     fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, memory_budget: Option<String>) -> PyResult<Self> {
         let (threads, budget) = options::Run { threads, memory_budget }.check().map_err(|e| to_py(e, None))?;
-        let inner = pipeline(py, |_| RustDelta::open(&path, budget, threads))?;
-        Ok(Delta { inner: Arc::new(inner) })
+        let inner = pipeline(py, |ctl| RustDelta::open(&path, budget, threads, ctl))?;
+        Ok(Delta { inner: Arc::new(inner), budget })
     }
 
     /// The delta's path.
@@ -204,7 +273,7 @@ impl Delta {
     /// What `fapm inspect --json` prints, as a dict.
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let r = &self.inner.reader;
-        json_to_py(py, &fapm::json::inspect(&r.path, &r.manifest, r.size))
+        json_text_to_py(py, fapm::json::inspect_text(&r.path, &r.manifest, r.size))
     }
 
     /// The `__metadata__` of the output shards' headers, merged (None when no shard has one).
@@ -213,7 +282,7 @@ impl Delta {
         let mut any = false;
         for s in &self.inner.reader.manifest.shards {
             let header: serde_json::Value =
-                serde_json::from_str(&s.header).map_err(|e| FapmError::new_err(e.to_string()))?;
+                serde_json::from_str(&s.header).map_err(|e| FapmError::new_err(one_line(&e.to_string())))?;
             if let Some(m) = header.get("__metadata__").and_then(|m| m.as_object()) {
                 any = true;
                 merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -252,18 +321,38 @@ impl Delta {
             (_, Some(b)) => Some(b.bytes()),
             _ => None,
         };
-        if let (Some(dtype), Some(b)) = (t.base_dtype, bytes) {
-            // Checked before the output is allocated from the record's shape.
+        // Checked before the output is allocated from the record's shape: the base bounds the
+        // elements it was diffed against, the limit the rest.
+        if let Some(dtype) = t.base_dtype {
+            let b = bytes.ok_or_else(|| {
+                to_py(Error::tensor(&self.inner.reader.path, name, "needs its base tensor to be rebuilt"), None)
+            })?;
             let want = t.diffed_numel() * dtype.size() as u64;
             if b.len() as u64 != want {
                 let msg = format!("tensor '{name}': base buffer has {} bytes, the tensor {want}", b.len());
                 return Err(to_py(Error::Config(msg), None));
             }
         }
-        let mut out = Buffer::new(t.dtype.size(), t.numel() as usize);
+        let size = t.dtype.size() as u64;
+        let unbounded = (t.numel() - t.diffed_numel()) * size;
+        let limit = unbounded_limit(t, self.budget);
+        if unbounded > limit {
+            let msg = format!(
+                "{unbounded} bytes that no base tensor bounds (stored whole or in added rows), more than the \
+                 memory budget and {UNBOUNDED_RATIO} times their compressed size allow ({limit}); a larger \
+                 memory_budget lets it load"
+            );
+            return Err(to_py(Error::tensor(&self.inner.reader.path, name, msg), None));
+        }
+        let mut out = Buffer::new(t.dtype.size(), t.numel(), &self.inner.reader.path, name)?;
         let delta = &self.inner;
         let out_bytes = out.bytes_mut();
-        pipeline(py, |ctl| delta.reconstruct(name, bytes, &label, out_bytes, ctl))?;
+        let watch = sigbus::watch(bytes.unwrap_or_default());
+        let r = pipeline(py, |ctl| delta.reconstruct(name, bytes, &label, out_bytes, ctl));
+        if watch.faulted() {
+            return Err(truncated(&label));
+        }
+        r?;
         if let Some(b) = &base_ref {
             b.release();
         }
@@ -287,8 +376,17 @@ impl Delta {
         let target = target.as_slice_mut()?;
         let delta = &self.inner;
         let label = PathBuf::from(base_label);
-        pipeline(py, |ctl| delta.patch(name, target, check_base, &label, ctl))?;
-        done.map_or(Ok(()), |d| d.append(name))
+        let watch = sigbus::watch(target);
+        let (r, mut interrupted) = run(py, |ctl| delta.patch(name, target, check_base, &label, ctl));
+        if watch.faulted() {
+            return Err(truncated(&label));
+        }
+        r.map_err(|e| to_py(e, interrupted.take()))?;
+        // Patched, even if a Ctrl-C came after the last block: recorded before it is raised.
+        if let Some(d) = done {
+            d.append(name)?;
+        }
+        interrupted.map_or(Ok(()), Err)
     }
 
     /// Undoes `patch`: puts the base bits back at every position the delta keeps.
@@ -296,7 +394,11 @@ impl Delta {
         let target = target.as_slice_mut()?;
         let delta = &self.inner;
         // Undoing is never interrupted: a Ctrl-C waits for it, then is raised.
+        let watch = sigbus::watch(target);
         let r = py.detach(|| delta.revert(name, target));
+        if watch.faulted() {
+            return Err(truncated(Path::new("target")));
+        }
         r.map_err(|e| to_py(e, None))
     }
 
@@ -306,7 +408,12 @@ impl Delta {
         let base = base.as_slice()?;
         let delta = &self.inner;
         let label = PathBuf::from(base_label);
-        pipeline(py, |ctl| delta.check_base(name, base, &label, ctl))
+        let watch = sigbus::watch(base);
+        let r = pipeline(py, |ctl| delta.check_base(name, base, &label, ctl));
+        if watch.faulted() {
+            return Err(truncated(&label));
+        }
+        r
     }
 
     /// `(indices, values)` of tensor `name`: flat int64 kept positions and the fine-tuned
@@ -342,10 +449,18 @@ impl Delta {
                 return Err(to_py(Error::Config(msg), None));
             }
         }
-        let mut indices = vec![0i64; t.kept as usize];
-        let mut values = Buffer::new(t.dtype.size(), t.kept as usize);
+        let path = &self.inner.reader.path;
+        let Some(mut indices) = try_zeroed::<i64>(t.kept as usize) else {
+            return Err(to_py(Error::tensor(path, name, format!("cannot allocate {} indices for it", t.kept)), None));
+        };
+        let mut values = Buffer::new(t.dtype.size(), t.kept, path, name)?;
         let (delta, idx, vals) = (&self.inner, &mut indices[..], values.bytes_mut());
-        pipeline(py, |ctl| delta.patches(name, bytes, &label, idx, vals, ctl))?;
+        let watch = sigbus::watch(bytes);
+        let r = pipeline(py, |ctl| delta.patches(name, bytes, &label, idx, vals, ctl));
+        if watch.faulted() {
+            return Err(truncated(&label));
+        }
+        r?;
         if let Some(b) = &base_ref {
             b.release();
         }
@@ -436,8 +551,15 @@ fn verify<'py>(
 #[pyo3(signature = (delta, *, memory_budget = None))]
 fn inspect<'py>(py: Python<'py>, delta: PathBuf, memory_budget: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
     let cfg = InspectConfig::new(delta, memory_budget).map_err(|e| to_py(e, None))?;
-    let (m, size) = pipeline(py, |_| fapm::inspect(&cfg))?;
-    json_to_py(py, &fapm::json::inspect(&cfg.delta, &m, size))
+    let (m, size) = pipeline(py, |ctl| fapm::inspect(&cfg, ctl))?;
+    json_text_to_py(py, fapm::json::inspect_text(&cfg.delta, &m, size))
+}
+
+/// `msg` as one printable line, as fapm's own errors are: for the messages the Python half
+/// raises with names from a delta.
+#[pyfunction]
+fn _one_line(msg: &str) -> String {
+    one_line(msg)
 }
 
 /// The Rust half of `fapm`.
@@ -451,6 +573,11 @@ fn _fapm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(_one_line, m)?)?;
+    // Python installs no SIGBUS handler of its own (faulthandler's, when enabled, is kept and
+    // called for faults outside fapm's buffers); `sigbus::watch` installs it again if code
+    // run later replaced it.
+    sigbus::install();
     // rust-numpy loads NumPy's C API and its borrow checker on first use, running Python
     // code: done here, not when a result is handed over, where a pending Ctrl-C would make
     // the loading fail (and rust-numpy panic).

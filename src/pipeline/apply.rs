@@ -19,7 +19,7 @@ use fapm_stages::format::{DeltaReader, Manifest, Source};
 use fapm_stages::{Error, Result};
 
 use crate::config::{ApplyConfig, VerifyConfig};
-use crate::output::Staged;
+use crate::output::{Kind, Staged};
 use fapm_stages::decode::{DecodeStage, DecodeTotals, ModelFiles};
 use fapm_stages::read;
 use fapm_stages::run::runner::pool;
@@ -36,6 +36,9 @@ pub struct ApplySummary {
     pub base_tensors_checked: usize,
     /// Side files written or checked.
     pub side_files: usize,
+    /// The side files that are code (`.py`, ...; `paths::is_code`), named so nobody runs
+    /// them unawares (SPEC section 4).
+    pub code_files: Vec<String>,
     /// Blocks whose hash was checked.
     pub blocks: usize,
     /// Bytes of tensor data written or checked.
@@ -55,7 +58,8 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
     let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
     let m = &delta.manifest;
     let bases = read::base_tensors(m, &base)?;
-    let staged = cfg.output.as_deref().map(|o| Staged::new(o, cfg.overwrite)).transpose()?;
+    let kind = if m.source == Source::Directory { Kind::Directory } else { Kind::File };
+    let staged = cfg.output.as_deref().map(|o| Staged::new(o, kind, cfg.overwrite)).transpose()?;
     let outputs = staged.as_ref().map(|s| create_outputs(m, s, cfg.output.as_deref().unwrap())).transpose()?;
     let pool = pool(cfg.threads)?;
     let budget = Budget::new(cfg.memory_budget, cfg.threads, m.block_elems);
@@ -122,12 +126,18 @@ impl ApplySummary {
             tensors: d.tensors,
             base_tensors_checked: d.base_tensors_checked,
             side_files: m.side_files.len(),
+            code_files: code_files(m),
             blocks: d.blocks,
             tensor_bytes: d.tensor_bytes,
             part: m.part.as_ref().map(|p| [p.index, p.count]),
             seconds: start.elapsed().as_secs_f64(),
         }
     }
+}
+
+/// The paths of the side files of `m` that are code, in the delta's order.
+pub fn code_files(m: &Manifest) -> Vec<String> {
+    m.side_files.iter().filter(|f| fapm_stages::paths::is_code(&f.path)).map(|f| f.path.clone()).collect()
 }
 
 /// Creates the output file or directory of shards, headers written and data sized.

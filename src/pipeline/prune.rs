@@ -15,7 +15,7 @@ use std::thread;
 use std::time::Instant;
 
 use crate::config::PruneConfig;
-use crate::output::Staged;
+use crate::output::{Kind, Staged};
 use crossbeam_channel::bounded;
 use fapm_stages::checkpoint::{Checkpoint, Layout};
 use fapm_stages::format::{
@@ -23,7 +23,7 @@ use fapm_stages::format::{
     MAX_BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
 };
 use fapm_stages::mask_encode::{MaskEncodeStage, ToWriter};
-use fapm_stages::paths::is_safe_relative;
+use fapm_stages::paths;
 use fapm_stages::read::partition::layout_hash;
 use fapm_stages::read::{classify, keep_part, side, Task, Tasks};
 use fapm_stages::run::runner::{first_error, join, pool, stage};
@@ -58,8 +58,13 @@ pub struct PruneSummary {
     pub side_files: usize,
     /// The path of every side file carried, in the delta's order.
     pub embedded_side_files: Vec<String>,
-    /// Side files left out (over 64 MiB).
+    /// Side files left out for being over 64 MiB.
     pub skipped_side_files: Vec<String>,
+    /// Every file of the fine-tuned directory left out of the delta (hidden, weight or pickle
+    /// format, over 64 MiB, ...), with the reason for each.
+    pub left_out_side_files: Vec<side::LeftOut>,
+    /// The side files carried that are code (`.py`, ...; `paths::is_code`).
+    pub code_files: Vec<String>,
     /// Bytes of both input checkpoints' shards (of a part: of its tensors and their base
     /// tensors).
     pub input_bytes: u64,
@@ -81,22 +86,25 @@ pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
     let start = Instant::now();
     let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
     let ft = Checkpoint::open_within(&cfg.finetuned, cfg.memory_budget)?;
-    if let Some(s) = ft.shards.iter().find(|s| ft.layout == Layout::Directory && !is_safe_relative(&s.name)) {
-        return Err(Error::invalid(&s.path, "this shard name cannot be stored in a delta (non-UTF-8 or '\\')"));
+    for s in ft.shards.iter().filter(|_| ft.layout == Layout::Directory) {
+        if let Err(why) = paths::check(&s.name) {
+            return Err(Error::invalid(&s.path, format!("this shard name cannot be stored in a delta: it {why}")));
+        }
     }
     let Tasks { mut tasks, base_only } = classify(&|name| cfg.pruning(name), &base, &ft);
     let total_tensors = tasks.len() as u64;
     // A part prunes its own run of the tensors; part 1 also carries the side files.
     let first = cfg.part.map_or(0, |p| keep_part(&mut tasks, p));
     let (side, skipped) = if ft.layout == Layout::Directory && cfg.part.is_none_or(|p| p.index == 1) {
-        side::side_files(&ft.root, &cfg.output)?
+        let shards: Vec<&str> = ft.shards.iter().map(|s| s.name.as_str()).collect();
+        side::side_files(&ft.root, &cfg.output, &shards)?
     } else {
         Default::default()
     };
     let mut summary = PruneSummary::new(cfg, &base, &ft, &tasks, base_only.len(), skipped);
     ctl.set_total(summary.read_bytes(&tasks));
 
-    let staged = Staged::new(&cfg.output, cfg.overwrite)?;
+    let staged = Staged::new(&cfg.output, Kind::File, cfg.overwrite)?;
     let file = staged.create_file(staged.path())?;
     let mut writer = DeltaWriter::new(file, &cfg.output)?;
     let records = run_stages(cfg, tasks, &mut writer, ctl)?;
@@ -109,6 +117,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
     summary.count_kept(&records);
     summary.side_files = side_records.len();
     summary.embedded_side_files = side_records.iter().map(|f| f.path.clone()).collect();
+    summary.code_files = summary.embedded_side_files.iter().filter(|p| paths::is_code(p)).cloned().collect();
     let mut manifest = manifest(cfg, &ft, records, side_records, base_only);
     manifest.part = cfg.part.map(|p| PartRecord {
         index: p.index,
@@ -216,12 +225,14 @@ impl PruneSummary {
         ft: &Checkpoint,
         tasks: &[Task],
         base_only: usize,
-        skipped_side_files: Vec<String>,
+        left_out: Vec<side::LeftOut>,
     ) -> Self {
+        let over = left_out.iter().filter(|l| l.reason == side::OVER_64_MIB).map(|l| l.path.clone()).collect();
         let mut summary = PruneSummary {
             output: cfg.output.clone(),
             base_only,
-            skipped_side_files,
+            skipped_side_files: over,
+            left_out_side_files: left_out,
             input_bytes: shard_bytes(base) + shard_bytes(ft),
             finetuned_bytes: shard_bytes(ft),
             ..Default::default()

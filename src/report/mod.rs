@@ -19,7 +19,7 @@ use std::io::Write as _;
 use rayon::prelude::*;
 use std::path::PathBuf;
 
-use crate::output::Staged;
+use crate::output::{Kind, Staged};
 use fapm_stages::checkpoint::Checkpoint;
 use fapm_stages::read;
 use fapm_stages::run::RunControl;
@@ -72,7 +72,7 @@ pub fn report(cfg: &ReportConfig) -> Result<ReportSummary, Error> {
 
 /// [`report`], stopping with `Cancelled` between tensors once `ctl` is cancelled (Ctrl-C).
 pub fn report_with(cfg: &ReportConfig, ctl: &RunControl) -> Result<ReportSummary, Error> {
-    let staged = Staged::new(&cfg.output, cfg.overwrite)?;
+    let staged = Staged::new(&cfg.output, Kind::Directory, cfg.overwrite)?;
     std::fs::create_dir(staged.path()).map_err(|e| Error::io(&cfg.output, e))?;
     let (files, summary) = write_report(cfg, &staged, ctl)?;
     staged.commit()?;

@@ -61,9 +61,11 @@ impl Error {
 }
 
 /// `s` (a name or text read from a file) made safe to print on a terminal: control
-/// characters (C0, DEL, C1), line and paragraph separators and the bidirectional controls
-/// that can reorder what a line shows are written as escapes (`\n`, `\u{1b}`, ...), so
-/// nothing from a file can move the cursor, recolour, retitle the window or forge a line.
+/// characters (C0, DEL, C1) and invisible ones (Unicode Cf, Zl, Zp: zero-width characters,
+/// U+FEFF, line and paragraph separators, the bidirectional controls that can reorder what a
+/// line shows) are written as escapes (`\n`, `\u{1b}`, `\u{200b}`, ...), so nothing from a
+/// file can move the cursor, recolour, retitle the window, forge a line, or make two names
+/// look the same.
 pub fn printable(s: &str) -> Cow<'_, str> {
     if !s.chars().any(needs_escape) {
         return Cow::Borrowed(s);
@@ -79,10 +81,17 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Whether [`printable`] escapes `c`.
+/// An error message as one printable line, as the command line prints it after `error:` and
+/// the Python package raises it: line breaks become spaces, then control characters from
+/// hostile file and tensor names are escaped ([`printable`]).
+pub fn one_line(msg: &str) -> String {
+    printable(&msg.replace('\n', " ")).into_owned()
+}
+
+/// Whether [`printable`] escapes `c`: a control or invisible character (the table of
+/// [`crate::paths::is_control_or_invisible`], the same that refuses such paths).
 pub fn needs_escape(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    crate::paths::is_control_or_invisible(c)
 }
 
 #[cfg(test)]
@@ -95,5 +104,8 @@ mod tests {
         assert_eq!(printable("a\nb\r\u{1b}[2J\u{7}"), "a\\nb\\r\\u{1b}[2J\\u{7}");
         assert_eq!(printable("\u{9b}31m \u{7f} \u{202e}x \u{2028}"), "\\u{9b}31m \\u{7f} \\u{202e}x \\u{2028}");
         assert_eq!(printable("émoji ✓ 中文"), "émoji ✓ 中文");
+        // Invisible characters: two names that would look the same print differently.
+        assert_eq!(printable("config.json\u{200b}"), "config.json\\u{200b}");
+        assert_eq!(printable("\u{feff}a\u{ad}b\u{e0001}"), "\\u{feff}a\\u{ad}b\\u{e0001}");
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::checkpoint::TensorRef;
 use crate::dtype::convert_chunk;
-use crate::format::sparse::encode_sparse_in_pieces;
+use crate::format::sparse::{encode_sparse_in_pieces, PIECE_BYTES};
 use crate::format::{block_sizes, compress, Payload, RAW_BLOCK_BYTES};
 use crate::hash::{self, ChunkHash, ChunkHasher};
 use crate::threshold::score::Scorer;
@@ -56,10 +56,6 @@ pub enum ToWriter {
     /// The current tensor, all of its blocks sent.
     TensorEnd(Task),
 }
-
-/// The bytes of the rebuilt chunk made at a time: 64 KiB, in a core's L2 cache with the base
-/// bytes it comes from.
-pub const PIECE_BYTES: usize = 64 << 10;
 
 /// Per-worker buffers reused from chunk to chunk, rather than allocated and zeroed for each.
 #[derive(Default)]

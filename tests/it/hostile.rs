@@ -748,7 +748,7 @@ fn json_that_asks_for_gigabytes_is_refused_within_the_budget() {
 
 /// A directory pair whose fine-tuned shard lives in `sub/` (named by an index) with one
 /// side file `config.json`, pruned: (base dir, fine-tuned dir, delta).
-fn sub_shard_delta(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+pub(crate) fn sub_shard_delta(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (base_dir, ft_dir) = (dir.join("base"), dir.join("ft"));
     let (b, f) = small_pair(dir);
     for (file, d) in [(&b, &base_dir), (&f, &ft_dir)] {
@@ -911,7 +911,7 @@ fn large_raw_blocks_stay_within_the_budget() {
 }
 
 /// Runs prune of `ft_dir` (against `base_dir`) into `out` with `--json`: (stdout, stderr).
-fn prune_json(base_dir: &Path, ft_dir: &Path, out: &Path) -> (serde_json::Value, String) {
+pub(crate) fn prune_json(base_dir: &Path, ft_dir: &Path, out: &Path) -> (serde_json::Value, String) {
     let o = run(&["prune", "--base", s(base_dir), "--finetuned", s(ft_dir), "-o", s(out), "--json", "--overwrite"]);
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{stderr}");
@@ -942,7 +942,10 @@ fn prune_names_every_side_file_and_embeds_only_data() {
         let (json, stderr) = prune_json(&base_dir, &ft_dir, &out);
         let embedded: Vec<&str> =
             json["embedded_side_files"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        assert_eq!(embedded, ["config.json", "note\u{202e}txt.md", "token.txt"], "{stderr}");
+        // A bidirectional control is invisible: such a name is left out (SPEC section 4).
+        assert_eq!(embedded, ["config.json", "token.txt"], "{stderr}");
+        let left_out = json["left_out_side_files"].as_array().unwrap();
+        assert!(left_out.iter().any(|l| l["path"] == "note\u{202e}txt.md"), "{json}");
         let warned = |needles: &[&str]| stderr.lines().any(|l| needles.iter().all(|n| l.contains(n)));
         let target = fs::canonicalize(outside.join("token.txt")).unwrap();
         assert!(warned(&["token.txt", s(&target), "outside"]), "{stderr}");

@@ -6,6 +6,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod parts;
+mod paths;
 mod pipeline;
 mod readback;
 mod reference;

@@ -16,7 +16,7 @@ use crate::checkpoint::{parse_header, parsed_cost, INDEX_FILE, MAX_SHARDS};
 use crate::error::{Error, Result};
 use crate::format::sparse::max_sparse_len;
 use crate::options;
-use crate::paths::is_safe_relative;
+use crate::paths;
 use crate::run::RunControl;
 use crate::threshold::select::Sparsity;
 use crate::DEFAULT_MEMORY_BUDGET;
@@ -518,31 +518,98 @@ fn check_side_file_records(path: &Path, m: &Manifest, tiling: &mut Tiling, ctl: 
     Ok(())
 }
 
-/// Checks every path the delta names (shards, side files, and the index `apply` writes):
-/// each in the one canonical spelling (`is_safe_relative`), no two equal, and none inside
-/// another (`a` as a file and `a/b`). So `apply` never writes one file twice.
+/// Checks every path the delta names (shards, side files, and the index `apply` writes)
+/// (SPEC section 4): each by the rules of [`paths::check`] (for a directory delta: a
+/// single-file delta's shard name is never a path), no side file in a weight or pickle
+/// format, no two paths equal, and none inside another (`a` as a file and `a/b`). So `apply`
+/// never writes one file twice, nor a hidden file, nor weights beside the verified shards.
+/// The cost is one pass over each path and a sort of the paths (n log n comparisons, each
+/// linear in the shorter path): the old check hashed every prefix of every path, which made
+/// one path of a million components take minutes.
 fn check_paths(m: &Manifest) -> std::result::Result<(), String> {
-    let mut paths: HashSet<&str> = HashSet::with_capacity(m.shards.len() + m.side_files.len() + 1);
-    paths.insert(INDEX_FILE);
-    let all = m
-        .shards
-        .iter()
-        .map(|s| ("shard", s.name.as_str()))
-        .chain(m.side_files.iter().map(|f| ("side file", f.path.as_str())));
-    for (kind, p) in all.clone() {
-        if m.source == Source::Directory && !is_safe_relative(p) {
-            return Err(format!("{kind} path '{}' is not a plain relative path", json::clip(p, 200)));
+    let shards = m.shards.iter().map(|s| ("shard", s.name.as_str()));
+    let side = m.side_files.iter().map(|f| ("side file", f.path.as_str()));
+    let mut all: Vec<Named> = Vec::with_capacity(m.shards.len() + m.side_files.len() + 1);
+    all.push(("index", INDEX_FILE));
+    for (kind, p) in shards.chain(side) {
+        if m.source == Source::Directory {
+            paths::check(p).map_err(|why| format!("{kind} path '{}' {why}", shown(p)))?;
         }
-        if !paths.insert(p) {
-            return Err(format!("{kind} path '{}' is named twice", json::clip(p, 200)));
-        }
-    }
-    for (kind, p) in all {
-        for (i, _) in p.match_indices('/') {
-            if paths.contains(&p[..i]) {
-                return Err(format!("{kind} path '{}' is inside the file '{}'", json::clip(p, 200), &p[..i]));
+        if kind == "side file" {
+            if let Some(ext) = paths::weight_format(p) {
+                return Err(format!(
+                    "side file '{}' is in a weight or pickle format (.{}): side files are data, never weights",
+                    shown(p),
+                    shown(ext)
+                ));
             }
         }
+        all.push((kind, p));
     }
-    Ok(())
+    match first_clash(&mut all) {
+        Some(((first, outer), (kind, p))) if p == outer => {
+            Err(format!("path '{}' is named twice ({first} and {kind})", shown(p)))
+        }
+        Some(((_, outer), (kind, p))) => {
+            Err(format!("{kind} path '{}' is inside the file '{}'", shown(p), shown(outer)))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Sorts `paths` (kind, path) and returns the first two that clash: equal, or the second
+/// inside the first (`a` and `a/b`). Sorted as if each ended in '/', a path comes right
+/// before every path inside it (`a/` < `a/b/` < `a-b/`, where plain byte order puts `a-b`
+/// between `a` and `a/b`), and equal paths are neighbours: comparing neighbours finds every
+/// clash. n log n comparisons, each a `memcmp` of the shorter path.
+fn first_clash<'a>(paths: &mut [Named<'a>]) -> Option<(Named<'a>, Named<'a>)> {
+    paths.sort_unstable_by(|a, b| cmp_as_directories(a.1.as_bytes(), b.1.as_bytes()));
+    paths.windows(2).map(|w| (w[0], w[1])).find(|&((_, outer), (_, p))| {
+        p.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+/// A path of a delta and what it is ("shard", "side file", "index").
+type Named<'a> = (&'static str, &'a str);
+
+/// Compares `a` + "/" with `b` + "/", byte by byte, without building either.
+fn cmp_as_directories(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    let n = a.len().min(b.len());
+    match a[..n].cmp(&b[..n]) {
+        Equal => {}
+        o => return o,
+    }
+    // One is a prefix of the other: the shorter one's '/' meets the longer one's next byte.
+    match (a.get(n), b.get(n)) {
+        (None, None) => Equal,
+        (None, Some(&c)) => b'/'.cmp(&c).then(Less),
+        (Some(&c), _) => c.cmp(&b'/').then(Greater),
+    }
+}
+
+/// A path from a delta as an error shows it: at most 200 characters.
+fn shown(p: &str) -> std::borrow::Cow<'_, str> {
+    json::clip(p, 200)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clashes_are_found_between_neighbours() {
+        let clash = |list: &[&'static str]| {
+            let mut v: Vec<Named> = list.iter().map(|p| ("side file", *p)).collect();
+            first_clash(&mut v).map(|(a, b)| (a.1, b.1))
+        };
+        assert_eq!(clash(&["a", "a-b", "a/b"]), Some(("a", "a/b")));
+        assert_eq!(clash(&["a/b", "a.json", "a"]), Some(("a", "a/b")));
+        assert_eq!(clash(&["x/y", "x", "x/y"]), Some(("x", "x/y")));
+        assert_eq!(clash(&["b/c", "a", "b/c"]), Some(("b/c", "b/c")));
+        assert_eq!(clash(&["a/b/c", "a/b"]), Some(("a/b", "a/b/c")));
+        assert_eq!(clash(&["a", "ab", "a"]), Some(("a", "a")));
+        assert_eq!(clash(&["a", "ab", "a-b/c", "a0/b", "b/a", "c/a/b", "c/ab"]), None);
+        assert_eq!(clash(&["sub/model.safetensors", "config.json", INDEX_FILE, "sub/x"]), None);
+    }
 }

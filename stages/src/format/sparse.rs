@@ -86,6 +86,10 @@ pub fn encode_sparse(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: 
     raw.truncate(len);
 }
 
+/// The bytes of the rebuilt chunk made at a time by [`encode_sparse_in_pieces`]' callers: 64
+/// KiB, in a core's L2 cache with the base bytes it comes from.
+pub const PIECE_BYTES: usize = 64 << 10;
+
 /// [`encode_sparse`] without a buffer the size of the chunk: the reconstructed chunk is built
 /// a `piece` at a time. For each piece, in order, `fill(start, piece)` writes the converted
 /// base values of the elements from `start` on; the kept fine-tuned values are written over

@@ -3,14 +3,20 @@
 //!
 //! Decisions (docs/FORMAT.md, docs/SECURITY.md): regular files found recursively, symlinks
 //! followed (Hugging Face cache snapshots are symlinks into the repository's `blobs/`);
-//! `*.safetensors` files and the top-level index are not side files; names starting with '.'
-//! are skipped (`.git`, `.cache`); files over 64 MiB are left out with a warning. Side files
-//! are what people publish without looking, so: only regular files of real file systems are
-//! read (never a device, FIFO, socket or `/proc` entry, whatever a symlink points at), each
-//! with a bounded read; a symlink that leaves the directory is named in a warning with its
-//! target; fapm deltas (a delta saved inside the directory) and the output itself are left
-//! out; and `prune` names every file it embeds.
+//! the checkpoint's shards and the top-level index are not side files. Side files are data,
+//! never code runners or weights in disguise (SPEC section 4), so these are left out, each
+//! with a warning that names it and in the list [`side_files`] returns: names starting with
+//! '.' (`.git/`, `.cache/`, `.gitattributes`; a hidden directory is named once, with a
+//! trailing '/', and never entered), files in a weight or pickle format
+//! ([`paths::WEIGHT_EXTENSIONS`]: a fine-tune's `training_args.bin` is a pickle), names a
+//! delta cannot hold ([`paths::check`]), and files over 64 MiB. Side files are what people
+//! publish without looking, so: only regular files of real file systems are read (never a
+//! device, FIFO, socket or `/proc` entry, whatever a symlink points at), each with a bounded
+//! read; a symlink that leaves the directory is named in a warning with its target; fapm
+//! deltas (a delta saved inside the directory) and the output itself are left out; and
+//! `prune` names every file it embeds, and every code file among them.
 
+use std::cell::RefCell;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,6 +25,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::INDEX_FILE;
 use crate::error::printable;
 pub use crate::format::{MAX_SIDE_FILE, MAX_SIDE_FILES};
+use crate::paths;
 use crate::{Error, Result};
 use walkdir::WalkDir;
 
@@ -33,37 +40,54 @@ pub struct SideSource {
     pub size: u64,
 }
 
-/// Side files of the checkpoint directory `root`, sorted by relative path, and the relative
-/// paths of those left out for being over 64 MiB. `output` (the delta being written) is
-/// never one of them.
-pub fn side_files(root: &Path, output: &Path) -> Result<(Vec<SideSource>, Vec<String>)> {
+/// A file (or hidden directory) of the checkpoint directory left out of the delta, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeftOut {
+    /// Path relative to the directory, '/'-separated; a directory ends in '/'.
+    pub path: String,
+    /// Why, lowercase: [`HIDDEN`], [`OVER_64_MIB`], "a weight or pickle format (.bin)", ...
+    pub reason: String,
+}
+
+/// The reason of a [`LeftOut`] whose name starts with '.'.
+pub const HIDDEN: &str = "a name starting with '.'";
+
+/// The reason of a [`LeftOut`] over 64 MiB.
+pub const OVER_64_MIB: &str = "over 64 MiB";
+
+/// Side files of the checkpoint directory `root`, sorted by relative path, and what was left
+/// out (sorted by path, with the reason for each). `shards` (relative paths) are the
+/// checkpoint's own shards, and `output` the delta being written: neither is a side file.
+pub fn side_files(root: &Path, output: &Path, shards: &[&str]) -> Result<(Vec<SideSource>, Vec<LeftOut>)> {
     let real_root = fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
+    let left_out = RefCell::new(Vec::new());
     let mut walk = Walk {
         root,
         blobs: hf_blobs(&real_root),
         output: real_path(output),
         real_root,
+        shards,
         dirs: Vec::new(),
         dirs_seen: 0,
         found: Vec::new(),
-        skipped: Vec::new(),
+        left_out: &left_out,
     };
     // Depth first, in the order the directories list their entries; walkdir refuses a
     // symlink back to a directory above the current one (a loop).
-    let entries = WalkDir::new(root)
-        .follow_links(true)
-        .into_iter()
-        .filter_entry(|entry| entry.depth() == 0 || wanted_name(root, entry.path()));
+    let entries = WalkDir::new(root).follow_links(true).into_iter().filter_entry(|entry| {
+        entry.depth() == 0 || wanted_name(root, entry.path(), entry.file_type().is_dir(), &left_out)
+    });
     for entry in entries {
         match entry {
             Ok(entry) => walk.entry(&entry)?,
             Err(e) => walk.error(e)?,
         }
     }
-    let (mut found, mut skipped) = (walk.found, walk.skipped);
+    let mut found = walk.found;
     found.sort_by(|a, b| a.rel.cmp(&b.rel));
-    skipped.sort();
-    Ok((found, skipped))
+    let mut left_out = left_out.into_inner();
+    left_out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((found, left_out))
 }
 
 /// Reads the side file at `path` whole: a regular file of a real file system, at most
@@ -102,12 +126,15 @@ struct Walk<'a> {
     blobs: Option<PathBuf>,
     /// The output's path, with every symlink resolved.
     output: Option<PathBuf>,
+    /// The checkpoint's shards, relative to `root`.
+    shards: &'a [&'a str],
     /// The directories from the root to the one being listed, by depth.
     dirs: Vec<PathBuf>,
     /// Directories visited so far.
     dirs_seen: usize,
     found: Vec<SideSource>,
-    skipped: Vec<String>,
+    /// What was left out, and why (shared with the walk's name filter).
+    left_out: &'a RefCell<Vec<LeftOut>>,
 }
 
 impl Walk<'_> {
@@ -131,14 +158,16 @@ impl Walk<'_> {
             self.dirs.truncate(entry.depth());
             self.dirs.push(path.to_path_buf());
         } else if !kind.is_file() {
-            let file = printable(&rel);
-            tracing::warn!("side file {file} left out of the delta: not a regular file (a device, FIFO or socket)");
+            leave_out(self.left_out, rel, "not a regular file (a device, FIFO or socket)".into());
+        } else if self.shards.contains(&rel.as_str()) || rel == INDEX_FILE {
+            // The checkpoint itself: its shards, and the index `apply` writes anew.
+        } else if let Some(ext) = paths::weight_format(&rel) {
+            let why = format!("a weight or pickle format (.{ext}): side files are data, never weights");
+            leave_out(self.left_out, rel, why);
+        } else if let Err(why) = paths::check(&rel) {
+            leave_out(self.left_out, rel, format!("a path a delta cannot hold: it {why}"));
         } else {
-            let name = entry.file_name().to_str().unwrap_or_default();
-            let weights = name.ends_with(".safetensors") || (entry.depth() == 1 && name == INDEX_FILE);
-            if !weights {
-                self.file(path.to_path_buf(), rel)?;
-            }
+            self.file(path.to_path_buf(), rel)?;
         }
         Ok(())
     }
@@ -148,7 +177,7 @@ impl Walk<'_> {
     /// cannot be read are errors.
     fn error(&self, e: walkdir::Error) -> Result<()> {
         if let Some(path) = e.path() {
-            if e.depth() > 0 && !wanted_name(self.root, path) {
+            if e.depth() > 0 && !wanted_name(self.root, path, false, self.left_out) {
                 return Ok(());
             }
             if e.loop_ancestor().is_some() {
@@ -173,20 +202,18 @@ impl Walk<'_> {
         if self.output.is_some() && real_path(&path) == self.output {
             return Ok(()); // the delta being written, or the one it replaces
         }
-        let shown = printable(&rel).into_owned();
         let Some((mut file, size)) = open_regular(&path)? else {
-            tracing::warn!("side file {shown} left out of the delta: not a regular file of a real file system");
+            leave_out(self.left_out, rel, "not a regular file of a real file system".into());
             return Ok(());
         };
         let mut magic = [0u8; 8];
         if size >= magic.len() as u64 && file.read_exact(&mut magic).is_ok() && magic == crate::format::MAGIC {
-            tracing::warn!("side file {shown} left out of the delta: it is a fapm delta");
+            leave_out(self.left_out, rel, "it is a fapm delta".into());
             return Ok(());
         }
         self.check_link(&path, &rel, "side file");
         if size > MAX_SIDE_FILE {
-            tracing::warn!(size, "side file {shown} over 64 MiB left out of the delta");
-            self.skipped.push(rel);
+            leave_out(self.left_out, rel, OVER_64_MIB.into());
             return Ok(());
         }
         if self.found.len() == MAX_SIDE_FILES {
@@ -217,24 +244,37 @@ impl Walk<'_> {
     }
 }
 
-/// Whether the entry at `path` (below `root`) is looked at, by its name: names starting with
-/// '.' are passed over, and names that are not UTF-8 or hold a `\` or a control character
-/// are left out with a warning.
-fn wanted_name(root: &Path, path: &Path) -> bool {
+/// Whether the entry at `path` (below `root`; a directory if `dir`) is looked at, by its
+/// name: a name that starts with '.', is not UTF-8, or breaks another rule of
+/// [`paths::check_component`] (a `\`, a control or invisible character) is left out, with a
+/// warning, and the walk does not enter it.
+fn wanted_name(root: &Path, path: &Path, dir: bool, left_out: &RefCell<Vec<LeftOut>>) -> bool {
+    let mut rel = relative(root, path);
+    if dir {
+        rel.push('/');
+    }
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        let file = printable(&path.display().to_string()).into_owned();
-        tracing::warn!("side file {file} left out of the delta: its name is not UTF-8");
+        leave_out(left_out, rel, "its name is not UTF-8".into());
         return false;
     };
-    if name.starts_with('.') {
-        return false;
+    match paths::check_component(name) {
+        Ok(()) => true,
+        Err(paths::PathProblem::Hidden) => {
+            leave_out(left_out, rel, HIDDEN.into());
+            false
+        }
+        Err(why) => {
+            leave_out(left_out, rel, format!("a name a delta cannot hold: it {why}"));
+            false
+        }
     }
-    if name.contains('\\') || name.chars().any(char::is_control) {
-        let file = printable(&relative(root, path)).into_owned();
-        tracing::warn!("side file {file} left out of the delta: a '\\' or a control character in its name");
-        return false;
-    }
-    true
+}
+
+/// Records that `rel` is left out of the delta for `reason`, with a warning that names it.
+fn leave_out(left_out: &RefCell<Vec<LeftOut>>, rel: String, reason: String) {
+    let file = printable(&rel);
+    tracing::warn!("side file {file} left out of the delta: {reason}");
+    left_out.borrow_mut().push(LeftOut { path: rel, reason });
 }
 
 /// `path` relative to `root`, '/'-separated (the walk descends only into UTF-8 names).
@@ -321,7 +361,8 @@ mod tests {
     }
 
     /// What the walk takes and leaves: hidden names, weights, the top-level index (a nested
-    /// one is a side file), dangling symlinks, names with a '\\'; files sorted by path.
+    /// one is a side file), dangling symlinks, names with a '\\'; files sorted by path, and
+    /// what is left out named with its reason.
     #[test]
     fn side_files_are_found_recursively_and_sorted() {
         let dir = tempfile::tempdir().unwrap();
@@ -337,7 +378,7 @@ mod tests {
         }
         std::os::unix::fs::symlink("missing", root.join("dangling")).unwrap();
         std::os::unix::fs::symlink("sub", root.join("linked")).unwrap();
-        let (found, skipped) = side_files(&root, &dir.path().join("d.fapm")).unwrap();
+        let (found, left_out) = side_files(&root, &dir.path().join("d.fapm"), &["model.safetensors"]).unwrap();
         let rels: Vec<&str> = found.iter().map(|f| f.rel.as_str()).collect();
         let expected = [
             "config.json",
@@ -348,7 +389,14 @@ mod tests {
             "tok/vocab.txt",
         ];
         assert_eq!(rels, expected);
-        assert!(skipped.is_empty());
+        let left: Vec<(&str, &str)> = left_out.iter().map(|l| (l.path.as_str(), l.reason.as_str())).collect();
+        assert_eq!(
+            left.iter().map(|l| l.0).collect::<Vec<_>>(),
+            [".git/", ".hidden", "linked/a.safetensors", "sub/a.safetensors", "tok/x\\y.json"]
+        );
+        assert_eq!((left[0].1, left[1].1), (HIDDEN, HIDDEN));
+        assert!(left[2].1.contains("weight or pickle format (.safetensors)"), "{left:?}");
+        assert!(left[4].1.contains("'\\'"), "{left:?}");
         assert!(found.iter().all(|f| f.size == 2 && f.path.starts_with(&root)));
     }
 
@@ -358,15 +406,15 @@ mod tests {
         let root = dir.path().join("ft");
         fs::create_dir_all(root.join("a")).unwrap();
         std::os::unix::fs::symlink("..", root.join("a/up")).unwrap();
-        let e = side_files(&root, &dir.path().join("d.fapm")).unwrap_err().to_string();
+        let e = side_files(&root, &dir.path().join("d.fapm"), &[]).unwrap_err().to_string();
         assert!(e.contains("symlink loop") && e.contains("up"), "{e}");
         // A hidden link is never followed, so it is no loop.
         fs::rename(root.join("a/up"), root.join("a/.up")).unwrap();
-        assert!(side_files(&root, &dir.path().join("d.fapm")).is_ok());
+        assert!(side_files(&root, &dir.path().join("d.fapm"), &[]).is_ok());
 
         let deep = (0..=MAX_DEPTH).fold(root.clone(), |p, i| p.join(format!("d{i}")));
         fs::create_dir_all(&deep).unwrap();
-        let e = side_files(&root, &dir.path().join("d.fapm")).unwrap_err().to_string();
+        let e = side_files(&root, &dir.path().join("d.fapm"), &[]).unwrap_err().to_string();
         assert!(e.contains("nested too deeply"), "{e}");
     }
 

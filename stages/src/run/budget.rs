@@ -4,7 +4,7 @@
 
 use crate::format::RAW_BLOCK_BYTES;
 
-use crate::mask_encode::PIECE_BYTES;
+use crate::format::sparse::PIECE_BYTES;
 
 /// The memory budget of one run and what it gives each stage.
 #[derive(Debug, Clone, Copy)]

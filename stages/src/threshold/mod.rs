@@ -1,7 +1,7 @@
 //! The streaming score with a quantile threshold: for each pruned tensor, the cut, which of
 //! its candidates the masker keeps (SPEC section 3), found in a few streaming passes over the
 //! memory-mapped pair. Each pass computes every chunk's task vector and scores on the worker
-//! pool (`Scorer` in `stages/src/score.rs`) and counts the keys into histograms; the
+//! pool (`Scorer` in `score.rs`) and counts the keys into histograms; the
 //! selection logic is `crate::threshold::select::plan`, which asks for the passes:
 //!
 //! 1. the FAPM mean `A` (FAPM only): one pass over the base;
