@@ -4,6 +4,7 @@ mod bounds;
 mod cli;
 mod crash;
 mod faults;
+mod fuzz_regressions;
 mod hostile;
 mod parts;
 mod paths;

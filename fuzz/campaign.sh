@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The long campaign: `bash fuzz/campaign.sh TARGET MINUTES` runs one afl-fuzz process (one
+# core) on TARGET for MINUTES, resuming fuzz/campaign/TARGET when it exists, and prints the
+# figures docs/SECURITY.md records (from fuzzer_stats) and the CPU time used. Build first:
+# `cd fuzz && cargo afl build --release`. Output dirs stay out of git (fuzz/.gitignore).
+set -euo pipefail
+cd "$(dirname "$0")"
+t=$1 minutes=$2
+export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_AFFINITY=1 AFL_NO_UI=1
+out=campaign/$t
+input=corpus/$t
+if [[ -d $out/default/queue ]]; then input=-; fi # resume
+mkdir -p "$out" "/dev/shm/fapm-fuzz-campaign-$t"
+FAPM_FUZZ_DIR=/dev/shm/fapm-fuzz-campaign-$t /usr/bin/time -f "cpu_seconds %U user %S sys" -o "$out/time-$(date +%s).txt" \
+    cargo afl fuzz -V $((minutes * 60)) -t 2000 -i "$input" -o "$out" -- "$PWD/target/release/$t" \
+    >"$out/afl.log" 2>&1 || true
+rm -rf "/dev/shm/fapm-fuzz-campaign-$t"
+cat "$out"/time-*.txt
+grep -E '^(run_time|execs_done|execs_per_sec|corpus_count|bitmap_cvg|edges_found|total_edges|saved_crashes|saved_hangs|peak_rss_mb) ' \
+    "$out/default/fuzzer_stats"
