@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test of fapm, as the README's test command: the Rust suite, a one-node Slurm cluster
+# Every test of fapm, as the README's test command: the Rust suite, a short run of each fuzz
+# target, a one-node Slurm cluster
 # running the partitioned prune, the container image and the Kubernetes manifests run as pods
 # would run them, the Python package's tests (with torch) and the report checked in headless
 # Chromium. Installs what it needs: Debian's packages (as root), and PyPI's into the
@@ -90,6 +91,10 @@ FAPM=${CARGO_TARGET_DIR:-$PWD/target}/debug/fapm
 export FAPM FAPM_BIN=$FAPM
 rust_tests() { cargo test --workspace 2>&1 | tee "$log/rust"; }
 part rust-tests rust_tests
+# A short coverage-guided run of every fuzz target (15 s each, .ci/fuzz.sh); the instrumented
+# build is kept outside the clone (FUZZ_TARGET_DIR), so a machine builds it once.
+fuzz() { FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-/var/cache/fapm-fuzz/target} bash .ci/fuzz.sh 2>&1 | tee "$log/fuzz"; }
+part fuzz fuzz
 slurm() {
     ready 0 debian-packages
     bash .ci/slurm.sh 2>&1 | tee "$log/slurm"
@@ -114,12 +119,12 @@ browser() {
 part report-browser browser
 # With --lint, the test suite's own time too: the run's but fmt-clippy (and the installs' start).
 echo "times: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'),${lint:+ tests $((SECONDS - lint_time)) s,} all $SECONDS s"
-# Rust: "test result: ok. P passed; F failed"; Slurm and the container: "slurm: P passed,
-# F failed", "container: P passed, F failed"; pytest:
+# Rust: "test result: ok. P passed; F failed"; fuzzing, Slurm and the container: "fuzz: P
+# passed, F failed", "slurm: ...", "container: ..."; pytest:
 # "P passed in S s", which .ci/python.sh prints again as its last line: counted once; the browser
 # check is one test that passed if we got here.
 # Any failure stopped the script above (set -e, pipefail), so only passes are left to count.
 awk '/^test result:/ { p += $4; f += $6 }
-     /^(slurm|container): [0-9]+ passed/ { p += $2; f += $4 }
+     /^(slurm|container|fuzz): [0-9]+ passed/ { p += $2; f += $4 }
      /^=* *[0-9]+ passed/ && !seen[$0]++ { sub(/^=+ */, ""); p += $1 }
-     END { printf "total: %d passed, %d failed\n", p + 1, f }' "$log/rust" "$log/slurm" "$log/container" "$log/python"
+     END { printf "total: %d passed, %d failed\n", p + 1, f }' "$log/rust" "$log/fuzz" "$log/slurm" "$log/container" "$log/python"
