@@ -50,12 +50,8 @@ echo "container: packages ready in $(since "$t") s ($(podman --version))"
 
 # ---- fapm
 t=$(now)
-if [ -z "${FAPM:-}" ]; then
-    cargo build --quiet --profile test --bin fapm
-    FAPM=${CARGO_TARGET_DIR:-$repo/target}/debug/fapm
-fi
-FAPM=$(realpath "$FAPM")
-[ -x "$FAPM" ] || fail "$FAPM is not an executable"
+# shellcheck source=.ci/fapm-bin.sh
+. "$repo/.ci/fapm-bin.sh"
 echo "container: fapm ready in $(since "$t") s ($FAPM)"
 
 # ---- 1. the image

@@ -83,12 +83,8 @@ echo "slurm: packages ready in $(since "$t") s ($(slurmctld -V))"
 
 # ---- fapm
 t=$(now)
-if [ -z "${FAPM:-}" ]; then
-    cargo build --quiet --profile test --bin fapm
-    FAPM=${CARGO_TARGET_DIR:-$repo/target}/debug/fapm
-fi
-FAPM=$(realpath "$FAPM")
-[ -x "$FAPM" ] || fail "$FAPM is not an executable"
+# shellcheck source=.ci/fapm-bin.sh
+. "$repo/.ci/fapm-bin.sh"
 echo "slurm: fapm ready in $(since "$t") s ($FAPM)"
 
 # ---- cluster
