@@ -24,8 +24,8 @@ repo=$PWD
 passed=0
 work=
 
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+# shellcheck source=.ci/lib.sh
+. "$repo/.ci/lib.sh"
 
 finish() {
     local status=$?
@@ -37,11 +37,6 @@ finish() {
 }
 trap finish EXIT
 
-fail() {
-    echo "error: $*" >&2
-    exit 1
-}
-
 # ---- packages
 t=$(now)
 bash .ci/packages.sh container
@@ -50,8 +45,7 @@ echo "container: packages ready in $(since "$t") s ($(podman --version))"
 
 # ---- fapm
 t=$(now)
-# shellcheck source=.ci/fapm-bin.sh
-. "$repo/.ci/fapm-bin.sh"
+find_fapm
 echo "container: fapm ready in $(since "$t") s ($FAPM)"
 
 # ---- 1. the image

@@ -22,8 +22,8 @@ prune_job=
 merge_job=
 passed=0
 
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+# shellcheck source=.ci/lib.sh
+. "$repo/.ci/lib.sh"
 
 stop_daemons() {
     local name pid i
@@ -71,11 +71,6 @@ finish() {
 }
 trap finish EXIT
 
-fail() {
-    echo "error: $*" >&2
-    exit 1
-}
-
 # ---- packages
 t=$(now)
 bash "$repo/.ci/packages.sh" slurm
@@ -83,8 +78,7 @@ echo "slurm: packages ready in $(since "$t") s ($(slurmctld -V))"
 
 # ---- fapm
 t=$(now)
-# shellcheck source=.ci/fapm-bin.sh
-. "$repo/.ci/fapm-bin.sh"
+find_fapm
 echo "slurm: fapm ready in $(since "$t") s ($FAPM)"
 
 # ---- cluster
