@@ -2,7 +2,8 @@
 # The long campaign: `bash fuzz/campaign.sh TARGET MINUTES` runs one afl-fuzz process (one
 # core) on TARGET for MINUTES, resuming fuzz/campaign/TARGET when it exists, and prints the
 # figures docs/SECURITY.md records (from fuzzer_stats) and the CPU time used. Build first:
-# `cd fuzz && cargo afl build --release`. Output dirs stay out of git (fuzz/.gitignore).
+# `cd fuzz && cargo afl build --release` (or set FUZZ_TARGET_DIR to the target directory of an
+# instrumented build, as .ci/fuzz.sh does). Output dirs stay out of git (fuzz/.gitignore).
 set -euo pipefail
 cd "$(dirname "$0")"
 t=$1 minutes=$2
@@ -12,7 +13,7 @@ input=corpus/$t
 if [[ -d $out/default/queue ]]; then input=-; fi # resume
 mkdir -p "$out" "/dev/shm/fapm-fuzz-campaign-$t"
 FAPM_FUZZ_DIR=/dev/shm/fapm-fuzz-campaign-$t /usr/bin/time -f "cpu_seconds %U user %S sys" -o "$out/time-$(date +%s).txt" \
-    cargo afl fuzz -V $((minutes * 60)) -t 2000 -i "$input" -o "$out" -- "$PWD/target/release/$t" \
+    cargo afl fuzz -V $((minutes * 60)) -t 2000 -i "$input" -o "$out" -- "${FUZZ_TARGET_DIR:-$PWD/target}/release/$t" \
     >"$out/afl.log" 2>&1 || true
 rm -rf "/dev/shm/fapm-fuzz-campaign-$t"
 cat "$out"/time-*.txt
