@@ -348,12 +348,15 @@ fn prune_and_apply(dir: &Path, penalty: &str, sparsity: &str) -> Vec<u8> {
         overwrite: true,
         block_elems: fapm_stages::format::BLOCK_ELEMS,
         part: None,
+        base_repo: None,
+        finetuned_repo: None,
     };
     crate::prune(&prune, &ctl).unwrap();
     let out = dir.join("out.safetensors");
     let apply = crate::config::ApplyConfig {
-        base: prune.base.clone(),
+        base: Some(prune.base.clone()),
         delta,
+        hub: crate::hub::Env::read(|_| None),
         output: Some(out.clone()),
         threads: 1,
         memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,

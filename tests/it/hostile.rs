@@ -242,6 +242,8 @@ fn verify_in_process(delta: &Path) -> fapm::Result<fapm::ApplySummary> {
     let cfg = config::VerifyConfig {
         delta: delta.to_path_buf(),
         base: None,
+        delta_only: false,
+        hub: fapm::hub::Env::read(|_| None),
         threads: 1,
         memory_budget: config::DEFAULT_MEMORY_BUDGET,
     };
@@ -250,8 +252,9 @@ fn verify_in_process(delta: &Path) -> fapm::Result<fapm::ApplySummary> {
 
 fn apply_in_process(base: &Path, delta: &Path, output: Option<PathBuf>) -> fapm::Result<fapm::ApplySummary> {
     let cfg = ApplyConfig {
-        base: base.to_path_buf(),
+        base: Some(base.to_path_buf()),
         delta: delta.to_path_buf(),
+        hub: fapm::hub::Env::read(|_| None),
         output,
         threads: 1,
         memory_budget: config::DEFAULT_MEMORY_BUDGET,

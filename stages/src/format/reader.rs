@@ -338,6 +338,11 @@ fn check_layout(m: &Manifest) -> std::result::Result<(), String> {
     if m.format != "fapm-delta" || !m.version_fields_ok() {
         return Err(format!("format '{}' version {}", json::clip(&m.format, 32), m.version));
     }
+    for (what, r) in [("base", &m.base_repo), ("fine-tuned", &m.finetuned_repo)] {
+        if let Some(why) = r.as_ref().and_then(|r| r.check().err()) {
+            return Err(format!("the {what} checkpoint's repository record: {why}"));
+        }
+    }
     // Blocks are hashed as blake3 subtrees: a power of two of at least 1 KiB each.
     let pow2 = |x: u64, lo: u64, hi: u64| x.is_power_of_two() && (lo..=hi).contains(&x);
     if !pow2(m.block_elems, 512, MAX_BLOCK_ELEMS) || !pow2(m.raw_block_bytes, 1024, MAX_SIDE_FILE) {
