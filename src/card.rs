@@ -121,14 +121,21 @@ struct ReportFile {
 fn read_report(dir: &Path) -> Result<Vec<Point>> {
     let path = dir.join("report.json");
     let text = read_bounded(&path)?;
-    let r: ReportFile = serde_json::from_slice(&text)
-        .map_err(|e| Error::invalid(&path, format!("not a fapm report.json: {e}")))?;
+    let r: ReportFile =
+        serde_json::from_slice(&text).map_err(|e| Error::invalid(&path, format!("not a fapm report.json: {e}")))?;
     if r.fapm_report != 1 {
         return Err(Error::invalid(&path, format!("report format {} is not one this fapm reads", r.fapm_report)));
     }
     let decimal = |s: &str| !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_digit() || b == b'.');
     if let Some(p) = r.points.iter().find(|p| !decimal(&p.sparsity) || !decimal(&p.penalty)) {
-        return Err(Error::invalid(&path, format!("a point's sparsity '{}' or penalty '{}' is not a decimal", printable(&p.sparsity), printable(&p.penalty))));
+        return Err(Error::invalid(
+            &path,
+            format!(
+                "a point's sparsity '{}' or penalty '{}' is not a decimal",
+                printable(&p.sparsity),
+                printable(&p.penalty)
+            ),
+        ));
     }
     Ok(r.points)
 }
@@ -255,13 +262,21 @@ fn render(
         let _ = writeln!(s, "The fine-tune: [`{0}`](https://huggingface.co/{0}) at commit `{1}`.\n", f.repo, f.commit);
     }
     s.push_str("## How it was pruned\n\n| setting | value |\n|---|---|\n");
-    let _ = writeln!(s, "| metric | {} |", serde_json::to_value(m.metric).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default());
+    let _ = writeln!(
+        s,
+        "| metric | {} |",
+        serde_json::to_value(m.metric).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    );
     let _ = writeln!(s, "| penalty strength λ | {} |", m.penalty);
     let _ = writeln!(s, "| sparsity | {} |", m.sparsity);
     for r in &m.sparsity_for {
         let _ = writeln!(s, "| sparsity for `{}` | {} |", cell(&r.pattern), r.sparsity);
     }
-    let _ = writeln!(s, "| threshold | {} |", serde_json::to_value(m.threshold).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default());
+    let _ = writeln!(
+        s,
+        "| threshold | {} |",
+        serde_json::to_value(m.threshold).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    );
     for (flag, list) in [("include", &m.include), ("exclude", &m.exclude)] {
         for p in list {
             let _ = writeln!(s, "| {flag} | `{}` |", cell(p));
@@ -275,7 +290,12 @@ fn render(
     let (kept, elements) = pruned.iter().fold((0u64, 0u64), |(k, n), t| (k + t.kept, n + t.diffed_numel()));
     s.push_str("## Sizes\n\n| | bytes |\n|---|---|\n");
     let _ = writeln!(s, "| the fine-tuned model | {} |", size(model_bytes));
-    let _ = writeln!(s, "| this delta | {} ({:.1}x smaller) |\n", size(delta_bytes), model_bytes as f64 / delta_bytes.max(1) as f64);
+    let _ = writeln!(
+        s,
+        "| this delta | {} ({:.1}x smaller) |\n",
+        size(delta_bytes),
+        model_bytes as f64 / delta_bytes.max(1) as f64
+    );
     let _ = writeln!(
         s,
         "{} tensors, {} of them pruned: {} of their {} elements kept ({:.2}%).\n",
@@ -328,9 +348,13 @@ mod tests {
     fn licenses_come_from_the_front_matter_only() {
         let card = "---\nlicense: apache-2.0\nlanguage: en\n---\nlicense: mit\n";
         assert_eq!(parse_license(card).unwrap().license, "apache-2.0");
-        let other = "---\nlicense: other\nlicense_name: llama3\nlicense_link: https://llama.meta.com/llama3/license\n---\n";
+        let other =
+            "---\nlicense: other\nlicense_name: llama3\nlicense_link: https://llama.meta.com/llama3/license\n---\n";
         let l = parse_license(other).unwrap();
-        assert_eq!((l.name.as_deref(), l.link.as_deref()), (Some("llama3"), Some("https://llama.meta.com/llama3/license")));
+        assert_eq!(
+            (l.name.as_deref(), l.link.as_deref()),
+            (Some("llama3"), Some("https://llama.meta.com/llama3/license"))
+        );
         assert_eq!(parse_license("no front matter\nlicense: mit\n"), None);
         assert_eq!(parse_license("---\nlicense: \"mit\\n- evil\"\n---\n"), None);
         assert_eq!(parse_license("---\nlicense: [a, b]\n---\n"), None);

@@ -341,7 +341,11 @@ impl MergeConfig {
 
 impl InspectConfig {
     /// `inspect`'s settings, checked; the delta found ([`hub`]).
-    pub fn new(delta: &options::Delta, budget: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+    pub fn new(
+        delta: &options::Delta,
+        budget: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, Error> {
         let memory_budget = memory_budget(budget)?;
         Ok(InspectConfig { delta: delta.resolve(&hub::Env::read(env))?, memory_budget })
     }

@@ -216,7 +216,10 @@ fn card(a: cli::CardArgs, ctl: &RunControl) -> Result<(), Error> {
         print_json(&v);
     }
     if !a.summary.quiet {
-        let base = s.base_model.as_deref().map_or("none recorded: users pass --base".to_owned(), |b| printable(b).into_owned());
+        let base = s
+            .base_model
+            .as_deref()
+            .map_or("none recorded: users pass --base".to_owned(), |b| printable(b).into_owned());
         eprintln!("card     base_model {base}; license {}", s.license.as_deref().unwrap_or("none found"));
         let out = printable(&s.output.display().to_string()).into_owned();
         eprintln!("wrote    {out} ({} and README.md); publish: hf upload ORG/NAME {out}", printable(&s.delta_file));

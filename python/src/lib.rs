@@ -210,6 +210,8 @@ impl Checkpoint {
     fn new(py: Python<'_>, path: PathBuf, memory_budget: Option<String>) -> PyResult<Self> {
         let run = options::Run { threads: None, memory_budget };
         let (_, budget) = run.check().map_err(|e| to_py(e, None))?;
+        let hub = fapm::hub::Env::read(env);
+        let path = pipeline(py, |_| fapm::hub::resolve_text(&path, None, fapm::hub::Want::Weights, &hub))?.path;
         let inner = pipeline(py, |_| RustCheckpoint::open_within(&path, budget))?;
         Ok(Checkpoint { inner })
     }
@@ -238,11 +240,32 @@ impl Delta {
 #[pymethods]
 impl Delta {
     #[new]
-    #[pyo3(signature = (path, *, threads = None, memory_budget = None))]
-    fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, memory_budget: Option<String>) -> PyResult<Self> {
+    #[pyo3(signature = (path, *, revision = None, threads = None, memory_budget = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        revision: Option<String>,
+        threads: Option<usize>,
+        memory_budget: Option<String>,
+    ) -> PyResult<Self> {
         let (threads, budget) = options::Run { threads, memory_budget }.check().map_err(|e| to_py(e, None))?;
+        let named = options::Delta { name: path, revision };
+        let path = pipeline(py, |_| named.resolve(&fapm::hub::Env::read(env)))?;
         let inner = pipeline(py, |ctl| RustDelta::open(&path, budget, threads, ctl))?;
         Ok(Delta { inner: Arc::new(inner), budget })
+    }
+
+    /// The base checkpoint the delta records (its repo id and commit), found in the Hugging
+    /// Face cache or fetched: what `fapm apply` uses when no base is given.
+    fn recorded_base(&self, py: Python<'_>) -> PyResult<PathBuf> {
+        let Some(repo) = self.inner.reader.manifest.base_repo.clone() else {
+            let path = self.inner.reader.path.display().to_string();
+            let msg = format!("{path} does not record its base (it was pruned from a local path, not a repo id); give the base");
+            return Err(FapmError::new_err(one_line(&msg)));
+        };
+        let name = fapm::hub::Name::Repo { id: repo.repo, revision: Some(repo.commit) };
+        let hub = fapm::hub::Env::read(env);
+        Ok(pipeline(py, |_| fapm::hub::resolve(&name, fapm::hub::Want::Weights, &hub))?.path)
     }
 
     /// The delta's path.
@@ -504,7 +527,7 @@ fn prune<'py>(
         run: options::Run { threads, memory_budget: memory_budget.map(Into::into) },
         ..options::Prune::new(base, finetuned, output)
     };
-    let cfg = opts.check(|k| std::env::var(k).ok()).map_err(|e| to_py(e, None))?;
+    let cfg = py.detach(|| opts.check(env)).map_err(|e| to_py(e, None))?;
     let s = pipeline(py, |ctl| fapm::prune(&cfg, ctl))?;
     json_to_py(py, &fapm::json::prune(&s))
 }
@@ -512,18 +535,22 @@ fn prune<'py>(
 /// `fapm apply`: writes the model; returns what `--json` prints (without
 /// `peak_memory_bytes`), as a dict.
 #[pyfunction]
-#[pyo3(signature = (base, delta, output, *, threads = None, memory_budget = None, overwrite = false))]
+#[pyo3(signature = (base, delta, output, *, revision = None, threads = None, memory_budget = None, overwrite = false))]
+#[allow(clippy::too_many_arguments)]
 fn apply<'py>(
     py: Python<'py>,
-    base: PathBuf,
+    base: Option<PathBuf>,
     delta: PathBuf,
     output: PathBuf,
+    revision: Option<String>,
     threads: Option<usize>,
     memory_budget: Option<&str>,
     overwrite: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let run = options::Run { threads, memory_budget: memory_budget.map(Into::into) };
-    let cfg = ApplyConfig::new(base, delta, Some(output), overwrite, &run).map_err(|e| to_py(e, None))?;
+    let delta = options::Delta { name: delta, revision };
+    let cfg =
+        py.detach(|| ApplyConfig::new(base, &delta, Some(output), overwrite, &run, env)).map_err(|e| to_py(e, None))?;
     let s = pipeline(py, |ctl| fapm::apply(&cfg, ctl))?;
     json_to_py(py, &fapm::json::apply("applied", &s))
 }
@@ -532,27 +559,81 @@ fn apply<'py>(
 /// reconstruction (writing nothing). Returns what `--json` prints (without
 /// `peak_memory_bytes`), as a dict.
 #[pyfunction]
-#[pyo3(signature = (delta, base = None, *, threads = None, memory_budget = None))]
+#[pyo3(signature = (delta, base = None, *, revision = None, delta_only = false, threads = None, memory_budget = None))]
 fn verify<'py>(
     py: Python<'py>,
     delta: PathBuf,
     base: Option<PathBuf>,
+    revision: Option<String>,
+    delta_only: bool,
     threads: Option<usize>,
     memory_budget: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let run = options::Run { threads, memory_budget: memory_budget.map(Into::into) };
-    let cfg = VerifyConfig::new(delta, base, &run).map_err(|e| to_py(e, None))?;
+    let delta = options::Delta { name: delta, revision };
+    let cfg = py.detach(|| VerifyConfig::new(&delta, base, delta_only, &run, env)).map_err(|e| to_py(e, None))?;
     let s = pipeline(py, |ctl| fapm::verify(&cfg, ctl))?;
     json_to_py(py, &fapm::json::apply("verified", &s))
 }
 
 /// `fapm inspect --json`, as a dict.
 #[pyfunction]
-#[pyo3(signature = (delta, *, memory_budget = None))]
-fn inspect<'py>(py: Python<'py>, delta: PathBuf, memory_budget: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
-    let cfg = InspectConfig::new(delta, memory_budget).map_err(|e| to_py(e, None))?;
+#[pyo3(signature = (delta, *, revision = None, memory_budget = None))]
+fn inspect<'py>(
+    py: Python<'py>,
+    delta: PathBuf,
+    revision: Option<String>,
+    memory_budget: Option<&str>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let delta = options::Delta { name: delta, revision };
+    let cfg = py.detach(|| InspectConfig::new(&delta, memory_budget, env)).map_err(|e| to_py(e, None))?;
     let (m, size) = pipeline(py, |ctl| fapm::inspect(&cfg, ctl))?;
     json_text_to_py(py, fapm::json::inspect_text(&cfg.delta, &m, size))
+}
+
+/// This process's environment, where the configuration reads the Hugging Face settings and
+/// `--part auto`'s variables.
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+/// `fapm card`: the delta and a README.md model card in a folder, ready for `hf upload`;
+/// returns what `--json` prints, as a dict.
+#[pyfunction]
+#[pyo3(signature = (delta, output, *, revision = None, report = None, finetuned_card = None, repo_id = None,
+                    memory_budget = None, overwrite = false))]
+#[allow(clippy::too_many_arguments)]
+fn card<'py>(
+    py: Python<'py>,
+    delta: PathBuf,
+    output: PathBuf,
+    revision: Option<String>,
+    report: Option<PathBuf>,
+    finetuned_card: Option<PathBuf>,
+    repo_id: Option<String>,
+    memory_budget: Option<&str>,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let hub = fapm::hub::Env::read(env);
+    let named = options::Delta { name: delta, revision };
+    let cfg = py
+        .detach(|| -> fapm::Result<_> {
+            Ok(fapm::card::CardConfig {
+                delta: named.resolve(&hub)?,
+                output,
+                report,
+                finetuned_card,
+                repo_id,
+                memory_budget: fapm::config::memory_budget(memory_budget)?,
+                hub: hub.clone(),
+                overwrite,
+            })
+        })
+        .map_err(|e| to_py(e, None))?;
+    let s = pipeline(py, |ctl| fapm::card::card(&cfg, ctl))?;
+    let mut v = serde_json::to_value(&s).expect("a summary serializes");
+    v["command"] = serde_json::json!("card");
+    json_to_py(py, &v)
 }
 
 /// `msg` as one printable line, as fapm's own errors are: for the messages the Python half
@@ -572,6 +653,7 @@ fn _fapm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(card, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(_one_line, m)?)?;
     // Python installs no SIGBUS handler of its own (faulthandler's, when enabled, is kept and

@@ -127,7 +127,9 @@ pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
         base: layout_hash(base.shards.iter().map(|s| (s.name.as_str(), s.header.as_str()))),
         finetuned: layout_hash(ft.shards.iter().map(|s| (s.name.as_str(), s.header.as_str()))),
         finetuned_sample: Some(content_sample(
-            ft.shards.iter().flat_map(|s| s.tensors.iter().enumerate().map(move |(i, t)| (t.name.as_str(), s.tensor_bytes(i)))),
+            ft.shards
+                .iter()
+                .flat_map(|s| s.tensors.iter().enumerate().map(move |(i, t)| (t.name.as_str(), s.tensor_bytes(i)))),
         )),
     });
     summary.delta_bytes = writer.finish(&manifest)?;

@@ -71,11 +71,21 @@ mod tests {
 
     #[test]
     fn repo_ids_follow_the_hubs_rules() {
-        for ok in ["gpt2", "meta-llama/Meta-Llama-3-8B", "a/b", "_x/y_", "org/name.v1", "sentence-transformers/all-MiniLM-L6-v2"] {
+        for ok in [
+            "gpt2",
+            "meta-llama/Meta-Llama-3-8B",
+            "a/b",
+            "_x/y_",
+            "org/name.v1",
+            "sentence-transformers/all-MiniLM-L6-v2",
+        ] {
             assert_eq!(check_id(ok), Ok(()), "{ok}");
         }
         let long = "x".repeat(97);
-        for bad in ["", "/", "a/", "/b", "a/b/c", "a//b", "a--b/c", "a/b..c", "a/.b", "a/b-", "a/b.git", "a b/c", "a/b\n", &long, "../x", "a/é"] {
+        for bad in [
+            "", "/", "a/", "/b", "a/b/c", "a//b", "a--b/c", "a/b..c", "a/.b", "a/b-", "a/b.git", "a b/c", "a/b\n",
+            &long, "../x", "a/é",
+        ] {
             assert!(check_id(bad).is_err(), "{bad:?}");
         }
     }

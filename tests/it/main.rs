@@ -6,6 +6,7 @@ mod crash;
 mod faults;
 mod fuzz_regressions;
 mod hostile;
+mod hub;
 mod parts;
 mod paths;
 mod pipeline;
