@@ -37,12 +37,13 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 from . import numpy as _np
 from ._fapm import Checkpoint as _Checkpoint
 from ._fapm import Delta as _Delta
-from ._fapm import FapmError, __version__, apply, inspect, prune, verify
+from ._fapm import FapmError, __version__, apply, card, inspect, prune, verify
 from ._fapm import _one_line
 
 __all__ = [
     "FapmError",
     "apply",
+    "card",
     "inspect",
     "iter_patches",
     "load_file",
@@ -99,7 +100,7 @@ class safe_open:
     def __init__(
         self,
         delta: PathLike,
-        base: PathLike,
+        base: Optional[PathLike] = None,
         framework: str = "np",
         *,
         threads: Optional[int] = None,
@@ -107,6 +108,8 @@ class safe_open:
     ):
         self._fw = _framework(framework)
         self._delta = _delta(delta, threads, memory_budget)
+        if base is None:
+            base = self._delta.recorded_base()
         self._base = _Checkpoint(base, memory_budget=memory_budget)
 
     def __enter__(self) -> "safe_open":
@@ -139,7 +142,7 @@ class safe_open:
 
 def load_file(
     delta: PathLike,
-    base: PathLike,
+    base: Optional[PathLike] = None,
     framework: str = "np",
     *,
     threads: Optional[int] = None,

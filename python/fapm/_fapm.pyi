@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 _Path = Union[str, os.PathLike]
 
-__all__ = ["FapmError", "Checkpoint", "Delta", "prune", "apply", "verify", "inspect", "__version__", "_one_line"]
+__all__ = ["FapmError", "Checkpoint", "Delta", "prune", "apply", "verify", "inspect", "card", "__version__", "_one_line"]
 
 __version__: str
 
@@ -19,7 +19,8 @@ class FapmError(Exception):
 
 @final
 class Checkpoint:
-    """A base checkpoint (a .safetensors file or a directory of shards), memory-mapped."""
+    """A base checkpoint (a .safetensors file, a directory of shards, or a Hugging Face repo id
+    found in the cache or fetched), memory-mapped."""
 
     def __new__(cls, path: _Path, *, memory_budget: Optional[str] = None) -> "Checkpoint": ...
     @property
@@ -30,9 +31,19 @@ class Delta:
     """An opened delta: its verified manifest; blocks are read when a tensor is asked for. A part
     of a partitioned prune is refused, as ``fapm apply`` refuses it."""
 
-    def __new__(cls, path: _Path, *, threads: Optional[int] = None, memory_budget: Optional[str] = None) -> "Delta": ...
+    def __new__(
+        cls,
+        path: _Path,
+        *,
+        revision: Optional[str] = None,
+        threads: Optional[int] = None,
+        memory_budget: Optional[str] = None,
+    ) -> "Delta": ...
     @property
     def path(self) -> str: ...
+    def recorded_base(self) -> str:
+        """The base checkpoint the delta records (repo id and commit), found in the Hugging Face
+        cache or fetched."""
     def names(self) -> List[str]: ...
     def tensor(self, name: str) -> Tuple[str, List[int], str, Optional[str], int]:
         """``(dtype, shape, mode, base_dtype, kept)``; ``base_dtype`` is None when stored whole."""
@@ -78,10 +89,11 @@ def prune(
     ``include``, ``exclude`` and ``sparsity_for`` are empty unless given."""
 
 def apply(
-    base: _Path,
+    base: Optional[_Path],
     delta: _Path,
     output: _Path,
     *,
+    revision: Optional[str] = None,
     threads: Optional[int] = None,
     memory_budget: Optional[str] = None,
     overwrite: bool = False,
@@ -89,12 +101,32 @@ def apply(
     """``fapm apply``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
 
 def verify(
-    delta: _Path, base: Optional[_Path] = None, *, threads: Optional[int] = None, memory_budget: Optional[str] = None
+    delta: _Path,
+    base: Optional[_Path] = None,
+    *,
+    revision: Optional[str] = None,
+    delta_only: bool = False,
+    threads: Optional[int] = None,
+    memory_budget: Optional[str] = None,
 ) -> Dict[str, Any]:
     """``fapm verify``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
 
-def inspect(delta: _Path, *, memory_budget: Optional[str] = None) -> Dict[str, Any]:
+def inspect(delta: _Path, *, revision: Optional[str] = None, memory_budget: Optional[str] = None) -> Dict[str, Any]:
     """``fapm inspect --json``, as a dict."""
+
+def card(
+    delta: _Path,
+    output: _Path,
+    *,
+    revision: Optional[str] = None,
+    report: Optional[_Path] = None,
+    finetuned_card: Optional[_Path] = None,
+    repo_id: Optional[str] = None,
+    memory_budget: Optional[str] = None,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
+    """``fapm card``: the delta and a README.md model card in ``output``, ready for
+    ``hf upload``; returns what ``--json`` prints."""
 
 def _one_line(msg: str) -> str:
     """``msg`` as one printable line: line breaks as spaces, control characters escaped, as
