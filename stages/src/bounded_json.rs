@@ -59,7 +59,7 @@ impl Drop for Watch<'_> {
 fn cancelled() -> bool {
     let ticks = TICKS.get().wrapping_add(1);
     TICKS.set(ticks);
-    if ticks % CHARGES_PER_LOOK != 0 {
+    if !ticks.is_multiple_of(CHARGES_PER_LOOK) {
         return false;
     }
     let ctl = WATCHED.get();
