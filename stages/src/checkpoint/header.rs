@@ -49,6 +49,12 @@ pub fn parse_shard(path: &Path, bytes: &[u8]) -> Result<(String, usize, Vec<Tens
     let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| {
         Error::invalid(path, format!("file is {} bytes, too short for a safetensors header", bytes.len()))
     })?;
+    if len_bytes == crate::format::MAGIC {
+        return Err(Error::invalid(
+            path,
+            "is a fapm delta, not a safetensors checkpoint (were the base and the delta swapped?)",
+        ));
+    }
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_LEN {
         return Err(Error::invalid(
