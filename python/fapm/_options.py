@@ -3,7 +3,8 @@
 
 A float is the decimal its ``repr`` shows (``0.9`` is ``"0.9"``, the exact decimal 0.9, as
 ``--sparsity 0.9`` is), written without an exponent (``1e-05`` is ``"0.00001"``); an int is its
-digits; a ``str`` or ``decimal.Decimal`` is taken as it is written. ``True`` and ``False`` are
+digits; a ``str`` or ``decimal.Decimal`` is taken as it is written; another real number (NumPy's
+``float32``) as its ``str``. ``True`` and ``False`` are
 not numbers here. NaN and the infinities pass as ``"nan"`` and ``"inf"``, which the parser
 refuses with the command line's message.
 """
@@ -22,17 +23,21 @@ def decimal(option: str, value) -> str:
     """``value`` of option ``option`` as the command line's text."""
     if isinstance(value, str):
         return value
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)) and not _is_decimal(value):
+    if _is_decimal(value):
+        return format(value, "f")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{option} must be a number or a string such as '0.9', not {type(value).__name__}")
     if isinstance(value, numbers.Integral):
         return str(int(value))
-    if _is_decimal(value):
-        return format(value, "f")
-    text = float.__repr__(value)
-    if "e" in text and math.isfinite(value):
-        from decimal import Decimal
+    # A float's repr; another real's str (NumPy's float32: the shortest decimal of its precision).
+    text = float.__repr__(value) if isinstance(value, float) else str(value)
+    if "e" in text.lower() and math.isfinite(value):
+        from decimal import Decimal, InvalidOperation
 
-        text = format(Decimal(text), "f")
+        try:
+            text = format(Decimal(text), "f")
+        except InvalidOperation:
+            pass
     return text
 
 

@@ -45,24 +45,28 @@ def tqdm_class() -> Any:
 
 
 class Bar:
-    """A bar of bytes, or nothing (see the module's documentation)."""
+    """A bar of bytes, or nothing (see the module's documentation). A bar whose total is not
+    known yet (0) is made at the first report, with the total it brings: tqdm's delay counts
+    from then, and no bar is drawn before its size is known."""
 
     def __init__(self, desc: str, total: int, progress: Optional[bool]):
-        self._bar = None
+        self._bar: Any = None
+        self._make: Any = None
         self._current = ""
         if not enabled(progress):
             return
         cls = tqdm_class()
         if cls is None:
             return
-        self._bar = cls(
-            total=total or None,
-            desc=desc,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            delay=0 if progress else DELAY,
-        )
+        delay = 0 if progress else DELAY
+
+        def make(total: int) -> Any:
+            return cls(total=total or None, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, delay=delay)
+
+        if total:
+            self._bar = make(total)
+        else:
+            self._make = make
 
     def __enter__(self) -> "Bar":
         return self
@@ -72,15 +76,13 @@ class Bar:
 
     def update_to(self, done: int, total: int, current: str = "") -> None:
         """The work is at ``done`` of ``total`` bytes (0: not known yet), on tensor ``current``."""
+        if self._bar is None:
+            if self._make is None:
+                return
+            self._bar, self._make = self._make(total), None
         bar = self._bar
-        if bar is None:
-            return
         if total and bar.total != total:
-            # reset also sizes a notebook's widget; the total is known before any progress.
-            if bar.n == 0:
-                bar.reset(total=total)
-            else:
-                bar.total = total
+            bar.total = total
         if current and current != self._current:
             from ._fapm import _one_line
 
@@ -96,9 +98,9 @@ class Bar:
 
     def callback(self):
         """A ``progress(done, total, current)`` callable for the Rust calls, or None."""
-        return self.update_to if self._bar is not None else None
+        return self.update_to if self._bar is not None or self._make is not None else None
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-            self._bar = None
+        self._bar = self._make = None

@@ -4,6 +4,7 @@ model patched twice, and how much `import fapm` imports."""
 import os
 import subprocess
 import sys
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -38,6 +39,8 @@ def _prune_cli(fapm_bin, c, out, *flags):
         # repr(1e-05) is '1e-05': the same decimal, written out.
         ({"sparsity": 1e-05, "penalty": 2.5e-3}, ["--sparsity", "0.00001", "--penalty", "0.0025"]),
         ({"sparsity": np.float64(0.75)}, ["--sparsity", "0.75"]),
+        # NumPy's float32 as its str (the shortest decimal of its precision); a Decimal as written.
+        ({"sparsity": np.float32(0.9), "penalty": Decimal("0.50")}, ["--sparsity", "0.9", "--penalty", "0.50"]),
         (
             {"sparsity_for": {"embed|lm_head": 0.5, "norm": 0}, "memory_budget": 2**30},
             ["--sparsity-for", "embed|lm_head=0.5", "--sparsity-for", "norm=0", "--memory-budget", "1G"],

@@ -65,11 +65,13 @@ def test_load_patch_and_iter_patches_advance_to_their_total(cases, bars):
     assert all(b.disable or b.n == b.total for b in bars)
 
 
-def test_prune_apply_verify_report_from_rust(cases, bars, tmp_path):
-    c = cases("sharded")
+@pytest.mark.parametrize("pair", ["sharded", "single", "resized-bf16"])
+def test_prune_apply_verify_report_from_rust(cases, bars, tmp_path, pair):
+    """Also with tensors that grew (added tokens): their added rows have no base to count."""
+    c = cases(pair)
     fapm.prune(c.base, c.finetuned, tmp_path / "d.fapm", progress=True)
     _ends_at_total(_one(bars, "fapm prune"))
-    fapm.apply(c.base, tmp_path / "d.fapm", tmp_path / "out", progress=True)
+    fapm.apply(c.base, tmp_path / "d.fapm", tmp_path / c.applied.name, progress=True)
     _ends_at_total(_one(bars, "fapm apply"))
     fapm.verify(tmp_path / "d.fapm", c.base, progress=True)
     _ends_at_total(_one(bars, "fapm verify"))
@@ -103,9 +105,17 @@ def test_real_tqdm_prints_only_when_asked(cases, capfd, monkeypatch, tmp_path):
     fapm.load_file(c.delta, c.base, progress=False)
     fapm.prune(c.base, c.finetuned, tmp_path / "a.fapm", progress=False)
     assert capfd.readouterr() == ("", "")
+    # By default a call that takes less than a second draws nothing (no bar left at 0%).
+    fapm.load_file(c.delta, c.base)
+    fapm.prune(c.base, c.finetuned, tmp_path / "b.fapm")
+    fapm.apply(c.base, tmp_path / "b.fapm", tmp_path / "b.safetensors")
+    assert capfd.readouterr() == ("", "")
     fapm.load_file(c.delta, c.base, progress=True)
     out, err = capfd.readouterr()
     assert out == "" and "fapm load" in err and "100%" in err
+    fapm.prune(c.base, c.finetuned, tmp_path / "c.fapm", progress=True)
+    out, err = capfd.readouterr()
+    assert out == "" and "fapm prune: 100%" in err and " 0%" not in err
 
 
 def test_without_tqdm_nothing_happens(cases, monkeypatch, capfd):
