@@ -548,6 +548,7 @@ fn prune<'py>(
 #[pyfunction]
 #[pyo3(signature = (base, delta, output, *, threads = None, memory_budget = None, overwrite = false,
                     progress = None))]
+#[allow(clippy::too_many_arguments)]
 fn apply<'py>(
     py: Python<'py>,
     base: PathBuf,
