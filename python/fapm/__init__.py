@@ -620,8 +620,8 @@ def patch_(
     the CPU). A checkpoint name is looked up as ``rename`` says (a dict, or a function of the
     name; mapping to None skips the tensor), else as it is, else with the module prefix that
     the model's names show stripped or added (found by matching the delta's names with the
-    model's: ``0.auto_model.`` in a sentence-transformers model, ``bert.`` between
-    ``BertModel`` and ``BertForSequenceClassification``), else with or without the model's
+    model's: ``0.auto_model.`` or ``0.model.`` in a sentence-transformers model, ``bert.``
+    between ``BertModel`` and ``BertForSequenceClassification``), else with or without the model's
     ``base_model_prefix``, as transformers does. Tensors the delta does not hold are left
     alone; tensors it stores whole replace the target's (a dict gains the ones it lacks). A
     delta tensor that is a buffer the model does not save (``persistent=False``, such as
