@@ -2,12 +2,14 @@
 unsigned integers of the element's width; ``fapm`` views them with their dtype and shape."""
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, final
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
 _Path = Union[str, os.PathLike]
+# progress(done, total, current): input bytes done, the total (0 while unknown), the tensor.
+_Progress = Optional[Callable[[int, int, str], object]]
 
 __all__ = ["FapmError", "Checkpoint", "Delta", "prune", "apply", "verify", "inspect", "card", "__version__", "_one_line"]
 
@@ -84,9 +86,12 @@ def prune(
     penalty: str = "1",
     sparsity_for: Sequence[str] = ...,
     part: Optional[str] = None,
+    progress: _Progress = None,
 ) -> Dict[str, Any]:
     """``fapm prune``; returns what ``--json`` prints (without ``peak_memory_bytes``).
-    ``include``, ``exclude`` and ``sparsity_for`` are empty unless given."""
+    ``include``, ``exclude`` and ``sparsity_for`` are empty unless given. ``progress`` is
+    called every 50 ms while it runs and once when it has finished; an exception it raises
+    stops the run, as Ctrl-C does."""
 
 def apply(
     base: Optional[_Path],
@@ -97,8 +102,10 @@ def apply(
     threads: Optional[int] = None,
     memory_budget: Optional[str] = None,
     overwrite: bool = False,
+    progress: _Progress = None,
 ) -> Dict[str, Any]:
-    """``fapm apply``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
+    """``fapm apply``; returns what ``--json`` prints (without ``peak_memory_bytes``).
+    ``progress`` as for ``prune``."""
 
 def verify(
     delta: _Path,
@@ -108,8 +115,10 @@ def verify(
     delta_only: bool = False,
     threads: Optional[int] = None,
     memory_budget: Optional[str] = None,
+    progress: _Progress = None,
 ) -> Dict[str, Any]:
-    """``fapm verify``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
+    """``fapm verify``; returns what ``--json`` prints (without ``peak_memory_bytes``).
+    ``progress`` as for ``prune``."""
 
 def inspect(delta: _Path, *, revision: Optional[str] = None, memory_budget: Optional[str] = None) -> Dict[str, Any]:
     """``fapm inspect --json``, as a dict."""

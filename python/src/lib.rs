@@ -3,7 +3,7 @@
 //! Tensors cross as flat NumPy byte arrays (the Python half views them with their dtype and
 //! shape), results are handed to NumPy without a copy, the GIL is released while Rust works
 //! on a worker thread, and Ctrl-C (checked every 50 ms) cancels it as it cancels the command
-//! line. Settings are checked by `fapm::config`, the command line's own checks, and tensors
+//! line; the commands report their progress to a Python callback at the same pace. Settings are checked by `fapm::config`, the command line's own checks, and tensors
 //! are rebuilt by the decoder `apply` uses. Every fapm error becomes `FapmError` with the
 //! message the command line prints, escaped as it escapes it.
 //!
@@ -70,7 +70,19 @@ fn unbounded_limit(t: &TensorRecord, budget: u64) -> u64 {
 /// Runs `f` on a worker thread with the GIL released; Ctrl-C (checked every 50 ms) cancels it
 /// at its next block or chunk, and the KeyboardInterrupt is raised once it stopped.
 fn pipeline<T: Send>(py: Python<'_>, f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send) -> PyResult<T> {
-    match run(py, f) {
+    reporting(py, None, f)
+}
+
+/// [`pipeline`], telling `progress` how far the work is: `progress(done, total, current)`
+/// (input bytes, `total` 0 while unknown, and the tensor being worked on) every 50 ms and
+/// once more when it has finished. An exception it raises cancels the work, as Ctrl-C does.
+fn reporting<T: Send>(
+    py: Python<'_>,
+    progress: Option<&Bound<'_, PyAny>>,
+    f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send,
+) -> PyResult<T> {
+    let progress = progress.map(|p| p.clone().unbind());
+    match run_with(py, progress.as_ref(), f) {
         (Ok(_), Some(e)) => Err(e),
         (r, i) => r.map_err(|e| to_py(e, i)),
     }
@@ -82,7 +94,23 @@ fn run<T: Send>(
     py: Python<'_>,
     f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send,
 ) -> (fapm::Result<T>, Option<PyErr>) {
+    run_with(py, None, f)
+}
+
+/// [`run`], calling `progress` as [`reporting`] says.
+fn run_with<T: Send>(
+    py: Python<'_>,
+    progress: Option<&Py<PyAny>>,
+    f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send,
+) -> (fapm::Result<T>, Option<PyErr>) {
     let ctl = RunControl::default();
+    let report = |py: Python<'_>| -> PyResult<()> {
+        if let Some(cb) = progress {
+            let (done, total) = ctl.progress();
+            cb.call1(py, (done, total, ctl.current()))?;
+        }
+        Ok(())
+    };
     let mut interrupted = None;
     let result = py.detach(|| {
         std::thread::scope(|s| {
@@ -96,7 +124,7 @@ fn run<T: Send>(
             while !worker.is_finished() {
                 std::thread::park_timeout(Duration::from_millis(50));
                 if interrupted.is_none() {
-                    if let Err(e) = Python::attach(|py| py.check_signals()) {
+                    if let Err(e) = Python::attach(|py| py.check_signals().and_then(|()| report(py))) {
                         ctl.cancel();
                         interrupted = Some(e);
                     }
@@ -105,6 +133,9 @@ fn run<T: Send>(
             worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     });
+    if result.is_ok() && interrupted.is_none() {
+        interrupted = report(py).err();
+    }
     (result, interrupted)
 }
 
@@ -492,10 +523,12 @@ impl Delta {
 }
 
 /// `fapm prune`: returns what `--json` prints (without `peak_memory_bytes`), as a dict.
+/// `progress(done, total, current)` is told how far it is ([`reporting`]).
 #[pyfunction]
 #[pyo3(signature = (base, finetuned, output, *, sparsity = "0.9", metric = "fapm", threshold = "exact",
                     include = Vec::new(), exclude = Vec::new(), threads = None, memory_budget = None,
-                    overwrite = false, penalty = "1", sparsity_for = Vec::new(), part = None))]
+                    overwrite = false, penalty = "1", sparsity_for = Vec::new(), part = None,
+                    progress = None))]
 #[allow(clippy::too_many_arguments)]
 fn prune<'py>(
     py: Python<'py>,
@@ -513,6 +546,7 @@ fn prune<'py>(
     penalty: &str,
     sparsity_for: Vec<String>,
     part: Option<&str>,
+    progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let opts = options::Prune {
         sparsity: sparsity.into(),
@@ -528,14 +562,15 @@ fn prune<'py>(
         ..options::Prune::new(base, finetuned, output)
     };
     let cfg = py.detach(|| opts.check(env)).map_err(|e| to_py(e, None))?;
-    let s = pipeline(py, |ctl| fapm::prune(&cfg, ctl))?;
+    let s = reporting(py, progress.as_ref(), |ctl| fapm::prune(&cfg, ctl))?;
     json_to_py(py, &fapm::json::prune(&s))
 }
 
 /// `fapm apply`: writes the model; returns what `--json` prints (without
-/// `peak_memory_bytes`), as a dict.
+/// `peak_memory_bytes`), as a dict. `progress` as for [`prune`].
 #[pyfunction]
-#[pyo3(signature = (base, delta, output, *, revision = None, threads = None, memory_budget = None, overwrite = false))]
+#[pyo3(signature = (base, delta, output, *, revision = None, threads = None, memory_budget = None, overwrite = false,
+                    progress = None))]
 #[allow(clippy::too_many_arguments)]
 fn apply<'py>(
     py: Python<'py>,
@@ -546,20 +581,22 @@ fn apply<'py>(
     threads: Option<usize>,
     memory_budget: Option<&str>,
     overwrite: bool,
+    progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let run = options::Run { threads, memory_budget: memory_budget.map(Into::into) };
     let delta = options::Delta { name: delta, revision };
     let cfg =
         py.detach(|| ApplyConfig::new(base, &delta, Some(output), overwrite, &run, env)).map_err(|e| to_py(e, None))?;
-    let s = pipeline(py, |ctl| fapm::apply(&cfg, ctl))?;
+    let s = reporting(py, progress.as_ref(), |ctl| fapm::apply(&cfg, ctl))?;
     json_to_py(py, &fapm::json::apply("applied", &s))
 }
 
 /// `fapm verify`: every hash in the delta; with `base`, also the base and the full
 /// reconstruction (writing nothing). Returns what `--json` prints (without
-/// `peak_memory_bytes`), as a dict.
+/// `peak_memory_bytes`), as a dict. `progress` as for [`prune`].
 #[pyfunction]
-#[pyo3(signature = (delta, base = None, *, revision = None, delta_only = false, threads = None, memory_budget = None))]
+#[pyo3(signature = (delta, base = None, *, revision = None, delta_only = false, threads = None, memory_budget = None,
+                    progress = None))]
 fn verify<'py>(
     py: Python<'py>,
     delta: PathBuf,
@@ -568,11 +605,12 @@ fn verify<'py>(
     delta_only: bool,
     threads: Option<usize>,
     memory_budget: Option<&str>,
+    progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let run = options::Run { threads, memory_budget: memory_budget.map(Into::into) };
     let delta = options::Delta { name: delta, revision };
     let cfg = py.detach(|| VerifyConfig::new(&delta, base, delta_only, &run, env)).map_err(|e| to_py(e, None))?;
-    let s = pipeline(py, |ctl| fapm::verify(&cfg, ctl))?;
+    let s = reporting(py, progress.as_ref(), |ctl| fapm::verify(&cfg, ctl))?;
     json_to_py(py, &fapm::json::apply("verified", &s))
 }
 

@@ -63,6 +63,12 @@ pub fn header_end(path: &Path, file_len: u64, len_bytes: [u8; 8]) -> Result<u64>
     if file_len < 8 {
         return Err(Error::invalid(path, format!("file is {file_len} bytes, too short for a safetensors header")));
     }
+    if len_bytes == crate::format::MAGIC {
+        return Err(Error::invalid(
+            path,
+            "is a fapm delta, not a safetensors checkpoint (were the base and the delta swapped?)",
+        ));
+    }
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_LEN {
         return Err(Error::invalid(

@@ -359,4 +359,13 @@ mod tests {
         let b = (MAX_HEADER_LEN + 1).to_le_bytes();
         assert!(parse_shard(Path::new("x"), &b).unwrap_err().to_string().contains("limit"));
     }
+
+    /// A delta given where a checkpoint goes is named as one, not as a bad header length.
+    #[test]
+    fn a_delta_is_not_a_checkpoint() {
+        let mut b = crate::format::MAGIC.to_vec();
+        b.extend_from_slice(&[0; 100]);
+        let err = parse_shard(Path::new("d.fapm"), &b).unwrap_err().to_string();
+        assert_eq!(err, "d.fapm: is a fapm delta, not a safetensors checkpoint (were the base and the delta swapped?)");
+    }
 }
