@@ -34,7 +34,7 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check every hash in a delta; with --base, also the base and the full reconstruction.
     Verify(VerifyArgs),
-    /// Draw FAPM's pictures for your model: heatmaps and kept-norm charts, as PNG + index.html.
+    /// Draw FAPM's pictures for your model: heatmaps and the trade-off, as PNG + index.html + report.json.
     Report(ReportArgs),
 }
 
@@ -224,6 +224,8 @@ pub struct ReportArgs {
     /// Replace DIR if it exists.
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
     #[command(flatten)]
     pub summary: SummaryArgs,
 }
