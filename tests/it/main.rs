@@ -11,4 +11,5 @@ mod paths;
 mod pipeline;
 mod readback;
 mod reference;
+mod report;
 mod util;
