@@ -39,6 +39,7 @@ from ._fapm import Checkpoint as _Checkpoint
 from ._fapm import Delta as _Delta
 from ._fapm import FapmError, __version__, apply, inspect, prune, verify
 from ._fapm import _one_line
+from .sweep import sweep
 
 __all__ = [
     "FapmError",
@@ -50,6 +51,7 @@ __all__ = [
     "patched",
     "prune",
     "safe_open",
+    "sweep",
     "verify",
     "__version__",
 ]

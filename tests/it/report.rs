@@ -20,7 +20,7 @@ fn many_tiny_pair(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
             }
             let at = i * 8;
             header.push_str(&format!(
-                "\"l.{i}.w\":{{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[{at},{}]}}",
+                "\"l.{i}.w\":{{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[{at},{}]}}",
                 at + 8
             ));
             let second = if changed && i % 3 == 0 { 1.5f32 + (i + 1) as f32 * 1e-6 } else { 1.5 };
