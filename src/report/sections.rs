@@ -117,13 +117,17 @@ pub fn tradeoff(whole: &WholeModel, points: &[Point]) -> Section {
     let at = |l: usize, j: usize| &points[j * PENALTIES.len() + l];
     let xy = |p: &Point| (nan(p.forgetting), nan(p.energy_kept));
     let describe = |p: &Point| {
+        let standing = match p.dominated_by {
+            _ if p.pareto => ", Pareto-optimal".to_string(),
+            Some(d) => format!(", dominated by {}", points[d].label()),
+            None => String::new(),
+        };
         format!(
-            "{}: energy kept {}, forgetting proxy {}, delta about {}{}; fapm prune {}",
+            "{}: energy kept {}, forgetting proxy {}, delta about {}{standing}; fapm prune {}",
             p.label(),
             share(p.energy_kept),
             share(p.forgetting),
             size(p.delta_bytes),
-            if p.pareto { ", Pareto-optimal" } else { "" },
             p.flags()
         )
     };
@@ -156,25 +160,20 @@ pub fn tradeoff(whole: &WholeModel, points: &[Point]) -> Section {
         x_names: None,
         series,
     };
-    let rows = points
-        .iter()
-        .map(|p| {
-            vec![
-                p.penalty.to_string(),
-                pct(p.sparsity),
-                share(p.energy_kept),
-                share(p.forgetting),
-                size(p.delta_bytes),
-                if p.pareto {
-                    "yes".into()
-                } else {
-                    p.dominated_by.map_or(String::new(), |d| format!("by {}", points[d].label()))
-                },
-                format!("fapm prune {}", p.flags()),
-            ]
+    // A row per sparsity, a column per strength: compact enough to sit above the heatmaps.
+    let rows = (0..SPARSITIES.len())
+        .map(|j| {
+            let mut row = vec![pct(SPARSITIES[j])];
+            row.extend((0..PENALTIES.len()).map(|l| {
+                let p = at(l, j);
+                let mark = if p.pareto { " ★" } else { "" };
+                format!("{} / {} / {}{mark}", share(p.energy_kept), share(p.forgetting), size(p.delta_bytes))
+            }));
+            row
         })
         .collect();
-    let head = ["λ", "sparsity", "energy kept", "forgetting proxy", "delta size", "Pareto", "command"];
+    let mut head = vec!["sparsity".to_string()];
+    head.extend((0..PENALTIES.len()).map(strength_label));
     Section {
         title: "Choosing a penalty strength and a sparsity".into(),
         intro: format!(
@@ -182,8 +181,9 @@ pub fn tradeoff(whole: &WholeModel, points: &[Point]) -> Section {
              of the task vector's energy (more of the new skill), left applies less of the forgetting \
              proxy (smaller changes relative to the base weights), and the label gives the delta's size. \
              Both axes are sums over the kept positions, so keeping more moves a point up and right: \
-             the question is where a curve gets high for little forgetting and few bytes. {} Hover over \
-             a point for its numbers and flags; the delta sizes are estimates (the kept values encoded \
+             the question is where a curve gets high for little forgetting and few bytes. {} The table gives \
+             every point as energy kept / forgetting proxy kept / delta size, ★ marking the Pareto points; \
+             hover over a point for its numbers and flags. The delta sizes are estimates (the kept values encoded \
              and compressed as prune does, measured on sampled chunks, plus what prune stores whole).",
             dominance_sentence(whole, points)
         ),
@@ -193,7 +193,7 @@ pub fn tradeoff(whole: &WholeModel, points: &[Point]) -> Section {
              forgetting proxy kept (x, log scale). Colours: penalty strengths as in the charts above; \
              grey lines join the strengths of one sparsity (labelled at the strongest penalty's end).",
         )],
-        table: Some(Table { head: head.map(String::from).to_vec(), rows }),
+        table: Some(Table { head, rows }),
     }
 }
 
@@ -207,8 +207,8 @@ pub fn dominance_sentence(whole: &WholeModel, points: &[Point]) -> String {
     let others = points.len() - pareto.len();
     format!(
         "{} of the {} points are Pareto-optimal (no other point keeps more energy with less forgetting in \
-         a delta no larger): {}. Each of the other {others} is dominated by one of them (the table names \
-         one), so choose among the Pareto points by the size you can ship and the forgetting you can \
+         a delta no larger): {}. Each of the other {others} is dominated by one of them (hover over a point \
+         to see which), so choose among the Pareto points by the size you can ship and the forgetting you can \
          afford, and check the choice on your own evaluation (fapm.sweep in Python).",
         pareto.len(),
         points.len(),

@@ -472,12 +472,13 @@ fn the_tradeoff_chart_names_the_flags_of_every_point() {
             assert!(chart.contains(&format!("; fapm prune {flags}</title>")), "{flags} in the chart");
         }
     }
-    // The table: a row per point, the Pareto ones marked, the others naming a dominator.
-    let table = &html[html.find("<th>λ</th>").expect("the trade-off table")..];
+    // The table: a row per sparsity, a column per strength, the Pareto points starred; the
+    // others name a point that dominates them when hovered.
+    let table = &html[html.find("<th>sparsity</th>").expect("the trade-off table")..];
     let table = &table[..table.find("</table>").unwrap()];
-    assert_eq!(table.matches("<tr>").count(), PENALTIES.len() * SPARSITIES.len());
-    assert_eq!(table.matches("<td>yes</td>").count(), pareto);
-    assert_eq!(table.matches("<td>by λ = ").count(), PENALTIES.len() * SPARSITIES.len() - pareto);
+    assert_eq!(table.matches("<tr>").count(), SPARSITIES.len());
+    assert_eq!(table.matches(" ★</td>").count(), pareto);
+    assert_eq!(chart.matches(", dominated by λ = ").count(), PENALTIES.len() * SPARSITIES.len() - pareto);
     assert!(html.contains(&format!("{pareto} of the 25 points are Pareto-optimal")));
 }
 
