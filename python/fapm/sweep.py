@@ -244,6 +244,21 @@ def _size(b: float) -> str:
     return f"{b / 1e9:.2f} GB"
 
 
+def _ticks(lo: float, hi: float) -> List[float]:
+    """1, 2 and 5 times powers of ten between lo and hi (bytes), at most about eight."""
+    out: List[float] = []
+    for e in range(int(math.floor(math.log10(max(lo, 1.0)))), int(math.ceil(math.log10(max(hi, 1.0)))) + 1):
+        out += [m * 10.0 ** e for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
+    return out[:: max(1, len(out) // 8)]
+
+
+def _tick(b: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:g} {unit}"
+    return f"{b:g} B"
+
+
 def _num(v: float) -> str:
     return f"{v:.4g}"
 
@@ -288,14 +303,10 @@ def _chart(rows: Sequence[Mapping[str, Any]], name: str, better_up: bool) -> str
         y = py(v)
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#e6e6e6"/>')
         out.append(text(left - 7, y + 4, _num(v), anchor="end", size=11))
-    lo, hi = math.floor(x0 * 3) / 3, math.ceil(x1 * 3) / 3
-    t = lo
-    while t <= hi + 1e-9:
-        if x0 <= t <= x1:
-            x = px(10 ** t)
-            out.append(f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 4}" stroke="#222"/>')
-            out.append(text(x, bottom + 17, _size(10 ** t), anchor="middle", size=11))
-        t += 1 / 3
+    for t in _ticks(10 ** x0, 10 ** x1):
+        x = px(t)
+        out.append(f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 4}" stroke="#222"/>')
+        out.append(text(x, bottom + 17, _tick(t), anchor="middle", size=11))
     out.append(f'<polyline points="{left},{top} {left},{bottom} {right},{bottom}" fill="none" stroke="#222"/>')
     out.append(text((left + right) / 2, h - 10, "delta size (log scale; left is smaller)", anchor="middle"))
     out.append(f'<g transform="translate(18 {(top + bottom) / 2:.1f}) rotate(-90)">'
@@ -330,7 +341,15 @@ def _chart(rows: Sequence[Mapping[str, Any]], name: str, better_up: bool) -> str
             if marks[i]:
                 out.append(f'<circle class="mark" cx="{px(b):.1f}" cy="{py(v):.1f}" r="7" fill="none" '
                            'stroke="#222" stroke-width="1.5"/>')
-                out.append(text(px(b) + 9, py(v) - 6, f"s={r['sparsity']}", size=10))
+    # Each sparsity's points sit close together (the same number kept): one label above them.
+    for sp in dict.fromkeys(r["sparsity"] for r in rows):
+        pts = [(float(r["delta_bytes"]), float(r[name])) for r in rows if r["sparsity"] == sp
+               and math.isfinite(float(r[name]))]
+        if pts:
+            b = sum(p[0] for p in pts) / len(pts)
+            top_y = min(py(p[1]) for p in pts)
+            out.append(text(px(b), max(top_y - 12, top + 8), f"sparsity {sp}", anchor="middle", size=10,
+                            color="#666"))
     out.append("</svg>")
     return "".join(out)
 
