@@ -326,7 +326,7 @@ fn kept_sums(
     let mut chunk = 0u64;
     pair.for_chunks(|_, ft, base| {
         let (len, _) = scratch.score(scorers, ft, base);
-        let sampled = chunk % BYTE_SAMPLE == 0;
+        let sampled = chunk.is_multiple_of(BYTE_SAMPLE);
         chunk += 1;
         let Scratch { keys, kept: idx, d2, rel2, out, conv, raw } = scratch;
         with_elems!(ftd, based, |F, B| changes::<F, B>(ft, base, floor, &mut d2[..len], &mut rel2[..len]));
@@ -337,7 +337,8 @@ fn kept_sums(
             }
         }
         if sampled {
-            (out.resize(ft.len(), 0), conv.resize(ft.len(), 0));
+            out.resize(ft.len(), 0);
+            conv.resize(ft.len(), 0);
             convert_chunk(ftd, based, base, conv);
         }
         for ((keys, sels), kept) in keys.iter().zip(&mut selections).zip(&mut kept) {

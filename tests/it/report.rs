@@ -38,6 +38,7 @@ fn many_tiny_pair(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
 
 /// Runs fapm with `args` and returns its exit status and its own peak resident memory
 /// (`wait4`'s `ru_maxrss`, of this child alone), in bytes.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child cannot do
 fn run_with_peak(args: &[&str]) -> (i32, u64, String) {
     let child = Command::new(env!("CARGO_BIN_EXE_fapm"))
         .args(args)
