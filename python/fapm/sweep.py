@@ -237,9 +237,9 @@ _STYLE = ("body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2
 def _size(b: float) -> str:
     if b < 1e4:
         return f"{b:.0f} B"
-    if b < 1e7:
+    if b < 1e6:
         return f"{b / 1e3:.1f} kB"
-    if b < 1e10:
+    if b < 1e9:
         return f"{b / 1e6:.1f} MB"
     return f"{b / 1e9:.2f} GB"
 

@@ -46,8 +46,8 @@ pub struct Point {
     pub kept: u64,
     /// The delta's estimated size in bytes.
     pub delta_bytes: u64,
-    /// No other point keeps at least as much energy with at most as much forgetting in a
-    /// delta at most as large, and is better in one of the three.
+    /// No other point keeps at least as much energy with at most as much forgetting, and is
+    /// better in one of the two.
     pub pareto: bool,
     /// The index (in the points) of a point that dominates this one, when not Pareto-optimal.
     pub dominated_by: Option<usize>,
@@ -137,24 +137,28 @@ impl WholeModel {
     }
 }
 
-/// Whether `a` dominates `b`: at least as much energy, at most as much forgetting and bytes,
-/// and better in one of them.
-fn dominates(a: &Point, b: &Point) -> bool {
+/// Whether `a` dominates `b` on the trade-off chart's two axes: at least as much energy, at
+/// most as much forgetting, and better in one of them. The size is not a criterion: energy is
+/// kept best by magnitude pruning at every size by construction, so with the size as a third
+/// criterion no point would ever beat one of another size and every point would be
+/// "optimal"; the size is shown beside each point instead, and named in the sentence.
+pub fn dominates(a: &Point, b: &Point) -> bool {
     let (Some(ea), Some(fa), Some(eb), Some(fb)) = (a.energy_kept, a.forgetting, b.energy_kept, b.forgetting) else {
         return false;
     };
-    ea >= eb && fa <= fb && a.delta_bytes <= b.delta_bytes && (ea > eb || fa < fb || a.delta_bytes < b.delta_bytes)
+    ea >= eb && fa <= fb && (ea > eb || fa < fb)
 }
 
-/// For each point, a point that dominates it (the one keeping the most energy), or None when
-/// it is Pareto-optimal.
+/// For each point, a point that dominates it (the smallest delta among them, then the one
+/// keeping the most energy), or None when it is Pareto-optimal.
 fn pareto(points: &[Point]) -> Vec<Option<usize>> {
     points
         .iter()
         .map(|b| {
-            (0..points.len())
-                .filter(|&i| dominates(&points[i], b))
-                .max_by(|&x, &y| points[x].energy_kept.partial_cmp(&points[y].energy_kept).expect("finite shares"))
+            (0..points.len()).filter(|&i| dominates(&points[i], b)).min_by(|&x, &y| {
+                let (px, py) = (&points[x], &points[y]);
+                px.delta_bytes.cmp(&py.delta_bytes).then(py.energy_kept.partial_cmp(&px.energy_kept).expect("finite"))
+            })
         })
         .collect()
 }
@@ -212,17 +216,19 @@ mod tests {
     }
 
     #[test]
-    fn pareto_points_are_those_nothing_beats_on_all_three() {
+    fn pareto_points_are_those_nothing_beats_on_both_axes() {
         let points = [
             point(0.9, 0.5, 100),
             point(0.8, 0.1, 100),
-            point(0.7, 0.2, 100), // dominated by the second
+            point(0.7, 0.2, 50),  // dominated by the second (a larger delta)
             point(0.9, 0.6, 100), // dominated by the first
             point(0.5, 0.05, 10),
-            point(0.5, 0.05, 10), // equal points do not dominate each other
+            point(0.5, 0.05, 10),  // equal points do not dominate each other
+            point(0.5, 0.04, 300), // it beats the two above, whatever its size
+            point(0.1, 0.01, 1),
         ];
         let got = pareto(&points);
-        assert_eq!(got, [None, None, Some(1), Some(0), None, None]);
+        assert_eq!(got, [None, None, Some(1), Some(0), Some(6), Some(6), None, None]);
         let mut unchanged = point(0.0, 0.0, 1);
         (unchanged.energy_kept, unchanged.forgetting) = (None, None);
         assert_eq!(pareto(&[unchanged.clone(), point(0.5, 0.5, 5)]), [None, None]);

@@ -19,8 +19,8 @@ pub fn size(bytes: u64) -> String {
     let b = bytes as f64;
     match bytes {
         0..=9_999 => format!("{bytes} B"),
-        10_000..=9_999_999 => format!("{:.1} kB", b / 1e3),
-        10_000_000..=9_999_999_999 => format!("{:.1} MB", b / 1e6),
+        10_000..=999_999 => format!("{:.1} kB", b / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} MB", b / 1e6),
         _ => format!("{:.2} GB", b / 1e9),
     }
 }
@@ -77,7 +77,7 @@ pub fn overview(whole: &WholeModel) -> Section {
     };
     let forgetting = Chart {
         title: "Forgetting proxy kept".into(),
-        subtitle: "whole model, sum (dW / |W_base|)^2 over kept / over all changes".into(),
+        subtitle: "whole model, sum min(|dW| / |W_base|, 1)^2 over kept / over all changes".into(),
         y_label: "forgetting proxy kept".into(),
         series: series(&|k| nan(Kept::share(k.rel2, whole.total_rel2))),
         ..energy.clone()
@@ -102,8 +102,8 @@ pub fn overview(whole: &WholeModel) -> Section {
             figure(
                 &forgetting,
                 "Share of the forgetting proxy, the sum of the squared relative changes \
-                 (dW / |W_base|)^2, that the kept positions apply: large relative changes to base \
-                 weights are what FAPM's paper ties to forgetting. Lower forgets less.",
+                 min(|dW| / |W_base|, 1)^2, that the kept positions apply: large relative changes to \
+                 base weights are what FAPM's paper ties to forgetting. Lower forgets less.",
             ),
         ],
         table: None,
@@ -148,10 +148,10 @@ pub fn tradeoff(whole: &WholeModel, points: &[Point]) -> Section {
     }));
     let chart = Chart {
         title: "Trade-off: energy kept against forgetting".into(),
-        subtitle: "whole model; a curve per λ through sparsities 99% (left) to 50%; ringed: Pareto, with the \
-                   delta's size"
+        subtitle: "whole model; a curve per λ through sparsities 99% (left) to 50%; ringed: Pareto, labelled \
+                   with the delta's size"
             .into(),
-        x_label: "forgetting proxy kept, sum (dW/|W_base|)^2 (log scale; left forgets less)".into(),
+        x_label: "forgetting proxy kept, sum min(|dW|/|W_base|, 1)^2 (log scale; left forgets less)".into(),
         y_label: "task-vector energy kept".into(),
         x_log: true,
         y_log: false,
@@ -203,13 +203,25 @@ pub fn dominance_sentence(whole: &WholeModel, points: &[Point]) -> String {
     if whole.candidates == 0 {
         return "The fine-tuned model is the base: nothing changed, so there is no trade-off.".into();
     }
-    let pareto: Vec<String> = points.iter().filter(|p| p.pareto).map(|p| p.label()).collect();
+    let pareto: Vec<String> =
+        points.iter().filter(|p| p.pareto).map(|p| format!("{} ({})", p.label(), size(p.delta_bytes))).collect();
     let others = points.len() - pareto.len();
+    let example = points.iter().filter_map(|p| Some((p, &points[p.dominated_by?]))).max_by_key(|(p, _)| p.delta_bytes);
+    let example = example.map_or(String::new(), |(p, by)| {
+        format!(
+            " For instance {} ({}) keeps less energy with more forgetting than {} ({}).",
+            p.label(),
+            size(p.delta_bytes),
+            by.label(),
+            size(by.delta_bytes)
+        )
+    });
     format!(
-        "{} of the {} points are Pareto-optimal (no other point keeps more energy with less forgetting in \
-         a delta no larger): {}. Each of the other {others} is dominated by one of them (hover over a point \
-         to see which), so choose among the Pareto points by the size you can ship and the forgetting you can \
-         afford, and check the choice on your own evaluation (fapm.sweep in Python).",
+        "{} of the {} points are Pareto-optimal (no other point keeps more energy with less forgetting): {}. \
+         The other {others} are dominated: another point beats each on both axes (hover over a point to see \
+         which; the dominating point may be larger).{example} Choose among the Pareto points by the size you \
+         can ship and the forgetting you can afford, then check the choice on your own evaluation \
+         (fapm.sweep in Python): weight-space measures rank candidates, your evaluation decides.",
         pareto.len(),
         points.len(),
         pareto.join("; "),
@@ -305,7 +317,7 @@ pub fn per_tensor(shown: &[&TensorStats], charted: usize) -> Section {
     };
     let forgetting = Chart {
         title: format!("Forgetting proxy kept per tensor, sparsity {}", pct(MAP_SPARSITY)),
-        subtitle: "sum (dW / |W_base|)^2 over kept / over all changes, each tensor".into(),
+        subtitle: "sum min(|dW| / |W_base|, 1)^2 over kept / over all changes, each tensor".into(),
         y_label: "forgetting proxy kept".into(),
         series: series(&|s, k| Kept::share(k.rel2, s.total_rel2)),
         ..energy.clone()
@@ -382,11 +394,9 @@ pub fn facts(whole: &WholeModel, other: usize, extended: usize, named: &[(String
              positions.",
             whole.candidates, whole.elements
         ),
-        format!(
-            "The forgetting proxy divides by |W_base| floored at mean(|W_base|) / {}, so that a change to \
-             a weight of exactly 0 counts, large but finite.",
-            (1.0 / super::stats::REL_FLOOR) as u64
-        ),
+        "The forgetting proxy sums min(|dW| / |W_base|, 1)^2 over the kept positions: a change as large \
+         as the weight it modifies (or to a weight of 0) counts 1, the most one position can count."
+            .into(),
     ];
     if extended > 0 {
         let values: u64 = named.iter().map(|e| e.2).sum();
@@ -411,6 +421,7 @@ mod tests {
         assert_eq!(size(999), "999 B");
         assert_eq!(size(123_456), "123.5 kB");
         assert_eq!(size(45_600_000), "45.6 MB");
+        assert_eq!(size(5_247_425), "5.2 MB");
         assert_eq!(share(None), "unchanged");
         assert_eq!(share(Some(0.61234)), "0.612");
         assert_eq!(pct("0.95"), "95%");

@@ -10,7 +10,7 @@
 //! The measures are extensive (sums over the kept positions, which add up over tensors and grow
 //! as more is kept), so the whole model's numbers are the sums of its tensors' and a point can
 //! be compared with another of a different sparsity: the task vector's energy `sum dW^2`, the
-//! forgetting proxy `sum (dW / |W_base|)^2` (docs/PIPELINE.md, "report"), and the delta's bytes,
+//! forgetting proxy `sum min(|dW| / |W_base|, 1)^2` (docs/PIPELINE.md, "report"), and the delta's bytes,
 //! measured by encoding sampled chunks' kept positions as prune encodes them.
 
 use std::convert::Infallible;
@@ -53,11 +53,6 @@ pub const BYTE_SAMPLE: u64 = 8;
 /// A sampled chunk with fewer kept positions than this is counted at its encoded length,
 /// uncompressed (zstd gains little on a few bytes; it saves a compression per tiny tensor).
 pub const COMPRESS_MIN_KEPT: usize = 1024;
-
-/// The forgetting proxy's floor on `|W_base|`, as a fraction of the tensor's `mean(|W_base|)`:
-/// a change to a weight of exactly 0 counts as a change to one of `mean / 1024`, so that the
-/// proxy is finite (the FAPM score of such a change is `-inf` for any λ > 0).
-pub const REL_FLOOR: f64 = 1.0 / 1024.0;
 
 /// A floating tensor present in both checkpoints (any rank, 1-D norms and biases included),
 /// with the same shape or with rows appended to the fine-tuned one (an extended tensor, SPEC
@@ -122,7 +117,7 @@ impl Pair {
 pub struct Kept {
     /// Sum of `d^2` over kept positions (finite `d` only): the task-vector energy kept.
     pub d2: f64,
-    /// Sum of `(d / max(|pre|, floor))^2` over kept positions: the forgetting proxy kept.
+    /// Sum of `min(|d| / |pre|, 1)^2` over kept positions: the forgetting proxy kept.
     pub rel2: f64,
     /// How many positions are kept.
     pub count: u64,
@@ -321,7 +316,6 @@ fn kept_sums(
     let mut selections: Vec<Vec<Selection>> =
         cuts.into_iter().map(|c| c.into_iter().map(Selection::new).collect()).collect();
     let (ftd, based) = pair.dtypes();
-    let floor = rel_floor(scorers[0].mean);
     let (mut total_d2, mut total_rel2) = (0.0, 0.0);
     let mut chunk = 0u64;
     pair.for_chunks(|_, ft, base| {
@@ -329,7 +323,7 @@ fn kept_sums(
         let sampled = chunk.is_multiple_of(BYTE_SAMPLE);
         chunk += 1;
         let Scratch { keys, kept: idx, d2, rel2, out, conv, raw } = scratch;
-        with_elems!(ftd, based, |F, B| changes::<F, B>(ft, base, floor, &mut d2[..len], &mut rel2[..len]));
+        with_elems!(ftd, based, |F, B| changes::<F, B>(ft, base, &mut d2[..len], &mut rel2[..len]));
         for (i, &k) in keys[0][..len].iter().enumerate() {
             if k != NOT_CANDIDATE {
                 total_d2 += d2[i];
@@ -369,29 +363,27 @@ fn encoded_len(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: &mut V
     compress(raw, Payload::Sparse).map_or(raw.len(), |z| z.len().min(raw.len())) as u64
 }
 
-/// The floor on `|W_base|` of the forgetting proxy for a tensor of mean `|W_base|` `mean`; a
-/// tensor whose base is all zeros has no scale to be relative to: its changes count as they are.
-fn rel_floor(mean: f32) -> f64 {
-    if mean > 0.0 && mean.is_finite() {
-        mean as f64 * REL_FLOOR
-    } else {
-        1.0
-    }
-}
-
-/// `d^2` and the squared relative change `(d / max(|pre|, floor))^2` (both 0 where `d` is not
-/// finite) of every position of a chunk, from the values the scores are computed from.
-fn changes<F: Elem, B: Elem>(ft: &[u8], base: &[u8], floor: f64, d2: &mut [f64], rel2: &mut [f64]) {
+/// `d^2` and the saturated squared relative change `min(|d| / |pre|, 1)^2` (both 0 where `d`
+/// is not finite; 1 for a change to a base weight of 0) of every position of a chunk, from the
+/// values the scores are computed from.
+fn changes<F: Elem, B: Elem>(ft: &[u8], base: &[u8], d2: &mut [f64], rel2: &mut [f64]) {
     for (i, (d2, rel2)) in d2.iter_mut().zip(rel2.iter_mut()).enumerate() {
         let (f, p) = (F::to_f32(F::bits(ft, i)), B::to_f32(B::bits(base, i)));
         let d = f - p;
-        if d.is_finite() {
-            let d = d as f64;
-            let r = d / (p.abs() as f64).max(floor);
-            (*d2, *rel2) = (d * d, if r.is_finite() { r * r } else { 0.0 });
-        } else {
-            (*d2, *rel2) = (0.0, 0.0);
-        }
+        (*d2, *rel2) = if d.is_finite() { ((d as f64) * (d as f64), saturated_rel2(d, p)) } else { (0.0, 0.0) };
+    }
+}
+
+/// `min(|d| / |pre|, 1)^2`: a change as large as the base weight it modifies (or larger, or to
+/// a weight of 0) counts 1, the most one position can count; no change counts 0.
+pub fn saturated_rel2(d: f32, pre: f32) -> f64 {
+    let (d, pre) = ((d as f64).abs(), (pre as f64).abs());
+    if d == 0.0 {
+        0.0
+    } else if d >= pre {
+        1.0
+    } else {
+        (d / pre) * (d / pre)
     }
 }
 
