@@ -464,7 +464,7 @@ fn the_tradeoff_chart_names_the_flags_of_every_point() {
         PENALTIES.len() * SPARSITIES.len()
     );
     let pareto = summary.points.iter().filter(|p| p.pareto).count();
-    assert!(pareto >= 2 && pareto < 25, "a frontier of several points, and points it dominates: {pareto}");
+    assert!((2..25).contains(&pareto), "a frontier of several points, and points it dominates: {pareto}");
     assert_eq!(chart.matches("class=\"mark\"").count(), pareto, "the Pareto points are ringed");
     for l in PENALTIES {
         for s in SPARSITIES {
