@@ -343,11 +343,11 @@ def _chart(rows: Sequence[Mapping[str, Any]], name: str, better_up: bool) -> str
                            'stroke="#222" stroke-width="1.5"/>')
     # Each sparsity's points sit close together (the same number kept): one label above them.
     for sp in dict.fromkeys(r["sparsity"] for r in rows):
-        pts = [(float(r["delta_bytes"]), float(r[name])) for r in rows if r["sparsity"] == sp
-               and math.isfinite(float(r[name]))]
-        if pts:
-            b = sum(p[0] for p in pts) / len(pts)
-            top_y = min(py(p[1]) for p in pts)
+        near = [(float(r["delta_bytes"]), float(r[name])) for r in rows if r["sparsity"] == sp
+                and math.isfinite(float(r[name]))]
+        if near:
+            b = sum(p[0] for p in near) / len(near)
+            top_y = min(py(p[1]) for p in near)
             out.append(text(px(b), max(top_y - 12, top + 8), f"sparsity {sp}", anchor="middle", size=10,
                             color="#666"))
     out.append("</svg>")
@@ -358,12 +358,15 @@ def write_html(path: PathLike, rows: Sequence[Mapping[str, Any]], base: str, fin
                higher_is_better: Union[bool, Mapping[str, bool]] = True) -> None:
     """Writes the sweep's page: one chart per metric against the delta's size and the table of
     every point with its ``fapm prune`` command (checkpoints named, not located)."""
-    rows = [dict(r) for r in rows]
-    names = metric_names(rows)
     bn, fn = _name(base), _name(finetuned)
-    for r in rows:
+    named: List[Dict[str, Any]] = []
+    for row in rows:
+        r = dict(row)
         r["command"] = _command(bn, fn, r["sparsity"], r["penalty"], r["metric"],
                                 "approx" if "--threshold approx" in r["command"] else "exact")
+        named.append(r)
+    rows = named
+    names = metric_names(rows)
 
     def up(n: str) -> bool:
         return higher_is_better if isinstance(higher_is_better, bool) else bool(higher_is_better.get(n, True))
