@@ -203,9 +203,22 @@ pub fn dominance_sentence(whole: &WholeModel, points: &[Point]) -> String {
     if whole.candidates == 0 {
         return "The fine-tuned model is the base: nothing changed, so there is no trade-off.".into();
     }
-    let pareto: Vec<String> =
-        points.iter().filter(|p| p.pareto).map(|p| format!("{} ({})", p.label(), size(p.delta_bytes))).collect();
-    let others = points.len() - pareto.len();
+    // The Pareto points by strength: "λ = 1 at 50, 75 and 90%".
+    let pareto: Vec<String> = PENALTIES
+        .iter()
+        .filter_map(|l| {
+            let at: Vec<String> = points
+                .iter()
+                .filter(|p| p.pareto && p.penalty == *l)
+                .map(|p| pct(p.sparsity).trim_end_matches('%').to_string())
+                .collect();
+            let (last, rest) = at.split_last()?;
+            let list = if rest.is_empty() { last.clone() } else { format!("{} and {last}", rest.join(", ")) };
+            Some(format!("λ = {l} at {list}%"))
+        })
+        .collect();
+    let count = points.iter().filter(|p| p.pareto).count();
+    let others = points.len() - count;
     let example = points.iter().filter_map(|p| Some((p, &points[p.dominated_by?]))).max_by_key(|(p, _)| p.delta_bytes);
     let example = example.map_or(String::new(), |(p, by)| {
         format!(
@@ -222,7 +235,7 @@ pub fn dominance_sentence(whole: &WholeModel, points: &[Point]) -> String {
          which; the dominating point may be larger).{example} Choose among the Pareto points by the size you \
          can ship and the forgetting you can afford, then check the choice on your own evaluation \
          (fapm.sweep in Python): weight-space measures rank candidates, your evaluation decides.",
-        pareto.len(),
+        count,
         points.len(),
         pareto.join("; "),
     )
