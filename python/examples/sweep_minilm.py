@@ -33,7 +33,7 @@ def main() -> None:
     ft_dir = minilm_pair.finetune(work / "all-MiniLM-L6-v2-support")
     model = minilm_pair.load(base_dir)
     evaluate = minilm_pair.Evaluation(model, minilm_pair.load(ft_dir))
-    table = fapm.sweep(model, base_dir, ft_dir, evaluate, rename=minilm_pair.rename_for(model), html=args.html, verbose=True)
+    table = fapm.sweep(model, base_dir, ft_dir, evaluate, html=args.html, verbose=True)
     print(table)
 
 

@@ -79,6 +79,31 @@ def _metrics(out: Any) -> Dict[str, float]:
     return metrics
 
 
+def _prefix_rename(model, delta: str):
+    """For a ``torch.nn.Module`` that holds the checkpoint's tensors under one prefix (a
+    sentence-transformers model keeps its transformer's under ``0.auto_model.`` or ``0.model.``),
+    the ``rename`` that adds it; None when names resolve as they are (or for a dict)."""
+    state = getattr(model, "state_dict", None)
+    if state is None or isinstance(model, Mapping):
+        return None
+    from ._fapm import inspect as _inspect
+
+    keys = set(state().keys())
+    names = [t["name"] for t in _inspect(delta)["tensors"]]
+    prefix = getattr(model, "base_model_prefix", "")
+    if not names or any(n in keys or (prefix and (f"{prefix}.{n}" in keys or n.split(".", 1)[-1] in keys))
+                        for n in names):
+        return None
+    for n in names:
+        found = {k[: -len(n)] for k in keys if k.endswith("." + n)}
+        if len(found) == 1:
+            (p,) = found
+            if all(p + m in keys for m in names if any(k.endswith("." + m) for k in keys)):
+                return lambda name: p + name
+            return None
+    return None
+
+
 def _table(rows: List[Dict[str, Any]]):
     try:
         import pandas
@@ -115,9 +140,10 @@ def sweep(
     --metric M --threshold T`` (``penalties`` are ignored, and one point per sparsity is
     measured, with ``metric="magnitude"``); its delta is written to a temporary directory (to
     ``deltas``, named ``s{S}-p{L}.fapm``, when given) and nothing else is written but ``html``.
-    ``rename``, ``threads`` and ``memory_budget`` are ``patched``'s; a sentence-transformers
-    model is patched through its transformer, e.g. ``model[0].auto_model``, with ``evaluate``
-    using the whole model.
+    ``rename``, ``threads`` and ``memory_budget`` are ``patched``'s. Without ``rename``, a
+    ``torch.nn.Module`` that holds every checkpoint tensor under one prefix (a
+    sentence-transformers model: ``0.auto_model.`` or ``0.model.``) is patched under it, so
+    ``sweep(SentenceTransformer(base), base, finetuned, evaluate)`` works as it is.
 
     Returns one row per point, in the order measured (sparsity-major): ``sparsity`` and
     ``penalty`` (the decimal strings the command line takes; penalty ``None`` for magnitude),
@@ -157,6 +183,8 @@ def sweep(
                 if p is not None:
                     kw["penalty"] = p
                 summary = _prune(base_s, ft_s, path, **kw)
+                if rename is None and i == 0:
+                    rename = _prefix_rename(model, path)
                 with patched(model, path, rename=rename, threads=threads, memory_budget=memory_budget):
                     metrics = _metrics(evaluate(model))
                 row: Dict[str, Any] = {
