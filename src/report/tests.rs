@@ -597,3 +597,17 @@ fn inputs_are_named_not_located() {
         assert_eq!(display_name(Path::new(path)), want, "{path}");
     }
 }
+
+/// The workers count tensors within half the budget, one per core at most, one at least.
+#[test]
+fn the_budget_bounds_the_workers() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(workers(0), 1);
+    let per_worker = stats::scratch_bytes(PENALTIES.len()) + (PENALTIES.len() as u64 + 1) * (512 << 10);
+    // The minimum budget, 64M: one worker beside the heatmap; the default, 256M: every core of
+    // a small machine.
+    assert_eq!(workers(64 << 20), 1);
+    assert!(heatmap::GRID_BYTES + per_worker <= 32 << 20);
+    assert_eq!(workers(crate::config::DEFAULT_MEMORY_BUDGET), cores.min(13));
+    assert_eq!(workers(64 << 30), cores);
+}
