@@ -217,8 +217,8 @@ pub struct ReportArgs {
     /// The directory to write (index.html and PNG files).
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
-    /// Draw heatmaps for the matrices whose name matches this regex (repeatable)
-    /// [default: up to 4 matrices spread over the model].
+    /// Draw heatmaps for the matrices whose name matches this regex (repeatable; the first 16
+    /// matches) [default: up to 4 matrices spread over the model].
     #[arg(long, value_name = "RE")]
     pub tensor: Vec<String>,
     /// Replace DIR if it exists.
