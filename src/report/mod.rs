@@ -254,7 +254,7 @@ fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result
     let mut kept_stats: Vec<(usize, TensorStats)> = Vec::new();
     let mut drawn: Vec<(usize, Pair)> = Vec::new();
     let mut extended: Vec<(String, u64, u64)> = Vec::new();
-    let mut extended_count = 0;
+    let (mut extended_count, mut appended_values) = (0, 0u64);
     let mut tensors = pairs(&base, &ft).enumerate();
     loop {
         let batch: Vec<(usize, Pair)> = tensors.by_ref().take(BATCH).collect();
@@ -279,6 +279,7 @@ fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result
             whole.add(&s);
             if p.appended_rows > 0 {
                 extended_count += 1;
+                appended_values += p.appended_rows * p.cols;
                 if extended.len() < MAX_TENSOR_ROWS {
                     extended.push((p.name.clone(), p.appended_rows, p.appended_rows * p.cols));
                 }
@@ -308,7 +309,7 @@ fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result
         kept_stats.iter().filter(|(i, _)| layout.shown.binary_search(i).is_ok()).map(|(_, s)| s).collect();
     sections.push(sections::per_tensor(&shown, layout.charted));
     let (base_name, ft_name) = (display_name(&cfg.base), display_name(&cfg.finetuned));
-    let facts = sections::facts(&whole, layout.other, extended_count, &extended);
+    let facts = sections::facts(&whole, layout.other, (extended_count, appended_values), &extended);
     let page = html::Page { base: base_name.clone(), finetuned: ft_name.clone(), facts, sections };
     write_file(staged, &cfg.output, "report.json", points::json(&base_name, &ft_name, &whole, &points).as_bytes())?;
     write_file(staged, &cfg.output, "index.html", html::render(&page).as_bytes())?;

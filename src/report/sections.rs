@@ -392,7 +392,10 @@ pub fn per_tensor(shown: &[&TensorStats], charted: usize) -> Section {
 }
 
 /// Facts about the inputs, for the list at the top of the page.
-pub fn facts(whole: &WholeModel, other: usize, extended: usize, named: &[(String, u64, u64)]) -> Vec<String> {
+/// `extended` is how many tensors are extended and how many values their appended rows hold;
+/// `named` the first of them (name, rows appended, values appended).
+pub fn facts(whole: &WholeModel, other: usize, extended: (usize, u64), named: &[(String, u64, u64)]) -> Vec<String> {
+    let (extended, values) = extended;
     let mut facts = vec![
         format!(
             "{} tensors charted (floating, in both checkpoints, 1-D included; {} of them unchanged); {} \
@@ -412,7 +415,6 @@ pub fn facts(whole: &WholeModel, other: usize, extended: usize, named: &[(String
             .into(),
     ];
     if extended > 0 {
-        let values: u64 = named.iter().map(|e| e.2).sum();
         let more = if named.len() < extended { format!(" and {} more", extended - named.len()) } else { String::new() };
         facts.push(format!(
             "{extended} tensors are extended (a resized vocabulary: the fine-tuned tensor appends rows to the \
