@@ -13,6 +13,7 @@ import html as _html
 import math
 import os
 import shlex
+import sys
 import tempfile
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -161,12 +162,28 @@ def sweep(
     other exception, from ``evaluate`` or from pruning, propagates once the base is restored,
     with the points measured so far attached to it as ``exc.fapm_sweep``.
     """
+    from . import patched  # the package's own, imported here to avoid an import cycle
+
+    state = {"rename": rename}
+
+    def measure(delta: str, first: bool) -> Dict[str, float]:
+        if state["rename"] is None and first:
+            state["rename"] = _prefix_rename(model, delta)
+        with patched(model, delta, rename=state["rename"], threads=threads, memory_budget=memory_budget):
+            return _metrics(evaluate(model))
+
+    return _sweep(measure, base, finetuned, sparsities, penalties, metric, threshold, html, higher_is_better,
+                  deltas, threads, memory_budget, verbose)
+
+
+def _sweep(measure, base, finetuned, sparsities, penalties, metric, threshold, html, higher_is_better, deltas,
+           threads, memory_budget, verbose):
+    """The loop ``sweep`` and ``sweep_command`` share: prune each point, ``measure(delta,
+    first)`` it, collect the rows; the interruption and failure rules of ``sweep``."""
     sps = [_decimal(s) for s in sparsities]
     pens: List[Optional[str]] = [_decimal(p) for p in penalties] if metric == "fapm" else [None]
     if not sps or not pens:
         raise ValueError("fapm.sweep: no point to measure (empty sparsities or penalties)")
-    from . import patched  # the package's own, imported here to avoid an import cycle
-
     base_s, ft_s = os.fspath(base), os.fspath(finetuned)
     rows: List[Dict[str, Any]] = []
     points = [(s, p) for s in sps for p in pens]
@@ -183,10 +200,7 @@ def sweep(
                 if p is not None:
                     kw["penalty"] = p
                 summary = _prune(base_s, ft_s, path, **kw)
-                if rename is None and i == 0:
-                    rename = _prefix_rename(model, path)
-                with patched(model, path, rename=rename, threads=threads, memory_budget=memory_budget):
-                    metrics = _metrics(evaluate(model))
+                metrics = measure(path, i == 0)
                 row: Dict[str, Any] = {
                     "sparsity": s,
                     "penalty": p,
@@ -203,7 +217,7 @@ def sweep(
                 if verbose:
                     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                     print(f"fapm.sweep: {i + 1}/{len(points)} sparsity {s} penalty {p}: "
-                          f"{row['delta_bytes']} bytes; {shown}", flush=True)
+                          f"{row['delta_bytes']} bytes; {shown}", file=sys.stderr, flush=True)
         except KeyboardInterrupt:
             interrupted = True
         except BaseException as e:
@@ -216,10 +230,83 @@ def sweep(
             raise
     if interrupted:
         warnings.warn(f"fapm.sweep interrupted: returning the {len(rows)} of {len(points)} points measured",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     if html is not None:
         write_html(html, rows, base_s, ft_s, higher_is_better)
     return _table(rows)
+
+
+def sweep_command(
+    base: PathLike,
+    finetuned: PathLike,
+    command: Union[str, Sequence[str]],
+    *,
+    sparsities: Sequence[Union[str, float]] = DEFAULT_SPARSITIES,
+    penalties: Sequence[Union[str, float]] = DEFAULT_PENALTIES,
+    metric: str = "fapm",
+    threshold: str = "exact",
+    html: Optional[PathLike] = None,
+    higher_is_better: Union[bool, Mapping[str, bool]] = True,
+    deltas: Optional[PathLike] = None,
+    threads: Optional[int] = None,
+    memory_budget: Optional[str] = None,
+    verbose: bool = False,
+):
+    """``sweep`` for an evaluation outside Python: each point's delta is applied (``fapm
+    apply``) into a temporary model directory (a file for a single-file checkpoint), and
+    ``command`` runs with that path as its last argument and must print one JSON object of
+    metric name to number on stdout. ``command`` is a list of arguments, or a string split as
+    a shell would (``shlex``), never run by a shell. A command that fails raises
+    ``subprocess.CalledProcessError`` with the points measured so far as ``exc.fapm_sweep``.
+    The same loop, table, page and rules as ``sweep``; also ``python -m fapm.sweep``."""
+    import json
+    import subprocess
+
+    from ._fapm import apply as _apply
+
+    args = shlex.split(command) if isinstance(command, str) else list(command)
+    ft_is_file = os.path.isfile(os.fspath(finetuned))
+
+    def measure(delta: str, first: bool) -> Dict[str, float]:
+        with tempfile.TemporaryDirectory(prefix="fapm-sweep-model-") as tmp:
+            out = os.path.join(tmp, "model.safetensors" if ft_is_file else "model")
+            _apply(os.fspath(base), delta, out, threads=threads, memory_budget=memory_budget)
+            done = subprocess.run(args + [out], stdout=subprocess.PIPE, check=True, text=True)
+        try:
+            return _metrics(json.loads(done.stdout))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"fapm.sweep: the evaluation command printed no JSON object: {e}") from None
+
+    return _sweep(measure, base, finetuned, sparsities, penalties, metric, threshold, html, higher_is_better,
+                  deltas, threads, memory_budget, verbose)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m fapm.sweep``: ``sweep_command`` from the command line; prints the table as
+    one JSON object per line."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m fapm.sweep", description=sweep_command.__doc__)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--finetuned", required=True)
+    ap.add_argument("--eval", required=True, metavar="CMD",
+                    help="run as CMD MODEL_PATH for each point; prints a JSON object of metrics")
+    ap.add_argument("--sparsities", default=",".join(DEFAULT_SPARSITIES))
+    ap.add_argument("--penalties", default=",".join(DEFAULT_PENALTIES))
+    ap.add_argument("--metric", default="fapm")
+    ap.add_argument("--threshold", default="exact")
+    ap.add_argument("--html")
+    ap.add_argument("--deltas")
+    a = ap.parse_args(argv)
+    rows = sweep_command(a.base, a.finetuned, a.eval, sparsities=a.sparsities.split(","),
+                         penalties=a.penalties.split(","), metric=a.metric, threshold=a.threshold, html=a.html,
+                         deltas=a.deltas, verbose=True)
+    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
+    for r in rows:
+        print(json.dumps(r))
+    return 0
+
 
 
 _SETTINGS = ("sparsity", "penalty", "metric", "delta_bytes", "kept", "command")
@@ -429,3 +516,7 @@ def write_html(path: PathLike, rows: Sequence[Mapping[str, Any]], base: str, fin
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("".join(parts))
     os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,7 @@ fine-tune of it) is in test_sweep_real.py."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
@@ -179,3 +180,46 @@ def test_the_page_rings_the_pareto_points_and_gives_every_command(tmp_path):
     assert len(re.findall(r"fapm prune --base base --finetuned ft --output DELTA.fapm --sparsity 0\.[59] "
                           r"--penalty [01]", page)) == 4
     assert "/abs/" not in page
+
+
+EVAL_SCRIPT = """
+import json, sys
+import safetensors
+def read(path):
+    with safetensors.safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+model, ft = read(sys.argv[-1]), read(sys.argv[1])
+to_ft = sum(float((model[k].float() - ft[k].float()).norm()) for k in ft if k in model
+            and model[k].is_floating_point())
+print(json.dumps({"to_finetuned": to_ft}))
+"""
+
+
+def test_the_command_form_applies_each_point_and_reads_the_commands_json(tmp_path):
+    script = tmp_path / "evaluate.py"
+    script.write_text(EVAL_SCRIPT)
+    import sys
+
+    from fapm.sweep import main, sweep_command
+
+    points = dict(sparsities=["0.5", "0.9"], penalties=["0", "1"])
+    rows = sweep_command(BASE, FT, [sys.executable, str(script), str(FT)], **points)
+    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
+    in_memory = fapm.sweep(loaded_base(), BASE, FT, distance, **points)
+    in_memory = in_memory.to_dict("records") if hasattr(in_memory, "to_dict") else in_memory
+    assert [r["to_finetuned"] for r in rows] == [r["to_finetuned"] for r in in_memory]
+    assert [r["delta_bytes"] for r in rows] == [r["delta_bytes"] for r in in_memory]
+    # A command that fails stops the sweep with the points measured so far.
+    import subprocess
+
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        sweep_command(BASE, FT, [sys.executable, "-c", "import sys; sys.exit(3)"], **points)
+    assert len(e.value.fapm_sweep) == 0
+    # python -m fapm.sweep prints a JSON object per point.
+    out = subprocess.run([sys.executable, "-m", "fapm.sweep", "--base", str(BASE), "--finetuned", str(FT),
+                          "--eval", f"{sys.executable} {script} {FT}", "--sparsities", "0.9", "--penalties", "1",
+                          "--html", str(tmp_path / "cli.html")], capture_output=True, text=True, check=True)
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1 and lines[0]["to_finetuned"] == in_memory[3]["to_finetuned"]
+    assert (tmp_path / "cli.html").exists()
+    assert main is not None
