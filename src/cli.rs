@@ -34,7 +34,7 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check every hash in a delta; with --base, also the base and the full reconstruction.
     Verify(VerifyArgs),
-    /// Draw FAPM's pictures for your model: heatmaps and kept-norm charts, as PNG + index.html.
+    /// Draw FAPM's pictures for your model: heatmaps and the trade-off, as PNG + index.html + report.json.
     Report(ReportArgs),
     /// Make a Hub-ready delta repository: a folder with the delta and a README.md model card.
     Card(CardArgs),
@@ -240,13 +240,15 @@ pub struct ReportArgs {
     /// The directory to write (index.html and PNG files).
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
-    /// Draw heatmaps for the matrices whose name matches this regex (repeatable)
-    /// [default: up to 4 matrices spread over the model].
+    /// Draw heatmaps for the matrices whose name matches this regex (repeatable; the first 16
+    /// matches) [default: up to 4 matrices spread over the model].
     #[arg(long, value_name = "RE")]
     pub tensor: Vec<String>,
     /// Replace DIR if it exists.
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
     #[command(flatten)]
     pub summary: SummaryArgs,
 }

@@ -43,6 +43,7 @@ pub fn report(s: &crate::report::ReportSummary, seconds: f64) -> Value {
     json!({
         "command": "report", "output": s.output, "files": s.files, "tensors_charted": s.tensors_charted,
         "extended_tensors": s.extended_tensors, "heatmap_tensors": s.heatmap_tensors, "seconds": seconds,
+        "tensors_shown": s.tensors_shown,
     })
 }
 

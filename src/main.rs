@@ -235,6 +235,7 @@ fn report(a: cli::ReportArgs, ctl: &RunControl) -> Result<(), Error> {
         output: a.output,
         tensors: config::regexes("--tensor", &a.tensor)?,
         overwrite: a.overwrite,
+        memory_budget: config::memory_budget(a.memory.memory_budget.as_deref())?,
     };
     let start = std::time::Instant::now();
     let s = fapm::report::report_with(&cfg, ctl)?;

@@ -54,6 +54,7 @@ from ._fapm import Delta as _Delta
 from ._fapm import FapmError, __version__, card
 from ._fapm import _one_line
 from ._progress import Bar as _Bar
+from .sweep import sweep
 
 __all__ = [
     "FapmError",
@@ -66,6 +67,7 @@ __all__ = [
     "patched",
     "prune",
     "safe_open",
+    "sweep",
     "verify",
     "__version__",
 ]

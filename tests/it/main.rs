@@ -12,4 +12,5 @@ mod paths;
 mod pipeline;
 mod readback;
 mod reference;
+mod report;
 mod util;
