@@ -101,10 +101,10 @@ pub struct Point {
     pub sparsity: String,
     /// The penalty strength, as a decimal.
     pub penalty: String,
-    /// The share of the task vector's energy kept.
-    pub energy_kept: f64,
-    /// The forgetting proxy's share kept.
-    pub forgetting: f64,
+    /// The share of the task vector's energy kept (`None`: nothing changed).
+    pub energy_kept: Option<f64>,
+    /// The forgetting proxy's share kept (`None`: nothing changed).
+    pub forgetting: Option<f64>,
     /// The delta's estimated size.
     pub delta_bytes: u64,
     /// On the Pareto front.
@@ -308,13 +308,14 @@ fn render(
     if let Some(points) = points {
         s.push_str("## The trade-off (from `fapm report`)\n\nWeight-space measures over the whole model, for each setting the report tried: the share of the task vector's energy kept (the task) against the share of the forgetting proxy kept (lower forgets less), and the delta's size. Points marked ★ are on the Pareto front.\n\n| sparsity | λ | energy kept | forgetting proxy | delta size | |\n|---|---|---|---|---|---|\n");
         for p in points {
+            let share = |x: Option<f64>| x.map_or("unchanged".to_owned(), |x| format!("{x:.4}"));
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.4} | {:.4} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 cell(&p.sparsity),
                 cell(&p.penalty),
-                p.energy_kept,
-                p.forgetting,
+                share(p.energy_kept),
+                share(p.forgetting),
                 size(p.delta_bytes),
                 if p.pareto { "★" } else { "" }
             );

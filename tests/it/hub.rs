@@ -261,3 +261,36 @@ fn merge_refuses_parts_of_two_finetunes_with_one_layout() {
     fails(&o, &["fine-tuned checkpoint's contents differs"]);
     assert!(!merged.exists());
 }
+
+/// `fapm card --report DIR` quotes the report's whole-model trade-off: one row per point of
+/// its report.json, the Pareto points starred; a license is carried from the fine-tune's card.
+#[cfg(feature = "report")]
+#[test]
+fn a_card_quotes_a_report_and_the_finetunes_license() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
+    let (d, report, folder) = (dir.path().join("d.fapm"), dir.path().join("report"), dir.path().join("card"));
+    ok(crate::util::run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&d), "-q"]));
+    ok(crate::util::run(&["report", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&report), "-q"]));
+    let card_md = dir.path().join("ft-README.md");
+    fs::write(&card_md, "---\nlicense: other\nlicense_name: my-license\ntags: [x]\n---\n# ft\n").unwrap();
+    let args = ["card", s(&d), "-o", s(&folder), "--report", s(&report), "--finetuned-card", s(&card_md), "-q"];
+    ok(crate::util::run(&args));
+    let text = fs::read_to_string(folder.join("README.md")).unwrap();
+    let points: serde_json::Value = serde_json::from_slice(&fs::read(report.join("report.json")).unwrap()).unwrap();
+    let points = points["points"].as_array().unwrap();
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| 0.") || l.starts_with("| 1 |")).collect();
+    assert_eq!(rows.len(), points.len(), "{text}");
+    for (row, p) in rows.iter().zip(points) {
+        let (sp, pen) = (p["sparsity"].as_str().unwrap(), p["penalty"].as_str().unwrap());
+        assert!(row.starts_with(&format!("| {sp} | {pen} |")), "{row}");
+        assert_eq!(row.ends_with("★ |"), p["pareto"].as_bool().unwrap(), "{row}");
+    }
+    assert!(text.contains("license: other\nlicense_name: my-license\n"), "{text}");
+    assert!(fs::read(folder.join("d.fapm")).unwrap() == fs::read(&d).unwrap());
+    // A report.json that is not one is refused, naming it; nothing is written.
+    fs::write(report.join("report.json"), "{\"fapm_report\": 9, \"points\": []}").unwrap();
+    let o = crate::util::run(&["card", s(&d), "-o", s(&dir.path().join("card2")), "--report", s(&report)]);
+    fails(&o, &["report.json", "report format 9"]);
+    assert!(!dir.path().join("card2").exists());
+}
