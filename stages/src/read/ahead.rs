@@ -321,16 +321,16 @@ mod tests {
         assert!((MIN_AHEAD_BYTES..=MAX_AHEAD_BYTES).contains(&ahead_bytes()));
     }
 
-    /// A reader whose stages stop returns without reading everything; one whose stages keep
-    /// up reads everything and returns.
+    /// A reader whose stages stop returns without reading everything; one whose stages are
+    /// past the last item reads everything and returns.
     #[test]
     fn the_reader_stops_with_the_stages() {
         let file = tempfile::tempfile().unwrap();
-        file.set_len(64 << 20).unwrap();
+        file.set_len(1 << 20).unwrap();
         let mut ra = ReadAhead::new(1 << 20);
         for _ in 0..100 {
             ra.item();
-            ra.file(&file, 0..(64 << 20));
+            ra.file(&file, 0..(1 << 20));
         }
         let (at, ctl) = (Position::default(), RunControl::default());
         std::thread::scope(|s| {
@@ -339,7 +339,7 @@ mod tests {
             r.join().unwrap();
         });
         let at = Position::default();
-        at.at(99);
+        at.at(100);
         ra.run(&at, &ctl);
     }
 }
