@@ -20,8 +20,8 @@ use fapm_stages::{Error, Result};
 
 use crate::config::{ApplyConfig, VerifyConfig};
 use crate::output::{Kind, Staged};
-use fapm_stages::decode::{DecodeStage, DecodeTotals, ModelFiles};
 use fapm_stages::checkpoint::TensorRef;
+use fapm_stages::decode::{DecodeStage, DecodeTotals, ModelFiles};
 use fapm_stages::read;
 use fapm_stages::read::ahead::{Position, ReadAhead};
 use fapm_stages::run::runner::pool;

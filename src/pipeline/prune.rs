@@ -209,22 +209,24 @@ fn run_stages(
     });
 
     // read ──tasks──► threshold ──bounded(1)──► mask_encode ──bounded(window)──► write
-    ahead.beside(&at, ctl, || thread::scope(|s| {
-        let (thresholded_tx, thresholded_rx) = bounded::<ThresholdedTask>(THRESHOLD_AHEAD);
-        let (blocks_tx, blocks_rx) = bounded::<ToWriter>(window);
-        let threshold = s.spawn(|| stage(ctl, || threshold.run(tasks, thresholded_tx)));
-        let mask_encode = s.spawn(|| stage(ctl, || mask_encode.run(thresholded_rx, blocks_tx)));
-        let write = s.spawn(|| stage(ctl, || write.run(blocks_rx)));
-        let (t, m, w) = (join(threshold), join(mask_encode), join(write));
-        let (records, w) = match w {
-            Ok(records) => (Some(records), Ok(())),
-            Err(err) => (None, Err(err)),
-        };
-        // The writer's failure (a full disk) counts like any stage's: the first real error wins
-        // over the cancellations it caused.
-        first_error([t, m, w])?;
-        records.ok_or(Error::Cancelled) // only None when `w` was an error, returned just above
-    }))
+    ahead.beside(&at, ctl, || {
+        thread::scope(|s| {
+            let (thresholded_tx, thresholded_rx) = bounded::<ThresholdedTask>(THRESHOLD_AHEAD);
+            let (blocks_tx, blocks_rx) = bounded::<ToWriter>(window);
+            let threshold = s.spawn(|| stage(ctl, || threshold.run(tasks, thresholded_tx)));
+            let mask_encode = s.spawn(|| stage(ctl, || mask_encode.run(thresholded_rx, blocks_tx)));
+            let write = s.spawn(|| stage(ctl, || write.run(blocks_rx)));
+            let (t, m, w) = (join(threshold), join(mask_encode), join(write));
+            let (records, w) = match w {
+                Ok(records) => (Some(records), Ok(())),
+                Err(err) => (None, Err(err)),
+            };
+            // The writer's failure (a full disk) counts like any stage's: the first real error wins
+            // over the cancellations it caused.
+            first_error([t, m, w])?;
+            records.ok_or(Error::Cancelled) // only None when `w` was an error, returned just above
+        })
+    })
 }
 
 impl PruneSummary {

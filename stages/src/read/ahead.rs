@@ -258,10 +258,7 @@ impl<'a> ReadAhead<'a> {
             }
         }
         std::thread::scope(|s| {
-            std::thread::Builder::new()
-                .name("fapm-read-ahead".into())
-                .spawn_scoped(s, || self.run(at, ctl))
-                .ok(); // without a reader thread the stages read as they go
+            std::thread::Builder::new().name("fapm-read-ahead".into()).spawn_scoped(s, || self.run(at, ctl)).ok(); // without a reader thread the stages read as they go
             let _stop = Stop(at);
             stages()
         })
