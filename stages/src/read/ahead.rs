@@ -11,8 +11,9 @@
 //!
 //! It stays a bounded distance ahead of the tensor the stages are on ([`ahead_bytes`]: an
 //! eighth of the memory the process can fill, at most 1 GiB), so a run inside a memory limit
-//! smaller than its inputs does not evict what it is about to use. What it brings in is page cache, which SPEC section 9 does not charge
-//! to the budget; it allocates nothing that grows with the model.
+//! smaller than its inputs does not evict what it is about to use. What it brings in is page
+//! cache, which SPEC section 9 does not charge to the budget; it allocates nothing that grows
+//! with the model.
 
 use std::fs::File;
 use std::ops::Range;
