@@ -34,8 +34,18 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check every hash in a delta; with --base, also the base and the full reconstruction.
     Verify(VerifyArgs),
-    /// Draw FAPM's pictures for your model: heatmaps and kept-norm charts, as PNG + index.html.
+    /// Draw FAPM's pictures for your model: heatmaps and the trade-off, as PNG + index.html + report.json.
     Report(ReportArgs),
+    /// Make a Hub-ready delta repository: a folder with the delta and a README.md model card.
+    Card(CardArgs),
+}
+
+/// Where a delta comes from: a file, a delta folder (`fapm card`) or a Hub repo id.
+#[derive(Debug, Args)]
+pub struct DeltaName {
+    /// The revision of a delta named by repo id (a branch, tag or commit) [default: main].
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
 }
 
 /// `--memory-budget`, taken by every command that reads a delta or a checkpoint.
@@ -80,11 +90,13 @@ impl RunArgs {
 /// `fapm prune`.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
-    /// The base (pre-trained) checkpoint: a .safetensors file or a directory.
-    #[arg(long, value_name = "PATH")]
+    /// The base (pre-trained) checkpoint: a .safetensors file, a directory, or a Hugging Face
+    /// repo id (org/name[@REV], hf://org/name: found in the Hugging Face cache, fetched if
+    /// missing); its repo id and commit are recorded in the delta.
+    #[arg(long, value_name = "PATH|REPO")]
     pub base: PathBuf,
-    /// The fine-tuned checkpoint: a .safetensors file or a directory.
-    #[arg(long, value_name = "PATH")]
+    /// The fine-tuned checkpoint: a .safetensors file, a directory, or a repo id.
+    #[arg(long, value_name = "PATH|REPO")]
     pub finetuned: PathBuf,
     /// The delta file to write.
     #[arg(long, short, value_name = "DELTA")]
@@ -165,12 +177,15 @@ pub struct MergeArgs {
 /// `fapm apply`.
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
-    /// The base checkpoint the delta was made against.
-    #[arg(long, value_name = "PATH")]
-    pub base: PathBuf,
-    /// The delta file.
+    /// The base checkpoint the delta was made against (a path or repo id) [default: the base
+    /// repository and commit the delta records, from the Hugging Face cache].
+    #[arg(long, value_name = "PATH|REPO")]
+    pub base: Option<PathBuf>,
+    /// The delta: a file, a delta folder, or a repo id (org/name[@REV], hf://org/name).
     #[arg(long, value_name = "DELTA")]
     pub delta: PathBuf,
+    #[command(flatten)]
+    pub name: DeltaName,
     /// Where to write the model: a file if the fine-tuned input was a file, else a directory.
     #[arg(long, short, value_name = "PATH")]
     pub output: PathBuf,
@@ -184,8 +199,10 @@ pub struct ApplyArgs {
 /// `fapm inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The delta file.
+    /// The delta: a file, a delta folder, or a repo id.
     pub delta: PathBuf,
+    #[command(flatten)]
+    pub name: DeltaName,
     /// Print the header and tensor table as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -196,11 +213,17 @@ pub struct InspectArgs {
 /// `fapm verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The delta file.
+    /// The delta: a file, a delta folder, or a repo id.
     pub delta: PathBuf,
-    /// Also check this base and the full reconstruction (writes nothing).
-    #[arg(long, value_name = "PATH")]
+    #[command(flatten)]
+    pub name: DeltaName,
+    /// Also check this base and the full reconstruction (writes nothing) [default: the base
+    /// the delta records, if it records one].
+    #[arg(long, value_name = "PATH|REPO")]
     pub base: Option<PathBuf>,
+    /// Check the delta's own hashes only, even when it records its base.
+    #[arg(long)]
+    pub delta_only: bool,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -217,13 +240,51 @@ pub struct ReportArgs {
     /// The directory to write (index.html and PNG files).
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
-    /// Draw heatmaps for the matrices whose name matches this regex (repeatable)
-    /// [default: up to 4 matrices spread over the model].
+    /// Draw heatmaps for the matrices whose name matches this regex (repeatable; the first 16
+    /// matches) [default: up to 4 matrices spread over the model].
     #[arg(long, value_name = "RE")]
     pub tensor: Vec<String>,
     /// Replace DIR if it exists.
     #[arg(long)]
     pub overwrite: bool,
     #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
     pub summary: SummaryArgs,
+}
+
+/// `fapm card`.
+#[derive(Debug, Args)]
+pub struct CardArgs {
+    /// The delta: a file, a delta folder, or a repo id.
+    pub delta: PathBuf,
+    #[command(flatten)]
+    pub name: DeltaName,
+    /// The folder to write: the delta and README.md, ready for `hf upload ORG/NAME FOLDER`.
+    #[arg(long, short, value_name = "FOLDER")]
+    pub output: PathBuf,
+    /// A `fapm report` directory whose whole-model trade-off the card quotes.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// This delta repository's own repo id, for the card's usage lines [default: ORG/NAME].
+    #[arg(long, value_name = "ORG/NAME")]
+    pub repo_id: Option<String>,
+    /// The fine-tuned model's card (README.md), for its license [default: the fine-tune's
+    /// repository in the Hugging Face cache, when the delta records one].
+    #[arg(long, value_name = "FILE")]
+    pub finetuned_card: Option<PathBuf>,
+    /// Replace FOLDER if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub summary: SummaryArgs,
+}
+
+impl DeltaName {
+    /// The delta as named, for `config` to find.
+    pub fn delta(&self, name: &std::path::Path) -> options::Delta {
+        options::Delta { name: name.to_path_buf(), revision: self.revision.clone() }
+    }
 }

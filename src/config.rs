@@ -3,11 +3,14 @@
 
 use std::path::PathBuf;
 
+use fapm_stages::format::RepoRecord;
 use fapm_stages::read::partition::PartSpec;
 use fapm_stages::threshold::score::Metric;
 use fapm_stages::threshold::select::{Sparsity, ThresholdMode};
 use fapm_stages::Error;
 use regex::Regex;
+
+use crate::hub::{self, Want};
 
 /// The default `--memory-budget`.
 pub const DEFAULT_MEMORY_BUDGET: u64 = fapm_stages::DEFAULT_MEMORY_BUDGET;
@@ -48,6 +51,10 @@ pub struct PruneConfig {
     pub block_elems: u64,
     /// Write only this part of a partitioned prune (SPEC section 7).
     pub part: Option<PartSpec>,
+    /// The base's repository and commit, when it was named by repo id (recorded in the delta).
+    pub base_repo: Option<RepoRecord>,
+    /// The fine-tune's repository and commit, when it was named by repo id.
+    pub finetuned_repo: Option<RepoRecord>,
 }
 
 impl PruneConfig {
@@ -97,10 +104,12 @@ impl Default for Penalty {
 /// Everything `apply` and `verify --base` need.
 #[derive(Debug, Clone)]
 pub struct ApplyConfig {
-    /// The base checkpoint.
-    pub base: PathBuf,
+    /// The base checkpoint (`None`: the one the delta records, found as a repo id).
+    pub base: Option<PathBuf>,
     /// The delta.
     pub delta: PathBuf,
+    /// How the delta's recorded base is found.
+    pub hub: hub::Env,
     /// Where the model goes (`None`: verify only, write nothing).
     pub output: Option<PathBuf>,
     /// Worker threads.
@@ -116,8 +125,13 @@ pub struct ApplyConfig {
 pub struct VerifyConfig {
     /// The delta.
     pub delta: PathBuf,
-    /// With a base: an apply that writes nothing; without: the delta's own hashes.
+    /// With a base: an apply that writes nothing; without: against the base the delta records
+    /// (when it records one and `delta_only` is not set), else the delta's own hashes.
     pub base: Option<PathBuf>,
+    /// Check the delta's own hashes only, even when it records its base.
+    pub delta_only: bool,
+    /// How the delta's recorded base is found.
+    pub hub: hub::Env,
     /// Worker threads.
     pub threads: usize,
     /// Bytes fapm may allocate.
@@ -193,6 +207,15 @@ pub mod options {
         pub run: Run,
     }
 
+    /// A delta as named: a path, a delta folder or a repo id (`org/name[@REV]`, `hf://`).
+    #[derive(Debug, Clone)]
+    pub struct Delta {
+        /// The name.
+        pub name: PathBuf,
+        /// `--revision`, for a repo id.
+        pub revision: Option<String>,
+    }
+
     impl Prune {
         /// The defaults of every option but the paths (as `fapm prune --help` shows them).
         pub fn new(base: PathBuf, finetuned: PathBuf, output: PathBuf) -> Self {
@@ -216,9 +239,11 @@ pub mod options {
 }
 
 impl options::Prune {
-    /// Checks every option; `env` reads the environment for `--part auto`.
+    /// Checks every option, then finds the checkpoints (a repo id in the Hugging Face cache,
+    /// fetched when missing: [`hub`]); `env` reads the environment for `--part auto` and the
+    /// Hub's settings.
     pub fn check(&self, env: impl Fn(&str) -> Option<String>) -> Result<PruneConfig, Error> {
-        let cfg = PruneConfig {
+        let mut cfg = PruneConfig {
             base: self.base.clone(),
             finetuned: self.finetuned.clone(),
             output: self.output.clone(),
@@ -233,11 +258,17 @@ impl options::Prune {
             memory_budget: memory_budget(self.run.memory_budget.as_deref())?,
             overwrite: self.overwrite,
             block_elems: fapm_stages::format::BLOCK_ELEMS,
-            part: self.part.as_deref().map(|p| part(p, env)).transpose()?,
+            part: self.part.as_deref().map(|p| part(p, &env)).transpose()?,
+            base_repo: None,
+            finetuned_repo: None,
         };
         if cfg.metric == Metric::Magnitude && cfg.penalty.value != 1.0 {
             return Err(Error::Config("--penalty applies to --metric fapm only".into()));
         }
+        let hub = hub::Env::read(&env);
+        let base = hub::resolve_text(&self.base, None, Want::Weights, &hub)?;
+        let ft = hub::resolve_text(&self.finetuned, None, Want::Model, &hub)?;
+        (cfg.base, cfg.base_repo, cfg.finetuned, cfg.finetuned_repo) = (base.path, base.repo, ft.path, ft.repo);
         Ok(cfg)
     }
 }
@@ -249,25 +280,54 @@ impl options::Run {
     }
 }
 
+impl options::Delta {
+    /// The delta file this names ([`hub::resolve`]).
+    pub fn resolve(&self, hub: &hub::Env) -> Result<PathBuf, Error> {
+        Ok(hub::resolve_text(&self.name, self.revision.as_deref(), Want::Delta, hub)?.path)
+    }
+}
+
+/// A base checkpoint named by path or repo id, found.
+fn base_path(base: Option<&std::path::Path>, hub: &hub::Env) -> Result<Option<PathBuf>, Error> {
+    base.map(|b| hub::resolve_text(b, None, Want::Weights, hub).map(|r| r.path)).transpose()
+}
+
 impl ApplyConfig {
-    /// `apply`'s settings (with `output`) or those of `verify --base` (without), checked.
+    /// `apply`'s settings (with `output`) or those of `verify --base` (without), checked;
+    /// the delta and base found ([`hub`]; `env` reads the Hub's settings).
     pub fn new(
-        base: PathBuf,
-        delta: PathBuf,
+        base: Option<PathBuf>,
+        delta: &options::Delta,
         output: Option<PathBuf>,
         overwrite: bool,
         run: &options::Run,
+        env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, Error> {
         let (threads, memory_budget) = run.check()?;
-        Ok(ApplyConfig { base, delta, output, threads, memory_budget, overwrite })
+        let hub = hub::Env::read(env);
+        let delta = delta.resolve(&hub)?;
+        let base = base_path(base.as_deref(), &hub)?;
+        Ok(ApplyConfig { base, delta, hub, output, threads, memory_budget, overwrite })
     }
 }
 
 impl VerifyConfig {
-    /// `verify`'s settings, checked.
-    pub fn new(delta: PathBuf, base: Option<PathBuf>, run: &options::Run) -> Result<Self, Error> {
+    /// `verify`'s settings, checked; the delta and base found ([`hub`]).
+    pub fn new(
+        delta: &options::Delta,
+        base: Option<PathBuf>,
+        delta_only: bool,
+        run: &options::Run,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, Error> {
         let (threads, memory_budget) = run.check()?;
-        Ok(VerifyConfig { delta, base, threads, memory_budget })
+        if delta_only && base.is_some() {
+            return Err(Error::Config("--delta-only checks the delta alone; it takes no --base".into()));
+        }
+        let hub = hub::Env::read(env);
+        let delta = delta.resolve(&hub)?;
+        let base = base_path(base.as_deref(), &hub)?;
+        Ok(VerifyConfig { delta, base, delta_only, hub, threads, memory_budget })
     }
 }
 
@@ -280,9 +340,14 @@ impl MergeConfig {
 }
 
 impl InspectConfig {
-    /// `inspect`'s settings, checked.
-    pub fn new(delta: PathBuf, budget: Option<&str>) -> Result<Self, Error> {
-        Ok(InspectConfig { delta, memory_budget: memory_budget(budget)? })
+    /// `inspect`'s settings, checked; the delta found ([`hub`]).
+    pub fn new(
+        delta: &options::Delta,
+        budget: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, Error> {
+        let memory_budget = memory_budget(budget)?;
+        Ok(InspectConfig { delta: delta.resolve(&hub::Env::read(env))?, memory_budget })
     }
 }
 
@@ -518,6 +583,8 @@ mod tests {
             overwrite: false,
             block_elems: fapm_stages::format::BLOCK_ELEMS,
             part: None,
+            base_repo: None,
+            finetuned_repo: None,
         }
     }
 }

@@ -43,6 +43,7 @@ pub fn report(s: &crate::report::ReportSummary, seconds: f64) -> Value {
     json!({
         "command": "report", "output": s.output, "files": s.files, "tensors_charted": s.tensors_charted,
         "extended_tensors": s.extended_tensors, "heatmap_tensors": s.heatmap_tensors, "seconds": seconds,
+        "tensors_shown": s.tensors_shown,
     })
 }
 
@@ -67,9 +68,11 @@ pub fn inspect_text(path: &Path, m: &Manifest, size: u64) -> String {
 #[derive(Serialize)]
 struct Inspect<'a> {
     base_only: &'a [String],
+    base_repo: Option<&'a fapm_stages::format::RepoRecord>,
     code_files: Vec<String>,
     exclude: &'a [String],
     file: std::borrow::Cow<'a, str>,
+    finetuned_repo: Option<&'a fapm_stages::format::RepoRecord>,
     include: &'a [String],
     index: bool,
     metric: fapm_stages::threshold::score::Metric,
@@ -91,9 +94,11 @@ impl<'a> Inspect<'a> {
     fn new(path: &'a Path, m: &'a Manifest, size: u64) -> Self {
         Inspect {
             base_only: &m.base_only,
+            base_repo: m.base_repo.as_ref(),
             code_files: crate::pipeline::apply::code_files(m),
             exclude: &m.exclude,
             file: path.to_string_lossy(),
+            finetuned_repo: m.finetuned_repo.as_ref(),
             include: &m.include,
             index: m.index,
             metric: m.metric,
@@ -101,6 +106,7 @@ impl<'a> Inspect<'a> {
                 base: p.base,
                 count: p.count,
                 finetuned: p.finetuned,
+                finetuned_sample: p.finetuned_sample,
                 first: p.first,
                 index: p.index,
                 total: p.total,
@@ -126,6 +132,8 @@ struct Part {
     base: Hash,
     count: u32,
     finetuned: Hash,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finetuned_sample: Option<Hash>,
     first: u64,
     index: u32,
     total: u64,
@@ -284,7 +292,7 @@ mod tests {
             "tensors": tensors,
             "side_files": m.side_files.iter().map(|f| json!({"path": f.path, "size": f.size})).collect::<Vec<_>>(),
             "code_files": crate::pipeline::apply::code_files(m),
-            "base_only": m.base_only,
+            "base_only": m.base_only, "base_repo": m.base_repo, "finetuned_repo": m.finetuned_repo,
         });
         let mut out = String::new();
         for c in v.to_string().chars() {
@@ -320,6 +328,12 @@ mod tests {
                 total: 5,
                 base: Hash([1; 32]),
                 finetuned: Hash([2; 32]),
+                finetuned_sample: Some(Hash([3; 32])),
+            });
+            m.base_repo = Some(fapm_stages::format::RepoRecord {
+                repo: "org/base".into(),
+                revision: "main".into(),
+                commit: "0123456789abcdef0123456789abcdef01234567".into(),
             });
             m.sparsity_for =
                 vec![fapm_stages::format::SparsityRule { pattern: "x\u{85}".into(), sparsity: "0.5".into() }];

@@ -4,7 +4,9 @@
 //! The library API mirrors the command line: [`prune`], [`apply`], [`verify`] and
 //! [`inspect`]. Byte-level work lives in the `fapm-stages` crate.
 
+pub mod card;
 pub mod config;
+pub mod hub;
 pub mod json;
 pub mod merge;
 pub mod output;

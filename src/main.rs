@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => a.summary.quiet,
         Command::Verify(a) => a.run.summary.quiet,
         Command::Report(a) => a.summary.quiet,
+        Command::Card(a) => a.summary.quiet,
         Command::Inspect(_) => false,
     };
     progress::init_logging(cli.verbose, quiet);
@@ -85,19 +86,29 @@ fn with_peak(mut summary: serde_json::Value, peak: u64) -> serde_json::Value {
     summary
 }
 
+/// This process's environment, where the configuration reads `--part auto` and the Hugging
+/// Face settings.
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
 fn run(command: Command, ctl: &Arc<RunControl>) -> Result<(), Error> {
     match command {
         Command::Prune(a) => prune(a, ctl),
         Command::Apply(a) => apply(a, ctl),
         Command::Verify(a) => verify(a, ctl),
         Command::Merge(a) => merge(a, ctl),
-        Command::Inspect(a) => inspect(&InspectConfig::new(a.delta, a.memory.memory_budget.as_deref())?, a.json, ctl),
+        Command::Inspect(a) => {
+            let delta = a.name.delta(&a.delta);
+            inspect(&InspectConfig::new(&delta, a.memory.memory_budget.as_deref(), env)?, a.json, ctl)
+        }
         Command::Report(a) => report(a, ctl),
+        Command::Card(a) => card(a, ctl),
     }
 }
 
 fn prune(a: cli::PruneArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
-    let cfg = a.options().check(|k| std::env::var(k).ok())?;
+    let cfg = a.options().check(env)?;
     let (quiet, json_out) = (a.run.summary.quiet, a.run.summary.json);
     let monitor = Monitor::start(Arc::clone(ctl), "prune", !quiet);
     let result = fapm::prune(&cfg, ctl);
@@ -145,7 +156,8 @@ fn print_prune_summary(s: &fapm::PruneSummary, peak: u64) {
 }
 
 fn apply(a: cli::ApplyArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
-    let cfg = ApplyConfig::new(a.base, a.delta, Some(a.output), a.overwrite, &a.run.options())?;
+    let delta = a.name.delta(&a.delta);
+    let cfg = ApplyConfig::new(a.base, &delta, Some(a.output), a.overwrite, &a.run.options(), env)?;
     let monitor = Monitor::start(Arc::clone(ctl), "apply", !a.run.summary.quiet);
     let result = fapm::apply(&cfg, ctl);
     let peak = monitor.finish();
@@ -155,7 +167,8 @@ fn apply(a: cli::ApplyArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
 
 /// `verify`: with `--base`, an apply that writes nothing; without, the delta's own hashes.
 fn verify(a: cli::VerifyArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
-    let cfg = VerifyConfig::new(a.delta, a.base, &a.run.options())?;
+    let delta = a.name.delta(&a.delta);
+    let cfg = VerifyConfig::new(&delta, a.base, a.delta_only, &a.run.options(), env)?;
     let monitor = Monitor::start(Arc::clone(ctl), "verify", !a.run.summary.quiet);
     let result = fapm::verify(&cfg, ctl);
     let peak = monitor.finish();
@@ -183,6 +196,37 @@ fn merge(a: cli::MergeArgs, ctl: &Arc<RunControl>) -> Result<(), Error> {
     Ok(())
 }
 
+/// `card`: the delta and its model card in a folder, ready for `hf upload`.
+fn card(a: cli::CardArgs, ctl: &RunControl) -> Result<(), Error> {
+    let hub = fapm::hub::Env::read(env);
+    let cfg = fapm::card::CardConfig {
+        delta: a.name.delta(&a.delta).resolve(&hub)?,
+        output: a.output,
+        report: a.report,
+        finetuned_card: a.finetuned_card,
+        repo_id: a.repo_id,
+        hub,
+        memory_budget: config::memory_budget(a.memory.memory_budget.as_deref())?,
+        overwrite: a.overwrite,
+    };
+    let s = fapm::card::card(&cfg, ctl)?;
+    if a.summary.json {
+        let mut v = serde_json::to_value(&s).expect("a summary serializes");
+        v["command"] = json!("card");
+        print_json(&v);
+    }
+    if !a.summary.quiet {
+        let base = s
+            .base_model
+            .as_deref()
+            .map_or("none recorded: users pass --base".to_owned(), |b| printable(b).into_owned());
+        eprintln!("card     base_model {base}; license {}", s.license.as_deref().unwrap_or("none found"));
+        let out = printable(&s.output.display().to_string()).into_owned();
+        eprintln!("wrote    {out} ({} and README.md); publish: hf upload ORG/NAME {out}", printable(&s.delta_file));
+    }
+    Ok(())
+}
+
 #[cfg(feature = "report")]
 fn report(a: cli::ReportArgs, ctl: &RunControl) -> Result<(), Error> {
     let cfg = fapm::ReportConfig {
@@ -191,6 +235,7 @@ fn report(a: cli::ReportArgs, ctl: &RunControl) -> Result<(), Error> {
         output: a.output,
         tensors: config::regexes("--tensor", &a.tensor)?,
         overwrite: a.overwrite,
+        memory_budget: config::memory_budget(a.memory.memory_budget.as_deref())?,
     };
     let start = std::time::Instant::now();
     let s = fapm::report::report_with(&cfg, ctl)?;
@@ -234,6 +279,9 @@ fn report_apply(verb: &str, s: fapm::ApplySummary, peak: u64, how: &cli::Summary
         s.blocks
     );
     print_code_files(&s.code_files);
+    if let Some(repo) = &s.recorded_base {
+        eprintln!("base     {} (the base the delta records, from the Hugging Face cache)", printable(repo));
+    }
     if s.base_tensors_checked > 0 {
         eprintln!("base     {} base tensors match the delta's hashes", s.base_tensors_checked);
     }

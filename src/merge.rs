@@ -160,7 +160,7 @@ fn part(r: &DeltaReader) -> &PartRecord {
 /// The first field in which two parts' manifests disagree where parts of one prune agree.
 fn disagreement(a: &Manifest, b: &Manifest) -> Option<&'static str> {
     let (pa, pb) = (a.part.as_ref()?, b.part.as_ref()?);
-    let fields: [(&str, bool); 16] = [
+    let fields: [(&str, bool); 18] = [
         ("format version", a.version == b.version),
         ("tool", a.tool == b.tool),
         ("metric", a.metric == b.metric),
@@ -177,6 +177,8 @@ fn disagreement(a: &Manifest, b: &Manifest) -> Option<&'static str> {
         ("number of tensors", pa.total == pb.total),
         ("base checkpoint", pa.base == pb.base),
         ("fine-tuned checkpoint", pa.finetuned == pb.finetuned),
+        ("fine-tuned checkpoint's contents", pa.finetuned_sample == pb.finetuned_sample),
+        ("repositories", a.base_repo == b.base_repo && a.finetuned_repo == b.finetuned_repo),
     ];
     fields.iter().find(|(_, same)| !same).map(|(name, _)| *name)
 }

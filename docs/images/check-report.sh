@@ -41,13 +41,20 @@ if len(charts) < 2:
     fail.append(f"{len(charts)} SVG charts in the rendered page")
 for c in charts:
     texts = re.findall(r"<text[^>]*>([^<]+)</text>", c)
-    legend = {"l = 0 (magnitude)", "l = 0.25", "l = 0.5", "l = 1 (FAPM)", "l = 2"}
+    legend = {"λ = 0 (magnitude)", "λ = 0.25", "λ = 0.5", "λ = 1 (FAPM)", "λ = 2"}
     if not legend <= set(texts) or len(texts) < 10:
         fail.append(f"a chart without its legend of penalty strengths, title and tick labels as text: {texts[:4]}")
-tradeoff = [c for c in charts if ">Trade-off: norm kept against relative change</text>" in c]
+tradeoff = [c for c in charts if ">Trade-off: energy kept against forgetting</text>" in c]
 if len(tradeoff) != 1 or len(re.findall(r"<circle[^>]*><title>[^<]*--penalty", tradeoff[0])) != 25:
     fail.append("no trade-off chart with a point for each of 5 strengths x 5 sparsities")
-pngs = len(summary["files"]) - 1
+elif not re.search(r'class="mark"', tradeoff[0]) or "points are Pareto-optimal" not in dom:
+    fail.append("no Pareto point ringed in the trade-off chart, or no sentence naming them")
+if re.search(r">NaN<|\bNaN\b", dom):
+    fail.append("the page shows NaN")
+report = json.loads((work / "report" / "report.json").read_text())
+if report.get("fapm_report") != 1 or len(report.get("points", [])) != 25:
+    fail.append("report.json is not the documented layout")
+pngs = len(summary["files"]) - 2
 if len(heatmaps) != pngs or pngs == 0:
     fail.append(f"{len(heatmaps)} heatmaps in the page, {pngs} PNG files written")
 for href in re.findall(r'<image href="([^"]+)"', dom):

@@ -22,7 +22,14 @@ fn run(data: &[u8]) {
     }
     assert!(next + 64 <= reader.size);
     let _ = fapm::json::inspect_text(&path, m, reader.size);
-    let cfg = VerifyConfig { delta: path.clone(), base: None, threads: 1, memory_budget: BUDGET };
+    let cfg = VerifyConfig {
+        delta: path.clone(),
+        base: None,
+        delta_only: true,
+        hub: fapm::hub::Env::read(|_| None),
+        threads: 1,
+        memory_budget: BUDGET,
+    };
     let _ = fapm::verify(&cfg, &RunControl::default());
 }
 

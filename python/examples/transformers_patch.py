@@ -37,7 +37,7 @@ def main(work: Path) -> None:
             p.view(-1)[:: 97].add_(0.05)
     base.save_pretrained(work / "finetuned")
 
-    summary = fapm.prune(work / "base", work / "finetuned", work / "ft.fapm", sparsity="0.9", overwrite=True)
+    summary = fapm.prune(work / "base", work / "finetuned", work / "ft.fapm", sparsity=0.9, overwrite=True)
     print(f"delta: {summary['delta_bytes']} bytes, {summary['kept_fraction']:.1%} of the weights kept")
 
     # 1. Patch a loaded base in place: three lines.

@@ -25,24 +25,41 @@ manifest, the blocks in flight and their buffers, whatever the thread count. The
 returns are not counted, except bytes that no base bounds (a tensor stored whole, the added rows
 of a resized vocabulary): those are allocated only up to the budget, or 64 times their
 compressed size in the delta if that is more, so that a small hostile delta cannot ask for
-gigabytes. Settings are checked by the command line's own code, with its messages.
+gigabytes. Settings are checked by the command line's own code, with its messages. Numbers
+(``sparsity=0.9``, ``penalty=0.5``, ``memory_budget=2**30``) may be given as Python ints and
+floats, a float taken as the decimal its ``repr`` shows (``0.9`` is exactly 0.9, as
+``--sparsity 0.9`` is), or as the command line's text (``"0.9"``, ``"512M"``).
+
+Long calls (``prune``, ``apply``, ``verify``, ``load_file``, ``patch_``, ``patched``,
+``iter_patches``) show a progress bar, as ``huggingface_hub`` shows its downloads, when tqdm is
+installed and the call takes more than a second: ``progress=False``, or ``FAPM_NO_PROGRESS=1`` or
+``HF_HUB_DISABLE_PROGRESS_BARS=1`` in the environment, turns it off; ``progress=True`` shows it
+at once.
+
+``import fapm`` imports neither torch nor ``ml_dtypes``: each is imported when first needed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from . import _fapm
+from . import _names
+from . import _options
 from . import numpy as _np
 from ._fapm import Checkpoint as _Checkpoint
 from ._fapm import Delta as _Delta
-from ._fapm import FapmError, __version__, apply, inspect, prune, verify
+from ._fapm import FapmError, __version__, card
 from ._fapm import _one_line
+from ._progress import Bar as _Bar
+from .sweep import sweep
 
 __all__ = [
     "FapmError",
     "apply",
+    "card",
     "inspect",
     "iter_patches",
     "load_file",
@@ -50,6 +67,7 @@ __all__ = [
     "patched",
     "prune",
     "safe_open",
+    "sweep",
     "verify",
     "__version__",
 ]
@@ -68,16 +86,165 @@ def _framework(name: str):
     raise ValueError(f"framework must be 'np' or 'pt', not {name!r}")
 
 
-def _delta(delta, threads: Optional[int] = None, memory_budget: Optional[str] = None) -> _Delta:
+def _delta(
+    delta,
+    threads: Optional[int] = None,
+    memory_budget: Union[str, int, None] = None,
+    call: str = "",
+    base=None,
+) -> _Delta:
+    """Opens ``delta``; when it is not a delta but a checkpoint, says so (and that the
+    arguments are swapped, when ``base``, given to ``call`` as the base, is the delta)."""
     if isinstance(delta, _Delta):
         return delta
-    return _Delta(delta, threads=threads, memory_budget=memory_budget)
+    budget = _options.size("memory_budget", memory_budget)
+    try:
+        return _Delta(delta, threads=threads, memory_budget=budget)
+    except FapmError as e:
+        raise _not_a_delta(delta, call, base, budget) or e from None
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def _not_a_delta(path, call: str, base, budget) -> Optional[FapmError]:
+    """The error for ``path``, given as a delta, when it is a checkpoint (opened by the Rust
+    side, which checks every header): None when it is not one either."""
+    if not _is_path(path) or not os.path.exists(path):
+        return None  # a repo id that did not open as a delta is not looked up as a model
+    try:
+        _Checkpoint(path, memory_budget=budget)
+    except FapmError:
+        return None
+    what = f"{os.fspath(path)}: is a safetensors checkpoint (a model), not a fapm delta"
+    swapped = False
+    if _is_path(base):
+        try:
+            _Delta(base, memory_budget=budget)
+            swapped = True
+        except FapmError:
+            pass
+    if swapped:
+        return _error(
+            f"{what}, and {os.fspath(base)} is the delta: the arguments are swapped ({call}(delta, base, ...))"
+        )
+    return _error(f"{what} (a delta is what fapm.prune or `fapm prune` writes)")
+
+
+def _checkpoint(path, memory_budget: Union[str, int, None]) -> _Checkpoint:
+    return _Checkpoint(path, memory_budget=_options.size("memory_budget", memory_budget))
 
 
 def _error(msg: str) -> FapmError:
     """``FapmError`` with ``msg`` made one printable line, as fapm's own messages are (names in
     it come from the delta)."""
     return FapmError(_one_line(msg))
+
+
+def prune(
+    base: PathLike,
+    finetuned: PathLike,
+    output: PathLike,
+    *,
+    sparsity: _options.Number = "0.9",
+    metric: str = "fapm",
+    threshold: str = "exact",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    threads: Optional[int] = None,
+    memory_budget: Union[str, int, None] = None,
+    overwrite: bool = False,
+    penalty: _options.Number = "1",
+    sparsity_for: Union[Sequence[Union[str, Tuple[str, _options.Number]]], Mapping[str, _options.Number]] = (),
+    part: Optional[str] = None,
+    progress: Optional[bool] = None,
+) -> Dict[str, Any]:
+    """``fapm prune``: writes the delta of ``finetuned`` against ``base`` to ``output`` and
+    returns what ``--json`` prints (without ``peak_memory_bytes``), as a dict. The options are
+    the command line's flags: ``sparsity`` and ``penalty`` are numbers (``0.9``) or their
+    text (``"0.9"``); ``sparsity_for`` is a list of ``"REGEX=S"`` rules, of ``(regex, S)``
+    pairs, or a dict ``{regex: S}`` (in order: the first matching rule wins). ``progress`` as
+    the package's documentation says."""
+    with _Bar("fapm prune", 0, progress) as bar:
+        return _fapm.prune(
+            base,
+            finetuned,
+            output,
+            sparsity=_options.decimal("sparsity", sparsity),
+            metric=metric,
+            threshold=threshold,
+            include=list(include),
+            exclude=list(exclude),
+            threads=threads,
+            memory_budget=_options.size("memory_budget", memory_budget),
+            overwrite=overwrite,
+            penalty=_options.decimal("penalty", penalty),
+            sparsity_for=_options.sparsity_rules(sparsity_for),
+            part=part,
+            progress=bar.callback(),
+        )
+
+
+def apply(
+    base: Optional[PathLike],
+    delta: PathLike,
+    output: PathLike,
+    *,
+    revision: Optional[str] = None,
+    threads: Optional[int] = None,
+    memory_budget: Union[str, int, None] = None,
+    overwrite: bool = False,
+    progress: Optional[bool] = None,
+) -> Dict[str, Any]:
+    """``fapm apply``: writes the fine-tuned model rebuilt from ``base`` and ``delta`` to
+    ``output`` and returns what ``--json`` prints (without ``peak_memory_bytes``), as a dict.
+    Either may be a Hub repo id (``revision`` is the delta's); ``base=None`` uses the base the
+    delta records."""
+    budget = _options.size("memory_budget", memory_budget)
+    with _Bar("fapm apply", 0, progress) as bar:
+        try:
+            return _fapm.apply(
+                base, delta, output, revision=revision, threads=threads, memory_budget=budget,
+                overwrite=overwrite, progress=bar.callback(),
+            )
+        except FapmError as e:
+            raise _not_a_delta(delta, "apply", base, budget) or e from None
+
+
+def verify(
+    delta: PathLike,
+    base: Optional[PathLike] = None,
+    *,
+    revision: Optional[str] = None,
+    delta_only: bool = False,
+    threads: Optional[int] = None,
+    memory_budget: Union[str, int, None] = None,
+    progress: Optional[bool] = None,
+) -> Dict[str, Any]:
+    """``fapm verify``: every hash inside ``delta``; with ``base`` (or the base the delta
+    records, unless ``delta_only``), also the base and the whole reconstruction, writing
+    nothing. Returns what ``--json`` prints (without ``peak_memory_bytes``), as a dict."""
+    budget = _options.size("memory_budget", memory_budget)
+    with _Bar("fapm verify", 0, progress) as bar:
+        try:
+            return _fapm.verify(
+                delta, base, revision=revision, delta_only=delta_only, threads=threads, memory_budget=budget,
+                progress=bar.callback(),
+            )
+        except FapmError as e:
+            raise _not_a_delta(delta, "verify", base, budget) or e from None
+
+
+def inspect(
+    delta: PathLike, *, revision: Optional[str] = None, memory_budget: Union[str, int, None] = None
+) -> Dict[str, Any]:
+    """``fapm inspect --json``: the delta's header and every tensor's record, as a dict."""
+    budget = _options.size("memory_budget", memory_budget)
+    try:
+        return _fapm.inspect(delta, revision=revision, memory_budget=budget)
+    except FapmError as e:
+        raise _not_a_delta(delta, "inspect", None, budget) or e from None
 
 
 class safe_open:
@@ -99,15 +266,17 @@ class safe_open:
     def __init__(
         self,
         delta: PathLike,
-        base: PathLike,
+        base: Optional[PathLike] = None,
         framework: str = "np",
         *,
         threads: Optional[int] = None,
-        memory_budget: Optional[str] = None,
+        memory_budget: Union[str, int, None] = None,
     ):
         self._fw = _framework(framework)
-        self._delta = _delta(delta, threads, memory_budget)
-        self._base = _Checkpoint(base, memory_budget=memory_budget)
+        self._delta = _delta(delta, threads, memory_budget, "safe_open", base)
+        if base is None:
+            base = self._delta.recorded_base()
+        self._base = _checkpoint(base, memory_budget)
 
     def __enter__(self) -> "safe_open":
         return self
@@ -139,18 +308,36 @@ class safe_open:
 
 def load_file(
     delta: PathLike,
-    base: PathLike,
+    base: Optional[PathLike] = None,
     framework: str = "np",
     *,
     threads: Optional[int] = None,
-    memory_budget: Optional[str] = None,
+    memory_budget: Union[str, int, None] = None,
+    progress: Optional[bool] = None,
 ) -> Dict[str, Any]:
     """Every tensor of the fine-tuned model, rebuilt from ``base`` and ``delta``, checked like
     ``fapm apply`` checks them: the same bytes that ``fapm apply`` writes, as a dict of NumPy
     arrays (``framework="np"``) or torch tensors (``"pt"``) in the model's order. ``threads``
-    and ``memory_budget`` as for ``safe_open``."""
-    with safe_open(delta, base, framework, threads=threads, memory_budget=memory_budget) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+    and ``memory_budget`` as for ``safe_open``; ``progress`` as the package's documentation
+    says."""
+    d = _delta(delta, threads, memory_budget, "load_file", base)
+    f = safe_open(d, base, framework, memory_budget=memory_budget)
+    out = {}
+    names = f.keys()
+    with _Bar("fapm load", sum(_out_bytes(f._delta, n) for n in names), progress) as bar:
+        for name in names:
+            out[name] = f.get_tensor(name)
+            bar.advance(_out_bytes(f._delta, name), name)
+    return out
+
+
+def _out_bytes(d: _Delta, name: str) -> int:
+    """The bytes of tensor ``name`` of the fine-tuned model."""
+    dtype, shape, _, _, _ = d.tensor(name)
+    n = 1
+    for s in shape:
+        n *= s
+    return n * _np.itemsize(dtype)
 
 
 def _to(fw, raw, dtype: str, shape):
@@ -158,12 +345,15 @@ def _to(fw, raw, dtype: str, shape):
 
 
 class _Target:
-    """A model or dict seen as named tensors, with the framework of each."""
+    """A model or dict seen as named tensors, with the framework of each. ``names`` are the
+    delta's tensor names, from which the model's renaming is found (``_names``)."""
 
-    def __init__(self, target, rename: Rename):
+    def __init__(self, target, rename: Rename, names: List[str] = ()):
         self.rename = rename
         self.module = None
         self.prefix = None
+        # Names of a module's buffers that its state_dict leaves out: never loaded, so skipped.
+        self.transient: set = set()
         if isinstance(target, Mapping):
             self.tensors = target
             self.is_dict = True
@@ -179,12 +369,18 @@ class _Target:
             self.tensors = state
             self.is_dict = False
             self.prefix = getattr(target, "base_model_prefix", None) or None
+            self.transient = set(_names.non_persistent(target)) - set(state)
         self.target = target
+        known = set(self.tensors) | self.transient
+        self.renaming = _names.prefix_map(names, known) if names else None
 
     def key(self, name: str) -> Tuple[bool, Optional[str]]:
         """``(mapped, key)``: the target's key for checkpoint tensor ``name`` (None: skip it, or
         not found when not ``mapped``): ``rename`` first, then the name itself, then the name
-        with or without the model's ``base_model_prefix``, as transformers resolves them."""
+        renamed as the model's names say (a module prefix stripped or added, found by matching
+        the delta's names with the model's: a transformers model of another class, a
+        sentence-transformers model), then with or without the model's ``base_model_prefix``,
+        as transformers resolves them."""
         r = self.rename
         if isinstance(r, Mapping):
             if name in r:
@@ -193,13 +389,20 @@ class _Target:
             new = r(name)
             if new is None or new != name:
                 return True, new
-        if name in self.tensors:
+        known = self.tensors
+        if name in known or name in self.transient:
             return True, name
+        if self.renaming is not None:
+            strip, add = self.renaming
+            if name.startswith(strip):
+                k = add + name[len(strip) :]
+                if k in known or k in self.transient:
+                    return True, k
         p = self.prefix
         if p:
-            if name.startswith(p + ".") and name[len(p) + 1 :] in self.tensors:
+            if name.startswith(p + ".") and name[len(p) + 1 :] in known:
                 return True, name[len(p) + 1 :]
-            if p + "." + name in self.tensors:
+            if p + "." + name in known:
                 return True, p + "." + name
         return False, None
 
@@ -251,14 +454,19 @@ class _Step:
         self.saved = None
 
 
-def _plan(d: _Delta, tgt: _Target) -> List[_Step]:
+def _plan(d: _Delta, tgt: _Target, check_base: bool, label: str) -> List[_Step]:
     """What patching ``tgt`` with ``d`` does to each tensor, every name, dtype and shape
-    checked before anything is written."""
-    steps = []
+    checked before anything is written. A tensor of the delta's result's dtype and shape where
+    the base's differ suggests a model patched already: with ``check_base``, the base hashes of
+    the other tensors say so for sure ("already holds the delta's result") before that
+    tensor's own error is raised."""
+    steps: List[_Step] = []
+    suspect: Optional[FapmError] = None
     for name in d.names():
         dtype, shape, mode, base_dtype, _ = d.tensor(name)
         mapped, key = tgt.key(name)
-        if mapped and key is None:
+        if mapped and key is None or key in tgt.transient:
+            # Skipped; a buffer the model does not save (position ids) is not loaded either.
             continue
         if mapped and key not in tgt.tensors:
             raise _error(f"tensor '{name}': rename maps it to '{key}', which the target does not have")
@@ -275,9 +483,12 @@ def _plan(d: _Delta, tgt: _Target) -> List[_Step]:
                 )
             bshape = list(d.base_shape(name))
             if vdtype != base_dtype or vshape != bshape:
-                raise _error(
-                    f"{where}: is {vdtype} {vshape}, but the delta was made against {base_dtype} {bshape}"
-                )
+                wrong = f"{where}: is {vdtype} {vshape}, but the delta was made against {base_dtype} {bshape}"
+                if (vdtype, vshape) != (dtype, list(shape)):
+                    raise _error(wrong)
+                # The fine-tuned tensor's dtype and shape: patched already?
+                suspect = suspect or _error(wrong + " (the dtype and shape of the delta's result: was the model patched already?)")
+                continue
             # A tensor that changes dtype, or grows (added tokens), gets a new buffer.
             in_place = dtype == base_dtype and bshape == list(shape)
             steps.append(_Step("patch" if in_place else "replace", name, key, value, fw))
@@ -291,6 +502,12 @@ def _plan(d: _Delta, tgt: _Target) -> List[_Step]:
         else:
             same = vdtype == dtype and vshape == list(shape)
             steps.append(_Step("overwrite" if same else "replace", name, key, value, fw))
+    if suspect is not None:
+        if check_base:
+            for s in steps:
+                if s.kind == "patch":
+                    d.check_base(s.name, _bytes(s, False), f"{label} '{s.key}'")
+        raise suspect
     return steps
 
 
@@ -355,26 +572,48 @@ def _undo(d: _Delta, tgt: _Target, step: _Step) -> None:
         tgt.remove(step.key)
 
 
+def _swapped(call: str, model, delta) -> None:
+    """Raises when ``call`` was given a path where the model goes and a model as the delta."""
+    if _is_path(model) and not _is_path(delta) and not isinstance(delta, _Delta):
+        raise _error(
+            f"{call}: the model given is a path ({os.fspath(model)}) and the delta a {type(delta).__name__}: "
+            f"the arguments are swapped ({call}(model, delta))"
+        )
+
+
 def _patch(
-    target, delta, check_base: bool, rename: Rename, threads: Optional[int], memory_budget: Optional[str]
+    target,
+    delta,
+    check_base: bool,
+    rename: Rename,
+    threads: Optional[int],
+    memory_budget: Union[str, int, None],
+    progress: Optional[bool],
+    call: str,
 ) -> Tuple[_Delta, _Target, List[_Step]]:
-    d = _delta(delta, threads, memory_budget)
-    tgt = _Target(target, rename)
-    steps = _plan(d, tgt)
+    _swapped(call, target, delta)
+    d = _delta(delta, threads, memory_budget, call)
+    names = d.names()
+    tgt = _Target(target, rename, names)
     label = "target" if tgt.is_dict else type(target).__name__
-    if check_base:
-        for s in steps:
-            if s.kind in ("patch", "replace") and d.tensor(s.name)[3] is not None:
-                d.check_base(s.name, _bytes(s, False), f"{label} '{s.key}'")
+    steps = _plan(d, tgt, check_base, label)
+    checks = [s for s in steps if check_base and s.kind in ("patch", "replace") and d.tensor(s.name)[3] is not None]
+    total = sum(_bytes(s, False).nbytes for s in checks) + sum(_out_bytes(d, s.name) for s in steps)
     done: List[_Step] = []
-    try:
-        for s in steps:
-            _run(d, tgt, s, f"{label} '{s.key}'", done)
-    except BaseException as e:
-        failed = _undo_all(d, tgt, done)
-        if failed is not None:
-            raise failed from e
-        raise
+    with _Bar("fapm patch", total, progress) as bar:
+        for s in checks:
+            b = _bytes(s, False)
+            d.check_base(s.name, b, f"{label} '{s.key}'")
+            bar.advance(b.nbytes, s.key)
+        try:
+            for s in steps:
+                _run(d, tgt, s, f"{label} '{s.key}'", done)
+                bar.advance(_out_bytes(d, s.name), s.key)
+        except BaseException as e:
+            failed = _undo_all(d, tgt, done)
+            if failed is not None:
+                raise failed from e
+            raise
     return d, tgt, done
 
 
@@ -385,17 +624,23 @@ def patch_(
     check_base: bool = True,
     rename: Rename = None,
     threads: Optional[int] = None,
-    memory_budget: Optional[str] = None,
+    memory_budget: Union[str, int, None] = None,
+    progress: Optional[bool] = None,
 ):
     """Turns ``target``, which holds the base model, into the fine-tune in place: bit for bit
     the tensors ``fapm apply`` writes. Returns ``target``.
 
-    ``target`` is a ``torch.nn.Module`` (its ``state_dict()`` names) or a dict of NumPy arrays /
-    torch tensors (contiguous, on the CPU). A checkpoint name is looked up as ``rename`` says
-    (a dict, or a function of the name; mapping to None skips the tensor), else as it is, else
-    with or without the model's ``base_model_prefix``, as transformers does. Tensors the delta
-    does not hold are left alone; tensors it stores whole replace the target's (a dict gains
-    the ones it lacks).
+    ``target`` is a ``torch.nn.Module`` (its ``state_dict()`` names: a transformers model, a
+    sentence-transformers model, ...) or a dict of NumPy arrays / torch tensors (contiguous, on
+    the CPU). A checkpoint name is looked up as ``rename`` says (a dict, or a function of the
+    name; mapping to None skips the tensor), else as it is, else with the module prefix that
+    the model's names show stripped or added (found by matching the delta's names with the
+    model's: ``0.auto_model.`` or ``0.model.`` in a sentence-transformers model, ``bert.``
+    between ``BertModel`` and ``BertForSequenceClassification``), else with or without the model's
+    ``base_model_prefix``, as transformers does. Tensors the delta does not hold are left
+    alone; tensors it stores whole replace the target's (a dict gains the ones it lacks). A
+    delta tensor that is a buffer the model does not save (``persistent=False``, such as
+    ``position_ids``) is skipped, as transformers skips it when loading a checkpoint.
 
     With ``check_base`` (the default) every targeted tensor is hashed and compared with the
     base the delta was made from before anything is written: one mismatch and nothing is
@@ -403,10 +648,12 @@ def patch_(
     are, a block at a time (no second copy of the model); every result is checked against its
     recorded hash. A failure or Ctrl-C part way puts back everything already changed (if some
     of that fails, every other tensor is still put back, and the ``FapmError`` names the ones
-    that could not be). ``threads`` and ``memory_budget`` as for ``safe_open``; a part of a
-    partitioned prune is refused.
+    that could not be). A model that holds the delta's result already (patched before) is
+    refused with a message that says so. ``threads`` and ``memory_budget`` as for
+    ``safe_open``, ``progress`` as the package's documentation says; a part of a partitioned
+    prune is refused.
     """
-    _patch(target, delta, check_base, rename, threads, memory_budget)
+    _patch(target, delta, check_base, rename, threads, memory_budget, progress, "patch_")
     return target
 
 
@@ -418,7 +665,8 @@ def patched(
     check_base: bool = True,
     rename: Rename = None,
     threads: Optional[int] = None,
-    memory_budget: Optional[str] = None,
+    memory_budget: Union[str, int, None] = None,
+    progress: Optional[bool] = None,
 ):
     """``patch_`` for the duration of a ``with`` block, then the base again, also when the
     block raises: one loaded base serves many fine-tunes in turn::
@@ -436,7 +684,7 @@ def patched(
     replaced by one of another shape inside the block, say); then one ``FapmError`` names every
     tensor that could not be (chained to the block's own exception, if it raised one).
     """
-    d, tgt, done = _patch(target, delta, check_base, rename, threads, memory_budget)
+    d, tgt, done = _patch(target, delta, check_base, rename, threads, memory_budget, progress, "patched")
     try:
         yield target
     finally:
@@ -453,7 +701,8 @@ def iter_patches(
     rename: Rename = None,
     *,
     threads: Optional[int] = None,
-    memory_budget: Optional[str] = None,
+    memory_budget: Union[str, int, None] = None,
+    progress: Optional[bool] = None,
 ) -> Iterator[Tuple[str, Any, Any]]:
     """Yields ``(name, indices, values)`` for each tensor of the delta (or of ``names``), for
     engines that take sparse updates: ``indices`` are the flat (row-major) int64 positions the
@@ -465,40 +714,47 @@ def iter_patches(
     ``base`` is the base checkpoint's path, or the model / dict of arrays that holds it (names
     resolved as ``patch_`` resolves them, with ``rename``). Every hash is checked as in
     ``load_file``. ``framework`` is ``"np"`` or ``"pt"``; by default ``"pt"`` when ``base``
-    holds torch tensors, else ``"np"``. ``threads`` and ``memory_budget`` as for ``safe_open``;
+    holds torch tensors, else ``"np"``. ``threads`` and ``memory_budget`` as for ``safe_open``,
+    ``progress`` as the package's documentation says (the bar lasts as long as the iteration);
     a part of a partitioned prune is refused (on the call, before the first tensor).
     """
-    d = _delta(delta, threads, memory_budget)
+    _swapped("iter_patches", base, delta)
+    d = _delta(delta, threads, memory_budget, "iter_patches", base)
     tgt, src = None, None
-    if isinstance(base, (str, os.PathLike)):
-        src = _Checkpoint(base, memory_budget=memory_budget)
+    if _is_path(base):
+        src = _checkpoint(base, memory_budget)
     else:
-        tgt = _Target(base, rename)
+        tgt = _Target(base, rename, d.names())
     if framework is None:
         framework = "np"
         if tgt is not None and any(tgt.fw(v) is not _np for v in tgt.tensors.values()):
             framework = "pt"
-    return _iter_patches(d, src, tgt, names, _framework(framework))
+    return _iter_patches(d, src, tgt, names, _framework(framework), progress)
 
 
-def _iter_patches(d: _Delta, src, tgt, names, fw) -> Iterator[Tuple[str, Any, Any]]:
-    for name in d.names() if names is None else names:
-        dtype, shape, _, base_dtype, _ = d.tensor(name)
-        if base_dtype is None:
-            yield name, None, _to(fw, d.reconstruct(name, None), dtype, shape)
-            continue
-        label = "base"
-        if tgt is not None:
-            step = _plan_one(d, tgt, name)
-            src, label = _bytes(step, False), f"base '{step.key}'"
-        if list(d.base_shape(name)) != list(shape):
-            # Added tokens: the tensor grows, so it comes whole, like a tensor stored whole.
-            yield name, None, _to(fw, d.reconstruct(name, src, label), dtype, shape)
-            continue
-        indices, values = d.patches(name, src, label)
-        if fw is not _np:
-            indices = fw.torch.from_numpy(indices)
-        yield name, indices, _to(fw, values, dtype, [len(indices)])
+def _iter_patches(d: _Delta, src, tgt, names, fw, progress) -> Iterator[Tuple[str, Any, Any]]:
+    names = d.names() if names is None else names
+    with _Bar("fapm patches", sum(_out_bytes(d, n) for n in names), progress) as bar:
+        for name in names:
+            yield _one_patch(d, src, tgt, name, fw)
+            bar.advance(_out_bytes(d, name), name)
+
+
+def _one_patch(d: _Delta, src, tgt, name: str, fw) -> Tuple[str, Any, Any]:
+    dtype, shape, _, base_dtype, _ = d.tensor(name)
+    if base_dtype is None:
+        return name, None, _to(fw, d.reconstruct(name, None), dtype, shape)
+    label = "base"
+    if tgt is not None:
+        step = _plan_one(d, tgt, name)
+        src, label = _bytes(step, False), f"base '{step.key}'"
+    if list(d.base_shape(name)) != list(shape):
+        # Added tokens: the tensor grows, so it comes whole, like a tensor stored whole.
+        return name, None, _to(fw, d.reconstruct(name, src, label), dtype, shape)
+    indices, values = d.patches(name, src, label)
+    if fw is not _np:
+        indices = fw.torch.from_numpy(indices)
+    return name, indices, _to(fw, values, dtype, [len(indices)])
 
 
 def _plan_one(d: _Delta, tgt: _Target, name: str) -> _Step:

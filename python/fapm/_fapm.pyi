@@ -2,14 +2,16 @@
 unsigned integers of the element's width; ``fapm`` views them with their dtype and shape."""
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, final
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
 _Path = Union[str, os.PathLike]
+# progress(done, total, current): input bytes done, the total (0 while unknown), the tensor.
+_Progress = Optional[Callable[[int, int, str], object]]
 
-__all__ = ["FapmError", "Checkpoint", "Delta", "prune", "apply", "verify", "inspect", "__version__", "_one_line"]
+__all__ = ["FapmError", "Checkpoint", "Delta", "prune", "apply", "verify", "inspect", "card", "__version__", "_one_line"]
 
 __version__: str
 
@@ -19,7 +21,8 @@ class FapmError(Exception):
 
 @final
 class Checkpoint:
-    """A base checkpoint (a .safetensors file or a directory of shards), memory-mapped."""
+    """A base checkpoint (a .safetensors file, a directory of shards, or a Hugging Face repo id
+    found in the cache or fetched), memory-mapped."""
 
     def __new__(cls, path: _Path, *, memory_budget: Optional[str] = None) -> "Checkpoint": ...
     @property
@@ -30,9 +33,19 @@ class Delta:
     """An opened delta: its verified manifest; blocks are read when a tensor is asked for. A part
     of a partitioned prune is refused, as ``fapm apply`` refuses it."""
 
-    def __new__(cls, path: _Path, *, threads: Optional[int] = None, memory_budget: Optional[str] = None) -> "Delta": ...
+    def __new__(
+        cls,
+        path: _Path,
+        *,
+        revision: Optional[str] = None,
+        threads: Optional[int] = None,
+        memory_budget: Optional[str] = None,
+    ) -> "Delta": ...
     @property
     def path(self) -> str: ...
+    def recorded_base(self) -> str:
+        """The base checkpoint the delta records (repo id and commit), found in the Hugging Face
+        cache or fetched."""
     def names(self) -> List[str]: ...
     def tensor(self, name: str) -> Tuple[str, List[int], str, Optional[str], int]:
         """``(dtype, shape, mode, base_dtype, kept)``; ``base_dtype`` is None when stored whole."""
@@ -73,28 +86,56 @@ def prune(
     penalty: str = "1",
     sparsity_for: Sequence[str] = ...,
     part: Optional[str] = None,
+    progress: _Progress = None,
 ) -> Dict[str, Any]:
     """``fapm prune``; returns what ``--json`` prints (without ``peak_memory_bytes``).
-    ``include``, ``exclude`` and ``sparsity_for`` are empty unless given."""
+    ``include``, ``exclude`` and ``sparsity_for`` are empty unless given. ``progress`` is
+    called every 50 ms while it runs and once when it has finished; an exception it raises
+    stops the run, as Ctrl-C does."""
 
 def apply(
-    base: _Path,
+    base: Optional[_Path],
     delta: _Path,
     output: _Path,
     *,
+    revision: Optional[str] = None,
     threads: Optional[int] = None,
     memory_budget: Optional[str] = None,
     overwrite: bool = False,
+    progress: _Progress = None,
 ) -> Dict[str, Any]:
-    """``fapm apply``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
+    """``fapm apply``; returns what ``--json`` prints (without ``peak_memory_bytes``).
+    ``progress`` as for ``prune``."""
 
 def verify(
-    delta: _Path, base: Optional[_Path] = None, *, threads: Optional[int] = None, memory_budget: Optional[str] = None
+    delta: _Path,
+    base: Optional[_Path] = None,
+    *,
+    revision: Optional[str] = None,
+    delta_only: bool = False,
+    threads: Optional[int] = None,
+    memory_budget: Optional[str] = None,
+    progress: _Progress = None,
 ) -> Dict[str, Any]:
-    """``fapm verify``; returns what ``--json`` prints (without ``peak_memory_bytes``)."""
+    """``fapm verify``; returns what ``--json`` prints (without ``peak_memory_bytes``).
+    ``progress`` as for ``prune``."""
 
-def inspect(delta: _Path, *, memory_budget: Optional[str] = None) -> Dict[str, Any]:
+def inspect(delta: _Path, *, revision: Optional[str] = None, memory_budget: Optional[str] = None) -> Dict[str, Any]:
     """``fapm inspect --json``, as a dict."""
+
+def card(
+    delta: _Path,
+    output: _Path,
+    *,
+    revision: Optional[str] = None,
+    report: Optional[_Path] = None,
+    finetuned_card: Optional[_Path] = None,
+    repo_id: Optional[str] = None,
+    memory_budget: Optional[str] = None,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
+    """``fapm card``: the delta and a README.md model card in ``output``, ready for
+    ``hf upload``; returns what ``--json`` prints."""
 
 def _one_line(msg: str) -> str:
     """``msg`` as one printable line: line breaks as spaces, control characters escaped, as

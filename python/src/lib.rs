@@ -3,7 +3,7 @@
 //! Tensors cross as flat NumPy byte arrays (the Python half views them with their dtype and
 //! shape), results are handed to NumPy without a copy, the GIL is released while Rust works
 //! on a worker thread, and Ctrl-C (checked every 50 ms) cancels it as it cancels the command
-//! line. Settings are checked by `fapm::config`, the command line's own checks, and tensors
+//! line; the commands report their progress to a Python callback at the same pace. Settings are checked by `fapm::config`, the command line's own checks, and tensors
 //! are rebuilt by the decoder `apply` uses. Every fapm error becomes `FapmError` with the
 //! message the command line prints, escaped as it escapes it.
 //!
@@ -70,7 +70,19 @@ fn unbounded_limit(t: &TensorRecord, budget: u64) -> u64 {
 /// Runs `f` on a worker thread with the GIL released; Ctrl-C (checked every 50 ms) cancels it
 /// at its next block or chunk, and the KeyboardInterrupt is raised once it stopped.
 fn pipeline<T: Send>(py: Python<'_>, f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send) -> PyResult<T> {
-    match run(py, f) {
+    reporting(py, None, f)
+}
+
+/// [`pipeline`], telling `progress` how far the work is: `progress(done, total, current)`
+/// (input bytes, `total` 0 while unknown, and the tensor being worked on) every 50 ms and
+/// once more when it has finished. An exception it raises cancels the work, as Ctrl-C does.
+fn reporting<T: Send>(
+    py: Python<'_>,
+    progress: Option<&Bound<'_, PyAny>>,
+    f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send,
+) -> PyResult<T> {
+    let progress = progress.map(|p| p.clone().unbind());
+    match run_with(py, progress.as_ref(), f) {
         (Ok(_), Some(e)) => Err(e),
         (r, i) => r.map_err(|e| to_py(e, i)),
     }
@@ -82,7 +94,23 @@ fn run<T: Send>(
     py: Python<'_>,
     f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send,
 ) -> (fapm::Result<T>, Option<PyErr>) {
+    run_with(py, None, f)
+}
+
+/// [`run`], calling `progress` as [`reporting`] says.
+fn run_with<T: Send>(
+    py: Python<'_>,
+    progress: Option<&Py<PyAny>>,
+    f: impl FnOnce(&RunControl) -> fapm::Result<T> + Send,
+) -> (fapm::Result<T>, Option<PyErr>) {
     let ctl = RunControl::default();
+    let report = |py: Python<'_>| -> PyResult<()> {
+        if let Some(cb) = progress {
+            let (done, total) = ctl.progress();
+            cb.call1(py, (done, total, ctl.current()))?;
+        }
+        Ok(())
+    };
     let mut interrupted = None;
     let result = py.detach(|| {
         std::thread::scope(|s| {
@@ -96,7 +124,7 @@ fn run<T: Send>(
             while !worker.is_finished() {
                 std::thread::park_timeout(Duration::from_millis(50));
                 if interrupted.is_none() {
-                    if let Err(e) = Python::attach(|py| py.check_signals()) {
+                    if let Err(e) = Python::attach(|py| py.check_signals().and_then(|()| report(py))) {
                         ctl.cancel();
                         interrupted = Some(e);
                     }
@@ -105,6 +133,9 @@ fn run<T: Send>(
             worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     });
+    if result.is_ok() && interrupted.is_none() {
+        interrupted = report(py).err();
+    }
     (result, interrupted)
 }
 
@@ -210,6 +241,8 @@ impl Checkpoint {
     fn new(py: Python<'_>, path: PathBuf, memory_budget: Option<String>) -> PyResult<Self> {
         let run = options::Run { threads: None, memory_budget };
         let (_, budget) = run.check().map_err(|e| to_py(e, None))?;
+        let hub = fapm::hub::Env::read(env);
+        let path = pipeline(py, |_| fapm::hub::resolve_text(&path, None, fapm::hub::Want::Weights, &hub))?.path;
         let inner = pipeline(py, |_| RustCheckpoint::open_within(&path, budget))?;
         Ok(Checkpoint { inner })
     }
@@ -238,11 +271,32 @@ impl Delta {
 #[pymethods]
 impl Delta {
     #[new]
-    #[pyo3(signature = (path, *, threads = None, memory_budget = None))]
-    fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>, memory_budget: Option<String>) -> PyResult<Self> {
+    #[pyo3(signature = (path, *, revision = None, threads = None, memory_budget = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        revision: Option<String>,
+        threads: Option<usize>,
+        memory_budget: Option<String>,
+    ) -> PyResult<Self> {
         let (threads, budget) = options::Run { threads, memory_budget }.check().map_err(|e| to_py(e, None))?;
+        let named = options::Delta { name: path, revision };
+        let path = pipeline(py, |_| named.resolve(&fapm::hub::Env::read(env)))?;
         let inner = pipeline(py, |ctl| RustDelta::open(&path, budget, threads, ctl))?;
         Ok(Delta { inner: Arc::new(inner), budget })
+    }
+
+    /// The base checkpoint the delta records (its repo id and commit), found in the Hugging
+    /// Face cache or fetched: what `fapm apply` uses when no base is given.
+    fn recorded_base(&self, py: Python<'_>) -> PyResult<PathBuf> {
+        let Some(repo) = self.inner.reader.manifest.base_repo.clone() else {
+            let path = self.inner.reader.path.display().to_string();
+            let msg = format!("{path} does not record its base (it was pruned from a local path, not a repo id); give the base");
+            return Err(FapmError::new_err(one_line(&msg)));
+        };
+        let name = fapm::hub::Name::Repo { id: repo.repo, revision: Some(repo.commit) };
+        let hub = fapm::hub::Env::read(env);
+        Ok(pipeline(py, |_| fapm::hub::resolve(&name, fapm::hub::Want::Weights, &hub))?.path)
     }
 
     /// The delta's path.
@@ -469,10 +523,12 @@ impl Delta {
 }
 
 /// `fapm prune`: returns what `--json` prints (without `peak_memory_bytes`), as a dict.
+/// `progress(done, total, current)` is told how far it is ([`reporting`]).
 #[pyfunction]
 #[pyo3(signature = (base, finetuned, output, *, sparsity = "0.9", metric = "fapm", threshold = "exact",
                     include = Vec::new(), exclude = Vec::new(), threads = None, memory_budget = None,
-                    overwrite = false, penalty = "1", sparsity_for = Vec::new(), part = None))]
+                    overwrite = false, penalty = "1", sparsity_for = Vec::new(), part = None,
+                    progress = None))]
 #[allow(clippy::too_many_arguments)]
 fn prune<'py>(
     py: Python<'py>,
@@ -490,6 +546,7 @@ fn prune<'py>(
     penalty: &str,
     sparsity_for: Vec<String>,
     part: Option<&str>,
+    progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let opts = options::Prune {
         sparsity: sparsity.into(),
@@ -504,55 +561,117 @@ fn prune<'py>(
         run: options::Run { threads, memory_budget: memory_budget.map(Into::into) },
         ..options::Prune::new(base, finetuned, output)
     };
-    let cfg = opts.check(|k| std::env::var(k).ok()).map_err(|e| to_py(e, None))?;
-    let s = pipeline(py, |ctl| fapm::prune(&cfg, ctl))?;
+    let cfg = py.detach(|| opts.check(env)).map_err(|e| to_py(e, None))?;
+    let s = reporting(py, progress.as_ref(), |ctl| fapm::prune(&cfg, ctl))?;
     json_to_py(py, &fapm::json::prune(&s))
 }
 
 /// `fapm apply`: writes the model; returns what `--json` prints (without
-/// `peak_memory_bytes`), as a dict.
+/// `peak_memory_bytes`), as a dict. `progress` as for [`prune`].
 #[pyfunction]
-#[pyo3(signature = (base, delta, output, *, threads = None, memory_budget = None, overwrite = false))]
+#[pyo3(signature = (base, delta, output, *, revision = None, threads = None, memory_budget = None, overwrite = false,
+                    progress = None))]
+#[allow(clippy::too_many_arguments)]
 fn apply<'py>(
     py: Python<'py>,
-    base: PathBuf,
+    base: Option<PathBuf>,
     delta: PathBuf,
     output: PathBuf,
+    revision: Option<String>,
     threads: Option<usize>,
     memory_budget: Option<&str>,
     overwrite: bool,
+    progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let run = options::Run { threads, memory_budget: memory_budget.map(Into::into) };
-    let cfg = ApplyConfig::new(base, delta, Some(output), overwrite, &run).map_err(|e| to_py(e, None))?;
-    let s = pipeline(py, |ctl| fapm::apply(&cfg, ctl))?;
+    let delta = options::Delta { name: delta, revision };
+    let cfg =
+        py.detach(|| ApplyConfig::new(base, &delta, Some(output), overwrite, &run, env)).map_err(|e| to_py(e, None))?;
+    let s = reporting(py, progress.as_ref(), |ctl| fapm::apply(&cfg, ctl))?;
     json_to_py(py, &fapm::json::apply("applied", &s))
 }
 
 /// `fapm verify`: every hash in the delta; with `base`, also the base and the full
 /// reconstruction (writing nothing). Returns what `--json` prints (without
-/// `peak_memory_bytes`), as a dict.
+/// `peak_memory_bytes`), as a dict. `progress` as for [`prune`].
 #[pyfunction]
-#[pyo3(signature = (delta, base = None, *, threads = None, memory_budget = None))]
+#[pyo3(signature = (delta, base = None, *, revision = None, delta_only = false, threads = None, memory_budget = None,
+                    progress = None))]
 fn verify<'py>(
     py: Python<'py>,
     delta: PathBuf,
     base: Option<PathBuf>,
+    revision: Option<String>,
+    delta_only: bool,
     threads: Option<usize>,
     memory_budget: Option<&str>,
+    progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let run = options::Run { threads, memory_budget: memory_budget.map(Into::into) };
-    let cfg = VerifyConfig::new(delta, base, &run).map_err(|e| to_py(e, None))?;
-    let s = pipeline(py, |ctl| fapm::verify(&cfg, ctl))?;
+    let delta = options::Delta { name: delta, revision };
+    let cfg = py.detach(|| VerifyConfig::new(&delta, base, delta_only, &run, env)).map_err(|e| to_py(e, None))?;
+    let s = reporting(py, progress.as_ref(), |ctl| fapm::verify(&cfg, ctl))?;
     json_to_py(py, &fapm::json::apply("verified", &s))
 }
 
 /// `fapm inspect --json`, as a dict.
 #[pyfunction]
-#[pyo3(signature = (delta, *, memory_budget = None))]
-fn inspect<'py>(py: Python<'py>, delta: PathBuf, memory_budget: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
-    let cfg = InspectConfig::new(delta, memory_budget).map_err(|e| to_py(e, None))?;
+#[pyo3(signature = (delta, *, revision = None, memory_budget = None))]
+fn inspect<'py>(
+    py: Python<'py>,
+    delta: PathBuf,
+    revision: Option<String>,
+    memory_budget: Option<&str>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let delta = options::Delta { name: delta, revision };
+    let cfg = py.detach(|| InspectConfig::new(&delta, memory_budget, env)).map_err(|e| to_py(e, None))?;
     let (m, size) = pipeline(py, |ctl| fapm::inspect(&cfg, ctl))?;
     json_text_to_py(py, fapm::json::inspect_text(&cfg.delta, &m, size))
+}
+
+/// This process's environment, where the configuration reads the Hugging Face settings and
+/// `--part auto`'s variables.
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+/// `fapm card`: the delta and a README.md model card in a folder, ready for `hf upload`;
+/// returns what `--json` prints, as a dict.
+#[pyfunction]
+#[pyo3(signature = (delta, output, *, revision = None, report = None, finetuned_card = None, repo_id = None,
+                    memory_budget = None, overwrite = false))]
+#[allow(clippy::too_many_arguments)]
+fn card<'py>(
+    py: Python<'py>,
+    delta: PathBuf,
+    output: PathBuf,
+    revision: Option<String>,
+    report: Option<PathBuf>,
+    finetuned_card: Option<PathBuf>,
+    repo_id: Option<String>,
+    memory_budget: Option<&str>,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let hub = fapm::hub::Env::read(env);
+    let named = options::Delta { name: delta, revision };
+    let cfg = py
+        .detach(|| -> fapm::Result<_> {
+            Ok(fapm::card::CardConfig {
+                delta: named.resolve(&hub)?,
+                output,
+                report,
+                finetuned_card,
+                repo_id,
+                memory_budget: fapm::config::memory_budget(memory_budget)?,
+                hub: hub.clone(),
+                overwrite,
+            })
+        })
+        .map_err(|e| to_py(e, None))?;
+    let s = pipeline(py, |ctl| fapm::card::card(&cfg, ctl))?;
+    let mut v = serde_json::to_value(&s).expect("a summary serializes");
+    v["command"] = serde_json::json!("card");
+    json_to_py(py, &v)
 }
 
 /// `msg` as one printable line, as fapm's own errors are: for the messages the Python half
@@ -572,6 +691,7 @@ fn _fapm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(card, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(_one_line, m)?)?;
     // Python installs no SIGBUS handler of its own (faulthandler's, when enabled, is kept and

@@ -55,7 +55,7 @@ def pack(m: dict, tensors: dict, side, to: Path) -> Path:
     block compressed and hashed, side files' sizes, hashes and blocks from their bytes, the
     manifest compressed and the footer hashed. Tensor hashes are left as ``m`` says. Blocks
     that are the same object are compressed once."""
-    out = bytearray(b"FAPMDLTA" + struct.pack("<II", 2, 0))
+    out = bytearray(b"FAPMDLTA" + struct.pack("<II", m["version"], 0))
     c = zstandard.ZstdCompressor(level=1)
     packed_of = {}
 

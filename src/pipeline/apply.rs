@@ -7,7 +7,8 @@
 //! ```
 //!
 //! `verify DELTA` runs the decoder without a base and writes nothing; `verify DELTA --base`
-//! is `apply` without an output.
+//! is `apply` without an output, and so is `verify DELTA` of a delta that records its base's
+//! repository (unless `--delta-only`).
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -47,6 +48,9 @@ pub struct ApplySummary {
     pub tensor_bytes: u64,
     /// For a part of a partitioned prune: its number and the number of parts.
     pub part: Option<[u32; 2]>,
+    /// The base, when it was found through the repository the delta records
+    /// (`org/name@commit`) rather than given.
+    pub recorded_base: Option<String>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -57,7 +61,11 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
     let start = Instant::now();
     let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget, ctl)?;
     delta.refuse_part()?;
-    let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
+    let (base_path, recorded_base) = match &cfg.base {
+        Some(path) => (path.clone(), None),
+        None => (recorded_base(&delta, &cfg.hub)?, delta.manifest.base_repo.as_ref().map(|r| r.to_string())),
+    };
+    let base = Checkpoint::open_within(&base_path, cfg.memory_budget)?;
     let m = &delta.manifest;
     let bases = read::base_tensors(m, &base)?;
     let kind = if m.source == Source::Directory { Kind::Directory } else { Kind::File };
@@ -87,25 +95,45 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
     if let Some(staged) = staged {
         staged.commit()?;
     }
-    Ok(ApplySummary::new(decoded, cfg.output.clone(), m, start))
+    let mut summary = ApplySummary::new(decoded, cfg.output.clone(), m, start);
+    summary.recorded_base = recorded_base;
+    Ok(summary)
+}
+
+/// The base a delta records (its repo id and commit, format version 3), found in the Hugging
+/// Face cache or fetched ([`crate::hub`]); its tensors' hashes are checked as any base's are.
+fn recorded_base(delta: &DeltaReader, hub: &crate::hub::Env) -> Result<PathBuf> {
+    let Some(repo) = &delta.manifest.base_repo else {
+        return Err(Error::Config(format!(
+            "{} does not record its base (it was pruned from a local path, not a repo id); give the base with --base",
+            fapm_stages::error::printable(&delta.path.display().to_string())
+        )));
+    };
+    let name = crate::hub::Name::Repo { id: repo.repo.clone(), revision: Some(repo.commit.clone()) };
+    Ok(crate::hub::resolve(&name, crate::hub::Want::Weights, hub)?.path)
 }
 
 /// `verify`: with a base, [`apply`] without an output; without, every hash inside the delta
 /// checked and every block decoded.
 pub fn verify(cfg: &VerifyConfig, ctl: &RunControl) -> Result<ApplySummary> {
-    if let Some(base) = &cfg.base {
-        let apply_cfg = ApplyConfig {
-            base: base.clone(),
-            delta: cfg.delta.clone(),
-            output: None,
-            threads: cfg.threads,
-            memory_budget: cfg.memory_budget,
-            overwrite: false,
-        };
+    let apply_cfg = ApplyConfig {
+        base: cfg.base.clone(),
+        delta: cfg.delta.clone(),
+        hub: cfg.hub.clone(),
+        output: None,
+        threads: cfg.threads,
+        memory_budget: cfg.memory_budget,
+        overwrite: false,
+    };
+    if cfg.base.is_some() {
         return apply(&apply_cfg, ctl);
     }
     let start = Instant::now();
     let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget, ctl)?;
+    if !cfg.delta_only && delta.manifest.base_repo.is_some() && delta.manifest.part.is_none() {
+        drop(delta);
+        return apply(&apply_cfg, ctl);
+    }
     let pool = pool(cfg.threads)?;
     let budget = Budget::new(cfg.memory_budget, cfg.threads, delta.manifest.block_elems);
     let decode = DecodeStage {
@@ -153,6 +181,7 @@ impl ApplySummary {
             blocks: d.blocks,
             tensor_bytes: d.tensor_bytes,
             part: m.part.as_ref().map(|p| [p.index, p.count]),
+            recorded_base: None,
             seconds: start.elapsed().as_secs_f64(),
         }
     }

@@ -25,7 +25,7 @@ use fapm_stages::format::{
 use fapm_stages::mask_encode::{MaskEncodeStage, ToWriter};
 use fapm_stages::paths;
 use fapm_stages::read::ahead::{Position, ReadAhead};
-use fapm_stages::read::partition::layout_hash;
+use fapm_stages::read::partition::{content_sample, layout_hash};
 use fapm_stages::read::{classify, keep_part, side, Task, Tasks};
 use fapm_stages::run::runner::{first_error, join, pool, stage};
 use fapm_stages::run::{Budget, RunControl};
@@ -127,6 +127,11 @@ pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
         total: total_tensors,
         base: layout_hash(base.shards.iter().map(|s| (s.name.as_str(), s.header.as_str()))),
         finetuned: layout_hash(ft.shards.iter().map(|s| (s.name.as_str(), s.header.as_str()))),
+        finetuned_sample: Some(content_sample(
+            ft.shards
+                .iter()
+                .flat_map(|s| s.tensors.iter().enumerate().map(move |(i, t)| (t.name.as_str(), s.tensor_bytes(i)))),
+        )),
     });
     summary.delta_bytes = writer.finish(&manifest)?;
     ctl.check()?;
@@ -167,6 +172,8 @@ fn manifest(
         side_files,
         base_only,
         part: None,
+        base_repo: cfg.base_repo.clone(),
+        finetuned_repo: cfg.finetuned_repo.clone(),
     }
 }
 

@@ -28,12 +28,14 @@ pub struct Series {
     pub tips: Option<Vec<String>>,
     /// A guide: a thin line under the others, without dots or a legend entry.
     pub guide: bool,
+    /// Points to ring (the Pareto points), each with a label written beside it.
+    pub marks: Option<Vec<Option<String>>>,
 }
 
 impl Series {
     /// A series drawn as a line with a dot per point and an entry in the legend.
     pub fn line(label: impl Into<String>, color: Rgb, points: Vec<(f64, f64)>) -> Self {
-        Series { label: label.into(), color, points, tips: None, guide: false }
+        Series { label: label.into(), color, points, tips: None, guide: false, marks: None }
     }
 }
 
@@ -285,6 +287,16 @@ fn draw_series(s: &mut String, chart: &Chart, series: &Series, px: &dyn Fn(f64) 
             py(y),
             esc(&tip)
         );
+        if let Some(Some(label)) = series.marks.as_ref().and_then(|m| m.get(i)) {
+            let _ = write!(
+                s,
+                "<circle class=\"mark\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"7\" fill=\"none\" stroke=\"{INK}\" \
+                 stroke-width=\"1.5\"/>",
+                px(x),
+                py(y)
+            );
+            text(s, px(x) + 9.0, py(y) - 6.0, Anchor::Start, 10, INK, label);
+        }
     }
 }
 
@@ -339,6 +351,7 @@ mod tests {
             points: vec![(3e-3, 0.8), (0.02, 0.6)],
             tips: None,
             guide: true,
+            marks: None,
         });
         assert_eq!(c.x_extent(), (1e-3, 0.1));
         let svg = render(&c);
@@ -352,6 +365,15 @@ mod tests {
         assert_eq!(svg.matches("stroke-width=\"3\"").count(), 1, "one legend entry");
         // The guide is drawn before (under) the series.
         assert!(svg.find("stroke-width=\"1\"").unwrap() < svg.find("stroke-width=\"2\"").unwrap());
+    }
+
+    #[test]
+    fn marked_points_are_ringed_and_labelled() {
+        let mut c = chart(false, vec![(0.0, 0.5), (1.0, 0.25), (2.0, 0.75)]);
+        c.series[0].marks = Some(vec![None, Some("1.2 MB".into()), None]);
+        let svg = render(&c);
+        assert_eq!(svg.matches("class=\"mark\"").count(), 1);
+        assert_eq!(svg.matches(">1.2 MB</text>").count(), 1);
     }
 
     #[test]

@@ -21,6 +21,10 @@ use super::svg::{esc, hex, num, text, text_width, Anchor, Rgb, INK, MUTED};
 /// The longer side of every heatmap, in pixels.
 pub const LONG_SIDE: u64 = 768;
 
+/// What drawing one tensor's heatmaps holds at most, in bytes (for the memory budget): its
+/// grid of blocks (six values each), one picture's pixels and its PNG.
+pub const GRID_BYTES: u64 = LONG_SIDE * LONG_SIDE * (6 * 4 + 2 * 4);
+
 /// The most the drawn aspect ratio may differ from square (the true one is in the title).
 pub const MAX_ASPECT: u64 = 2;
 

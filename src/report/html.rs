@@ -38,9 +38,9 @@ pub struct Section {
 
 /// Everything the page shows.
 pub struct Page {
-    /// The base checkpoint, as given.
+    /// The base checkpoint, by name (never an absolute path: the page is shared).
     pub base: String,
-    /// The fine-tuned checkpoint, as given.
+    /// The fine-tuned checkpoint, by name.
     pub finetuned: String,
     /// Facts about the inputs, one per list item (plain text).
     pub facts: Vec<String>,
@@ -71,11 +71,12 @@ Metric</strong> (FAPM, EMNLP 2025) scores every position by</p>\
 <p style=\"text-align:center\"><code>S = |dW| - mean(|W_base|) &middot; |dW| / |W_base|</code></p>\
 <p>per weight matrix, and keeps the top-scoring positions (for instance the top 10%). The \
 second term penalises large relative changes, so FAPM keeps most of the task vector's norm \
-while keeping the relative changes it applies small. <code>fapm prune --penalty l</code> scales \
-that term: <code>S = |dW| - l &middot; mean(|W_base|) &middot; |dW| / |W_base|</code>, where \
-<code>l = 1</code> is the paper's metric and <code>l = 0</code> is magnitude pruning. The \
-pictures below show, for your own pair of checkpoints, what each strength <code>l</code> and \
-each sparsity keep, so that you can choose both.</p>";
+while keeping the relative changes it applies small. <code>fapm prune --penalty &lambda;</code> \
+scales that term: <code>S = |dW| - &lambda; &middot; mean(|W_base|) &middot; |dW| / |W_base|</code>, \
+where <code>&lambda; = 1</code> is the paper's metric and <code>&lambda; = 0</code> is magnitude \
+pruning. The pictures below show, for your own pair of checkpoints, what each penalty strength \
+&lambda; and each sparsity keep and what the delta weighs, so that you can choose both; the \
+numbers are in <code>report.json</code> beside this page.</p>";
 
 /// Renders the whole page.
 pub fn render(page: &Page) -> String {

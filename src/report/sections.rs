@@ -3,14 +3,31 @@
 
 use super::chart::{self, Chart, Series, GUIDE, STRENGTH_COLORS};
 use super::heatmap::Quantity;
-use super::html::{Figure, Page, Section, Table};
+use super::html::{Figure, Section, Table};
+use super::points::{Point, WholeModel};
 use super::stats::{Kept, Pair, TensorStats, MAP_PENALTIES, MAP_SPARSITY, PENALTIES, SPARSITIES};
-use super::ReportConfig;
+use super::MAX_TENSOR_ROWS;
 
 /// `0.9` as `90%`.
-fn pct(s: &str) -> String {
+pub fn pct(s: &str) -> String {
     let v: f64 = s.parse().unwrap_or(0.0);
-    format!("{}%", (v * 100.0).round())
+    format!("{}%", (v * 100.0 * 100.0).round() / 100.0)
+}
+
+/// A byte count as `12.3 MB` (decimal units, as the delta's size is quoted elsewhere).
+pub fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    match bytes {
+        0..=9_999 => format!("{bytes} B"),
+        10_000..=999_999 => format!("{:.1} kB", b / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} MB", b / 1e6),
+        _ => format!("{:.2} GB", b / 1e9),
+    }
+}
+
+/// A share as `0.613`, or `unchanged` when there is nothing to share (no candidate).
+fn share(v: Option<f64>) -> String {
+    v.map_or_else(|| "unchanged".into(), |v| format!("{v:.3}"))
 }
 
 fn sparsity_ticks() -> Vec<(f64, String)> {
@@ -20,15 +37,10 @@ fn sparsity_ticks() -> Vec<(f64, String)> {
 /// The legend name of penalty strength `PENALTIES[l]`.
 fn strength_label(l: usize) -> String {
     match PENALTIES[l] {
-        "0" => "l = 0 (magnitude)".into(),
-        "1" => "l = 1 (FAPM)".into(),
-        other => format!("l = {other}"),
+        "0" => "λ = 0 (magnitude)".into(),
+        "1" => "λ = 1 (FAPM)".into(),
+        other => format!("λ = {other}"),
     }
-}
-
-/// The flags of `fapm prune` that keep what strength `l` keeps at sparsity `j`.
-fn flags(l: usize, j: usize) -> String {
-    format!("--penalty {} --sparsity {}", PENALTIES[l], SPARSITIES[j])
 }
 
 /// One series per penalty strength, in the order of [`PENALTIES`], with the points
@@ -37,141 +49,110 @@ fn strength_series(points: impl Fn(usize) -> Vec<(f64, f64)>) -> Vec<Series> {
     (0..PENALTIES.len()).map(|l| Series::line(strength_label(l), STRENGTH_COLORS[l], points(l))).collect()
 }
 
-/// What every strength keeps of the whole model at every sparsity: the sums over tensors that
-/// the whole-model charts and the trade-off chart draw.
-pub struct WholeModel {
-    /// `kept[l][j]`: what strength `PENALTIES[l]` keeps at sparsity `SPARSITIES[j]`.
-    kept: Vec<Vec<Kept>>,
-    /// The task vector's whole squared norm.
-    total_d2: f64,
-    /// How many tensors are summed.
-    tensors: usize,
-}
-
-impl WholeModel {
-    /// Sums the tensors' numbers.
-    pub fn new(stats: &[TensorStats]) -> Self {
-        let mut kept = vec![vec![Kept::default(); SPARSITIES.len()]; PENALTIES.len()];
-        for s in stats {
-            for (sum, k) in kept.iter_mut().flatten().zip(s.kept.iter().flatten()) {
-                sum.add(k);
-            }
-        }
-        WholeModel { kept, total_d2: stats.iter().map(|s| s.total_d2).sum(), tensors: stats.len() }
-    }
-
-    /// Strength `l` at sparsity `j` as a point of the trade-off chart: (mean relative change
-    /// of kept positions, norm fraction kept).
-    fn point(&self, l: usize, j: usize) -> (f64, f64) {
-        (self.kept[l][j].mean_rel(), self.kept[l][j].norm_fraction(self.total_d2))
-    }
-}
-
 fn figure(c: &Chart, caption: impl Into<String>) -> Figure {
     Figure { svg: chart::render(c), width: chart::WIDTH, caption: caption.into() }
 }
 
-/// The whole-model charts (norm kept, relative change), one point per sparsity and one line
-/// per penalty strength.
+fn nan(v: Option<f64>) -> f64 {
+    v.unwrap_or(f64::NAN)
+}
+
+/// The whole-model charts (energy kept, forgetting proxy kept), one point per sparsity and
+/// one line per penalty strength.
 pub fn overview(whole: &WholeModel) -> Section {
-    let series = |f: &dyn Fn((f64, f64)) -> f64| {
-        strength_series(|l| (0..SPARSITIES.len()).map(|j| (j as f64, f(whole.point(l, j)))).collect())
+    let series = |f: &dyn Fn(&Kept) -> f64| {
+        strength_series(|l| (0..SPARSITIES.len()).map(|j| (j as f64, f(&whole.kept[l][j]))).collect())
     };
-    let norm = Chart {
-        title: "Task-vector norm kept".into(),
-        subtitle: "whole model, ||dW kept|| / ||dW||".into(),
-        x_label: "sparsity (share of each matrix pruned)".into(),
-        y_label: "norm fraction kept".into(),
+    let energy = Chart {
+        title: "Task-vector energy kept".into(),
+        subtitle: "whole model, sum dW^2 over kept / over all changes".into(),
+        x_label: "sparsity (share of each tensor pruned)".into(),
+        y_label: "energy kept".into(),
         x_log: false,
         y_log: false,
         y_range: Some((0.0, 1.0)),
         x_ticks: Some(sparsity_ticks()),
         x_names: Some(SPARSITIES.iter().map(|s| format!("sparsity {}", pct(s))).collect()),
-        series: series(&|(_, norm)| norm),
+        series: series(&|k| nan(Kept::share(k.d2, whole.total_d2))),
     };
-    let rel = Chart {
-        title: "Relative change of kept positions".into(),
-        subtitle: "whole model, mean |dW| / |W_base| over kept".into(),
-        y_label: "mean |dW| / |W_base|".into(),
-        y_log: true,
-        y_range: None,
-        series: series(&|(rel, _)| rel),
-        ..norm.clone()
+    let forgetting = Chart {
+        title: "Forgetting proxy kept".into(),
+        subtitle: "whole model, sum min(|dW| / |W_base|, 1)^2 over kept / over all changes".into(),
+        y_label: "forgetting proxy kept".into(),
+        series: series(&|k| nan(Kept::share(k.rel2, whole.total_rel2))),
+        ..energy.clone()
     };
     Section {
         title: "Penalty strengths, whole model".into(),
         intro: format!(
-            "One line per penalty strength l (fapm prune --penalty l): orange is magnitude pruning \
-             (l = 0), blue the paper's FAPM (l = 1), purple the strongest penalty. x: sparsity (the \
-             share of each matrix pruned back to the base). Computed over the {} 2-D floating \
-             tensors that prune diffs against the base. Hover over a point for its value.",
+            "One line per penalty strength λ (fapm prune --penalty λ): orange is magnitude pruning \
+             (λ = 0), blue the paper's FAPM (λ = 1), purple the strongest penalty. x: sparsity (the \
+             share of each tensor pruned back to the base). Both measures are sums over the kept \
+             positions, as shares of their value over every change (sparsity 0 keeps 1 of each), over \
+             the {} floating tensors that prune diffs against the base, 1-D norms and biases \
+             included. Hover over a point for its value.",
             whole.tensors
         ),
         figures: vec![
             figure(
-                &norm,
-                "Share of the task vector's L2 norm that survives pruning, whole model (each matrix \
-                 pruned to the given sparsity on its own). Higher keeps more of what fine-tuning \
-                 learned; a stronger penalty gives up some of it.",
+                &energy,
+                "Share of the task vector's energy (sum of dW^2) that survives pruning: how much of \
+                 what fine-tuning learned is kept. Higher keeps more of the new skill.",
             ),
             figure(
-                &rel,
-                "Mean relative change |dW| / |W_base| of the positions that are kept, whole model, log \
-                 scale. Lower means the kept changes disturb the base weights less, the cause of \
-                 forgetting that the penalty targets.",
+                &forgetting,
+                "Share of the forgetting proxy, the sum of the squared relative changes \
+                 min(|dW| / |W_base|, 1)^2, that the kept positions apply: large relative changes to \
+                 base weights are what FAPM's paper ties to forgetting. Lower forgets less.",
             ),
         ],
         table: None,
     }
 }
 
-/// Whether point `i` of the trade-off chart's `points` (relative change, norm kept) is on its
-/// frontier: no other point has at most its relative change and at least its norm and is
-/// better in one of the two.
-fn on_frontier(points: &[(f64, f64)], i: usize) -> bool {
-    let (r, n) = points[i];
-    if !(n.is_finite() && r.is_finite()) {
-        return false;
-    }
-    !points.iter().any(|&(r2, n2)| n2 >= n && r2 <= r && (n2 > n || r2 < r))
-}
-
-/// The trade-off chart: kept norm against mean relative change of kept positions, one point
-/// per (strength, sparsity), and the table of every point with the flags that give it.
-pub fn tradeoff(whole: &WholeModel) -> Section {
-    let describe = |l: usize, j: usize| {
-        let (rel, norm) = whole.point(l, j);
+/// The trade-off chart: energy kept against forgetting proxy kept, one curve per penalty
+/// strength through its sparsities, the Pareto points ringed and labelled with the delta's
+/// size; and the table of every point with its flags.
+pub fn tradeoff(whole: &WholeModel, points: &[Point]) -> Section {
+    let at = |l: usize, j: usize| &points[j * PENALTIES.len() + l];
+    let xy = |p: &Point| (nan(p.forgetting), nan(p.energy_kept));
+    let describe = |p: &Point| {
+        let standing = match p.dominated_by {
+            _ if p.pareto => ", Pareto-optimal".to_string(),
+            Some(d) => format!(", dominated by {}", points[d].label()),
+            None => String::new(),
+        };
         format!(
-            "{}, sparsity {}: norm kept {:.3}, mean |dW| / |W_base| {:.3e}; {}",
-            strength_label(l),
-            pct(SPARSITIES[j]),
-            norm,
-            rel,
-            flags(l, j)
+            "{}: energy kept {}, forgetting proxy {}, delta about {}{standing}; fapm prune {}",
+            p.label(),
+            share(p.energy_kept),
+            share(p.forgetting),
+            size(p.delta_bytes),
+            p.flags()
         )
     };
     let mut series: Vec<Series> = (0..SPARSITIES.len())
         .map(|j| Series {
             label: pct(SPARSITIES[j]),
             color: GUIDE,
-            points: (0..PENALTIES.len()).map(|l| whole.point(l, j)).collect(),
+            points: (0..PENALTIES.len()).map(|l| xy(at(l, j))).collect(),
             tips: None,
             guide: true,
+            marks: None,
         })
         .collect();
     series.extend((0..PENALTIES.len()).map(|l| Series {
-        tips: Some((0..SPARSITIES.len()).map(|j| describe(l, j)).collect()),
-        ..Series::line(
-            strength_label(l),
-            STRENGTH_COLORS[l],
-            (0..SPARSITIES.len()).map(|j| whole.point(l, j)).collect(),
-        )
+        tips: Some((0..SPARSITIES.len()).map(|j| describe(at(l, j))).collect()),
+        marks: Some((0..SPARSITIES.len()).map(|j| at(l, j).pareto.then(|| size(at(l, j).delta_bytes))).collect()),
+        ..Series::line(strength_label(l), STRENGTH_COLORS[l], (0..SPARSITIES.len()).map(|j| xy(at(l, j))).collect())
     }));
     let chart = Chart {
-        title: "Trade-off: norm kept against relative change".into(),
-        subtitle: "whole model, one point per (strength l, sparsity); grey joins equal sparsity".into(),
-        x_label: "mean |dW| / |W_base| of kept positions (log scale; left disturbs the base less)".into(),
-        y_label: "norm fraction kept".into(),
+        title: "Trade-off: energy kept against forgetting".into(),
+        subtitle: "whole model; a curve per λ through sparsities 99% (left) to 50%; ringed: Pareto, labelled \
+                   with the delta's size"
+            .into(),
+        x_label: "forgetting proxy kept, sum min(|dW|/|W_base|, 1)^2 (log scale; left forgets less)".into(),
+        y_label: "task-vector energy kept".into(),
         x_log: true,
         y_log: false,
         y_range: Some((0.0, 1.0)),
@@ -179,17 +160,14 @@ pub fn tradeoff(whole: &WholeModel) -> Section {
         x_names: None,
         series,
     };
-    // Every (strength, sparsity), sparsity-major as the table's cells, for the frontier.
-    let points: Vec<(f64, f64)> =
-        (0..SPARSITIES.len()).flat_map(|j| (0..PENALTIES.len()).map(move |l| whole.point(l, j))).collect();
+    // A row per sparsity, a column per strength: compact enough to sit above the heatmaps.
     let rows = (0..SPARSITIES.len())
         .map(|j| {
             let mut row = vec![pct(SPARSITIES[j])];
             row.extend((0..PENALTIES.len()).map(|l| {
-                let i = j * PENALTIES.len() + l;
-                let (rel, norm) = points[i];
-                let mark = if on_frontier(&points, i) { " *" } else { "" };
-                format!("{norm:.3} / {rel:.2e}{mark}")
+                let p = at(l, j);
+                let mark = if p.pareto { " ★" } else { "" };
+                format!("{} / {} / {}{mark}", share(p.energy_kept), share(p.forgetting), size(p.delta_bytes))
             }));
             row
         })
@@ -198,23 +176,69 @@ pub fn tradeoff(whole: &WholeModel) -> Section {
     head.extend((0..PENALTIES.len()).map(strength_label));
     Section {
         title: "Choosing a penalty strength and a sparsity".into(),
-        intro: "Each point is one choice of fapm prune --penalty l --sparsity s for this model: up keeps \
-                more of the task vector (more of the new skill), left applies smaller relative changes \
-                to the base weights (less forgetting, which FAPM's paper ties to large relative \
-                changes). Along a grey line the sparsity, and so the delta's size, stays the same and \
-                only the strength moves the choice between the two. The table gives every point as norm \
-                kept / mean relative change; a * marks the frontier (no other point is better on both \
-                axes): pick among those by how much forgetting your use can afford, then prune with \
-                fapm prune --penalty l --sparsity s. Hover over a point for its numbers and flags."
-            .into(),
+        intro: format!(
+            "Each point is one choice of fapm prune --penalty λ --sparsity s for this model: up keeps more \
+             of the task vector's energy (more of the new skill), left applies less of the forgetting \
+             proxy (smaller changes relative to the base weights), and the label gives the delta's size. \
+             Both axes are sums over the kept positions, so keeping more moves a point up and right: \
+             the question is where a curve gets high for little forgetting and few bytes. {} The table gives \
+             every point as energy kept / forgetting proxy kept / delta size, ★ marking the Pareto points; \
+             hover over a point for its numbers and flags. The delta sizes are estimates (the kept values encoded \
+             and compressed as prune does, measured on sampled chunks, plus what prune stores whole).",
+            dominance_sentence(whole, points)
+        ),
         figures: vec![figure(
             &chart,
-            "Whole model: share of the task vector's L2 norm kept (y) against the mean relative change \
-             of the kept positions (x, log scale). Colours: penalty strengths as in the charts above; \
+            "Whole model: share of the task vector's energy kept (y) against the share of the \
+             forgetting proxy kept (x, log scale). Colours: penalty strengths as in the charts above; \
              grey lines join the strengths of one sparsity (labelled at the strongest penalty's end).",
         )],
         table: Some(Table { head, rows }),
     }
+}
+
+/// The sentence that says which points dominate: the Pareto points (nothing keeps more
+/// energy with less forgetting in a delta no larger), and how many the others are.
+pub fn dominance_sentence(whole: &WholeModel, points: &[Point]) -> String {
+    if whole.candidates == 0 {
+        return "The fine-tuned model is the base: nothing changed, so there is no trade-off.".into();
+    }
+    // The Pareto points by strength: "λ = 1 at 50, 75 and 90%".
+    let pareto: Vec<String> = PENALTIES
+        .iter()
+        .filter_map(|l| {
+            let at: Vec<String> = points
+                .iter()
+                .filter(|p| p.pareto && p.penalty == *l)
+                .map(|p| pct(p.sparsity).trim_end_matches('%').to_string())
+                .collect();
+            let (last, rest) = at.split_last()?;
+            let list = if rest.is_empty() { last.clone() } else { format!("{} and {last}", rest.join(", ")) };
+            Some(format!("λ = {l} at {list}%"))
+        })
+        .collect();
+    let count = points.iter().filter(|p| p.pareto).count();
+    let others = points.len() - count;
+    let example = points.iter().filter_map(|p| Some((p, &points[p.dominated_by?]))).max_by_key(|(p, _)| p.delta_bytes);
+    let example = example.map_or(String::new(), |(p, by)| {
+        format!(
+            " For instance {} ({}) keeps less energy with more forgetting than {} ({}).",
+            p.label(),
+            size(p.delta_bytes),
+            by.label(),
+            size(by.delta_bytes)
+        )
+    });
+    format!(
+        "{} of the {} points are Pareto-optimal (no other point keeps more energy with less forgetting): {}. \
+         The other {others} are dominated: another point beats each on both axes (hover over a point to see \
+         which; the dominating point may be larger).{example} Choose among the Pareto points by the size you \
+         can ship and the forgetting you can afford, then check the choice on your own evaluation \
+         (fapm.sweep in Python): weight-space measures rank candidates, your evaluation decides.",
+        count,
+        points.len(),
+        pareto.join("; "),
+    )
 }
 
 /// The section of one tensor's heatmaps.
@@ -241,9 +265,15 @@ pub fn heatmaps(p: &Pair, s: &TensorStats, figures: Vec<Figure>) -> Section {
 
 /// `rows x cols`, and the rows an extended tensor appends.
 fn shape(p: &Pair) -> String {
+    let dims = match p.rank {
+        0 => "scalar".to_string(),
+        1 => p.cols.to_string(),
+        2 => format!("{} x {}", p.rows, p.cols),
+        _ => format!("{} x ({} inner)", p.rows, p.cols),
+    };
     match p.appended_rows {
-        0 => format!("{} x {}", p.rows, p.cols),
-        r => format!("{} x {} (+{r} appended rows, stored whole, not charted)", p.rows, p.cols),
+        0 => dims,
+        r => format!("{dims} (+{r} appended rows, stored whole, not charted)"),
     }
 }
 
@@ -265,148 +295,136 @@ pub fn heatmap_caption(q: Quantity, mean: f32) -> String {
              |W_base| < A)."
         ),
         Quantity::KeptMagnitude => format!(
-            "Share of each block that magnitude pruning (l = 0) keeps at sparsity {}; same colour \
+            "Share of each block that magnitude pruning (λ = 0) keeps at sparsity {}; same colour \
              scale as the FAPM map next to it.",
             pct(MAP_SPARSITY)
         ),
         Quantity::KeptFapm => format!(
-            "Share of each block that FAPM (l = 1) keeps at sparsity {}: compare with the magnitude \
+            "Share of each block that FAPM (λ = 1) keeps at sparsity {}: compare with the magnitude \
              map to see where the penalty moves the kept positions.",
             pct(MAP_SPARSITY)
         ),
     }
 }
 
-/// One section per sparsity: each tensor's norm kept and relative change, one line per
-/// penalty strength.
-pub fn per_tensor(stats: &[TensorStats]) -> Vec<Section> {
-    let names: Vec<String> = stats.iter().map(|s| s.name.clone()).collect();
-    SPARSITIES
-        .iter()
-        .enumerate()
-        .map(|(j, sp)| {
-            let series = |f: &dyn Fn(&TensorStats, &Kept) -> f64| {
-                strength_series(|l| stats.iter().enumerate().map(|(i, s)| (i as f64, f(s, &s.kept[l][j]))).collect())
-            };
-            let norm = Chart {
-                title: format!("Norm kept per tensor, sparsity {}", pct(sp)),
-                subtitle: "||dW kept|| / ||dW|| of each tensor".into(),
-                x_label: "tensor (checkpoint order)".into(),
-                y_label: "norm fraction kept".into(),
-                x_log: false,
-                y_log: false,
-                y_range: Some((0.0, 1.0)),
-                x_ticks: None,
-                x_names: Some(names.clone()),
-                series: series(&|s, k| k.norm_fraction(s.total_d2)),
-            };
-            let rel = Chart {
-                title: format!("Kept relative change, sparsity {}", pct(sp)),
-                subtitle: "mean |dW| / |W_base| over each tensor's kept positions".into(),
-                y_label: "mean |dW| / |W_base|".into(),
-                y_log: true,
-                y_range: None,
-                series: series(&|_, k| k.mean_rel()),
-                ..norm.clone()
-            };
-            Section {
-                title: format!("Per tensor, sparsity {}", pct(sp)),
-                intro: "One point per 2-D floating tensor, in checkpoint order (x = its row in the \
-                        table at the bottom); one line per penalty strength, coloured as above."
-                    .into(),
-                figures: vec![
-                    figure(&norm, format!("Share of each tensor's task-vector L2 norm kept at sparsity {}", pct(sp))),
-                    figure(
-                        &rel,
-                        format!(
-                            "Mean |dW| / |W_base| over each tensor's kept positions at sparsity {} (log scale)",
-                            pct(sp)
-                        ),
-                    ),
-                ],
-                table: None,
-            }
-        })
-        .collect()
-}
-
-/// The whole page: inputs, facts, sections, then the per-tensor table.
-pub fn page(cfg: &ReportConfig, pairs: &[Pair], stats: &[TensorStats], other: usize, sections: Vec<Section>) -> Page {
-    let mut facts = vec![
-        format!(
-            "{} tensors charted (2-D, floating, in both checkpoints); {} other fine-tuned tensors are \
-             not (1-D, integer, or missing from the base).",
-            pairs.len(),
-            other
-        ),
-        "A candidate is a position whose fine-tuned bits differ from the base; only candidates can \
-         be kept. 'Kept' is exactly what fapm prune --threshold approx --penalty l keeps at that \
-         sparsity: the same histogram of scores, the same cut, the same positions."
-            .into(),
-        "Relative changes |dW| / |W_base| are averaged over positions where the ratio is finite (a \
-         base weight of exactly 0 gives an infinite ratio, left out)."
-            .into(),
-    ];
-    let extended: Vec<&Pair> = pairs.iter().filter(|p| p.appended_rows > 0).collect();
-    if !extended.is_empty() {
-        let values: u64 = extended.iter().map(|p| p.appended_rows * p.cols).sum();
-        facts.push(format!(
-            "{} tensors are extended (a resized vocabulary: the fine-tuned tensor appends rows to the \
-             base's): {}. Their base-shaped part is charted and pruned like any other; the {} values \
-             of the appended rows have no base to diff against, so prune stores them whole and they \
-             are not in the charts.",
-            extended.len(),
-            extended.iter().map(|p| format!("{} (+{} rows)", p.name, p.appended_rows)).collect::<Vec<_>>().join(", "),
-            values
-        ));
-    }
-    let mut sections = sections;
-    sections.push(Section {
-        title: "Per-tensor numbers".into(),
-        intro: format!(
-            "At sparsity {}, for magnitude pruning (l = 0) and the paper's FAPM (l = 1).",
-            pct(MAP_SPARSITY)
-        ),
-        figures: Vec::new(),
-        table: Some(table(pairs, stats)),
-    });
-    Page { base: cfg.base.display().to_string(), finetuned: cfg.finetuned.display().to_string(), facts, sections }
-}
-
-fn table(pairs: &[Pair], stats: &[TensorStats]) -> Table {
+/// The per-tensor section: for the tensors `shown` (the largest, at most
+/// [`MAX_TENSOR_ROWS`] of `charted`), each one's energy and forgetting proxy kept at
+/// [`MAP_SPARSITY`], a line per penalty strength, and their table.
+pub fn per_tensor(shown: &[&TensorStats], charted: usize) -> Section {
     let j = SPARSITIES.iter().position(|s| *s == MAP_SPARSITY).expect("the map sparsity is charted");
+    let names: Vec<String> = shown.iter().map(|s| s.name.clone()).collect();
+    let series = |f: &dyn Fn(&TensorStats, &Kept) -> Option<f64>| {
+        strength_series(|l| shown.iter().enumerate().map(|(i, s)| (i as f64, nan(f(s, &s.kept[l][j])))).collect())
+    };
+    let energy = Chart {
+        title: format!("Energy kept per tensor, sparsity {}", pct(MAP_SPARSITY)),
+        subtitle: "sum dW^2 over kept / over all changes, each tensor".into(),
+        x_label: "tensor (checkpoint order; its row in the table below)".into(),
+        y_label: "energy kept".into(),
+        x_log: false,
+        y_log: false,
+        y_range: Some((0.0, 1.0)),
+        x_ticks: None,
+        x_names: Some(names),
+        series: series(&|s, k| Kept::share(k.d2, s.total_d2)),
+    };
+    let forgetting = Chart {
+        title: format!("Forgetting proxy kept per tensor, sparsity {}", pct(MAP_SPARSITY)),
+        subtitle: "sum min(|dW| / |W_base|, 1)^2 over kept / over all changes, each tensor".into(),
+        y_label: "forgetting proxy kept".into(),
+        series: series(&|s, k| Kept::share(k.rel2, s.total_rel2)),
+        ..energy.clone()
+    };
+    let which = if shown.len() < charted {
+        format!(
+            "the {} largest of the {charted} tensors (by elements; at most {MAX_TENSOR_ROWS} are shown one by \
+             one, every tensor is in the whole-model numbers)",
+            shown.len()
+        )
+    } else {
+        format!("all {charted} tensors")
+    };
     let [mag, fapm] = MAP_PENALTIES;
-    let rows = pairs
+    let rows = shown
         .iter()
-        .zip(stats)
         .enumerate()
-        .map(|(i, (p, s))| {
+        .map(|(i, s)| {
             let (m, f) = (&s.kept[mag][j], &s.kept[fapm][j]);
+            let unchanged = s.candidates == 0;
+            let cell = |v: Option<f64>| if unchanged { "unchanged".into() } else { share(v) };
             vec![
                 i.to_string(),
-                p.name.clone(),
-                shape(p),
+                s.name.clone(),
+                s.n.to_string(),
                 format!("{:.2}%", 100.0 * s.candidates as f64 / s.n as f64),
                 format!("{:.3e}", s.mean),
-                format!("{:.3}", m.norm_fraction(s.total_d2)),
-                format!("{:.3}", f.norm_fraction(s.total_d2)),
-                format!("{:.3e}", m.mean_rel()),
-                format!("{:.3e}", f.mean_rel()),
+                cell(Kept::share(m.d2, s.total_d2)),
+                cell(Kept::share(f.d2, s.total_d2)),
+                cell(Kept::share(m.rel2, s.total_rel2)),
+                cell(Kept::share(f.rel2, s.total_rel2)),
             ]
         })
         .collect();
-    let head = [
-        "#",
-        "tensor",
-        "shape",
-        "changed",
-        "mean |W_base|",
-        "norm kept 90% l=0",
-        "norm kept 90% l=1",
-        "rel. change 90% l=0",
-        "rel. change 90% l=1",
+    let s90 = pct(MAP_SPARSITY);
+    let head = vec![
+        "#".to_string(),
+        "tensor".into(),
+        "elements".into(),
+        "changed".into(),
+        "mean |W_base|".into(),
+        format!("energy kept {s90} λ=0"),
+        format!("energy kept {s90} λ=1"),
+        format!("forgetting {s90} λ=0"),
+        format!("forgetting {s90} λ=1"),
     ];
-    Table { head: head.map(String::from).to_vec(), rows }
+    Section {
+        title: format!("Per tensor, sparsity {s90}"),
+        intro: format!(
+            "One point per tensor for {which}, in checkpoint order; one line per penalty strength, \
+             coloured as above. A tensor that fine-tuning left unchanged shows as unchanged."
+        ),
+        figures: vec![
+            figure(&energy, format!("Share of each tensor's task-vector energy kept at sparsity {s90}")),
+            figure(&forgetting, format!("Share of each tensor's forgetting proxy kept at sparsity {s90}")),
+        ],
+        table: Some(Table { head, rows }),
+    }
+}
+
+/// Facts about the inputs, for the list at the top of the page.
+/// `extended` is how many tensors are extended and how many values their appended rows hold;
+/// `named` the first of them (name, rows appended, values appended).
+pub fn facts(whole: &WholeModel, other: usize, extended: (usize, u64), named: &[(String, u64, u64)]) -> Vec<String> {
+    let (extended, values) = extended;
+    let mut facts = vec![
+        format!(
+            "{} tensors charted (floating, in both checkpoints, 1-D included; {} of them unchanged); {} \
+             other fine-tuned tensors are not (integer, another shape, or missing from the base), and \
+             prune stores them whole.",
+            whole.tensors, whole.unchanged, other
+        ),
+        format!(
+            "{} of {} positions changed. A candidate is a position whose fine-tuned bits differ from the \
+             base; only candidates can be kept. 'Kept' is exactly what fapm prune --threshold approx \
+             --penalty λ keeps at that sparsity: the same histogram of scores, the same cut, the same \
+             positions.",
+            whole.candidates, whole.elements
+        ),
+        "The forgetting proxy sums min(|dW| / |W_base|, 1)^2 over the kept positions: a change as large \
+         as the weight it modifies (or to a weight of 0) counts 1, the most one position can count."
+            .into(),
+    ];
+    if extended > 0 {
+        let more = if named.len() < extended { format!(" and {} more", extended - named.len()) } else { String::new() };
+        facts.push(format!(
+            "{extended} tensors are extended (a resized vocabulary: the fine-tuned tensor appends rows to the \
+             base's): {}{more}. Their base-shaped part is charted and pruned like any other; the {values} \
+             values of the appended rows have no base to diff against, so prune stores them whole and they \
+             are not in the charts.",
+            named.iter().map(|(n, r, _)| format!("{n} (+{r} rows)")).collect::<Vec<_>>().join(", "),
+        ));
+    }
+    facts
 }
 
 #[cfg(test)]
@@ -414,10 +432,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_frontier_is_the_points_nothing_beats_on_both_axes() {
-        // (relative change, norm kept): lower change and higher norm are better.
-        let points = [(0.5, 0.9), (0.1, 0.8), (0.2, 0.7), (0.6, 0.9), (0.0, f64::NAN), (0.1, 0.8)];
-        let frontier: Vec<bool> = (0..points.len()).map(|i| on_frontier(&points, i)).collect();
-        assert_eq!(frontier, [true, true, false, false, false, true]);
+    fn sizes_and_shares_read_as_people_write_them() {
+        assert_eq!(size(999), "999 B");
+        assert_eq!(size(123_456), "123.5 kB");
+        assert_eq!(size(45_600_000), "45.6 MB");
+        assert_eq!(size(5_247_425), "5.2 MB");
+        assert_eq!(share(None), "unchanged");
+        assert_eq!(share(Some(0.61234)), "0.612");
+        assert_eq!(pct("0.95"), "95%");
+        assert_eq!(pct("0.999"), "99.9%");
     }
 }

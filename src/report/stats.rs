@@ -6,11 +6,18 @@
 //!
 //! Every pass streams the memory-mapped tensors in chunks of [`CHUNK`] elements; what stays
 //! per tensor is two histograms and a few numbers.
+//!
+//! The measures are extensive (sums over the kept positions, which add up over tensors and grow
+//! as more is kept), so the whole model's numbers are the sums of its tensors' and a point can
+//! be compared with another of a different sparsity: the task vector's energy `sum dW^2`, the
+//! forgetting proxy `sum min(|dW| / |W_base|, 1)^2` (docs/PIPELINE.md, "report"), and the delta's bytes,
+//! measured by encoding sampled chunks' kept positions as prune encodes them.
 
 use std::convert::Infallible;
 
 use fapm_stages::checkpoint::TensorRef;
-use fapm_stages::dtype::{DType, Elem};
+use fapm_stages::dtype::{convert_chunk, DType, Elem};
+use fapm_stages::format::{compress, sparse::encode_sparse, Payload};
 use fapm_stages::read::{self, PairReader};
 use fapm_stages::threshold::score::{mean_abs, sum_abs, Metric, Scorer, NOT_CANDIDATE};
 use fapm_stages::threshold::select::{self, Cut, Histogram, Sparsity, ThresholdMode};
@@ -26,7 +33,7 @@ pub const SPARSITIES: [&str; 5] = ["0.5", "0.75", "0.9", "0.95", "0.99"];
 /// The sparsity whose kept positions the heatmaps show.
 pub const MAP_SPARSITY: &str = "0.9";
 
-/// The penalty strengths `l` the charts compare (SPEC section 3, `S = |dW| - l t`), as the
+/// The penalty strengths λ the charts compare (SPEC section 3, `S = |dW| - λ t`), as the
 /// decimals `--penalty` takes: 0 is magnitude pruning bit for bit, 1 the paper's FAPM.
 pub const PENALTIES: [&str; 5] = ["0", "0.25", "0.5", "1", "2"];
 
@@ -39,9 +46,18 @@ pub fn penalties() -> Vec<f32> {
     PENALTIES.iter().map(|l| crate::config::penalty(l).expect("constant penalty").value).collect()
 }
 
-/// A 2-D tensor present with a floating dtype in both checkpoints, with the same shape or
-/// with rows appended to the fine-tuned one (an extended tensor, SPEC section 2): what is
-/// charted is the base-shaped part, the part that prune scores.
+/// Every [`BYTE_SAMPLE`]-th chunk of a tensor (the first always) has its kept positions
+/// encoded and compressed as prune's encoder does, to measure the delta's bytes per kept value.
+pub const BYTE_SAMPLE: u64 = 8;
+
+/// A sampled chunk with fewer kept positions than this is counted at its encoded length,
+/// uncompressed (zstd gains little on a few bytes; it saves a compression per tiny tensor).
+pub const COMPRESS_MIN_KEPT: usize = 1024;
+
+/// A floating tensor present in both checkpoints (any rank, 1-D norms and biases included),
+/// with the same shape or with rows appended to the fine-tuned one (an extended tensor, SPEC
+/// section 2): what is charted is the base-shaped part, the part that prune scores. `rows` is
+/// its first dimension and `cols` the product of the others (1 x n for a 1-D tensor).
 #[derive(Clone)]
 pub struct Pair {
     /// Its name.
@@ -54,8 +70,10 @@ pub struct Pair {
     pub rows: u64,
     /// Rows the fine-tuned tensor appends (0 unless extended): stored whole by prune.
     pub appended_rows: u64,
-    /// Columns (inner dimension).
+    /// Columns (the product of the inner dimensions).
     pub cols: u64,
+    /// Its rank (the heatmaps draw 2-D tensors only).
+    pub rank: usize,
 }
 
 impl Pair {
@@ -94,54 +112,46 @@ impl Pair {
     }
 }
 
-/// What one penalty strength keeps of one tensor at one sparsity.
+/// What one penalty strength keeps of one tensor (or of the whole model) at one sparsity.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Kept {
-    /// Sum of `d^2` over kept positions (finite `d` only).
+    /// Sum of `d^2` over kept positions (finite `d` only): the task-vector energy kept.
     pub d2: f64,
-    /// Sum of `|d| / |pre|` over kept positions where it is finite.
-    pub rel: f64,
-    /// How many kept positions have a finite `|d| / |pre|`.
-    pub rel_n: u64,
+    /// Sum of `min(|d| / |pre|, 1)^2` over kept positions: the forgetting proxy kept.
+    pub rel2: f64,
     /// How many positions are kept.
     pub count: u64,
+    /// Kept positions in the chunks whose bytes were measured.
+    pub sampled: u64,
+    /// What those chunks' kept positions took, encoded (and compressed) as prune does.
+    pub sampled_bytes: u64,
 }
 
 impl Kept {
     /// Adds another tensor's numbers (the whole-model totals).
     pub fn add(&mut self, o: &Kept) {
         self.d2 += o.d2;
-        self.rel += o.rel;
-        self.rel_n += o.rel_n;
+        self.rel2 += o.rel2;
         self.count += o.count;
+        self.sampled += o.sampled;
+        self.sampled_bytes += o.sampled_bytes;
     }
 
-    /// Counts one kept position with its `d^2` and `|d| / |pre|`.
-    pub fn add_position(&mut self, d2: f64, rel: f32) {
+    /// Counts one kept position with its `d^2` and squared relative change.
+    pub fn add_position(&mut self, d2: f64, rel2: f64) {
         self.d2 += d2;
+        self.rel2 += rel2;
         self.count += 1;
-        if rel.is_finite() {
-            self.rel += rel as f64;
-            self.rel_n += 1;
-        }
     }
 
-    /// The fraction of the task vector's L2 norm that survives, given its total `sum d^2`.
-    pub fn norm_fraction(&self, total_d2: f64) -> f64 {
-        if total_d2 > 0.0 {
-            (self.d2 / total_d2).sqrt().min(1.0)
-        } else {
-            f64::NAN
-        }
+    /// `part / whole`, or None when the whole is 0 (an unchanged tensor).
+    pub fn share(part: f64, whole: f64) -> Option<f64> {
+        (whole > 0.0).then(|| (part / whole).min(1.0))
     }
 
-    /// The mean relative change `|d| / |pre|` of kept positions (NaN when none).
-    pub fn mean_rel(&self) -> f64 {
-        if self.rel_n > 0 {
-            self.rel / self.rel_n as f64
-        } else {
-            f64::NAN
-        }
+    /// The measured bytes per kept value (None when no kept value was measured).
+    pub fn bytes_per_value(&self) -> Option<f64> {
+        (self.sampled > 0).then(|| self.sampled_bytes as f64 / self.sampled as f64)
     }
 }
 
@@ -199,6 +209,8 @@ pub struct TensorStats {
     pub candidates: u64,
     /// `sum d^2` over candidates (the squared norm of the task vector).
     pub total_d2: f64,
+    /// The forgetting proxy over every candidate (what sparsity 0 keeps).
+    pub total_rel2: f64,
     /// The FAPM mean `mean(|W_base|)`.
     pub mean: f32,
     /// `kept[l][i]`: what strength `PENALTIES[l]` keeps at sparsity `sparsities[i]`.
@@ -215,13 +227,33 @@ pub struct Scratch {
     /// Chunk-relative indices of kept positions.
     pub kept: Vec<u32>,
     d2: Vec<f64>,
-    rel: Vec<f32>,
+    rel2: Vec<f64>,
+    /// The chunk's base converted to the fine-tuned dtype, and the encoded block: for
+    /// measuring bytes.
+    out: Vec<u8>,
+    /// The converted base, kept as it is while `out` is written over for each cut.
+    conv: Vec<u8>,
+    raw: Vec<u8>,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
-        Scratch { keys: Vec::new(), kept: vec![0; CHUNK], d2: vec![0.0; CHUNK], rel: vec![0.0; CHUNK] }
+        Scratch {
+            keys: Vec::new(),
+            kept: vec![0; CHUNK],
+            d2: vec![0.0; CHUNK],
+            rel2: vec![0.0; CHUNK],
+            out: Vec::new(),
+            conv: Vec::new(),
+            raw: Vec::new(),
+        }
     }
+}
+
+/// What a [`Scratch`] holds at most, in bytes, with `scorers` key buffers (for the memory
+/// budget): keys, kept indices, changes, the converted chunk and the encoded block.
+pub fn scratch_bytes(scorers: usize) -> u64 {
+    CHUNK as u64 * (4 * scorers as u64 + 4 + 8 + 8 + 8 + 8 + 10 + 8 * 2)
 }
 
 impl Scratch {
@@ -252,8 +284,8 @@ pub fn tensor_stats(pair: &Pair, sparsities: &[Sparsity], scratch: &mut Scratch)
     let map_k = Sparsity::parse(MAP_SPARSITY).expect("constant sparsity").keep_count(n);
     let map_cut = MAP_PENALTIES.map(|l| approx_cut(&high[l], map_k));
     drop(high);
-    let (kept, total_d2) = kept_sums(pair, &scorers, cuts, scratch);
-    TensorStats { name: pair.name.clone(), n, candidates, total_d2, mean, kept, map_cut }
+    let (kept, total_d2, total_rel2) = kept_sums(pair, &scorers, cuts, scratch);
+    TensorStats { name: pair.name.clone(), n, candidates, total_d2, total_rel2, mean, kept, map_cut }
 }
 
 /// The first pass: each scorer's keys counted into a histogram of their high bits, as
@@ -272,39 +304,86 @@ fn histograms(pair: &Pair, scorers: &[Scorer], scratch: &mut Scratch) -> (Vec<Hi
 }
 
 /// The last pass: what each scorer's cuts keep (`cuts[l][i]`: strength `l`, sparsity `i`),
-/// selected as the mask stage selects; and the task vector's squared norm.
-fn kept_sums(pair: &Pair, scorers: &[Scorer], cuts: Vec<Vec<Cut>>, scratch: &mut Scratch) -> (Vec<Vec<Kept>>, f64) {
+/// selected as the mask stage selects, with the bytes of sampled chunks measured; and the
+/// totals over every candidate (`sum d^2` and the forgetting proxy).
+fn kept_sums(
+    pair: &Pair,
+    scorers: &[Scorer],
+    cuts: Vec<Vec<Cut>>,
+    scratch: &mut Scratch,
+) -> (Vec<Vec<Kept>>, f64, f64) {
     let mut kept: Vec<Vec<Kept>> = cuts.iter().map(|c| vec![Kept::default(); c.len()]).collect();
     let mut selections: Vec<Vec<Selection>> =
         cuts.into_iter().map(|c| c.into_iter().map(Selection::new).collect()).collect();
     let (ftd, based) = pair.dtypes();
-    let mut total_d2 = 0.0;
+    let (mut total_d2, mut total_rel2) = (0.0, 0.0);
+    let mut chunk = 0u64;
     pair.for_chunks(|_, ft, base| {
         let (len, _) = scratch.score(scorers, ft, base);
-        let Scratch { keys, kept: idx, d2, rel } = scratch;
-        with_elems!(ftd, based, |F, B| changes::<F, B>(ft, base, &mut d2[..len], &mut rel[..len]));
-        total_d2 +=
-            keys[0][..len].iter().zip(&d2[..len]).filter(|(&k, _)| k != NOT_CANDIDATE).map(|(_, d)| d).sum::<f64>();
+        let sampled = chunk.is_multiple_of(BYTE_SAMPLE);
+        chunk += 1;
+        let Scratch { keys, kept: idx, d2, rel2, out, conv, raw } = scratch;
+        with_elems!(ftd, based, |F, B| changes::<F, B>(ft, base, &mut d2[..len], &mut rel2[..len]));
+        for (i, &k) in keys[0][..len].iter().enumerate() {
+            if k != NOT_CANDIDATE {
+                total_d2 += d2[i];
+                total_rel2 += rel2[i];
+            }
+        }
+        if sampled {
+            out.resize(ft.len(), 0);
+            conv.resize(ft.len(), 0);
+            convert_chunk(ftd, based, base, conv);
+        }
         for ((keys, sels), kept) in keys.iter().zip(&mut selections).zip(&mut kept) {
             for (sel, k) in sels.iter_mut().zip(kept) {
                 let count = sel.next(&keys[..len], idx);
                 for &i in &idx[..count] {
-                    k.add_position(d2[i as usize], rel[i as usize]);
+                    k.add_position(d2[i as usize], rel2[i as usize]);
+                }
+                if sampled && count > 0 {
+                    // The encoder writes the kept values over the base: from the base each time.
+                    out.copy_from_slice(conv);
+                    k.sampled += count as u64;
+                    k.sampled_bytes += encoded_len(&idx[..count], ft, out, ftd.size(), raw);
                 }
             }
         }
     });
-    (kept, total_d2)
+    (kept, total_d2, total_rel2)
 }
 
-/// `d^2` (0 where `d` is not finite) and `|d| / |pre|` of every position of a chunk, from
-/// the values the scores are computed from.
-fn changes<F: Elem, B: Elem>(ft: &[u8], base: &[u8], d2: &mut [f64], rel: &mut [f32]) {
-    for (i, (d2, rel)) in d2.iter_mut().zip(rel.iter_mut()).enumerate() {
+/// The bytes prune's encoder writes for the kept positions `kept` of a chunk: the sparse block,
+/// compressed as prune compresses it (uncompressed below [`COMPRESS_MIN_KEPT`] positions).
+fn encoded_len(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: &mut Vec<u8>) -> u64 {
+    encode_sparse(kept, ft, out, size, raw);
+    if kept.len() < COMPRESS_MIN_KEPT {
+        return raw.len() as u64;
+    }
+    compress(raw, Payload::Sparse).map_or(raw.len(), |z| z.len().min(raw.len())) as u64
+}
+
+/// `d^2` and the saturated squared relative change `min(|d| / |pre|, 1)^2` (both 0 where `d`
+/// is not finite; 1 for a change to a base weight of 0) of every position of a chunk, from the
+/// values the scores are computed from.
+fn changes<F: Elem, B: Elem>(ft: &[u8], base: &[u8], d2: &mut [f64], rel2: &mut [f64]) {
+    for (i, (d2, rel2)) in d2.iter_mut().zip(rel2.iter_mut()).enumerate() {
         let (f, p) = (F::to_f32(F::bits(ft, i)), B::to_f32(B::bits(base, i)));
         let d = f - p;
-        *d2 = if d.is_finite() { (d as f64) * (d as f64) } else { 0.0 };
-        *rel = d.abs() / p.abs();
+        (*d2, *rel2) = if d.is_finite() { ((d as f64) * (d as f64), saturated_rel2(d, p)) } else { (0.0, 0.0) };
+    }
+}
+
+/// `min(|d| / |pre|, 1)^2`: a change as large as the base weight it modifies (or larger, or to
+/// a weight of 0) counts 1, the most one position can count; no change counts 0.
+pub fn saturated_rel2(d: f32, pre: f32) -> f64 {
+    let (d, pre) = ((d as f64).abs(), (pre as f64).abs());
+    if d == 0.0 {
+        0.0
+    } else if d >= pre {
+        1.0
+    } else {
+        (d / pre) * (d / pre)
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use super::stats::{MAP_SPARSITY, PENALTIES};
+use super::stats::{Kept, MAP_SPARSITY, PENALTIES};
 use super::*;
 
 /// A tensor to write: name, dtype, shape, little-endian bytes.
@@ -89,7 +89,14 @@ fn write_pair(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn config(dir: &Path, base: PathBuf, ft: PathBuf) -> ReportConfig {
-    ReportConfig { base, finetuned: ft, output: dir.join("report"), tensors: Vec::new(), overwrite: false }
+    ReportConfig {
+        base,
+        finetuned: ft,
+        output: dir.join("report"),
+        tensors: Vec::new(),
+        overwrite: false,
+        memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
+    }
 }
 
 fn png_size(path: &Path) -> (u32, u32) {
@@ -106,18 +113,21 @@ fn report_writes_every_picture_and_the_page_shows_them() {
     let (b, f) = write_pair(dir.path());
     let cfg = config(dir.path(), b, f);
     let summary = report(&cfg).unwrap();
-    assert_eq!(summary.tensors_charted, 3);
+    // The three matrices and the 1-D norm (unchanged); heatmaps of the matrices only.
+    assert_eq!(summary.tensors_charted, 4);
+    assert_eq!(summary.tensors_shown, 4);
     assert_eq!(summary.heatmap_tensors.len(), 3);
     assert_eq!(summary.files[0], cfg.output.join("index.html"));
-    // index + 3 tensors x 6 heatmaps; the charts are inside the page.
-    assert_eq!(summary.files.len(), 1 + 18);
+    assert_eq!(summary.files[1], cfg.output.join("report.json"));
+    // index + report.json + 3 tensors x 6 heatmaps; the charts are inside the page.
+    assert_eq!(summary.files.len(), 2 + 18);
     let html = std::fs::read_to_string(&summary.files[0]).unwrap();
-    // 2 whole-model charts, the trade-off chart and 2 per sparsity, each with its title and
-    // axis labels as text.
-    assert_eq!(html.matches("<svg class=\"chart\"").count(), 2 + 1 + 2 * SPARSITIES.len());
-    assert!(html.contains(">Task-vector norm kept</text>") && html.contains(">norm fraction kept</text>"));
+    // 2 whole-model charts, the trade-off chart and 2 per-tensor charts, each with its title
+    // and axis labels as text.
+    assert_eq!(html.matches("<svg class=\"chart\"").count(), 2 + 1 + 2);
+    assert!(html.contains(">Task-vector energy kept</text>") && html.contains(">energy kept</text>"));
     assert_eq!(html.matches("<svg class=\"heatmap\"").count(), 18);
-    for f in &summary.files[1..] {
+    for f in &summary.files[2..] {
         let name = f.file_name().unwrap().to_str().unwrap();
         assert!(html.contains(&format!("href=\"{name}\"")), "{name} not shown");
         // Large enough to see rows and columns: the 17 x 300 matrix too.
@@ -129,6 +139,14 @@ fn report_writes_every_picture_and_the_page_shows_them() {
         let name = &part[..part.find('"').unwrap()];
         assert!(cfg.output.join(name).is_file(), "{name} missing");
     }
+    // The unchanged norm reads "unchanged", never NaN; the strength is λ; the inputs are named,
+    // not given by their absolute paths.
+    assert!(html.contains("<td>norm.weight</td>") && html.contains("<td>unchanged</td>"));
+    for bad in ["NaN", "inf<", "l = ", "l=0", dir.path().to_str().unwrap()] {
+        assert!(!html.contains(bad), "the page shows {bad:?}");
+    }
+    assert!(html.contains("λ = 1 (FAPM)"));
+    assert!(html.contains("<code>base.safetensors</code>") || html.contains("/base.safetensors</code>"));
     // Nothing is left beside the output.
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -187,13 +205,13 @@ fn one_pair(dir: &Path, base: &[f32], ft: &[f32], rows: u64, cols: u64) -> Pair 
     write_safetensors(&bp, &[("w".into(), Dtype::F32, shape.clone(), f32_bytes(base))]);
     write_safetensors(&fp, &[("w".into(), Dtype::F32, shape, f32_bytes(ft))]);
     let (b, f) = (Checkpoint::open(&bp).unwrap(), Checkpoint::open(&fp).unwrap());
-    let (mut p, other) = pairs(&b, &f);
-    assert_eq!(other, 0);
+    let mut p: Vec<Pair> = pairs(&b, &f).collect();
+    assert_eq!(p.len(), 1);
     p.remove(0)
 }
 
 #[test]
-fn kept_norm_is_one_at_sparsity_zero_and_never_grows() {
+fn kept_shares_are_one_at_sparsity_zero_and_never_grow() {
     let dir = tempfile::tempdir().unwrap();
     let (b, f) = matrix(&mut Rng(42), 40, 50);
     let pair = one_pair(dir.path(), &b, &f, 40, 50);
@@ -203,10 +221,15 @@ fn kept_norm_is_one_at_sparsity_zero_and_never_grows() {
     assert!(s.candidates > 0 && s.total_d2 > 0.0);
     assert_eq!(s.kept.len(), PENALTIES.len());
     for kept in &s.kept {
-        let fr: Vec<f64> = kept.iter().map(|k| k.norm_fraction(s.total_d2)).collect();
-        assert!((fr[0] - 1.0).abs() < 1e-12, "{fr:?}");
-        assert_eq!(*fr.last().unwrap(), 0.0);
-        assert!(fr.windows(2).all(|w| w[1] <= w[0] + 1e-12), "{fr:?}");
+        for (part, total) in [
+            (kept.iter().map(|k| k.d2).collect::<Vec<_>>(), s.total_d2),
+            (kept.iter().map(|k| k.rel2).collect(), s.total_rel2),
+        ] {
+            let fr: Vec<f64> = part.iter().map(|&p| Kept::share(p, total).unwrap()).collect();
+            assert!((fr[0] - 1.0).abs() < 1e-12, "{fr:?}");
+            assert_eq!(*fr.last().unwrap(), 0.0);
+            assert!(fr.windows(2).all(|w| w[1] <= w[0] + 1e-12), "{fr:?}");
+        }
     }
     // Exactly k positions are kept, as prune keeps them, ties or not.
     for (j, sparsity) in sp.iter().enumerate() {
@@ -219,11 +242,11 @@ fn kept_norm_is_one_at_sparsity_zero_and_never_grows() {
             assert!(kept[j].d2 <= s.kept[0][j].d2 * (1.0 + 1e-12), "sparsity {}", levels[j]);
         }
     }
-    // FAPM trades a little norm for much smaller relative changes.
+    // FAPM trades a little energy for much less of the forgetting proxy.
     let j = 4; // 0.9
     let [mag, fapm] = stats::MAP_PENALTIES.map(|l| &s.kept[l][j]);
-    assert!(mag.norm_fraction(s.total_d2) >= fapm.norm_fraction(s.total_d2));
-    assert!(fapm.mean_rel() < mag.mean_rel(), "{fapm:?} {mag:?}");
+    assert!(mag.d2 >= fapm.d2);
+    assert!(fapm.rel2 < 0.5 * mag.rel2, "{fapm:?} {mag:?}");
 }
 
 #[test]
@@ -245,8 +268,8 @@ fn magnitude_curve_matches_a_sort() {
     d2.sort_by(|a, b| b.total_cmp(a));
     let total: f64 = d2.iter().sum();
     let top: f64 = d2[..16].iter().sum();
-    let got = s.kept[0][0].norm_fraction(s.total_d2);
-    assert!((got - (top / total).sqrt()).abs() < 1e-9, "{got}");
+    let got = Kept::share(s.kept[0][0].d2, s.total_d2).unwrap();
+    assert!((got - top / total).abs() < 1e-9, "{got}");
     assert_eq!(s.kept[0][0].count, 16);
 }
 
@@ -348,12 +371,15 @@ fn prune_and_apply(dir: &Path, penalty: &str, sparsity: &str) -> Vec<u8> {
         overwrite: true,
         block_elems: fapm_stages::format::BLOCK_ELEMS,
         part: None,
+        base_repo: None,
+        finetuned_repo: None,
     };
     crate::prune(&prune, &ctl).unwrap();
     let out = dir.join("out.safetensors");
     let apply = crate::config::ApplyConfig {
-        base: prune.base.clone(),
+        base: Some(prune.base.clone()),
         delta,
+        hub: crate::hub::Env::read(|_| None),
         output: Some(out.clone()),
         threads: 1,
         memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
@@ -385,10 +411,13 @@ fn every_strength_keeps_what_prune_with_that_penalty_keeps() {
                     let got = f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
                     if b != f && got == f {
                         let d = f - b;
-                        want.add_position((d as f64) * (d as f64), d.abs() / b.abs());
+                        let r = ((d as f64).abs() / (b as f64).abs()).min(1.0);
+                        want.add_position((d as f64) * (d as f64), r * r);
                     }
                 }
-                assert_eq!(s.kept[l][j], want, "--penalty {penalty} --sparsity {sparsity}");
+                let got = &s.kept[l][j];
+                assert_eq!((got.count, got.d2), (want.count, want.d2), "--penalty {penalty} --sparsity {sparsity}");
+                assert!((got.rel2 - want.rel2).abs() <= 1e-12 * want.rel2, "--penalty {penalty} --sparsity {sparsity}");
             }
         }
     }
@@ -406,8 +435,8 @@ fn extended_tensors_are_charted_by_their_base_part() {
     write_safetensors(&bp, &[("embed.weight".into(), Dtype::F32, vec![rows, cols], f32_bytes(&b))]);
     write_safetensors(&fp, &[("embed.weight".into(), Dtype::F32, vec![rows + added, cols], f32_bytes(&f))]);
     let (base, ft) = (Checkpoint::open(&bp).unwrap(), Checkpoint::open(&fp).unwrap());
-    let (pairs, other) = pairs(&base, &ft);
-    assert_eq!((pairs.len(), other), (1, 0));
+    let pairs: Vec<Pair> = pairs(&base, &ft).collect();
+    assert_eq!(pairs.len(), 1);
     assert_eq!((pairs[0].rows, pairs[0].cols, pairs[0].appended_rows), (rows as u64, cols as u64, added as u64));
     let sp = [Sparsity::parse("0.9").unwrap()];
     let s = stats::tensor_stats(&pairs[0], &sp, &mut Scratch::default());
@@ -424,32 +453,103 @@ fn extended_tensors_are_charted_by_their_base_part() {
 }
 
 /// The trade-off chart has one point per (strength, sparsity), each naming the flags that
-/// give it, and the table lists them all with the frontier marked.
+/// give it, and the table lists them all with the Pareto points marked.
 #[test]
 fn the_tradeoff_chart_names_the_flags_of_every_point() {
     let dir = tempfile::tempdir().unwrap();
     let (b, f) = write_pair(dir.path());
     let summary = report(&config(dir.path(), b, f)).unwrap();
     let html = std::fs::read_to_string(&summary.files[0]).unwrap();
-    let start = html.find(">Trade-off: norm kept against relative change</text>").expect("the trade-off chart");
+    let start = html.find(">Trade-off: energy kept against forgetting</text>").expect("the trade-off chart");
     let chart = &html[start..start + html[start..].find("</svg>").unwrap()];
-    assert_eq!(chart.matches("<circle").count(), PENALTIES.len() * SPARSITIES.len());
+    assert_eq!(
+        chart.matches("<circle r=").count() + chart.matches("<circle cx=").count(),
+        PENALTIES.len() * SPARSITIES.len()
+    );
+    let pareto = summary.points.iter().filter(|p| p.pareto).count();
+    assert!((2..25).contains(&pareto), "a frontier of several points, and points it dominates: {pareto}");
+    assert_eq!(chart.matches("class=\"mark\"").count(), pareto, "the Pareto points are ringed");
     for l in PENALTIES {
         for s in SPARSITIES {
             let flags = format!("--penalty {l} --sparsity {s}");
-            assert!(chart.contains(&format!("; {flags}</title>")), "{flags} in the chart");
+            assert!(chart.contains(&format!("; fapm prune {flags}</title>")), "{flags} in the chart");
         }
     }
-    // The table: a row per sparsity, a column per strength, the frontier starred. Magnitude
-    // at the lowest sparsity keeps the most norm: it is on the frontier.
+    // The table: a row per sparsity, a column per strength, the Pareto points starred; the
+    // others name a point that dominates them when hovered.
     let table = &html[html.find("<th>sparsity</th>").expect("the trade-off table")..];
     let table = &table[..table.find("</table>").unwrap()];
     assert_eq!(table.matches("<tr>").count(), SPARSITIES.len());
-    let first_row = &table[table.find("<td>").unwrap()..];
-    let first_row = &first_row[..first_row.find("</tr>").unwrap()];
-    assert_eq!(first_row.matches("<td>").count(), 1 + PENALTIES.len());
-    assert!(first_row.split("</td>").nth(1).unwrap().ends_with(" *"), "{first_row}");
-    assert!(table.matches(" *</td>").count() >= 2, "a frontier of several points");
+    assert_eq!(table.matches(" ★</td>").count(), pareto);
+    assert_eq!(chart.matches(", dominated by λ = ").count(), PENALTIES.len() * SPARSITIES.len() - pareto);
+    assert!(html.contains(&format!("{pareto} of the 25 points are Pareto-optimal")));
+}
+
+/// `report.json`'s Pareto marks are those of a brute-force comparison of every point with
+/// every other on the three measures, and its numbers are the whole model's sums.
+#[test]
+fn report_json_marks_the_pareto_points_a_brute_force_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, f) = write_pair(dir.path());
+    let summary = report(&config(dir.path(), b, f)).unwrap();
+    let text = std::fs::read_to_string(&summary.files[1]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["fapm_report"], 1);
+    // A file is named by its directory and its name.
+    let tmp = dir.path().file_name().unwrap().to_str().unwrap();
+    assert_eq!(v["base"].as_str().unwrap(), format!("{tmp}/base.safetensors"));
+    assert_eq!(v["finetuned"].as_str().unwrap(), format!("{tmp}/ft.safetensors"));
+    assert!(!text.contains(dir.path().to_str().unwrap()), "no absolute path");
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), PENALTIES.len() * SPARSITIES.len());
+    let num = |p: &serde_json::Value, k: &str| p[k].as_f64().unwrap();
+    for (i, p) in points.iter().enumerate() {
+        let dominated = points.iter().any(|q| {
+            let ge = num(q, "energy_kept") >= num(p, "energy_kept") && num(q, "forgetting") <= num(p, "forgetting");
+            ge && (num(q, "energy_kept") > num(p, "energy_kept") || num(q, "forgetting") < num(p, "forgetting"))
+        });
+        assert_eq!(p["pareto"].as_bool(), Some(!dominated), "point {i}: {p}");
+        assert!(
+            PENALTIES.contains(&p["penalty"].as_str().unwrap())
+                && SPARSITIES.contains(&p["sparsity"].as_str().unwrap())
+        );
+        let (e, fg) = (num(p, "energy_kept"), num(p, "forgetting"));
+        assert!((0.0..=1.0).contains(&e) && (0.0..=1.0).contains(&fg), "{p}");
+        assert!(p["delta_bytes"].as_u64().unwrap() > 0);
+    }
+    // More kept, more of both, and a larger delta; magnitude keeps the most energy.
+    for l in 0..PENALTIES.len() {
+        let at = |j: usize| &points[j * PENALTIES.len() + l];
+        for j in 1..SPARSITIES.len() {
+            assert!(num(at(j), "energy_kept") <= num(at(j - 1), "energy_kept"));
+            assert!(num(at(j), "forgetting") <= num(at(j - 1), "forgetting"));
+            assert!(at(j)["delta_bytes"].as_u64() <= at(j - 1)["delta_bytes"].as_u64());
+        }
+    }
+    for j in 0..SPARSITIES.len() {
+        let row = &points[j * PENALTIES.len()..(j + 1) * PENALTIES.len()];
+        assert!(row.iter().all(|p| num(p, "energy_kept") <= num(&row[0], "energy_kept") + 1e-12));
+        assert!(num(&row[4], "forgetting") < num(&row[0], "forgetting"), "the strongest penalty forgets less");
+    }
+}
+
+/// The delta size of a point is what prune writes, to within the manifest and the block
+/// framing: a pair large enough for the kept values to dominate.
+#[test]
+fn delta_sizes_are_close_to_what_prune_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, cols) = (512usize, 768usize);
+    let (b, f) = matrix(&mut Rng(3), rows, cols);
+    let (bp, fp) = (dir.path().join("b.safetensors"), dir.path().join("f.safetensors"));
+    write_safetensors(&bp, &[("w".into(), Dtype::F32, vec![rows, cols], f32_bytes(&b))]);
+    write_safetensors(&fp, &[("w".into(), Dtype::F32, vec![rows, cols], f32_bytes(&f))]);
+    let summary = report(&config(dir.path(), bp, fp)).unwrap();
+    for p in summary.points.iter().filter(|p| p.sparsity == "0.9" || p.sparsity == "0.5") {
+        prune_and_apply(dir.path(), p.penalty, p.sparsity);
+        let real = std::fs::metadata(dir.path().join("d.fapm")).unwrap().len() as f64;
+        let ratio = p.delta_bytes as f64 / real;
+        assert!((0.8..1.1).contains(&ratio), "{}: estimated {} bytes, prune wrote {real}", p.label(), p.delta_bytes);
+    }
 }
 
 /// Renders a sample report to `$FAPM_REPORT_SAMPLE` for looking at the pictures:
@@ -473,7 +573,44 @@ fn render_sample_report() {
     let (bp, fp) = (dir.path().join("b.safetensors"), dir.path().join("f.safetensors"));
     write_safetensors(&bp, &base);
     write_safetensors(&fp, &ft);
-    let cfg = ReportConfig { base: bp, finetuned: fp, output: out, tensors: Vec::new(), overwrite: true };
+    let cfg = ReportConfig {
+        base: bp,
+        finetuned: fp,
+        output: out,
+        tensors: Vec::new(),
+        overwrite: true,
+        memory_budget: crate::config::DEFAULT_MEMORY_BUDGET,
+    };
     let s = report(&cfg).unwrap();
     eprintln!("{s:#?}");
+}
+
+/// The page and `report.json` name the inputs as people know them, never by absolute path.
+#[test]
+fn inputs_are_named_not_located() {
+    let cases = [
+        ("/home/me/models/Llama-3-8B/", "Llama-3-8B"),
+        ("/data/ft/model.safetensors", "ft/model.safetensors"),
+        ("model.safetensors", "model.safetensors"),
+        ("/root/.cache/huggingface/hub/models--org--name-v2/snapshots/0123abcd", "org/name-v2"),
+        ("./out/", "out"),
+        ("/", "."),
+    ];
+    for (path, want) in cases {
+        assert_eq!(display_name(Path::new(path)), want, "{path}");
+    }
+}
+
+/// The workers count tensors within half the budget, one per core at most, one at least.
+#[test]
+fn the_budget_bounds_the_workers() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(workers(0), 1);
+    let per_worker = stats::scratch_bytes(PENALTIES.len()) + (PENALTIES.len() as u64 + 1) * (512 << 10);
+    // The minimum budget, 64M: one worker beside the heatmap; the default, 256M: every core of
+    // a small machine.
+    assert_eq!(workers(64 << 20), 1);
+    assert!(heatmap::GRID_BYTES + per_worker <= 32 << 20);
+    assert_eq!(workers(crate::config::DEFAULT_MEMORY_BUDGET), cores.min(13));
+    assert_eq!(workers(64 << 30), cores);
 }

@@ -16,12 +16,58 @@ use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 
+use crate::run::RunControl;
+
 /// The message of a parse stopped by its allowance.
 pub const OVER_BUDGET: &str = "reading it needs more memory than the memory budget allows (--memory-budget)";
+/// The message of a parse stopped because its run was cancelled ([`Watch`]).
+pub const CANCELLED: &str = "cancelled";
+/// Charges between two looks at the watched run's cancellation flag.
+const CHARGES_PER_LOOK: u32 = 1024;
 
 thread_local! {
     /// Bytes the parses of this thread may still allocate; `None` outside any allowance.
     static LEFT: Cell<Option<u64>> = const { Cell::new(None) };
+    /// The run whose cancellation stops this thread's parses ([`Watch`]); null when none.
+    static WATCHED: Cell<*const RunControl> = const { Cell::new(std::ptr::null()) };
+    /// Charges since the flag was last looked at.
+    static TICKS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// A scope in which this thread's parses stop with [`CANCELLED`] soon after `ctl` is
+/// cancelled (a look every 1024 charges: a large manifest's parse takes about a second).
+pub struct Watch<'a> {
+    outer: *const RunControl,
+    _ctl: PhantomData<&'a RunControl>,
+}
+
+impl<'a> Watch<'a> {
+    /// Watches `ctl` until the scope ends.
+    pub fn new(ctl: &'a RunControl) -> Self {
+        let outer = WATCHED.replace(ctl);
+        Watch { outer, _ctl: PhantomData }
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        WATCHED.set(self.outer);
+    }
+}
+
+/// Whether the watched run was cancelled, looked at every [`CHARGES_PER_LOOK`] calls.
+fn cancelled() -> bool {
+    let ticks = TICKS.get().wrapping_add(1);
+    TICKS.set(ticks);
+    if !ticks.is_multiple_of(CHARGES_PER_LOOK) {
+        return false;
+    }
+    let ctl = WATCHED.get();
+    // SAFETY: a non-null pointer was set by a `Watch` of this thread that borrows the
+    // RunControl for its whole life and puts the previous pointer back when dropped, so it
+    // points to a live RunControl; `Watch` holds a raw pointer and so is neither Send nor
+    // Sync, and cannot end on another thread.
+    !ctl.is_null() && unsafe { (*ctl).is_cancelled() }
 }
 
 /// A scope in which this thread's parses charge their allocations to `bytes`. Scopes nest:
@@ -49,8 +95,12 @@ impl Drop for Allowance {
     }
 }
 
-/// Charges `bytes` to the current allowance; `Err(OVER_BUDGET)` once it is spent.
+/// Charges `bytes` to the current allowance; `Err(OVER_BUDGET)` once it is spent, and
+/// `Err(CANCELLED)` once a watched run is cancelled.
 pub fn charge(bytes: u64) -> Result<(), &'static str> {
+    if cancelled() {
+        return Err(CANCELLED);
+    }
     match LEFT.get() {
         None => Ok(()),
         Some(left) if left >= bytes => {
@@ -207,6 +257,24 @@ mod tests {
     fn parse(text: &str, bytes: u64) -> Result<Doc, String> {
         let _a = Allowance::new(bytes);
         serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// A parse in a watched scope stops soon after its run is cancelled (here: before it
+    /// starts), and only there: the same parse unwatched, or after the scope, completes.
+    #[test]
+    fn a_watched_parse_stops_once_cancelled() {
+        let doc = format!(r#"{{"names":[{}"x"],"shape":[]}}"#, r#""x","#.repeat(100_000));
+        let ctl = RunControl::default();
+        ctl.cancel();
+        {
+            let _w = Watch::new(&ctl);
+            let err = parse(&doc, 1 << 30).err().unwrap();
+            assert!(err.starts_with(CANCELLED), "{err}");
+        }
+        assert_eq!(parse(&doc, 1 << 30).unwrap().names.len(), 100_001);
+        let running = RunControl::default();
+        let _w = Watch::new(&running);
+        assert_eq!(parse(&doc, 1 << 30).unwrap().names.len(), 100_001);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod mask_encode;
 pub mod options;
 pub mod paths;
 pub mod read;
+pub mod repo;
 pub mod run;
 pub mod threshold;
 pub mod write;

@@ -132,7 +132,12 @@ impl MaskEncodeStage<'_> {
         scans.resize_with(chunks.len(), || None);
         let quotas = boundary_quotas(&mask, &chunks, &scans, self.pool);
         let jobs = chunks.iter().zip(scans).zip(quotas).map(|((&chunk, scan), quota)| ChunkJob { chunk, scan, quota });
-        let chunk_bytes = |c: Chunk| (c.len * (scorer.ft.size() + scorer.base.size())) as u64;
+        // Input bytes a chunk reads: the fine-tuned elements, and the base's where there is a
+        // base element (not in the rows an extended tensor adds), as the total counts them.
+        let chunk_bytes = |c: Chunk| {
+            let with_base = (c.start + c.len).min(diffed).saturating_sub(c.start);
+            (c.len * scorer.ft.size() + with_base * scorer.base.size()) as u64
+        };
         let mut sent = chunks.iter();
         let job = |job| mask_encode_chunk(&mask, job);
         ordered_window(self.pool, jobs, self.window, self.ctl, job, |block| {

@@ -200,7 +200,7 @@ fn golden_delta_catches_format_drift() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("d.fapm");
     on_fixture("prune", "sharded/base", "sharded/finetuned", &d, &["-q"]);
-    let golden = fixture("golden/sharded-s0.9-fapm-v2.fapm");
+    let golden = fixture("golden/sharded-s0.9-fapm-v3.fapm");
     let got = std::fs::read(&d).unwrap();
     if std::env::var_os("FAPM_BLESS").is_some() {
         std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
@@ -210,19 +210,23 @@ fn golden_delta_catches_format_drift() {
     assert!(got == want, "the delta of fixtures/sharded differs from {}", golden.display());
 }
 
-/// A delta of format version 1 (written by earlier fapm) still verifies, inspects and
-/// applies, to the same model as today's delta of the same inputs.
+/// Deltas of format versions 1 and 2 (written by earlier fapm) still verify, inspect and
+/// apply, to the same model as today's delta of the same inputs.
 #[test]
-fn version_1_deltas_still_apply() {
+fn older_versions_still_apply() {
     let dir = tempfile::tempdir().unwrap();
-    let (v1, base) = (fixture("golden/sharded-s0.9-fapm-v1.fapm"), fixture("sharded/base"));
-    ok(&["verify", s(&v1), "--base", s(&base), "-q"]);
-    let v: serde_json::Value = serde_json::from_slice(&ok(&["inspect", s(&v1), "--json"]).stdout).unwrap();
-    assert_eq!((v["version"].as_u64(), v["penalty"].as_str()), (Some(1), Some("1")));
-    let old = dir.path().join("old");
-    ok(&["apply", "--base", s(&base), "--delta", s(&v1), "-o", s(&old), "-q"]);
+    let base = fixture("sharded/base");
     let new = prune_apply(dir.path(), "sharded/base", "sharded/finetuned", &[]);
-    assert_same_tree(&old, &new);
+    for version in [1u64, 2] {
+        let old_delta = fixture(&format!("golden/sharded-s0.9-fapm-v{version}.fapm"));
+        ok(&["verify", s(&old_delta), "--base", s(&base), "-q"]);
+        let v: serde_json::Value = serde_json::from_slice(&ok(&["inspect", s(&old_delta), "--json"]).stdout).unwrap();
+        assert_eq!((v["version"].as_u64(), v["penalty"].as_str()), (Some(version), Some("1")));
+        assert!(v["base_repo"].is_null() && v["finetuned_repo"].is_null());
+        let old = dir.path().join(format!("old-v{version}"));
+        ok(&["apply", "--base", s(&base), "--delta", s(&old_delta), "-o", s(&old), "-q"]);
+        assert_same_tree(&old, &new);
+    }
 }
 
 /// Runs `fapm report --json` on a fixture pair into `dir/report`: the report directory, its

@@ -229,7 +229,8 @@ fn special_files_are_refused_without_hanging() {
     let o = run_or_kill(&["verify", s(&fifo)]);
     assert_error(&o, &["pipe.safetensors", "not a regular file"], "a FIFO as a delta");
     let o = run_or_kill(&["apply", "--base", s(&base), "--delta", s(dir.path()), "-o", s(&d), "-q"]);
-    assert_error(&o, &["not a regular file"], "a directory as a delta");
+    // A directory is a delta folder (`fapm card`): this one holds no delta.
+    assert_error(&o, &["holds no .fapm delta"], "a directory without a delta as a delta");
     assert!(!d.exists());
     let _ = ft;
 }

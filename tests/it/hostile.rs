@@ -242,6 +242,8 @@ fn verify_in_process(delta: &Path) -> fapm::Result<fapm::ApplySummary> {
     let cfg = config::VerifyConfig {
         delta: delta.to_path_buf(),
         base: None,
+        delta_only: false,
+        hub: fapm::hub::Env::read(|_| None),
         threads: 1,
         memory_budget: config::DEFAULT_MEMORY_BUDGET,
     };
@@ -250,8 +252,9 @@ fn verify_in_process(delta: &Path) -> fapm::Result<fapm::ApplySummary> {
 
 fn apply_in_process(base: &Path, delta: &Path, output: Option<PathBuf>) -> fapm::Result<fapm::ApplySummary> {
     let cfg = ApplyConfig {
-        base: base.to_path_buf(),
+        base: Some(base.to_path_buf()),
         delta: delta.to_path_buf(),
+        hub: fapm::hub::Env::read(|_| None),
         output,
         threads: 1,
         memory_budget: config::DEFAULT_MEMORY_BUDGET,
@@ -489,6 +492,31 @@ fn the_wrong_base_names_the_first_differing_tensor() {
     let o = run(&["apply", "--base", s(&other), "--delta", s(&delta), "-o", s(&out), "-q"]);
     assert_error(&o, &["other.safetensors"], "apply on an unrelated base");
     assert_eq!(leftovers(dir.path(), &["d.fapm", "wrong.safetensors", "other.safetensors"]), Vec::<String>::new());
+}
+
+/// A delta given as the base, and a base that is the delta's result already (the fine-tune, with
+/// every change kept), are each named for what they are.
+#[test]
+fn a_delta_or_the_result_given_as_the_base_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft, delta) =
+        (dir.path().join("b.safetensors"), dir.path().join("f.safetensors"), dir.path().join("d.fapm"));
+    write_safetensors(&base, &[T::new("w", DType::F32, &[4], f32s([1.0, 2.0, 3.0, 4.0]))]);
+    write_safetensors(&ft, &[T::new("w", DType::F32, &[4], f32s([1.5, 2.0, 3.5, 4.0]))]);
+    let o = run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "--sparsity", "0", "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("out.safetensors");
+    let swapped = "is a fapm delta, not a safetensors checkpoint (were the base and the delta swapped?)";
+    let o = run(&["prune", "--base", s(&delta), "--finetuned", s(&ft), "-o", s(&out), "-q"]);
+    assert_error(&o, &["d.fapm", swapped], "prune with a delta as the base");
+    let o = run(&["apply", "--base", s(&delta), "--delta", s(&delta), "-o", s(&out), "-q"]);
+    assert_error(&o, &["d.fapm", swapped], "apply with a delta as the base");
+    let held = "this model already holds the delta's result";
+    let o = run(&["apply", "--base", s(&ft), "--delta", s(&delta), "-o", s(&out), "-q"]);
+    assert_error(&o, &["f.safetensors", "'w'", held], "apply on the fine-tune");
+    let o = run(&["verify", s(&delta), "--base", s(&ft), "-q"]);
+    assert_error(&o, &["f.safetensors", "'w'", held], "verify on the fine-tune");
+    assert!(!out.exists());
 }
 
 /// One random mutation of `bytes`: flip, insert, delete or truncate.

@@ -140,6 +140,8 @@ fn prune_cfg(dir: &Path, sparsity: &str, metric: M, threshold: ThresholdMode, th
         sparsity_for: vec![],
         penalty: config::Penalty::default(),
         part: None,
+        base_repo: None,
+        finetuned_repo: None,
     }
 }
 
@@ -160,8 +162,9 @@ fn round_trip(cfg: &PruneConfig) -> (Vec<u8>, Tensors) {
     fapm::prune(cfg, &ctl).unwrap();
     let out = cfg.output.with_extension("out.safetensors");
     let apply = ApplyConfig {
-        base: cfg.base.clone(),
+        base: Some(cfg.base.clone()),
         delta: cfg.output.clone(),
+        hub: fapm::hub::Env::read(|_| None),
         output: Some(out.clone()),
         threads: cfg.threads,
         // The budget under test is prune's; below the CLI's minimum, apply could not read the

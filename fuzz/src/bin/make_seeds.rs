@@ -68,6 +68,8 @@ fn prune(root: &Path, pair: &str, sparsity: &str, part: Option<(u32, u32)>, out:
         overwrite: true,
         block_elems: 512,
         part: part.map(|(index, count)| PartSpec { index, count }),
+        base_repo: None,
+        finetuned_repo: None,
     };
     fapm::prune(&cfg, &fapm::RunControl::default()).unwrap();
     fs::read(out).unwrap()

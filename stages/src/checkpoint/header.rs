@@ -46,9 +46,29 @@ impl TensorInfo {
 ///
 /// Returns the header text, where the data buffer starts, and the tensors in data order.
 pub fn parse_shard(path: &Path, bytes: &[u8]) -> Result<(String, usize, Vec<TensorInfo>)> {
-    let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| {
-        Error::invalid(path, format!("file is {} bytes, too short for a safetensors header", bytes.len()))
-    })?;
+    let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).unwrap_or_default();
+    let data_start = header_end(path, bytes.len() as u64, len_bytes)? as usize;
+    let header_bytes = &bytes[8..data_start];
+    let header =
+        std::str::from_utf8(header_bytes).map_err(|e| Error::invalid(path, format!("header is not UTF-8: {e}")))?;
+    let data_len = (bytes.len() - data_start) as u64;
+    let tensors = parse_header(path, header, data_len)?;
+    json::charge(json::string_cost(header.len())).map_err(|e| Error::invalid(path, e))?;
+    Ok((header.to_owned(), data_start, tensors))
+}
+
+/// Where the header of a safetensors file of `file_len` bytes, whose first 8 bytes are
+/// `len_bytes`, ends (the data starts): checked against the header limit and the file's length.
+pub fn header_end(path: &Path, file_len: u64, len_bytes: [u8; 8]) -> Result<u64> {
+    if file_len < 8 {
+        return Err(Error::invalid(path, format!("file is {file_len} bytes, too short for a safetensors header")));
+    }
+    if len_bytes == crate::format::MAGIC {
+        return Err(Error::invalid(
+            path,
+            "is a fapm delta, not a safetensors checkpoint (were the base and the delta swapped?)",
+        ));
+    }
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_LEN {
         return Err(Error::invalid(
@@ -56,16 +76,13 @@ pub fn parse_shard(path: &Path, bytes: &[u8]) -> Result<(String, usize, Vec<Tens
             format!("header length {header_len} exceeds the {MAX_HEADER_LEN}-byte limit"),
         ));
     }
-    let data_start = 8 + header_len as usize;
-    let header_bytes = bytes.get(8..data_start).ok_or_else(|| {
-        Error::invalid(path, format!("header length {header_len} runs past the end of the {}-byte file", bytes.len()))
-    })?;
-    let header =
-        std::str::from_utf8(header_bytes).map_err(|e| Error::invalid(path, format!("header is not UTF-8: {e}")))?;
-    let data_len = (bytes.len() - data_start) as u64;
-    let tensors = parse_header(path, header, data_len)?;
-    json::charge(json::string_cost(header.len())).map_err(|e| Error::invalid(path, e))?;
-    Ok((header.to_owned(), data_start, tensors))
+    if 8 + header_len > file_len {
+        return Err(Error::invalid(
+            path,
+            format!("header length {header_len} runs past the end of the {file_len}-byte file"),
+        ));
+    }
+    Ok(8 + header_len)
 }
 
 /// One tensor entry of a header, as written.

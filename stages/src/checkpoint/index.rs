@@ -91,6 +91,25 @@ impl<'de> Deserialize<'de> for WeightMap {
     }
 }
 
+/// The shard files a checkpoint directory lacks: those its index names that are not there, or
+/// `*.safetensors` when it has no index and no shard (what a partly fetched Hugging Face
+/// snapshot lacks). The index is read within `memory_budget`.
+pub fn missing_shards(dir: &Path, memory_budget: u64) -> Result<Vec<String>> {
+    let _allowance = json::Allowance::new(memory_budget);
+    Ok(match read_index(dir)? {
+        Some(map) => {
+            let mut names: Vec<String> = map.into_iter().map(|(_, s)| s).filter(|s| !dir.join(s).is_file()).collect();
+            names.sort();
+            names.dedup();
+            names
+        }
+        None => match shard_names(dir, None) {
+            Ok(_) => Vec::new(),
+            Err(_) => vec!["*.safetensors".into()],
+        },
+    })
+}
+
 /// The shard names of a checkpoint directory (those of its index, when it has one), sorted.
 pub(super) fn shard_names(dir: &Path, index: Option<&[(String, String)]>) -> Result<Vec<String>> {
     let mut names: Vec<String> = match index {

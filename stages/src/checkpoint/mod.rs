@@ -64,9 +64,15 @@ impl Shard {
         // the promise is contained as far as a process can: a truncation raises SIGBUS, which
         // the binary turns into a clean error (src/sigbus.rs), and bytes rewritten in place
         // are caught by the delta's hashes when applied.
+        // The header is read with pread before the file is mapped, so a file truncated while
+        // it is opened gives an I/O error, never a SIGBUS (which a library host such as the
+        // Python interpreter would die of); the map serves only tensor data.
+        let (header, data_start, tensors) = read_header(path, &file, meta.len())?;
         let map = unsafe { Mmap::map(path, &file, meta.len()) }?;
-        let (header, data_start, tensors) = parse_shard(path, map.bytes())?;
-        let data_len = (map.bytes().len() - data_start) as u64;
+        let data_len = (map.bytes().len() as u64).saturating_sub(data_start as u64);
+        if data_len != meta.len() - data_start as u64 {
+            return Err(Error::invalid(path, "the file changed while it was opened"));
+        }
         Ok(Shard { path: path.to_path_buf(), name, position: 0, header, data_len, tensors, data_start, map })
     }
 
@@ -76,6 +82,24 @@ impl Shard {
         // Offsets were validated against the data buffer when the shard was opened.
         &self.map.bytes()[self.data_start + t.begin as usize..self.data_start + t.end as usize]
     }
+}
+
+/// The header of the safetensors file `file` of `file_len` bytes, read with pread and parsed
+/// as [`parse_shard`] parses it from memory: its text, where the data starts, its tensors.
+fn read_header(path: &Path, file: &File, file_len: u64) -> Result<(String, usize, Vec<TensorInfo>)> {
+    use std::os::unix::fs::FileExt;
+    let mut len_bytes = [0u8; 8];
+    if file_len >= 8 {
+        file.read_exact_at(&mut len_bytes, 0).map_err(|e| Error::io(path, e))?;
+    }
+    let end = header::header_end(path, file_len, len_bytes)?;
+    json::charge(json::string_cost(end as usize - 8)).map_err(|e| Error::invalid(path, e))?;
+    let mut text = vec![0u8; end as usize - 8];
+    file.read_exact_at(&mut text, 8).map_err(|e| Error::io(path, e))?;
+    let header = String::from_utf8(text)
+        .map_err(|e| Error::invalid(path, format!("header is not UTF-8: {}", e.utf8_error())))?;
+    let tensors = parse_header(path, &header, file_len - end)?;
+    Ok((header, end as usize, tensors))
 }
 
 /// How a checkpoint was given on the command line.
@@ -341,5 +365,14 @@ mod tests {
         assert!(parse_shard(Path::new("x"), &b).unwrap_err().to_string().contains("past the end"));
         let b = (MAX_HEADER_LEN + 1).to_le_bytes();
         assert!(parse_shard(Path::new("x"), &b).unwrap_err().to_string().contains("limit"));
+    }
+
+    /// A delta given where a checkpoint goes is named as one, not as a bad header length.
+    #[test]
+    fn a_delta_is_not_a_checkpoint() {
+        let mut b = crate::format::MAGIC.to_vec();
+        b.extend_from_slice(&[0; 100]);
+        let err = parse_shard(Path::new("d.fapm"), &b).unwrap_err().to_string();
+        assert_eq!(err, "d.fapm: is a fapm delta, not a safetensors checkpoint (were the base and the delta swapped?)");
     }
 }

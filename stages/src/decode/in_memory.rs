@@ -85,8 +85,9 @@ impl Delta {
             parts.push(h);
             Ok(true)
         })?;
-        if hash::merge(&parts) != want {
-            return Err(base_mismatch(base_path, &t.name));
+        let got = hash::merge(&parts);
+        if got != want {
+            return Err(base_mismatch(base_path, t, &got));
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::TensorRef;
 use crate::dtype::convert_chunk;
 use crate::format::sparse::decode_sparse;
-use crate::format::{block_sizes, DeltaReader, Manifest, Mode, TensorRecord};
+use crate::format::{block_sizes, DeltaReader, Hash, Manifest, Mode, TensorRecord};
 use crate::hash::{self, ChunkHash};
 use crate::run::runner::ordered_window;
 use crate::run::RunControl;
@@ -162,11 +162,20 @@ pub fn corrupt(delta: &DeltaReader, t: &TensorRecord, block: usize, e: String) -
     Error::tensor(&delta.path, &t.name, format!("corrupt block {block}: {e}"))
 }
 
-/// The error for a base tensor whose bytes are not the ones the delta was made from.
-pub fn base_mismatch(base_path: &Path, name: &str) -> Error {
+/// The error for a base tensor whose bytes (of hash `got`) are not the ones the delta was made
+/// from; bytes that hash as the tensor the delta rebuilds are said to be that result already.
+pub fn base_mismatch(base_path: &Path, t: &TensorRecord, got: &Hash) -> Error {
+    if *got == t.out_hash {
+        return Error::tensor(
+            base_path,
+            &t.name,
+            "this model already holds the delta's result (the fine-tuned tensor), not the base the delta was \
+             made from: it was patched already, or it is the fine-tuned model",
+        );
+    }
     Error::tensor(
         base_path,
-        name,
+        &t.name,
         "base tensor differs from the one the delta was made from (blake3 mismatch): wrong or corrupt base model",
     )
 }
@@ -202,8 +211,9 @@ impl TensorCheck {
             ));
         }
         if let (Some(path), Some(want)) = (base, t.base_hash) {
-            if hash::merge(&bases) != want {
-                return Err(base_mismatch(path, &t.name));
+            let got = hash::merge(&bases);
+            if got != want {
+                return Err(base_mismatch(path, t, &got));
             }
         }
         if out && hash::merge(&outs) != t.out_hash {

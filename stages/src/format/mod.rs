@@ -1,4 +1,4 @@
-//! The sparse delta file, version 2 (version 1 is still read): a preamble, independently
+//! The sparse delta file, version 3 (versions 1 and 2 are still read): a preamble, independently
 //! decodable zstd blocks, a zstd-compressed JSON manifest, and a fixed footer. Written in one streaming pass; every
 //! byte is covered by a blake3 hash. The byte-level description is docs/FORMAT.md.
 
@@ -22,9 +22,10 @@ pub const MAGIC: [u8; 8] = *b"FAPMDLTA";
 /// The last 8 bytes of every delta file.
 pub const END_MAGIC: [u8; 8] = *b"FAPMEND1";
 /// The format version this build writes (and the newest it reads).
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest format version this build reads: version 1 lacks extended tensors, per-tensor
-/// sparsity, the penalty and partitions, and reads as if they were absent.
+/// sparsity, the penalty and partitions, version 2 the inputs' repositories and a part's
+/// content sample; both read as if those were absent.
 pub const OLDEST_VERSION: u32 = 1;
 /// Bytes before the first block: magic, version, reserved zero.
 pub const PREAMBLE_LEN: u64 = 16;
@@ -296,6 +297,45 @@ pub struct PartRecord {
     pub base: Hash,
     /// blake3 of the fine-tuned checkpoint's layout (shard names and headers).
     pub finetuned: Hash,
+    /// blake3 of a sample of the fine-tuned checkpoint's contents (`read::partition::
+    /// content_sample`), so that parts of two fine-tunes with one layout are told apart
+    /// (version 3; absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetuned_sample: Option<Hash>,
+}
+
+/// Where an input checkpoint came from, when it was named by a Hugging Face Hub repo id
+/// (version 3): what `apply` and `verify` use to find the base when none is given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoRecord {
+    /// The commit the revision resolved to: 40 hexadecimal digits.
+    #[serde(deserialize_with = "crate::bounded_json::string")]
+    pub commit: String,
+    /// The repo id, `namespace/name` (`repo::check_id`).
+    #[serde(deserialize_with = "crate::bounded_json::string")]
+    pub repo: String,
+    /// The revision as it was named ("main" when none was).
+    #[serde(deserialize_with = "crate::bounded_json::string")]
+    pub revision: String,
+}
+
+impl RepoRecord {
+    /// What is wrong with the record, if anything.
+    pub fn check(&self) -> Result<(), String> {
+        crate::repo::check_id(&self.repo).map_err(|why| format!("repo id {why}"))?;
+        crate::repo::check_revision(&self.revision).map_err(|why| format!("revision {why}"))?;
+        if !crate::repo::is_commit(&self.commit) {
+            return Err("commit is not 40 hexadecimal digits".into());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for RepoRecord {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}@{}", self.repo, self.commit)
+    }
 }
 
 /// The self-describing header of a delta, stored at its end. Its lists and strings are
@@ -354,6 +394,12 @@ pub struct Manifest {
     /// Set in a part of a partitioned prune, which `merge` turns into a whole delta.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part: Option<PartRecord>,
+    /// The base's repository, when it was named by repo id (version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_repo: Option<RepoRecord>,
+    /// The fine-tuned checkpoint's repository, when it was named by repo id (version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetuned_repo: Option<RepoRecord>,
 }
 
 fn default_penalty() -> String {
@@ -362,12 +408,17 @@ fn default_penalty() -> String {
 
 impl Manifest {
     /// Whether the version is one this build reads and the fields the version has agree
-    /// with it (version 1 has no penalty, per-tensor sparsity, partitions or extended tensors).
+    /// with it (version 1 has no penalty, per-tensor sparsity, partitions or extended tensors;
+    /// versions 1 and 2 no repositories or content samples, which every part of version 3 has).
     pub fn version_fields_ok(&self) -> bool {
+        let sample = self.part.as_ref().map(|p| p.finetuned_sample.is_some());
+        let no_v3 = sample != Some(true) && self.base_repo.is_none() && self.finetuned_repo.is_none();
         match self.version {
-            VERSION => true,
+            VERSION => sample != Some(false),
+            2 => no_v3,
             1 => {
-                self.penalty == "1"
+                no_v3
+                    && self.penalty == "1"
                     && self.sparsity_for.is_empty()
                     && self.part.is_none()
                     && self.tensors.iter().all(|t| t.extended.is_none())

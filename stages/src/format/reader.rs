@@ -68,8 +68,8 @@ impl DeltaReader {
 
     /// [`DeltaReader::open`], with the memory that reading the manifest takes at its peak
     /// (its compressed and decompressed text, what it is parsed into, and the shard headers
-    /// parsed to check it) bounded by `memory_budget`; validation stops with
-    /// [`Error::Cancelled`] between records once `ctl` is cancelled.
+    /// parsed to check it) bounded by `memory_budget`; parsing and validation stop with
+    /// [`Error::Cancelled`] soon after `ctl` is cancelled.
     pub fn open_within(path: &Path, memory_budget: u64, ctl: &RunControl) -> Result<Self> {
         let (file, size) = open_regular(path)?;
         let pre = read_at(&file, path, 0, PREAMBLE_LEN)?;
@@ -83,7 +83,10 @@ impl DeltaReader {
             return Err(place.error(path, json::OVER_BUDGET));
         }
         let _allowance = json::Allowance::new(memory_budget - text);
-        let manifest = read_manifest(&file, path, &pre, &footer, place)?;
+        let manifest = {
+            let _watch = json::Watch::new(ctl);
+            read_manifest(&file, path, &pre, &footer, place)?
+        };
         if manifest.version != version {
             let msg = format!("manifest version {} in a version {version} file", manifest.version);
             return Err(Error::invalid(path, msg));
@@ -247,7 +250,9 @@ fn read_manifest(file: &File, path: &Path, pre: &[u8], footer: &[u8], place: Man
         return Err(bad("manifest has the wrong length".into()));
     }
     serde_json::from_slice(&json).map_err(|e| {
-        if e.to_string().starts_with(json::OVER_BUDGET) {
+        if e.to_string().starts_with(json::CANCELLED) {
+            Error::Cancelled
+        } else if e.to_string().starts_with(json::OVER_BUDGET) {
             place.error(path, json::OVER_BUDGET)
         } else {
             bad(format!("malformed manifest: {e}"))
@@ -337,6 +342,11 @@ fn inconsistent(path: &Path, msg: String) -> Error {
 fn check_layout(m: &Manifest) -> std::result::Result<(), String> {
     if m.format != "fapm-delta" || !m.version_fields_ok() {
         return Err(format!("format '{}' version {}", json::clip(&m.format, 32), m.version));
+    }
+    for (what, r) in [("base", &m.base_repo), ("fine-tuned", &m.finetuned_repo)] {
+        if let Some(why) = r.as_ref().and_then(|r| r.check().err()) {
+            return Err(format!("the {what} checkpoint's repository record: {why}"));
+        }
     }
     // Blocks are hashed as blake3 subtrees: a power of two of at least 1 KiB each.
     let pow2 = |x: u64, lo: u64, hi: u64| x.is_power_of_two() && (lo..=hi).contains(&x);

@@ -1,0 +1,135 @@
+//! `fapm report` through the binary: its memory on a checkpoint of very many tiny tensors
+//! (issue: 400,000 of them once took 1.36 GB), `--memory-budget`, and `report.json`.
+#![cfg(feature = "report")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::util::{raw_shard, s};
+
+/// Writes a pair of checkpoints of `n` F32 tensors of 2 elements each, by hand (the header
+/// alone is tens of MB): the fine-tuned one changes one element of every third tensor.
+fn many_tiny_pair(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
+    let write = |path: &Path, changed: bool| {
+        let mut header = String::with_capacity(n * 64);
+        header.push('{');
+        let mut data = Vec::with_capacity(n * 8);
+        for i in 0..n {
+            if i > 0 {
+                header.push(',');
+            }
+            let at = i * 8;
+            header.push_str(&format!(
+                "\"l.{i}.w\":{{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[{at},{}]}}",
+                at + 8
+            ));
+            let second = if changed && i % 3 == 0 { 1.5f32 + (i + 1) as f32 * 1e-6 } else { 1.5 };
+            data.extend_from_slice(&1.0f32.to_le_bytes());
+            data.extend_from_slice(&second.to_le_bytes());
+        }
+        header.push('}');
+        std::fs::write(path, raw_shard(&header, &data)).unwrap();
+    };
+    let (base, ft) = (dir.join("base.safetensors"), dir.join("ft.safetensors"));
+    write(&base, false);
+    write(&ft, true);
+    (base, ft)
+}
+
+/// Runs fapm with `args` and returns its exit status and its own peak resident memory
+/// (`wait4`'s `ru_maxrss`, of this child alone), in bytes.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child cannot do
+fn run_with_peak(args: &[&str]) -> (i32, u64, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_fapm"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = child.stderr.unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: `pid` is our own child, not yet waited for; status and usage are valid out-pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    (code, usage.ru_maxrss as u64 * 1024, err)
+}
+
+/// 400,000 tiny tensors: the report's memory stays far below the 1.36 GB it once took,
+/// within a 64M budget beyond what the two checkpoints' headers take; the page shows 48 of
+/// them one by one and says so, and the whole-model numbers count them all.
+#[test]
+fn report_on_400000_tiny_tensors_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 400_000;
+    let (base, ft) = many_tiny_pair(dir.path(), n);
+    let out = dir.path().join("report");
+    let args = ["report", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "--memory-budget", "256M", "-q"];
+    let (code, peak, err) = run_with_peak(&args);
+    assert_eq!(code, 0, "{err}");
+    eprintln!("fapm report on {n} tiny tensors: peak RSS {} MB", peak >> 20);
+    assert!(peak < 400 << 20, "peak RSS {} MB", peak >> 20);
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(html.contains(&format!("the 48 largest of the {n} tensors")), "the page says which tensors it shows");
+    assert!(html.len() < 2 << 20, "the page is {} bytes", html.len());
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(v["tensors"], n);
+    assert_eq!(v["candidates"], n.div_ceil(3));
+    assert_eq!(v["unchanged_tensors"], n - n.div_ceil(3));
+}
+
+/// `--memory-budget` is checked like the other commands' (bad value: exit 1, nothing written),
+/// and `report.json` is written beside the page with the layout docs/PIPELINE.md gives.
+#[test]
+fn report_takes_a_memory_budget_and_writes_report_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = crate::util::small_pair(dir.path());
+    let out = dir.path().join("report");
+    let o = crate::util::run(&[
+        "report",
+        "--base",
+        s(&base),
+        "--finetuned",
+        s(&ft),
+        "-o",
+        s(&out),
+        "--memory-budget",
+        "1M",
+    ]);
+    crate::util::assert_error(&o, &["memory"], "a budget below the minimum");
+    assert!(!out.exists());
+    let o = crate::util::run(&[
+        "report",
+        "--base",
+        s(&base),
+        "--finetuned",
+        s(&ft),
+        "-o",
+        s(&out),
+        "--memory-budget",
+        "64M",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(v["fapm_report"], 1);
+    for key in ["base", "finetuned"] {
+        let name = v[key].as_str().unwrap();
+        assert!(!name.starts_with('/') && !name.contains(dir.path().to_str().unwrap()), "{key}: {name}");
+    }
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 25);
+    for p in points {
+        for key in ["sparsity", "penalty"] {
+            assert!(p[key].is_string(), "{p}");
+        }
+        for key in ["energy_kept", "forgetting"] {
+            assert!(p[key].is_f64(), "{p}");
+        }
+        assert!(p["delta_bytes"].is_u64() && p["pareto"].is_boolean(), "{p}");
+    }
+    assert!(points.iter().any(|p| p["pareto"] == true));
+}
