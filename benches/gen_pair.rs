@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example gen_pair -- --out DIR --params 850M --shards 4 --seed 1
+//! cargo run --release --example gen_pair -- --out DIR --shape llama3-8b   # 8.03 B, 16.06 GB
 //! ```
 //!
 //! writes `DIR/base` and `DIR/ft`, each a sharded Hugging Face directory
@@ -40,6 +41,11 @@ struct Args {
     /// Approximate total parameter count, e.g. 850M, 1.1G, 20M.
     #[arg(long, default_value = "850M", value_parser = parse_count)]
     params: u64,
+    /// A named architecture instead of one sized by `--params`: `llama3-8b` (hidden 4096,
+    /// 32 layers, intermediate 14336, vocabulary 128256, 32 heads, 8 KV heads: 8.03 B
+    /// parameters, 16.06 GB per model in bf16).
+    #[arg(long, value_parser = ["llama3-8b"])]
+    shape: Option<String>,
     /// Number of shards per model.
     #[arg(long, default_value_t = 4)]
     shards: usize,
@@ -104,6 +110,9 @@ struct Arch {
     layers: u64,
     vocab: u64,
 }
+
+/// Llama-3-8B: the shape of the 8B benchmark (`--shape llama3-8b`).
+const LLAMA3_8B: Arch = Arch { hidden: 4096, inter: 14336, heads: 32, kv_heads: 8, layers: 32, vocab: 128256 };
 
 /// A TinyLlama-shaped architecture (GQA 8:1, mlp 2.75x) whose size is close to `params`.
 fn arch(params: u64) -> Arch {
@@ -322,7 +331,10 @@ fn write_side(dir: &Path, a: &Arch, specs: &[Spec], groups: &[Vec<usize>], names
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
-    let a = arch(args.params);
+    let a = match args.shape.as_deref() {
+        Some("llama3-8b") => LLAMA3_8B,
+        _ => arch(args.params),
+    };
     let specs = tensors(&a);
     let total: u64 = specs.iter().map(Spec::numel).sum();
     let n = args.shards.max(1);

@@ -6,7 +6,10 @@
 
 Prunes the pair at 90% sparsity with the binary (once), then measures, each in a fresh Python
 process: `load_file` (framework "pt"), `patch_` of the base loaded as a dict of torch tensors,
-one `patched` swap (enter and exit), and `fapm apply` into a new directory. Memory is the peak
+one `patched` swap (enter and exit), and `fapm apply` into a new directory; and, as the
+yardstick (issue 21: load_file and patch_ within 1.5x of it), safetensors' eager load of the
+fine-tuned model (`backend="pread"` where the installed safetensors has it) and that load plus
+a copy of every tensor. The ratio column is each row's time over the eager load's. Memory is the peak
 of anonymous memory (RssAnon, sampled every 2 ms) above what the process held before the call:
 the model a call returns or patches is counted only when the call allocates it. Prints a
 Markdown table of medians.
@@ -54,6 +57,14 @@ out = {}
 t = time.perf_counter()
 if what == "load":
     tensors = fapm.load_file(delta, base, framework="pt")
+elif what in ("st", "st_copy"):
+    import glob, inspect
+    eager = {"backend": "pread"} if "backend" in inspect.signature(load_file).parameters else {}
+    tensors = {}
+    for f in sorted(glob.glob(delta + "/*.safetensors")):
+        tensors.update(load_file(f, **eager))
+    if what == "st_copy":
+        tensors = {k: v.clone() for k, v in tensors.items()}
 elif what == "patch":
     fapm.patch_(model, delta)
 elif what == "swap":
@@ -103,7 +114,10 @@ def main() -> None:
     if not delta.exists():
         subprocess.run([str(a.fapm), "prune", "--base", str(a.base), "--finetuned", str(a.finetuned),
                         "--output", str(delta), "--quiet"], check=True)
+    ft = str(a.finetuned)
     rows = {
+        "safetensors `load_file` of the fine-tune (eager)": lambda: child("st", a.base, Path(ft)),
+        "safetensors `load_file` of the fine-tune + a copy of each tensor": lambda: child("st_copy", a.base, Path(ft)),
         "`fapm.load_file` (framework \"pt\")": lambda: child("load", a.base, delta),
         "`fapm.patch_` of a loaded dict of tensors": lambda: child("patch", a.base, delta),
         "`fapm.patched` swap (enter + exit)": lambda: child("swap", a.base, delta),
@@ -111,17 +125,19 @@ def main() -> None:
     }
     print(f"delta {delta.stat().st_size / 1e6:.1f} MB; medians of {a.runs}; python {sys.version.split()[0]}, "
           f"{os.cpu_count()} cores")
-    print("| operation | time | peak memory above the process before it |")
-    print("|---|---:|---:|")
+    print("| operation | time | vs safetensors eager | peak memory above the process before it |")
+    print("|---|---:|---:|---:|")
+    eager = None
     for label, f in rows.items():
         runs = [f() for _ in range(a.runs)]
         secs = statistics.median(r["seconds"] for r in runs)
+        eager = eager or secs
         mem = statistics.median(r["peak_extra"] for r in runs)
         extra = ""
         if "enter" in runs[0]:
             extra = (f" (enter {statistics.median(r['enter'] for r in runs):.2f} s, "
                      f"exit {statistics.median(r['exit'] for r in runs):.2f} s)")
-        print(f"| {label} | {secs:.2f} s{extra} | {mem / 1e6:.0f} MB |", flush=True)
+        print(f"| {label} | {secs:.2f} s{extra} | {secs / eager:.2f}x | {mem / 1e6:.0f} MB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ use fapm_stages::{Error, Result};
 
 use crate::config::{ApplyConfig, VerifyConfig};
 use crate::output::{Kind, Staged};
+use fapm_stages::checkpoint::TensorRef;
 use fapm_stages::decode::{DecodeStage, DecodeTotals, ModelFiles};
 use fapm_stages::read;
+use fapm_stages::read::ahead::{Position, ReadAhead};
 use fapm_stages::run::runner::pool;
 use fapm_stages::run::{Budget, RunControl};
 
@@ -79,7 +81,7 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
         pool: &pool,
         ctl,
     };
-    let decoded = decode.run()?;
+    let decoded = read_ahead(&delta, Some(&bases), ctl, || decode.run())?;
     if let (Some(staged), Some(out)) = (&staged, &cfg.output) {
         write_side_files(&delta, staged, out)?;
         if m.index {
@@ -142,9 +144,30 @@ pub fn verify(cfg: &VerifyConfig, ctl: &RunControl) -> Result<ApplySummary> {
         pool: &pool,
         ctl,
     };
-    let decoded = decode.run()?;
+    let decoded = read_ahead(&delta, None, ctl, || decode.run())?;
     check_side_files(&delta)?;
     Ok(ApplySummary::new(decoded, None, &delta.manifest, start))
+}
+
+/// Runs `decode` with a reader thread beside it that brings each record's blocks and base
+/// tensor into memory ahead of the decoder (`read::ahead`), following the run's progress.
+fn read_ahead<T>(
+    delta: &DeltaReader,
+    bases: Option<&[Option<TensorRef>]>,
+    ctl: &RunControl,
+    decode: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    // A second descriptor of the delta, for the advice only: the page cache is the file's.
+    let Ok(file) = fs::File::open(&delta.path) else { return decode() };
+    let m = &delta.manifest;
+    let ahead = ReadAhead::decode(m, &file, bases);
+    let starts = m.tensors.iter().scan(0u64, |done, t| {
+        let start = *done;
+        *done += t.numel() * t.dtype.size() as u64;
+        Some(start)
+    });
+    let at = Position::by_progress(starts.collect());
+    ahead.beside(&at, ctl, decode)
 }
 
 impl ApplySummary {

@@ -24,6 +24,7 @@ use fapm_stages::format::{
 };
 use fapm_stages::mask_encode::{MaskEncodeStage, ToWriter};
 use fapm_stages::paths;
+use fapm_stages::read::ahead::{Position, ReadAhead};
 use fapm_stages::read::partition::{content_sample, layout_hash};
 use fapm_stages::read::{classify, keep_part, side, Task, Tasks};
 use fapm_stages::run::runner::{first_error, join, pool, stage};
@@ -205,23 +206,33 @@ fn run_stages(
     };
     let mask_encode = MaskEncodeStage { block_elems: cfg.block_elems, window, pool: &pool, ctl };
     let write = WriteStage { writer, ctl };
+    // The reader thread: brings each task's tensors into memory ahead of the threshold
+    // stage, the first to read them (`read::ahead`).
+    let ahead = ReadAhead::prune(&tasks);
+    let at = Position::default();
+    let tasks = tasks.into_iter().enumerate().map(|(i, task)| {
+        at.at(i);
+        task
+    });
 
     // read ──tasks──► threshold ──bounded(1)──► mask_encode ──bounded(window)──► write
-    thread::scope(|s| {
-        let (thresholded_tx, thresholded_rx) = bounded::<ThresholdedTask>(THRESHOLD_AHEAD);
-        let (blocks_tx, blocks_rx) = bounded::<ToWriter>(window);
-        let threshold = s.spawn(|| stage(ctl, || threshold.run(tasks, thresholded_tx)));
-        let mask_encode = s.spawn(|| stage(ctl, || mask_encode.run(thresholded_rx, blocks_tx)));
-        let write = s.spawn(|| stage(ctl, || write.run(blocks_rx)));
-        let (t, m, w) = (join(threshold), join(mask_encode), join(write));
-        let (records, w) = match w {
-            Ok(records) => (Some(records), Ok(())),
-            Err(err) => (None, Err(err)),
-        };
-        // The writer's failure (a full disk) counts like any stage's: the first real error wins
-        // over the cancellations it caused.
-        first_error([t, m, w])?;
-        records.ok_or(Error::Cancelled) // only None when `w` was an error, returned just above
+    ahead.beside(&at, ctl, || {
+        thread::scope(|s| {
+            let (thresholded_tx, thresholded_rx) = bounded::<ThresholdedTask>(THRESHOLD_AHEAD);
+            let (blocks_tx, blocks_rx) = bounded::<ToWriter>(window);
+            let threshold = s.spawn(|| stage(ctl, || threshold.run(tasks, thresholded_tx)));
+            let mask_encode = s.spawn(|| stage(ctl, || mask_encode.run(thresholded_rx, blocks_tx)));
+            let write = s.spawn(|| stage(ctl, || write.run(blocks_rx)));
+            let (t, m, w) = (join(threshold), join(mask_encode), join(write));
+            let (records, w) = match w {
+                Ok(records) => (Some(records), Ok(())),
+                Err(err) => (None, Err(err)),
+            };
+            // The writer's failure (a full disk) counts like any stage's: the first real error wins
+            // over the cancellations it caused.
+            first_error([t, m, w])?;
+            records.ok_or(Error::Cancelled) // only None when `w` was an error, returned just above
+        })
     })
 }
 

@@ -57,4 +57,24 @@ impl Mmap {
 
     #[cfg(not(unix))]
     pub(crate) fn release(&self, _range: std::ops::Range<usize>) {}
+
+    /// Reads the pages inside `range` into the page cache and maps them, so that whoever
+    /// touches them next neither waits for the disk nor takes a page fault (the reader thread,
+    /// `read::ahead`). Where the kernel has no `MADV_POPULATE_READ` (before Linux 5.14) it
+    /// asks for them to be read in the background instead (`MADV_WILLNEED`). Advice: a
+    /// failure changes nothing.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn populate(&self, range: std::ops::Range<usize>) {
+        use memmap2::Advice;
+        let (Some(map), true) = (&self.map, range.start < range.end && range.end <= self.bytes().len()) else {
+            return;
+        };
+        // A file truncated under the map makes this fail (EFAULT), not raise SIGBUS.
+        if map.advise_range(Advice::PopulateRead, range.start, range.end - range.start).is_err() {
+            let _ = map.advise_range(Advice::WillNeed, range.start, range.end - range.start);
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn populate(&self, _range: std::ops::Range<usize>) {}
 }

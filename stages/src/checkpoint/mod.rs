@@ -138,6 +138,13 @@ impl TensorRef {
         let start = self.shard.data_start + t.begin as usize;
         self.shard.map.release(start..self.shard.data_start + t.end as usize);
     }
+
+    /// Brings `range` of this tensor's bytes into memory ahead of the stages that will read
+    /// them (see [`Mmap::populate`]).
+    pub fn populate(&self, range: std::ops::Range<usize>) {
+        let start = self.shard.data_start + self.shard.tensors[self.index].begin as usize;
+        self.shard.map.populate(start + range.start..start + range.end);
+    }
 }
 
 /// An opened, validated checkpoint.

@@ -6,6 +6,7 @@
 //! hands on is the page cache itself, and the stages after it read each chunk straight from
 //! there on the worker that needs it.
 
+pub mod ahead;
 mod chunk;
 pub mod partition;
 pub mod side;
