@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fapm_stages::format::{Block, DeltaReader, DeltaWriter, Manifest, PartRecord};
+use fapm_stages::format::{Block, DeltaReader, DeltaWriter, Manifest, PartRecord, VERSION};
 use fapm_stages::read::partition::split;
 use fapm_stages::{Error, Result};
 
@@ -103,6 +103,16 @@ fn open_in_order(paths: &[PathBuf], memory_budget: u64, ctl: &RunControl) -> Res
         let r = DeltaReader::open_within(path, share, ctl)?;
         if r.manifest.part.is_none() {
             return Err(Error::invalid(path, "not a part of a partitioned prune (it is a whole delta already)"));
+        }
+        // The merged delta is the one this fapm's prune writes: of its format version only.
+        if r.manifest.version != VERSION {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "a part of delta format version {}: merge joins parts of version {VERSION} (this fapm's); prune this part again",
+                    r.manifest.version
+                ),
+            ));
         }
         if let Some(first) = readers.first() {
             if let Some(field) = disagreement(&first.manifest, &r.manifest) {

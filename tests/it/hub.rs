@@ -294,3 +294,53 @@ fn a_card_quotes_a_report_and_the_finetunes_license() {
     fails(&o, &["report.json", "report format 9"]);
     assert!(!dir.path().join("card2").exists());
 }
+
+/// Rewrites the delta at `path` as format version 2 would have it: no content sample, version
+/// 2 in the manifest and the preamble, the footer's hash recomputed (blocks untouched).
+fn as_version_2(path: &Path) {
+    let file = fs::read(path).unwrap();
+    let footer = &file[file.len() - 64..];
+    let word = |i: usize| u64::from_le_bytes(footer[i * 8..i * 8 + 8].try_into().unwrap()) as usize;
+    let (offset, len, raw) = (word(0), word(1), word(2));
+    let text = zstd::bulk::decompress(&file[offset..offset + len], raw).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    m["version"] = 2.into();
+    m["part"].as_object_mut().unwrap().remove("finetuned_sample");
+    let text = serde_json::to_vec(&m).unwrap();
+    let packed = zstd::bulk::compress(&text, 1).unwrap();
+    let mut out = file[..offset].to_vec();
+    out[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let mut tail = Vec::new();
+    for w in [offset as u64, packed.len() as u64, text.len() as u64] {
+        tail.extend_from_slice(&w.to_le_bytes());
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&out[..16]);
+    h.update(&packed);
+    h.update(&tail);
+    tail.extend_from_slice(h.finalize().as_bytes());
+    tail.extend_from_slice(b"FAPMEND1");
+    out.extend_from_slice(&packed);
+    out.extend_from_slice(&tail);
+    fs::write(path, out).unwrap();
+}
+
+/// Parts written by an older fapm (format version 2) still verify, but merge, whose output is
+/// the delta this fapm's prune writes, refuses them by name (the merge fuzz target found that
+/// it joined them into a file its own reader refused).
+#[test]
+fn merge_refuses_parts_of_an_older_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = (fixture("sharded/base"), fixture("sharded/finetuned"));
+    let parts: Vec<PathBuf> = (1..=2).map(|i| dir.path().join(format!("p{i}.fapm"))).collect();
+    for (i, p) in parts.iter().enumerate() {
+        let part = format!("{}/2", i + 1);
+        ok(crate::util::run(&["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(p), "--part", &part, "-q"]));
+        as_version_2(p);
+        ok(crate::util::run(&["verify", s(p), "-q"]));
+    }
+    let merged = dir.path().join("m.fapm");
+    let o = crate::util::run(&["merge", s(&parts[0]), s(&parts[1]), "-o", s(&merged)]);
+    fails(&o, &["p1.fapm", "a part of delta format version 2", "prune this part again"]);
+    assert!(!merged.exists());
+}
