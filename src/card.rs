@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use fapm_stages::error::printable;
 use fapm_stages::format::{DeltaReader, Manifest, Mode};
 use fapm_stages::repo::{cache_folder, check_id};
 use fapm_stages::run::RunControl;
@@ -88,10 +89,6 @@ pub fn card(cfg: &CardConfig, ctl: &RunControl) -> Result<CardSummary> {
         license: license.map(|l| l.license),
         report: points.is_some(),
     })
-}
-
-fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    fapm_stages::error::printable(s)
 }
 
 /// One point of a report's whole-model trade-off (`report.json`).

@@ -289,14 +289,8 @@ impl Delta {
     /// The base checkpoint the delta records (its repo id and commit), found in the Hugging
     /// Face cache or fetched: what `fapm apply` uses when no base is given.
     fn recorded_base(&self, py: Python<'_>) -> PyResult<PathBuf> {
-        let Some(repo) = self.inner.reader.manifest.base_repo.clone() else {
-            let path = self.inner.reader.path.display().to_string();
-            let msg = format!("{path} does not record its base (it was pruned from a local path, not a repo id); give the base");
-            return Err(FapmError::new_err(one_line(&msg)));
-        };
-        let name = fapm::hub::Name::Repo { id: repo.repo, revision: Some(repo.commit) };
         let hub = fapm::hub::Env::read(env);
-        Ok(pipeline(py, |_| fapm::hub::resolve(&name, fapm::hub::Want::Weights, &hub))?.path)
+        pipeline(py, |_| fapm::pipeline::apply::recorded_base(&self.inner.reader, &hub))
     }
 
     /// The delta's path.
@@ -597,6 +591,7 @@ fn apply<'py>(
 #[pyfunction]
 #[pyo3(signature = (delta, base = None, *, revision = None, delta_only = false, threads = None, memory_budget = None,
                     progress = None))]
+#[allow(clippy::too_many_arguments)]
 fn verify<'py>(
     py: Python<'py>,
     delta: PathBuf,

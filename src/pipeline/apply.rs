@@ -102,10 +102,10 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
 
 /// The base a delta records (its repo id and commit, format version 3), found in the Hugging
 /// Face cache or fetched ([`crate::hub`]); its tensors' hashes are checked as any base's are.
-fn recorded_base(delta: &DeltaReader, hub: &crate::hub::Env) -> Result<PathBuf> {
+pub fn recorded_base(delta: &DeltaReader, hub: &crate::hub::Env) -> Result<PathBuf> {
     let Some(repo) = &delta.manifest.base_repo else {
         return Err(Error::Config(format!(
-            "{} does not record its base (it was pruned from a local path, not a repo id); give the base with --base",
+            "{} does not record its base (it was pruned from a local path, not a repo id); give the base (--base)",
             fapm_stages::error::printable(&delta.path.display().to_string())
         )));
     };

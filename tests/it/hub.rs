@@ -298,7 +298,7 @@ fn a_card_quotes_a_report_and_the_finetunes_license() {
 /// Rewrites the delta at `path` as format version 2 would have it: no content sample, version
 /// 2 in the manifest and the preamble, the footer's hash recomputed (blocks untouched).
 fn as_version_2(path: &Path) {
-    let file = fs::read(path).unwrap();
+    let mut file = fs::read(path).unwrap();
     let footer = &file[file.len() - 64..];
     let word = |i: usize| u64::from_le_bytes(footer[i * 8..i * 8 + 8].try_into().unwrap()) as usize;
     let (offset, len, raw) = (word(0), word(1), word(2));
@@ -306,23 +306,9 @@ fn as_version_2(path: &Path) {
     let mut m: serde_json::Value = serde_json::from_slice(&text).unwrap();
     m["version"] = 2.into();
     m["part"].as_object_mut().unwrap().remove("finetuned_sample");
-    let text = serde_json::to_vec(&m).unwrap();
-    let packed = zstd::bulk::compress(&text, 1).unwrap();
-    let mut out = file[..offset].to_vec();
-    out[8..12].copy_from_slice(&2u32.to_le_bytes());
-    let mut tail = Vec::new();
-    for w in [offset as u64, packed.len() as u64, text.len() as u64] {
-        tail.extend_from_slice(&w.to_le_bytes());
-    }
-    let mut h = blake3::Hasher::new();
-    h.update(&out[..16]);
-    h.update(&packed);
-    h.update(&tail);
-    tail.extend_from_slice(h.finalize().as_bytes());
-    tail.extend_from_slice(b"FAPMEND1");
-    out.extend_from_slice(&packed);
-    out.extend_from_slice(&tail);
-    fs::write(path, out).unwrap();
+    file[8..12].copy_from_slice(&2u32.to_le_bytes());
+    fs::write(path, &file).unwrap();
+    crate::hostile::with_manifest_text(path, &serde_json::to_vec(&m).unwrap(), path);
 }
 
 /// Parts written by an older fapm (format version 2) still verify, but merge, whose output is
