@@ -511,6 +511,14 @@ fn a_delta_or_the_result_given_as_the_base_is_named() {
     assert_error(&o, &["d.fapm", swapped], "prune with a delta as the base");
     let o = run(&["apply", "--base", s(&delta), "--delta", s(&delta), "-o", s(&out), "-q"]);
     assert_error(&o, &["d.fapm", swapped], "apply with a delta as the base");
+    // And the other way round: a checkpoint given where a delta goes.
+    let ckpt = dir.path().join("c.safetensors");
+    write_safetensors(&ckpt, &[T::new("w", DType::F32, &[64], f32s([0.5; 64]))]);
+    let not_delta = "is a safetensors checkpoint, not a fapm delta (were the base and the delta swapped?)";
+    let o = run(&["apply", "--base", s(&base), "--delta", s(&ckpt), "-o", s(&out), "-q"]);
+    assert_error(&o, &["c.safetensors", not_delta], "apply with a checkpoint as the delta");
+    assert_error(&run(&["verify", s(&ckpt), "-q"]), &["c.safetensors", not_delta], "verify");
+    assert_error(&run(&["inspect", s(&ckpt)]), &["c.safetensors", not_delta], "inspect");
     let held = "this model already holds the delta's result";
     let o = run(&["apply", "--base", s(&ft), "--delta", s(&delta), "-o", s(&out), "-q"]);
     assert_error(&o, &["f.safetensors", "'w'", held], "apply on the fine-tune");

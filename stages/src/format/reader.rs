@@ -176,6 +176,14 @@ fn read_at(file: &File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
 /// Checks the preamble's magic and version; returns the format version.
 fn check_preamble(path: &Path, pre: &[u8]) -> Result<u32> {
     if pre[..8] != MAGIC {
+        // A safetensors file: an 8-byte header length, then the JSON header's `{`.
+        let header_len = u64::from_le_bytes(pre[..8].try_into().unwrap());
+        if pre[8] == b'{' && header_len <= crate::checkpoint::MAX_HEADER_LEN {
+            return Err(Error::invalid(
+                path,
+                "is a safetensors checkpoint, not a fapm delta (were the base and the delta swapped?)",
+            ));
+        }
         return Err(Error::invalid(path, "not a fapm delta (bad magic)"));
     }
     let version = u32::from_le_bytes(pre[8..12].try_into().unwrap());
