@@ -32,7 +32,7 @@ fn shard(bytes: &[u8]) {
         assert_eq!(next, data_len, "tensors end where the data does");
     }
     let path = write("fuzz.safetensors", bytes);
-    let opened = Checkpoint::open_within(&path, BUDGET);
+    let opened = Checkpoint::open_within(&path, BUDGET, &Default::default());
     assert_eq!(opened.is_ok(), parsed.is_ok(), "the file and the bytes are judged alike");
 }
 
@@ -43,7 +43,7 @@ fn directory(rest: &[u8]) {
     let dir = fresh_dir("ckpt");
     std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
     std::fs::write(dir.join("a.safetensors"), shard).unwrap();
-    if let Ok(ckpt) = Checkpoint::open_within(&dir, BUDGET) {
+    if let Ok(ckpt) = Checkpoint::open_within(&dir, BUDGET, &Default::default()) {
         for t in ckpt.tensors() {
             assert_eq!(t.bytes().len() as u64, t.info().byte_len());
         }

@@ -243,7 +243,7 @@ impl Checkpoint {
         let (_, budget) = run.check().map_err(|e| to_py(e, None))?;
         let hub = fapm::hub::Env::read(env);
         let path = pipeline(py, |_| fapm::hub::resolve_text(&path, None, fapm::hub::Want::Weights, &hub))?.path;
-        let inner = pipeline(py, |_| RustCheckpoint::open_within(&path, budget))?;
+        let inner = pipeline(py, |ctl| RustCheckpoint::open_within(&path, budget, ctl))?;
         Ok(Checkpoint { inner })
     }
 

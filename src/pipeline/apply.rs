@@ -65,7 +65,7 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
         Some(path) => (path.clone(), None),
         None => (recorded_base(&delta, &cfg.hub)?, delta.manifest.base_repo.as_ref().map(|r| r.to_string())),
     };
-    let base = Checkpoint::open_within(&base_path, cfg.memory_budget)?;
+    let base = Checkpoint::open_within(&base_path, cfg.memory_budget, ctl)?;
     let m = &delta.manifest;
     let bases = read::base_tensors(m, &base)?;
     let kind = if m.source == Source::Directory { Kind::Directory } else { Kind::File };

@@ -85,8 +85,8 @@ const THRESHOLD_AHEAD: usize = 1;
 /// `cfg.part`, into one part of it).
 pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
     let start = Instant::now();
-    let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
-    let ft = Checkpoint::open_within(&cfg.finetuned, cfg.memory_budget)?;
+    let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget, ctl)?;
+    let ft = Checkpoint::open_within(&cfg.finetuned, cfg.memory_budget, ctl)?;
     for s in ft.shards.iter().filter(|_| ft.layout == Layout::Directory) {
         if let Err(why) = paths::check(&s.name) {
             return Err(Error::invalid(&s.path, format!("this shard name cannot be stored in a delta: it {why}")));

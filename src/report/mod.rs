@@ -238,8 +238,8 @@ fn workers(budget: u64) -> usize {
 /// Computes everything and writes the heatmaps, `report.json` and `index.html` into the
 /// staged directory; returns the file names written, `index.html` first.
 fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result<(Vec<String>, ReportSummary), Error> {
-    let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget)?;
-    let ft = Checkpoint::open_within(&cfg.finetuned, cfg.memory_budget)?;
+    let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget, ctl)?;
+    let ft = Checkpoint::open_within(&cfg.finetuned, cfg.memory_budget, ctl)?;
     let layout = Layout::new(&base, &ft, &cfg.tensors)?;
     if layout.charted == 0 {
         return Err(Error::invalid(&cfg.finetuned, "has no floating tensor that the base has with the same shape"));

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::bounded_json as json;
 use crate::error::{Error, Result};
+use crate::run::RunControl;
 use crate::DEFAULT_MEMORY_BUDGET;
 pub use header::{parse_header, parse_shard, parsed_cost, TensorInfo, MAX_HEADER_LEN};
 pub use index::INDEX_FILE;
@@ -171,13 +172,21 @@ impl Checkpoint {
     /// raises SIGBUS in the reading thread, which the `fapm` binary turns into a clean error;
     /// a library user that maps files it does not control must handle SIGBUS itself.
     pub fn open(root: &Path) -> Result<Self> {
-        Self::open_within(root, DEFAULT_MEMORY_BUDGET)
+        Self::open_within(root, DEFAULT_MEMORY_BUDGET, &RunControl::default())
     }
 
     /// [`Checkpoint::open`], with the memory that parsing the index and the shard headers
     /// may take (what the checkpoint keeps of them, and what the parse needs on the way)
     /// bounded by `memory_budget`: a hostile header is refused before it can exhaust memory.
-    pub fn open_within(root: &Path, memory_budget: u64) -> Result<Self> {
+    /// Opening stops with [`Error::Cancelled`] soon after `ctl` is cancelled: between shards,
+    /// and inside the parse of a large header or index.
+    pub fn open_within(root: &Path, memory_budget: u64, ctl: &RunControl) -> Result<Self> {
+        let _watch = json::Watch::new(ctl);
+        // A parse stopped by the watch fails as malformed JSON would: named for what it was.
+        Self::open_watched(root, memory_budget, ctl).map_err(|e| if ctl.is_cancelled() { Error::Cancelled } else { e })
+    }
+
+    fn open_watched(root: &Path, memory_budget: u64, ctl: &RunControl) -> Result<Self> {
         let _allowance = json::Allowance::new(memory_budget);
         let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
         // The index is read once: it names the shards and is checked against them.
@@ -191,6 +200,7 @@ impl Checkpoint {
         let mut shards: Vec<Arc<Shard>> = Vec::with_capacity(names.len());
         let mut by_name: HashMap<String, (usize, usize)> = HashMap::new();
         for name in names {
+            ctl.check()?;
             let path = if layout == Layout::File { root.to_path_buf() } else { root.join(&name) };
             let mut shard = Shard::open(&path, name)?;
             shard.position = shards.len();
@@ -374,5 +384,24 @@ mod tests {
         b.extend_from_slice(&[0; 100]);
         let err = parse_shard(Path::new("d.fapm"), &b).unwrap_err().to_string();
         assert_eq!(err, "d.fapm: is a fapm delta, not a safetensors checkpoint (were the base and the delta swapped?)");
+    }
+
+    /// A cancelled run stops opening: before each shard, and inside a long header's parse.
+    #[test]
+    fn opening_stops_once_cancelled() {
+        let many: Vec<String> = (0..10_000)
+            .map(|i| format!(r#""t{i}":{{"dtype":"U8","shape":[],"data_offsets":[{i},{}]}}"#, i + 1))
+            .collect();
+        let h = format!("{{{}}}", many.join(","));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        std::fs::write(&path, shard_bytes(&h, &[0; 10_000])).unwrap();
+        let ctl = RunControl::default();
+        assert_eq!(Checkpoint::open_within(&path, 1 << 30, &ctl).unwrap().len(), 10_000);
+        ctl.cancel();
+        assert!(matches!(Checkpoint::open_within(&path, 1 << 30, &ctl), Err(Error::Cancelled)));
+        let _watch = json::Watch::new(&ctl);
+        let err = parse(&h, &[0; 10_000]).unwrap_err().to_string();
+        assert!(err.contains(json::CANCELLED), "{err}");
     }
 }
