@@ -9,8 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use fapm_stages::checkpoint::index::missing_shards;
-use fapm_stages::error::{one_line, printable};
+use fapm_stages::error::printable;
 use fapm_stages::format::RepoRecord;
+#[cfg(any(feature = "fetch", test))]
 use fapm_stages::paths;
 use fapm_stages::repo::{cache_folder, check_id, check_revision, is_commit};
 use fapm_stages::Error;
@@ -20,6 +21,7 @@ pub const SCHEME: &str = "hf://";
 /// The revision when none is named.
 pub const DEFAULT_REVISION: &str = "main";
 /// The index file of a sharded checkpoint.
+#[cfg(any(feature = "fetch", test))]
 const INDEX_FILE: &str = fapm_stages::checkpoint::INDEX_FILE;
 
 /// How fapm reaches the Hub, read from the environment as `huggingface_hub` reads it.
@@ -254,6 +256,7 @@ fn delta_in(dir: &Path) -> Result<PathBuf, Error> {
 }
 
 /// Whether a file of a repository is one fapm needs for `want`.
+#[cfg(any(feature = "fetch", test))]
 fn needed(want: Want, file: &str) -> bool {
     if !paths::is_safe_relative(file) || paths::check(file).is_err() {
         return false;
@@ -266,9 +269,18 @@ fn needed(want: Want, file: &str) -> bool {
     }
 }
 
+/// Without the `fetch` feature (the fuzz targets' build): nothing is fetched, and a repo not
+/// in the cache is missing, with the `hf download` command that fetches it.
+#[cfg(not(feature = "fetch"))]
+fn fetch(repo: &CachedRepo, want: Want, env: &Env) -> Result<(PathBuf, String), Error> {
+    Err(repo.missing(want, env, "this fapm was built without fetching (the `fetch` feature)"))
+}
+
 /// Fetches what `want` needs of a repository into the cache with the Hub's client; returns
 /// the snapshot and its commit.
+#[cfg(feature = "fetch")]
 fn fetch(repo: &CachedRepo, want: Want, env: &Env) -> Result<(PathBuf, String), Error> {
+    use fapm_stages::error::one_line;
     use hf_hub::api::sync::ApiBuilder;
     let failed = |why: String| repo.missing(want, env, &format!("fetching it from {} failed: {why}", env.endpoint));
     let api = ApiBuilder::from_cache(hf_hub::Cache::new(env.cache.clone()))
