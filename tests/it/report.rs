@@ -36,26 +36,25 @@ fn many_tiny_pair(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
     (base, ft)
 }
 
-/// Runs fapm with `args` and returns its exit status and its own peak resident memory
-/// (`wait4`'s `ru_maxrss`, of this child alone), in bytes.
-#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child cannot do
+/// Runs fapm with `args` and returns its exit status, its own peak resident memory in bytes,
+/// and its stderr (its stdout is dropped). Through a small Python process that starts it and reads `wait4`'s
+/// `ru_maxrss`: a process started straight from this one would count this test binary's own
+/// peak (other tests' memory) in its `ru_maxrss`, which Linux carries over from the forked copy
+/// into the exec'd program; Python's is a few MB.
 fn run_with_peak(args: &[&str]) -> (i32, u64, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_fapm"))
+    const PEAK: &str = "import os, sys\n\
+        quiet = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]\n\
+        pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ, file_actions=quiet)\n\
+        _, status, usage = os.wait4(pid, 0)\n\
+        print(usage.ru_maxrss)\n\
+        sys.exit(os.waitstatus_to_exitcode(status))\n";
+    let o = Command::new("python3")
+        .args(["-c", PEAK, env!("CARGO_BIN_EXE_fapm")])
         .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut stderr = child.stderr.unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
-    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
-    // SAFETY: `pid` is our own child, not yet waited for; status and usage are valid out-pointers.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4");
-    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
-    (code, usage.ru_maxrss as u64 * 1024, err)
+        .output()
+        .expect("python3 runs fapm");
+    let peak_kb: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().expect("the peak in KiB");
+    (o.status.code().unwrap_or(-1), peak_kb * 1024, String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 /// 400,000 tiny tensors: the report's memory stays far below the 1.36 GB it once took,
