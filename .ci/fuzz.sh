@@ -5,8 +5,17 @@
 # hangs (over 2 s) or takes more memory than the bound. Standalone: `bash .ci/fuzz.sh`.
 # FUZZ_TARGETS="delta paths" runs some targets only; FUZZ_TARGET_DIR (default fuzz/target)
 # may point at a directory kept between runs, to skip the instrumented build's cold cost.
-# Ends with `fuzz: P passed, F failed`.
+# Ends with `fuzz: P passed, F failed`. `fuzz.sh build` stops once the targets are built,
+# `fuzz.sh run` starts from there (tests/all.sh builds them in the background).
 set -uo pipefail
+phase=${1:-all}
+case $phase in
+all | build | run) ;;
+*)
+    echo "usage: $0 [build|run]" >&2
+    exit 2
+    ;;
+esac
 cd "$(dirname "$0")/.."
 root=$PWD
 AFL_VERSION=0.18.2
@@ -22,26 +31,29 @@ say() { echo "fuzz: $*" >&2; }
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_AFFINITY=1 AFL_NO_UI=1
 export AFL_BENCH_UNTIL_CRASH=1
 
-# 1. Tools: a C compiler and make build AFL++ (build-essential); cargo-afl, pinned.
-if ! command -v cc >/dev/null || ! command -v make >/dev/null; then
-    say "installing build-essential"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential) >&2 || exit 1
-fi
-if [[ "$(cargo afl --version 2>/dev/null)" != *"$AFL_VERSION"* ]]; then
-    say "installing cargo-afl $AFL_VERSION (builds AFL++)"
-    cargo install cargo-afl --version "$AFL_VERSION" --locked >&2 || exit 1
-fi
-# AFL++ and its runtime are built once per Rust toolchain; "already built" is fine.
-if ! out=$(cargo afl config --build 2>&1) && [[ "$out" != *"already built"* ]]; then
-    echo "$out" >&2
-    say "could not build AFL++"
-    exit 1
-fi
-say "tools ready after $((SECONDS - t0)) s"
+if [[ $phase != run ]]; then
+    # 1. Tools: a C compiler and make build AFL++ (build-essential); cargo-afl, pinned.
+    if ! command -v cc >/dev/null || ! command -v make >/dev/null; then
+        say "installing build-essential"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential) >&2 || exit 1
+    fi
+    if [[ "$(cargo afl --version 2>/dev/null)" != *"$AFL_VERSION"* ]]; then
+        say "installing cargo-afl $AFL_VERSION (builds AFL++)"
+        cargo install cargo-afl --version "$AFL_VERSION" --locked >&2 || exit 1
+    fi
+    # AFL++ and its runtime are built once per Rust toolchain; "already built" is fine.
+    if ! out=$(cargo afl config --build 2>&1) && [[ "$out" != *"already built"* ]]; then
+        echo "$out" >&2
+        say "could not build AFL++"
+        exit 1
+    fi
+    say "tools ready after $((SECONDS - t0)) s"
 
-# 2. The targets, instrumented (fuzz/ is its own workspace).
-(cd fuzz && CARGO_TARGET_DIR="$target_dir" cargo afl build --release --locked --bins) >&2 || { say "build failed"; exit 1; }
-say "targets built after $((SECONDS - t0)) s"
+    # 2. The targets, instrumented (fuzz/ is its own workspace).
+    (cd fuzz && CARGO_TARGET_DIR="$target_dir" cargo afl build --release --locked --bins) >&2 || { say "build failed"; exit 1; }
+    say "targets built after $((SECONDS - t0)) s"
+    [[ $phase == all ]] || exit 0
+fi
 
 # 3. A short run of each on a copy of its seeds.
 work=$(mktemp -d "${TMPDIR:-/tmp}/fapm-fuzz.XXXXXX")

@@ -6,8 +6,8 @@
 # Chromium. Installs what it needs: Debian's packages (as root), and PyPI's into the
 # repository's own venv, .venv/ (.ci/venv.sh), never into the system's Python. Run on a fresh
 # machine or again on a warm one. Each part prints its time; the last line counts every
-# test of every part. With --lint (.ci/run), rustfmt's check and clippy run first, as a part,
-# while the installs run in the background.
+# test of every part. With --lint (.ci/run), rustfmt's check runs first, as a part, and clippy
+# lints the workspace's crates (and the Python package's) while the build compiles them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lint=
@@ -73,17 +73,36 @@ ready() { # INDEX NAME: waits for the background install INDEX; shows its log if
     fi
     echo "install: $2 ready (waited $((SECONDS - start)) s for it)"
 }
-lint() {
-    cargo fmt --all -- --check
-    cargo clippy --workspace --all-targets -- -D warnings
-}
 lint_time=0
 if [ -n "$lint" ]; then
-    part fmt-clippy lint
+    part fmt cargo fmt --all -- --check
     lint_time=$SECONDS
+    # Clippy lints the workspace's crates as the build compiles them (clippy-driver as the
+    # workspace's compiler wrapper, as `cargo clippy` runs it), so the dependencies are compiled
+    # once, not once checked for clippy and again built for the tests; -D warnings as
+    # `cargo clippy --workspace --all-targets -- -D warnings` would give it. Dependencies never
+    # go through the wrapper.
+    export RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
+    RUSTC_WORKSPACE_WRAPPER=$(rustup which clippy-driver)
 fi
-# The tests' build on its own, so that its time shows apart from the tests' own.
-part build cargo test --workspace --no-run
+# The tests' build on its own, so that its time shows apart from the tests' own; every target
+# (benches and examples too) so that clippy sees them all.
+part build${lint:+-clippy} cargo test --workspace --all-targets --no-run
+# What the later parts build, in the background from here, each beside the others' work: the
+# Python package (a release build whose long serial chain leaves a core free much of the time)
+# and the fuzz targets (cargo-afl and AFL++ on a fresh machine, then the instrumented build).
+# The package's build waits for the pip session installing the test dependencies to end
+# (python.sh install runs it again, a no-op then, or the error if it failed).
+{
+    while kill -0 "${installs[1]}" 2>/dev/null; do sleep 2; done
+    bash .ci/python.sh install
+} >"$log/python-build" 2>&1 &
+installs[3]=$!
+# Not through clippy: cargo-afl's own install and the fuzz workspace are not this workspace.
+FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-/var/cache/fapm-fuzz/target}
+export FUZZ_TARGET_DIR
+env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS bash .ci/fuzz.sh build >"$log/fuzz-build" 2>&1 &
+installs[4]=$!
 # The parts below run the fapm binary that build made for the integration tests (the test
 # profile, with the dev-dependencies' features): `cargo build --bin fapm` alone would build the
 # crate and some of its dependencies again, for their features without the dev-dependencies.
@@ -93,7 +112,10 @@ rust_tests() { cargo test --workspace 2>&1 | tee "$log/rust"; }
 part rust-tests rust_tests
 # A short coverage-guided run of every fuzz target (15 s each, .ci/fuzz.sh); the instrumented
 # build is kept outside the clone (FUZZ_TARGET_DIR), so a machine builds it once.
-fuzz() { FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-/var/cache/fapm-fuzz/target} bash .ci/fuzz.sh 2>&1 | tee "$log/fuzz"; }
+fuzz() {
+    ready 4 fuzz-build
+    bash .ci/fuzz.sh run 2>&1 | tee "$log/fuzz"
+}
 part fuzz fuzz
 slurm() {
     ready 0 debian-packages
@@ -103,13 +125,13 @@ part slurm slurm
 container() {
     ready 0 debian-packages
     ready 2 container-base
-    ready 1 python-packages
+    ready 3 python-build # the one pip session in .venv/ at a time
     bash .ci/container.sh 2>&1 | tee "$log/container"
 }
 part container container
 python_tests() {
-    ready 1 python-packages
-    bash .ci/python.sh 2>&1 | tee "$log/python"
+    ready 3 python-build
+    bash .ci/python.sh test 2>&1 | tee "$log/python"
 }
 part python python_tests
 browser() {
