@@ -15,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use fapm_stages::bounded_json as json;
 use fapm_stages::checkpoint::{parse_header, Checkpoint, INDEX_FILE};
 use fapm_stages::format::{DeltaReader, Manifest, Source};
 use fapm_stages::{Error, Result};
@@ -59,6 +60,9 @@ pub struct ApplySummary {
 /// (or, without an output, only checks: `verify --base`).
 pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
     let start = Instant::now();
+    // One budget: the delta's records and the base's headers take at most half of it; the
+    // window of blocks gets what they leave.
+    let memory = json::RunMemory::new(cfg.memory_budget);
     let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget, ctl)?;
     delta.refuse_part()?;
     let (base_path, recorded_base) = match &cfg.base {
@@ -72,7 +76,7 @@ pub fn apply(cfg: &ApplyConfig, ctl: &RunControl) -> Result<ApplySummary> {
     let staged = cfg.output.as_deref().map(|o| Staged::new(o, kind, cfg.overwrite)).transpose()?;
     let outputs = staged.as_ref().map(|s| create_outputs(m, s, cfg.output.as_deref().unwrap())).transpose()?;
     let pool = pool(cfg.threads)?;
-    let budget = Budget::new(cfg.memory_budget, cfg.threads, m.block_elems);
+    let budget = Budget::new(memory.working(), cfg.threads, m.block_elems);
     let decode = DecodeStage {
         delta: &delta,
         bases: Some(&bases),

@@ -17,9 +17,10 @@ use std::time::Instant;
 use crate::config::PruneConfig;
 use crate::output::{Kind, Staged};
 use crossbeam_channel::bounded;
+use fapm_stages::bounded_json as json;
 use fapm_stages::checkpoint::{Checkpoint, Layout};
 use fapm_stages::format::{
-    DeltaWriter, Manifest, Mode, PartRecord, ShardRecord, SideFile, Source, SparsityRule, TensorRecord,
+    Block, DeltaWriter, Manifest, Mode, PartRecord, ShardRecord, SideFile, Source, SparsityRule, TensorRecord,
     MAX_BLOCK_ELEMS, RAW_BLOCK_BYTES, VERSION,
 };
 use fapm_stages::mask_encode::{MaskEncodeStage, ToWriter};
@@ -85,6 +86,9 @@ const THRESHOLD_AHEAD: usize = 1;
 /// `cfg.part`, into one part of it).
 pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
     let start = Instant::now();
+    // One budget: the checkpoints' headers and the records the delta will hold take at most
+    // half of it; the stages' buffers get what they leave.
+    let memory = json::RunMemory::new(cfg.memory_budget);
     let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget, ctl)?;
     let ft = Checkpoint::open_within(&cfg.finetuned, cfg.memory_budget, ctl)?;
     for s in ft.shards.iter().filter(|_| ft.layout == Layout::Directory) {
@@ -96,6 +100,14 @@ pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
     let total_tensors = tasks.len() as u64;
     // A part prunes its own run of the tensors; part 1 also carries the side files.
     let first = cfg.part.map_or(0, |p| keep_part(&mut tasks, p));
+    json::charge(records_cost(&tasks, &ft, cfg.block_elems)).map_err(|_| {
+        Error::Config(format!(
+            "the headers of these checkpoints and the records of their {} tensors need more than half of the \
+             memory budget ({} MiB); raise --memory-budget",
+            tasks.len(),
+            cfg.memory_budget >> 20
+        ))
+    })?;
     let (side, skipped) = if ft.layout == Layout::Directory && cfg.part.is_none_or(|p| p.index == 1) {
         let shards: Vec<&str> = ft.shards.iter().map(|s| s.name.as_str()).collect();
         side::side_files(&ft.root, &cfg.output, &shards)?
@@ -108,7 +120,7 @@ pub fn prune(cfg: &PruneConfig, ctl: &RunControl) -> Result<PruneSummary> {
     let staged = Staged::new(&cfg.output, Kind::File, cfg.overwrite)?;
     let file = staged.create_file(staged.path())?;
     let mut writer = DeltaWriter::new(file, &cfg.output)?;
-    let records = run_stages(cfg, tasks, &mut writer, ctl)?;
+    let records = run_stages(cfg, memory.working(), tasks, &mut writer, ctl)?;
     ctl.check()?;
 
     let mut side_records = Vec::with_capacity(side.len());
@@ -177,9 +189,27 @@ fn manifest(
     }
 }
 
-/// Runs the stages over `tasks`, the blocks appended to `writer`; returns the tensor records.
+/// What a prune keeps per tensor until the manifest is written, besides the checkpoints'
+/// parsed headers: the task, the tensor's record (its name, shape and a record per block) and
+/// the fine-tuned shards' header texts, which the manifest carries.
+fn records_cost(tasks: &[Task], ft: &Checkpoint, block_elems: u64) -> u64 {
+    let per_tensor = |t: &Task| {
+        let info = t.ft.info();
+        let blocks = info.numel().div_ceil(block_elems).max(info.byte_len().div_ceil(RAW_BLOCK_BYTES)).max(1);
+        (std::mem::size_of::<Task>() + std::mem::size_of::<TensorRecord>()) as u64
+            + json::string_cost(info.name.len())
+            + 8 * info.shape.len() as u64
+            + blocks * std::mem::size_of::<Block>() as u64
+    };
+    let headers: u64 = ft.shards.iter().map(|s| json::string_cost(s.header.len())).sum();
+    tasks.iter().map(per_tensor).sum::<u64>() + headers
+}
+
+/// Runs the stages over `tasks` within `memory_budget` bytes (what the run's metadata leaves
+/// of the budget), the blocks appended to `writer`; returns the tensor records.
 fn run_stages(
     cfg: &PruneConfig,
+    memory_budget: u64,
     tasks: Vec<Task>,
     writer: &mut DeltaWriter,
     ctl: &RunControl,
@@ -191,7 +221,7 @@ fn run_stages(
             cfg.block_elems
         )));
     }
-    let budget = Budget::new(cfg.memory_budget, cfg.threads, cfg.block_elems);
+    let budget = Budget::new(memory_budget, cfg.threads, cfg.block_elems);
     let window = budget.encode_window();
     let hits = HitPool::new(budget.hit_bytes());
     let threshold = ThresholdStage {

@@ -238,6 +238,8 @@ fn workers(budget: u64) -> usize {
 /// Computes everything and writes the heatmaps, `report.json` and `index.html` into the
 /// staged directory; returns the file names written, `index.html` first.
 fn write_report(cfg: &ReportConfig, staged: &Staged, ctl: &RunControl) -> Result<(Vec<String>, ReportSummary), Error> {
+    // One budget: both checkpoints' headers take at most half of it (`bounded_json::RunMemory`).
+    let _memory = fapm_stages::bounded_json::RunMemory::new(cfg.memory_budget);
     let base = Checkpoint::open_within(&cfg.base, cfg.memory_budget, ctl)?;
     let ft = Checkpoint::open_within(&cfg.finetuned, cfg.memory_budget, ctl)?;
     let layout = Layout::new(&base, &ft, &cfg.tensors)?;

@@ -95,6 +95,29 @@ impl Drop for Allowance {
     }
 }
 
+/// The share of a run's memory budget that what the run keeps of its inputs' metadata may
+/// take (parsed headers and indexes, a delta's records, the records a prune builds): half of
+/// it, charged as [`Allowance`] charges, by every reader the run opens while this scope is
+/// alive (their own allowances nest inside it). [`RunMemory::working`] is what is left for the
+/// run's buffers (`run::Budget`), so that the two together stay within the budget.
+pub struct RunMemory {
+    budget: u64,
+    scope: Allowance,
+}
+
+impl RunMemory {
+    /// Opens the scope for a run of `budget` bytes.
+    pub fn new(budget: u64) -> Self {
+        RunMemory { budget, scope: Allowance::new(budget / 2) }
+    }
+
+    /// The budget less the metadata charged so far.
+    pub fn working(&self) -> u64 {
+        let used = self.scope.start.saturating_sub(LEFT.get().unwrap_or(0));
+        self.budget.saturating_sub(used)
+    }
+}
+
 /// Charges `bytes` to the current allowance; `Err(OVER_BUDGET)` once it is spent, and
 /// `Err(CANCELLED)` once a watched run is cancelled.
 pub fn charge(bytes: u64) -> Result<(), &'static str> {

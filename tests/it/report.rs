@@ -1,5 +1,5 @@
-//! `fapm report` through the binary: its memory on a checkpoint of very many tiny tensors
-//! (issue: 400,000 of them once took 1.36 GB), `--memory-budget`, and `report.json`.
+//! `fapm report` and `prune` through the binary: their memory on a checkpoint of very many tiny
+//! tensors (issue: 400,000 of them once took 1.36 GB), `--memory-budget`, and `report.json`.
 #![cfg(feature = "report")]
 
 use std::path::{Path, PathBuf};
@@ -57,20 +57,26 @@ fn run_with_peak(args: &[&str]) -> (i32, u64, String) {
     (o.status.code().unwrap_or(-1), peak_kb * 1024, String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
-/// 400,000 tiny tensors: the report's memory stays far below the 1.36 GB it once took,
-/// within a 64M budget beyond what the two checkpoints' headers take; the page shows 48 of
-/// them one by one and says so, and the whole-model numbers count them all.
+/// 400,000 tiny tensors: one budget holds the run. Their two headers need more than half of
+/// 256M, which is refused up front (exit 1, nothing written); with 512M the report runs and its
+/// peak stays within the budget (1.36 GB once); the page shows 48 of them one by one and says
+/// so, and the whole-model numbers count them all.
 #[test]
-fn report_on_400000_tiny_tensors_stays_bounded() {
+fn report_on_400000_tiny_tensors_stays_within_its_budget() {
     let dir = tempfile::tempdir().unwrap();
     let n = 400_000;
     let (base, ft) = many_tiny_pair(dir.path(), n);
     let out = dir.path().join("report");
-    let args = ["report", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "--memory-budget", "256M", "-q"];
-    let (code, peak, err) = run_with_peak(&args);
+    let args =
+        |budget| ["report", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "--memory-budget", budget, "-q"];
+    let (code, _, err) = run_with_peak(&args("256M"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("ft.safetensors") && err.contains("memory budget"), "{err}");
+    assert!(!out.exists());
+    let (code, peak, err) = run_with_peak(&args("512M"));
     assert_eq!(code, 0, "{err}");
     eprintln!("fapm report on {n} tiny tensors: peak RSS {} MB", peak >> 20);
-    assert!(peak < 400 << 20, "peak RSS {} MB", peak >> 20);
+    assert!(peak < 512 << 20, "peak RSS {} MB", peak >> 20);
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
     assert!(html.contains(&format!("the 48 largest of the {n} tensors")), "the page says which tensors it shows");
     assert!(html.len() < 2 << 20, "the page is {} bytes", html.len());
@@ -78,6 +84,29 @@ fn report_on_400000_tiny_tensors_stays_bounded() {
     assert_eq!(v["tensors"], n);
     assert_eq!(v["candidates"], n.div_ceil(3));
     assert_eq!(v["unchanged_tensors"], n - n.div_ceil(3));
+}
+
+/// 400,000 tiny tensors pruned: the headers and the records the delta will hold need more than
+/// half of 512M, which is refused before anything is written; with 1G the prune runs within it
+/// (816 MB with the default 256M before one budget held the run), and the delta applies.
+#[test]
+fn prune_on_400000_tiny_tensors_stays_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 400_000;
+    let (base, ft) = many_tiny_pair(dir.path(), n);
+    let delta = dir.path().join("d.fapm");
+    let args =
+        |budget| ["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "--memory-budget", budget, "-q"];
+    let (code, _, err) = run_with_peak(&args("512M"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("400000 tensors") && err.contains("raise --memory-budget"), "{err}");
+    assert!(!delta.exists());
+    let (code, peak, err) = run_with_peak(&args("1G"));
+    assert_eq!(code, 0, "{err}");
+    eprintln!("fapm prune on {n} tiny tensors: peak RSS {} MB", peak >> 20);
+    assert!(peak < 1 << 30, "peak RSS {} MB", peak >> 20);
+    let o = crate::util::run(&["verify", s(&delta), "--base", s(&base), "--memory-budget", "1G", "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// `--memory-budget` is checked like the other commands' (bad value: exit 1, nothing written),

@@ -79,10 +79,8 @@ impl DeltaReader {
         // Both texts are held while the manifest is parsed; what it is parsed into, and the
         // shard headers `validate` parses, are charged to what is left of the budget.
         let text = place.len + place.raw_len;
-        if text > memory_budget {
-            return Err(place.error(path, json::OVER_BUDGET));
-        }
-        let _allowance = json::Allowance::new(memory_budget - text);
+        let _allowance = json::Allowance::new(memory_budget);
+        json::charge(text).map_err(|_| place.error(path, json::OVER_BUDGET))?;
         let manifest = {
             let _watch = json::Watch::new(ctl);
             read_manifest(&file, path, &pre, &footer, place)?

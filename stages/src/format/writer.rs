@@ -35,22 +35,62 @@ impl DeltaWriter {
     }
 
     /// Writes the manifest and the footer, flushes and syncs; returns the file's size.
+    ///
+    /// The manifest's text is never held whole (a model of many tensors makes it hundreds of
+    /// MB): it is serialized once to count its bytes, then again into a zstd stream told that
+    /// count in advance (the frame header records it, as a one-shot compression's does), whose
+    /// output goes to the file through the footer's hash. For a manifest of one zstd block (128
+    /// KiB of text) the frame is the one `zstd::bulk::compress` makes; larger ones may differ in
+    /// bytes (not in what they decompress to) from what fapm wrote before.
     pub fn finish(mut self, manifest: &Manifest) -> Result<u64> {
-        let json = serde_json::to_vec(manifest).expect("a manifest always serializes");
-        let packed = zstd::bulk::compress(&json, ZSTD_LEVEL).map_err(|e| Error::io(&self.path, e))?;
+        let io = |path: &Path, e: std::io::Error| Error::io(path, e);
+        let mut counted = Counted { inner: std::io::sink(), hasher: None, len: 0 };
+        serde_json::to_writer(&mut counted, manifest).expect("a manifest always serializes");
+        let raw_len = counted.len;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&preamble(VERSION));
+        let packed = Counted { inner: &mut self.out, hasher: Some(hasher), len: 0 };
+        let mut zstd = zstd::stream::Encoder::new(packed, ZSTD_LEVEL).map_err(|e| io(&self.path, e))?;
+        zstd.set_pledged_src_size(Some(raw_len)).map_err(|e| io(&self.path, e))?;
+        zstd.include_contentsize(true).map_err(|e| io(&self.path, e))?;
+        let mut text = std::io::BufWriter::with_capacity(1 << 16, zstd);
+        serde_json::to_writer(&mut text, manifest).map_err(|e| io(&self.path, e.into()))?;
+        let zstd = text.into_inner().map_err(|e| io(&self.path, e.into_error()))?;
+        let packed = zstd.finish().map_err(|e| io(&self.path, e))?;
+        let (packed_len, mut hasher) = (packed.len, packed.hasher.expect("hashed"));
         let mut footer = Vec::with_capacity(FOOTER_LEN as usize);
         footer.extend_from_slice(&self.offset.to_le_bytes());
-        footer.extend_from_slice(&(packed.len() as u64).to_le_bytes());
-        footer.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        let hash = footer_hash(&preamble(VERSION), &packed, &footer);
-        footer.extend_from_slice(&hash.0);
+        footer.extend_from_slice(&packed_len.to_le_bytes());
+        footer.extend_from_slice(&raw_len.to_le_bytes());
+        hasher.update(&footer);
+        footer.extend_from_slice(hasher.finalize().as_bytes());
         footer.extend_from_slice(&END_MAGIC);
-        let io = |e| Error::io(&self.path, e);
-        self.out.write_all(&packed).map_err(io)?;
-        self.out.write_all(&footer).map_err(io)?;
+        self.out.write_all(&footer).map_err(|e| io(&self.path, e))?;
         let file = self.out.into_inner().map_err(|e| Error::io(&self.path, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&self.path, e))?;
-        Ok(self.offset + packed.len() as u64 + FOOTER_LEN)
+        Ok(self.offset + packed_len + FOOTER_LEN)
+    }
+}
+
+/// A writer that counts what passes through it and, with a hasher, hashes it.
+struct Counted<W> {
+    inner: W,
+    hasher: Option<blake3::Hasher>,
+    len: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
