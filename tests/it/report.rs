@@ -57,6 +57,21 @@ fn run_with_peak(args: &[&str]) -> (i32, u64, String) {
     (o.status.code().unwrap_or(-1), peak_kb * 1024, String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
+/// Runs `args` with the memory budget `refused.0`, which must fail (exit 1, the stderr naming
+/// each of `refused.1`, nothing at `out`), then with `within.0`, which must succeed with a peak
+/// below `within.1` bytes.
+fn refused_then_within(args: &[&str], out: &Path, refused: (&str, &[&str]), within: (&str, u64)) {
+    let with_budget = |budget| [args, &["--memory-budget", budget]].concat();
+    let (code, _, err) = run_with_peak(&with_budget(refused.0));
+    assert_eq!(code, 1, "{err}");
+    assert!(refused.1.iter().all(|m| err.contains(m)), "{err}");
+    assert!(!out.exists());
+    let (code, peak, err) = run_with_peak(&with_budget(within.0));
+    assert_eq!(code, 0, "{err}");
+    eprintln!("fapm {} within {}: peak RSS {} MB", args[0], within.0, peak >> 20);
+    assert!(peak < within.1, "peak RSS {} MB", peak >> 20);
+}
+
 /// 400,000 tiny tensors: one budget holds the run. Their two headers need more than half of
 /// 256M, which is refused up front (exit 1, nothing written); with 512M the report runs and its
 /// peak stays within the budget (1.36 GB once); the page shows 48 of them one by one and says
@@ -67,16 +82,8 @@ fn report_on_400000_tiny_tensors_stays_within_its_budget() {
     let n = 400_000;
     let (base, ft) = many_tiny_pair(dir.path(), n);
     let out = dir.path().join("report");
-    let args =
-        |budget| ["report", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "--memory-budget", budget, "-q"];
-    let (code, _, err) = run_with_peak(&args("256M"));
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("ft.safetensors") && err.contains("memory budget"), "{err}");
-    assert!(!out.exists());
-    let (code, peak, err) = run_with_peak(&args("512M"));
-    assert_eq!(code, 0, "{err}");
-    eprintln!("fapm report on {n} tiny tensors: peak RSS {} MB", peak >> 20);
-    assert!(peak < 512 << 20, "peak RSS {} MB", peak >> 20);
+    let args = ["report", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&out), "-q"];
+    refused_then_within(&args, &out, ("256M", &["ft.safetensors", "memory budget"]), ("512M", 512 << 20));
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
     assert!(html.contains(&format!("the 48 largest of the {n} tensors")), "the page says which tensors it shows");
     assert!(html.len() < 2 << 20, "the page is {} bytes", html.len());
@@ -95,16 +102,9 @@ fn prune_on_400000_tiny_tensors_stays_within_its_budget() {
     let n = 400_000;
     let (base, ft) = many_tiny_pair(dir.path(), n);
     let delta = dir.path().join("d.fapm");
-    let args =
-        |budget| ["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "--memory-budget", budget, "-q"];
-    let (code, _, err) = run_with_peak(&args("512M"));
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("400000 tensors") && err.contains("raise --memory-budget"), "{err}");
-    assert!(!delta.exists());
-    let (code, peak, err) = run_with_peak(&args("1G"));
-    assert_eq!(code, 0, "{err}");
-    eprintln!("fapm prune on {n} tiny tensors: peak RSS {} MB", peak >> 20);
-    assert!(peak < 1 << 30, "peak RSS {} MB", peak >> 20);
+    let args = ["prune", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&delta), "-q"];
+    let refused: (_, &[_]) = ("512M", &["400000 tensors", "raise --memory-budget"]);
+    refused_then_within(&args, &delta, refused, ("1G", 1 << 30));
     let o = crate::util::run(&["verify", s(&delta), "--base", s(&base), "--memory-budget", "1G", "-q"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
