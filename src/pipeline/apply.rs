@@ -133,13 +133,15 @@ pub fn verify(cfg: &VerifyConfig, ctl: &RunControl) -> Result<ApplySummary> {
         return apply(&apply_cfg, ctl);
     }
     let start = Instant::now();
+    let memory = json::RunMemory::new(cfg.memory_budget);
     let delta = DeltaReader::open_within(&cfg.delta, cfg.memory_budget, ctl)?;
     if !cfg.delta_only && delta.manifest.base_repo.is_some() && delta.manifest.part.is_none() {
-        drop(delta);
+        // apply opens it again within a budget of its own.
+        drop((delta, memory));
         return apply(&apply_cfg, ctl);
     }
     let pool = pool(cfg.threads)?;
-    let budget = Budget::new(cfg.memory_budget, cfg.threads, delta.manifest.block_elems);
+    let budget = Budget::new(memory.working(), cfg.threads, delta.manifest.block_elems);
     let decode = DecodeStage {
         delta: &delta,
         bases: None,
