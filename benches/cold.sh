@@ -48,8 +48,9 @@ if [[ ! -f $FT/model.safetensors.index.json ]]; then
         exit 0
     fi
     echo "generating $PAIR ..." >&2
-    "$TARGET/release/examples/gen_pair" --out "$PAIR" ${SHAPE:+--shape "$SHAPE"} ${SHAPE:---params "$PARAMS"} \
-        --shards "$SHARDS" --seed 1 --overwrite
+    size=(--params "$PARAMS")
+    [[ -n $SHAPE ]] && size=(--shape "$SHAPE")
+    "$TARGET/release/examples/gen_pair" --out "$PAIR" "${size[@]}" --shards "$SHARDS" --seed 1 --overwrite
 fi
 mkdir -p "$OUT"
 # apply writes a whole model: only when it fits beside everything else.
