@@ -6,7 +6,6 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::writer::footer_hash;
 use super::{
     block_sizes, Block, Manifest, Mode, ShardRecord, SideFile, Source, SparsityRule, TensorRecord, END_MAGIC,
     FOOTER_LEN, MAGIC, MAX_BLOCK_ELEMS, MAX_MANIFEST_LEN, OLDEST_VERSION, PREAMBLE_LEN, VERSION,
@@ -607,6 +606,16 @@ fn cmp_as_directories(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
 /// A path from a delta as an error shows it: at most 200 characters.
 fn shown(p: &str) -> std::borrow::Cow<'_, str> {
     json::clip(p, 200)
+}
+
+/// The footer's hash: blake3 over the preamble, the compressed manifest, and the footer's
+/// first 24 bytes (manifest offset, length, raw length).
+fn footer_hash(preamble: &[u8], packed_manifest: &[u8], footer_head: &[u8]) -> super::Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(preamble);
+    h.update(packed_manifest);
+    h.update(&footer_head[..24]);
+    h.finalize().into()
 }
 
 #[cfg(test)]

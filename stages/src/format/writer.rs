@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use super::{preamble, Block, Hash, Manifest, END_MAGIC, FOOTER_LEN, PREAMBLE_LEN, VERSION, ZSTD_LEVEL};
+use super::{preamble, Block, Manifest, END_MAGIC, FOOTER_LEN, PREAMBLE_LEN, VERSION, ZSTD_LEVEL};
 use crate::error::{Error, Result};
 
 /// Appends blocks to a delta file and finishes it with the manifest and footer.
@@ -43,20 +43,22 @@ impl DeltaWriter {
     /// KiB of text) the frame is the one `zstd::bulk::compress` makes; larger ones may differ in
     /// bytes (not in what they decompress to) from what fapm wrote before.
     pub fn finish(mut self, manifest: &Manifest) -> Result<u64> {
-        let io = |path: &Path, e: std::io::Error| Error::io(path, e);
+        let path = self.path.clone();
+        let io = |e: std::io::Error| Error::io(&path, e);
         let mut counted = Counted { inner: std::io::sink(), hasher: None, len: 0 };
         serde_json::to_writer(&mut counted, manifest).expect("a manifest always serializes");
         let raw_len = counted.len;
+        // The footer's hash: the preamble, the compressed manifest as it is written, then the
+        // footer's first 24 bytes (the reader's `footer_hash` over the same bytes).
         let mut hasher = blake3::Hasher::new();
         hasher.update(&preamble(VERSION));
         let packed = Counted { inner: &mut self.out, hasher: Some(hasher), len: 0 };
-        let mut zstd = zstd::stream::Encoder::new(packed, ZSTD_LEVEL).map_err(|e| io(&self.path, e))?;
-        zstd.set_pledged_src_size(Some(raw_len)).map_err(|e| io(&self.path, e))?;
-        zstd.include_contentsize(true).map_err(|e| io(&self.path, e))?;
+        let mut zstd = zstd::stream::Encoder::new(packed, ZSTD_LEVEL).map_err(io)?;
+        zstd.set_pledged_src_size(Some(raw_len)).map_err(io)?;
+        zstd.include_contentsize(true).map_err(io)?;
         let mut text = std::io::BufWriter::with_capacity(1 << 16, zstd);
-        serde_json::to_writer(&mut text, manifest).map_err(|e| io(&self.path, e.into()))?;
-        let zstd = text.into_inner().map_err(|e| io(&self.path, e.into_error()))?;
-        let packed = zstd.finish().map_err(|e| io(&self.path, e))?;
+        serde_json::to_writer(&mut text, manifest).map_err(|e| io(e.into()))?;
+        let packed = text.into_inner().map_err(|e| io(e.into_error()))?.finish().map_err(io)?;
         let (packed_len, mut hasher) = (packed.len, packed.hasher.expect("hashed"));
         let mut footer = Vec::with_capacity(FOOTER_LEN as usize);
         footer.extend_from_slice(&self.offset.to_le_bytes());
@@ -65,9 +67,9 @@ impl DeltaWriter {
         hasher.update(&footer);
         footer.extend_from_slice(hasher.finalize().as_bytes());
         footer.extend_from_slice(&END_MAGIC);
-        self.out.write_all(&footer).map_err(|e| io(&self.path, e))?;
-        let file = self.out.into_inner().map_err(|e| Error::io(&self.path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        self.out.write_all(&footer).map_err(io)?;
+        let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
         Ok(self.offset + packed_len + FOOTER_LEN)
     }
 }
@@ -92,14 +94,4 @@ impl<W: Write> Write for Counted<W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
-}
-
-/// The footer's hash: blake3 over the preamble, the compressed manifest, and the footer's
-/// first 24 bytes (manifest offset, length, raw length).
-pub(super) fn footer_hash(preamble: &[u8], packed_manifest: &[u8], footer_head: &[u8]) -> Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(preamble);
-    h.update(packed_manifest);
-    h.update(&footer_head[..24]);
-    h.finalize().into()
 }
