@@ -6,22 +6,50 @@
 //! budget has room; the mask + encode stage hands each buffer back when it is done with the
 //! chunk, and later chunks reuse it (fresh buffers would be page-faulted in for every
 //! chunk). Buffers count against the budget for as long as they exist.
+//!
+//! A chunk whose hits find no room is scored twice more (the low pass and the masker), so
+//! before a tensor's high pass the threshold stage waits for the masker to give back the
+//! room the tensor needs ([`HitPool::wait_for_room`]): the stage runs ahead of the masker,
+//! and waiting costs less than scoring again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
+use crate::run::RunControl;
 use crate::threshold::select::{Gather, Hits};
+use crate::Result;
 
 /// Buffers for gathered hits, bounded by [`super::Budget::hit_bytes`].
 pub struct HitPool {
+    /// The bytes the pool may hold.
+    total: u64,
+    /// Bytes not allocated to a buffer.
     left: AtomicU64,
     spare: Mutex<Vec<Hits>>,
+    /// Signalled whenever a buffer comes back.
+    returned: Condvar,
 }
 
 impl HitPool {
     /// A pool that may hold `bytes` of hits.
     pub fn new(bytes: u64) -> Self {
-        HitPool { left: AtomicU64::new(bytes), spare: Mutex::new(Vec::new()) }
+        HitPool { total: bytes, left: AtomicU64::new(bytes), spare: Mutex::new(Vec::new()), returned: Condvar::new() }
+    }
+
+    /// Waits until `bytes` (or the whole pool, if less) are free, or until no buffer is held
+    /// (when nothing more can come back). Stops on cancellation.
+    pub fn wait_for_room(&self, bytes: u64, ctl: &RunControl) -> Result<()> {
+        let need = bytes.min(self.total);
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let free = self.left.load(Ordering::Relaxed) + spare.iter().map(Hits::capacity_bytes).sum::<u64>();
+            if free >= need || free >= self.total {
+                return Ok(());
+            }
+            ctl.check()?;
+            spare = self.returned.wait_timeout(spare, Duration::from_millis(20)).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 
     fn take(&self, bytes: u64) -> bool {
@@ -76,6 +104,75 @@ impl Drop for HeldHits<'_> {
         let hits = std::mem::take(&mut self.hits);
         if hits.capacity_bytes() > 0 {
             self.pool.spare.lock().unwrap_or_else(|e| e.into_inner()).push(hits);
+            self.pool.returned.notify_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::threshold::select::Histogram;
+    use crate::Error;
+
+    /// A chunk's worth of `n` gathered hits.
+    fn gathered(n: usize) -> Gather {
+        let mut g = Gather::default();
+        g.start(n);
+        let mut high = Histogram::default();
+        g.add(&vec![7u32; n], 1, 0, &mut high);
+        assert!(g.finish(&mut high));
+        assert_eq!(g.len(), n);
+        g
+    }
+
+    #[test]
+    fn room_that_is_free_is_not_waited_for() {
+        let pool = HitPool::new(Hits::bytes_for(8192));
+        let ctl = RunControl::default();
+        let held = pool.hold(&gathered(6000)).expect("the pool has room");
+        // 6144 hits' buffer (its size class) taken, 2048 hits' room left.
+        pool.wait_for_room(Hits::bytes_for(2048), &ctl).unwrap();
+        // Nothing held: more than the pool never waits.
+        drop(held);
+        pool.wait_for_room(Hits::bytes_for(1 << 20), &ctl).unwrap();
+    }
+
+    #[test]
+    fn waiting_for_room_ends_when_the_hits_come_back() {
+        let pool = HitPool::new(Hits::bytes_for(8192));
+        let ctl = RunControl::default();
+        let held = pool.hold(&gathered(6000)).expect("the pool has room");
+        let returned = AtomicBool::new(false);
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(60));
+                returned.store(true, Ordering::SeqCst);
+                drop(held);
+            });
+            // The whole pool: free only once the buffer is back (as a spare, reusable).
+            pool.wait_for_room(Hits::bytes_for(8192), &ctl).unwrap();
+            assert!(returned.load(Ordering::SeqCst), "returned after {:?} with the hits still held", t0.elapsed());
+        });
+        // And the room is there: a chunk of the pool's whole size is held.
+        assert!(pool.hold(&gathered(8192)).is_some());
+    }
+
+    #[test]
+    fn waiting_for_room_stops_when_cancelled() {
+        let pool = HitPool::new(Hits::bytes_for(8192));
+        let ctl = RunControl::default();
+        let _held = pool.hold(&gathered(6000)).expect("the pool has room");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                ctl.cancel();
+            });
+            assert!(matches!(pool.wait_for_room(Hits::bytes_for(8192), &ctl), Err(Error::Cancelled)));
+        });
     }
 }

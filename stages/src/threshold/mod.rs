@@ -26,7 +26,7 @@ use crate::{Error, Result};
 use crossbeam_channel::Sender;
 use rayon::prelude::*;
 use score::{mean_abs, sum_abs, Metric, Scorer};
-use select::{floor, plan, Bins, Cut, Gather, Histogram, ThresholdMode};
+use select::{floor, plan, Bins, Cut, Gather, Histogram, Hits, ThresholdMode};
 
 use crate::read::{chunks, Chunk, PairReader, Task, TensorReader};
 use crate::run::RunControl;
@@ -132,6 +132,10 @@ impl<'a> ThresholdStage<'a> {
         // Room to gather a chunk's hits: twice the kept fraction, as the floor aims at 1.125 k
         // (a chunk with more is counted but scored again by the masker).
         let room = (self.block_elems as u128 * 2 * task.keep as u128 / n as u128) as usize + 4096;
+        // The room the hits are likely to take (about 1.2 k from a floor, every candidate
+        // without one; a quarter more for the buffers' size classes), or the whole pool.
+        let expected = if floor > 1 { task.keep + task.keep / 5 } else { n };
+        self.hits.wait_for_room(Hits::bytes_for(expected as usize) / 4 * 5, self.ctl)?;
         let (mut scans, mut passes) = (Vec::new(), Vec::new());
         let cut = plan(task.keep, self.mode, floor, |bins| {
             self.ctl.check()?;
