@@ -10,7 +10,7 @@
 //! of reading and computing, not their sum.
 //!
 //! It stays a bounded distance ahead of the tensor the stages are on ([`ahead_bytes`]: an
-//! eighth of the memory the process can fill, at most 1 GiB), so a run inside a memory limit
+//! eighth of the memory the process can fill, at most 4 GiB), so a run inside a memory limit
 //! smaller than its inputs does not evict what it is about to use. What it brings in is page
 //! cache, which SPEC section 9 does not charge to the budget; it allocates nothing that grows
 //! with the model.
@@ -28,7 +28,7 @@ use super::Task;
 
 /// The most the reader goes beyond where the stages are; less when memory is short
 /// ([`ahead_bytes`]).
-pub const MAX_AHEAD_BYTES: u64 = 1 << 30;
+pub const MAX_AHEAD_BYTES: u64 = 4 << 30;
 
 /// The least it goes beyond: a few steps.
 const MIN_AHEAD_BYTES: u64 = 32 << 20;
