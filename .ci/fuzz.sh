@@ -8,15 +8,10 @@
 # Ends with `fuzz: P passed, F failed`. `fuzz.sh build` stops once the targets are built,
 # `fuzz.sh run` starts from there (tests/all.sh builds them in the background).
 set -uo pipefail
-phase=${1:-all}
-case $phase in
-all | build | run) ;;
-*)
-    echo "usage: $0 [build|run]" >&2
-    exit 2
-    ;;
-esac
-cd "$(dirname "$0")/.."
+# shellcheck source=.ci/lib.sh
+. "$(dirname "$0")/lib.sh"
+phase_of build run "$@"
+cd "$(dirname "$0")/.." || exit 1
 root=$PWD
 AFL_VERSION=0.18.2
 secs=${FUZZ_SECONDS:-15}

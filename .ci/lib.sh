@@ -1,6 +1,8 @@
 # shellcheck shell=bash
-# Sourced by the CI parts that run the fapm binary (.ci/slurm.sh, .ci/container.sh): timing,
-# failing with one message, and finding the binary. Needs `repo` (the repository's root).
+# Sourced by the CI parts: timing, failing with one message and finding the binary (the parts
+# that run it, .ci/slurm.sh and .ci/container.sh: `find_fapm` needs `repo`, the repository's
+# root), and the phase argument of the parts tests/all.sh runs in two steps (.ci/python.sh,
+# .ci/fuzz.sh).
 
 now() { date +%s.%N; }
 # Seconds since a time taken with `now`, to a tenth.
@@ -20,4 +22,17 @@ find_fapm() {
     fi
     FAPM=$(realpath "$FAPM")
     [ -x "$FAPM" ] || fail "$FAPM is not an executable"
+}
+
+# phase_of FIRST SECOND "$@": sets `phase` to the script's argument, FIRST or SECOND (its two
+# steps), or `all` (the default: both); anything else is a usage error.
+phase_of() {
+    phase=${3:-all}
+    case $phase in
+    all | "$1" | "$2") ;;
+    *)
+        echo "usage: $0 [$1|$2]" >&2
+        exit 2
+        ;;
+    esac
 }

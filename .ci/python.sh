@@ -7,14 +7,9 @@
 # installed, `python.sh test` starts from there (tests/all.sh builds the package in the
 # background while other parts run).
 set -euo pipefail
-phase=${1:-all}
-case $phase in
-all | install | test) ;;
-*)
-    echo "usage: $0 [install|test]" >&2
-    exit 2
-    ;;
-esac
+# shellcheck source=.ci/lib.sh
+. "$(dirname "$0")/lib.sh"
+phase_of install test "$@"
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
