@@ -21,7 +21,8 @@ characters from file and tensor names escaped); Ctrl-C interrupts a long call
 Every entry point that reads a delta or a checkpoint takes ``memory_budget=`` (the command
 line's ``--memory-budget``: ``"256M"``, ``"4G"``, ...; default 256 MiB) and, where the work runs
 on a thread pool, ``threads=`` (default: every core). The budget bounds fapm's own memory: the
-manifest, the blocks in flight and their buffers, whatever the thread count. The arrays a call
+manifest, the blocks in flight and their buffers, whatever the thread count; a delta and the
+base opened with it share one budget, as in ``fapm apply``. The arrays a call
 returns are not counted, except bytes that no base bounds (a tensor stored whole, the added rows
 of a resized vocabulary): those are allocated only up to the budget, or 64 times their
 compressed size in the delta if that is more, so that a small hostile delta cannot ask for
@@ -132,8 +133,11 @@ def _not_a_delta(path, call: str, base, budget) -> Optional[FapmError]:
     return _error(f"{what} (a delta is what fapm.prune or `fapm prune` writes)")
 
 
-def _checkpoint(path, memory_budget: Union[str, int, None]) -> _Checkpoint:
-    return _Checkpoint(path, memory_budget=_options.size("memory_budget", memory_budget))
+def _checkpoint(path, memory_budget: Union[str, int, None], beside: Optional[_Delta] = None) -> _Checkpoint:
+    """Opens the checkpoint ``path``; as the base of ``beside``, within what that delta's records
+    leave of the budget's metadata half (one budget for both, as in ``fapm apply``)."""
+    charged = beside.metadata_bytes if beside is not None else 0
+    return _Checkpoint(path, memory_budget=_options.size("memory_budget", memory_budget), charged=charged)
 
 
 def _error(msg: str) -> FapmError:
@@ -276,7 +280,7 @@ class safe_open:
         self._delta = _delta(delta, threads, memory_budget, "safe_open", base)
         if base is None:
             base = self._delta.recorded_base()
-        self._base = _checkpoint(base, memory_budget)
+        self._base = _checkpoint(base, memory_budget, self._delta)
 
     def __enter__(self) -> "safe_open":
         return self
@@ -722,7 +726,7 @@ def iter_patches(
     d = _delta(delta, threads, memory_budget, "iter_patches", base)
     tgt, src = None, None
     if _is_path(base):
-        src = _checkpoint(base, memory_budget)
+        src = _checkpoint(base, memory_budget, d)
     else:
         tgt = _Target(base, rename, d.names())
     if framework is None:

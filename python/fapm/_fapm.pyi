@@ -24,7 +24,9 @@ class Checkpoint:
     """A base checkpoint (a .safetensors file, a directory of shards, or a Hugging Face repo id
     found in the cache or fetched), memory-mapped."""
 
-    def __new__(cls, path: _Path, *, memory_budget: Optional[str] = None) -> "Checkpoint": ...
+    def __new__(cls, path: _Path, *, memory_budget: Optional[str] = None, charged: int = 0) -> "Checkpoint":
+        """``charged``: the bytes of the budget's metadata half already taken by the delta this
+        checkpoint is the base of (``Delta.metadata_bytes``): both stay within one budget."""
     @property
     def path(self) -> str: ...
 
@@ -43,6 +45,9 @@ class Delta:
     ) -> "Delta": ...
     @property
     def path(self) -> str: ...
+    @property
+    def metadata_bytes(self) -> int:
+        """The bytes of the memory budget the delta's records take (of the half metadata may use)."""
     def recorded_base(self) -> str:
         """The base checkpoint the delta records (repo id and commit), found in the Hugging Face
         cache or fetched."""

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use fapm::config::{options, ApplyConfig, InspectConfig, VerifyConfig};
 use fapm::{Error, RunControl};
+use fapm_stages::bounded_json::{self as json, RunMemory};
 use fapm_stages::checkpoint::Checkpoint as RustCheckpoint;
 use fapm_stages::decode::in_memory::Delta as RustDelta;
 use fapm_stages::error::one_line;
@@ -236,14 +237,21 @@ struct Checkpoint {
 
 #[pymethods]
 impl Checkpoint {
+    /// `charged`: the bytes of the budget's metadata half that the delta this checkpoint is
+    /// the base of already takes ([`Delta::metadata_bytes`]), so that the two together stay
+    /// within one budget, as in `fapm apply`.
     #[new]
-    #[pyo3(signature = (path, *, memory_budget = None))]
-    fn new(py: Python<'_>, path: PathBuf, memory_budget: Option<String>) -> PyResult<Self> {
+    #[pyo3(signature = (path, *, memory_budget = None, charged = 0))]
+    fn new(py: Python<'_>, path: PathBuf, memory_budget: Option<String>, charged: u64) -> PyResult<Self> {
         let run = options::Run { threads: None, memory_budget };
         let (_, budget) = run.check().map_err(|e| to_py(e, None))?;
         let hub = fapm::hub::Env::read(env);
         let path = pipeline(py, |_| fapm::hub::resolve_text(&path, None, fapm::hub::Want::Weights, &hub))?.path;
-        let inner = pipeline(py, |ctl| RustCheckpoint::open_within(&path, budget, ctl))?;
+        let inner = pipeline(py, |ctl| {
+            let _memory = RunMemory::new(budget);
+            json::charge(charged).map_err(|e| Error::invalid(&path, e))?;
+            RustCheckpoint::open_within(&path, budget, ctl)
+        })?;
         Ok(Checkpoint { inner })
     }
 
@@ -260,6 +268,8 @@ struct Delta {
     inner: Arc<RustDelta>,
     /// The checked memory budget, which also bounds what no base bounds ([`unbounded_limit`]).
     budget: u64,
+    /// What its metadata took of the budget's metadata half (`RunMemory`).
+    metadata: u64,
 }
 
 impl Delta {
@@ -282,8 +292,19 @@ impl Delta {
         let (threads, budget) = options::Run { threads, memory_budget }.check().map_err(|e| to_py(e, None))?;
         let named = options::Delta { name: path, revision };
         let path = pipeline(py, |_| named.resolve(&fapm::hub::Env::read(env)))?;
-        let inner = pipeline(py, |ctl| RustDelta::open(&path, budget, threads, ctl))?;
-        Ok(Delta { inner: Arc::new(inner), budget })
+        let (inner, metadata) = pipeline(py, |ctl| {
+            let memory = RunMemory::new(budget);
+            let delta = RustDelta::open(&path, budget, threads, ctl)?;
+            Ok((delta, budget - memory.working()))
+        })?;
+        Ok(Delta { inner: Arc::new(inner), budget, metadata })
+    }
+
+    /// The bytes of the memory budget the delta's records take (of the half that metadata
+    /// may use): what its base checkpoint is opened beside ([`Checkpoint::new`]'s `charged`).
+    #[getter]
+    fn metadata_bytes(&self) -> u64 {
+        self.metadata
     }
 
     /// The base checkpoint the delta records (its repo id and commit), found in the Hugging

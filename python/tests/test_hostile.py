@@ -29,6 +29,9 @@ SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1}
 MAX_BLOCK_ELEMS = 1 << 22
 # Far more than an honest run here needs, far less than the hostile files ask for.
 MEMORY_LIMIT = 1 << 30
+# Tiny tensors whose delta records and base header (with three times as many tensors) each fit
+# half of a 64M budget, not both.
+TINY_TENSORS = 20_000
 
 
 # -- Crafting ------------------------------------------------------------------------------
@@ -263,6 +266,39 @@ def test_a_whole_tensor_from_a_zip_bomb_is_bounded_by_the_budget(cases, tmp_path
     assert got.shape == (128 << 20,) and not got.any()
     with pytest.raises(fapm.FapmError, match="no base tensor bounds"):
         fapm.load_file(good, c.base, memory_budget="64M")
+
+
+def test_a_delta_and_its_base_share_one_budget(fapm_bin, tmp_path):
+    """``load_file``, ``safe_open`` and ``iter_patches`` open the delta and its base within one
+    budget, as ``fapm apply`` does: records and headers that each fit the budget's metadata
+    half alone, but not together, are refused, and open within a budget twice as large."""
+    rng = np.random.default_rng(7)
+    ft = {f"layer.{i}.w": rng.standard_normal(2).astype(np.float32) for i in range(TINY_TENSORS)}
+    base = {k: v * 2 for k, v in ft.items()}
+    # Tensors only the base has (ignored) make its header the larger part.
+    base.update({f"unused.{i}.w": np.zeros(2, np.float32) for i in range(3 * TINY_TENSORS)})
+    b, f, delta = tmp_path / "base.safetensors", tmp_path / "ft.safetensors", tmp_path / "d.fapm"
+    save_file(base, str(b))
+    save_file(ft, str(f))
+    run(fapm_bin, "prune", "--base", b, "--finetuned", f, "--output", delta, "--sparsity", "0", "--quiet")
+    d = fapm._fapm.Delta(delta, memory_budget="64M")
+    assert 0 < d.metadata_bytes < 32 << 20, d.metadata_bytes
+    fapm._fapm.Checkpoint(b, memory_budget="64M")  # alone, it fits
+    over = "needs more memory than the memory budget allows"
+    with pytest.raises(fapm.FapmError, match=over):
+        fapm._fapm.Checkpoint(b, memory_budget="64M", charged=d.metadata_bytes)
+    with pytest.raises(fapm.FapmError, match=over):
+        fapm.load_file(delta, b, memory_budget="64M")
+    with pytest.raises(fapm.FapmError, match=over):
+        fapm.safe_open(delta, b, memory_budget="64M")
+    with pytest.raises(fapm.FapmError, match=over):
+        next(fapm.iter_patches(delta, b, memory_budget="64M"))
+    # Within twice the budget (a whole load_file of 20,000 tensors takes seconds: the two
+    # calls that open the same way and read one tensor show it).
+    got = fapm.safe_open(delta, b, memory_budget="128M").get_tensor("layer.7.w")
+    assert_same(got, ft["layer.7.w"], "layer.7.w")
+    name, _, values = next(fapm.iter_patches(delta, b, memory_budget="128M"))
+    assert name == "layer.0.w" and len(values) == 2
 
 
 # -- Part deltas ------------------------------------------------------------------------------
