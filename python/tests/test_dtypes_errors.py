@@ -169,7 +169,10 @@ def test_commands_return_the_cli_json(cases, fapm_bin, tmp_path):
 # landed and whether the target is the base, the fine-tune, or (never) a mix.
 CHILD = textwrap.dedent(
     """
-    import sys, time, hashlib, numpy as np, ml_dtypes, fapm
+    import signal, sys, time, hashlib, numpy as np, ml_dtypes, fapm
+    # Ctrl-C raises KeyboardInterrupt even when this test runs where SIGINT is ignored (a
+    # non-interactive shell's background job), which Python would otherwise inherit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from safetensors.numpy import load_file
     base = load_file(sys.argv[1])
     what, delta = sys.argv[3], sys.argv[2]
