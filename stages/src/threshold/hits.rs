@@ -14,11 +14,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::run::RunControl;
 use crate::threshold::select::{Gather, Hits};
 use crate::Result;
+
+/// The longest [`HitPool::wait_for_room`] waits: longer than the masker takes to encode the
+/// largest tensor that fits the pool, short enough that a masker that is gone (a stage that
+/// panicked) does not hang the run.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// Buffers for gathered hits, bounded by [`super::Budget::hit_bytes`].
 pub struct HitPool {
@@ -38,13 +43,15 @@ impl HitPool {
     }
 
     /// Waits until `bytes` (or the whole pool, if less) are free, or until no buffer is held
-    /// (when nothing more can come back). Stops on cancellation.
+    /// (when nothing more can come back), or [`MAX_WAIT`] has passed (the holder is gone, say:
+    /// then chunks are scored again, as without waiting). Stops on cancellation.
     pub fn wait_for_room(&self, bytes: u64, ctl: &RunControl) -> Result<()> {
         let need = bytes.min(self.total);
+        let deadline = Instant::now() + MAX_WAIT;
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let free = self.left.load(Ordering::Relaxed) + spare.iter().map(Hits::capacity_bytes).sum::<u64>();
-            if free >= need || free >= self.total {
+            if free >= need || free >= self.total || Instant::now() >= deadline {
                 return Ok(());
             }
             ctl.check()?;
@@ -112,7 +119,6 @@ impl Drop for HeldHits<'_> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicBool;
-    use std::time::Instant;
 
     use super::*;
     use crate::threshold::select::Histogram;
