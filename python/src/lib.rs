@@ -295,7 +295,7 @@ impl Delta {
         let (inner, metadata) = pipeline(py, |ctl| {
             let memory = RunMemory::new(budget);
             let delta = RustDelta::open(&path, budget, threads, ctl)?;
-            Ok((delta, budget - memory.working()))
+            Ok((delta, memory.used()))
         })?;
         Ok(Delta { inner: Arc::new(inner), budget, metadata })
     }

@@ -111,10 +111,14 @@ impl RunMemory {
         RunMemory { budget, scope: Allowance::new(budget / 2) }
     }
 
+    /// The metadata charged so far.
+    pub fn used(&self) -> u64 {
+        self.scope.start.saturating_sub(LEFT.get().unwrap_or(0))
+    }
+
     /// The budget less the metadata charged so far.
     pub fn working(&self) -> u64 {
-        let used = self.scope.start.saturating_sub(LEFT.get().unwrap_or(0));
-        self.budget.saturating_sub(used)
+        self.budget.saturating_sub(self.used())
     }
 }
 
