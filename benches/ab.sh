@@ -49,8 +49,7 @@ if [[ $COLD == 1 ]]; then
     [[ -w /proc/sys/vm/drop_caches ]] || { echo "COLD=1 needs root (it drops the page cache)" >&2; exit 1; }
     case $CMD in
     prune) INPUTS=("$PAIR"/base/*.safetensors "$PAIR"/ft/*.safetensors) ;;
-    verify) INPUTS=("$PAIR"/base/*.safetensors "$OUT/in.fapm") ;;
-    apply) INPUTS=("$PAIR"/base/*.safetensors "$OUT/in.fapm") ;;
+    verify | apply) INPUTS=("$PAIR"/base/*.safetensors "$OUT/in.fapm") ;;
     esac
 else
     cat "$PAIR"/base/*.safetensors "$PAIR"/ft/*.safetensors >/dev/null
