@@ -46,8 +46,13 @@ impl HitPool {
     /// (when nothing more can come back), or [`MAX_WAIT`] has passed (the holder is gone, say:
     /// then chunks are scored again, as without waiting). Stops on cancellation.
     pub fn wait_for_room(&self, bytes: u64, ctl: &RunControl) -> Result<()> {
+        self.wait_for_room_within(bytes, ctl, MAX_WAIT)
+    }
+
+    /// [`HitPool::wait_for_room`], waiting at most `longest`.
+    fn wait_for_room_within(&self, bytes: u64, ctl: &RunControl, longest: Duration) -> Result<()> {
         let need = bytes.min(self.total);
-        let deadline = Instant::now() + MAX_WAIT;
+        let deadline = Instant::now() + longest;
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let free = self.left.load(Ordering::Relaxed) + spare.iter().map(Hits::capacity_bytes).sum::<u64>();
@@ -166,6 +171,17 @@ mod tests {
         });
         // And the room is there: a chunk of the pool's whole size is held.
         assert!(pool.hold(&gathered(8192)).is_some());
+    }
+
+    #[test]
+    fn waiting_for_room_gives_up_when_nothing_comes_back() {
+        let pool = HitPool::new(Hits::bytes_for(8192));
+        let ctl = RunControl::default();
+        let _held = pool.hold(&gathered(6000)).expect("the pool has room");
+        let t0 = Instant::now();
+        pool.wait_for_room_within(Hits::bytes_for(8192), &ctl, Duration::from_millis(80)).unwrap();
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(80) && waited < Duration::from_secs(5), "waited {waited:?}");
     }
 
     #[test]
