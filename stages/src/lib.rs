@@ -20,6 +20,7 @@ pub mod paths;
 pub mod read;
 pub mod repo;
 pub mod run;
+pub mod simd;
 pub mod threshold;
 pub mod write;
 pub mod writeback;

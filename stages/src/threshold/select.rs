@@ -155,6 +155,11 @@ impl Histogram {
 
     /// Counts the high 16 bits of the candidate keys among `keys`.
     pub fn add_high(&mut self, keys: &[u32]) {
+        crate::simd::widest(|| self.add_high_in(keys))
+    }
+
+    #[inline(always)]
+    fn add_high_in(&mut self, keys: &[u32]) {
         // The count and the range first, in one pass that vectorizes (NOT_CANDIDATE is 0, so
         // the smallest candidate is the smallest `k - 1`, wrapping, plus one), a cache-sized
         // part at a time (the part's count fits 32-bit lanes).
@@ -184,6 +189,11 @@ impl Histogram {
 
     /// Counts the low 16 bits of the candidate keys among `keys` whose high 16 bits are `bin`.
     pub fn add_low(&mut self, bin: u32, keys: &[u32]) {
+        crate::simd::widest(|| self.add_low_in(bin, keys))
+    }
+
+    #[inline(always)]
+    fn add_low_in(&mut self, bin: u32, keys: &[u32]) {
         // Few keys fall in the bin: test them a group at a time (vectorized), visit the hits.
         let (mut lo, mut hi, mut n) = (BINS, 0, 0);
         let counts = self.table();
@@ -427,9 +437,9 @@ impl Cut {
     /// The number of boundary candidates among `keys`.
     pub fn at_level_in(&self, keys: &[u32]) -> u64 {
         match *self {
-            Cut::Level { shift, level, .. } => {
+            Cut::Level { shift, level, .. } => crate::simd::widest(|| {
                 keys.iter().filter(|&&k| k != NOT_CANDIDATE && k >> shift == level).count() as u64
-            }
+            }),
             _ => 0,
         }
     }

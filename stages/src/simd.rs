@@ -1,0 +1,39 @@
+//! Running a portable loop on the widest vector instructions the CPU has.
+//!
+//! The hot loops are written once, portably, and inlined; [`widest`] runs one inside a
+//! function compiled for AVX-512 (or AVX2), chosen at run time, where the compiler vectorizes
+//! it for those lanes. The operations are the same, so the results are the same bits: only
+//! the width changes. (The key loop has its own copies, in `threshold/score.rs`.)
+
+/// Calls `f` compiled for AVX-512 F + BW, or AVX2, when the CPU has them; else as it is.
+/// Whatever `f` inlines is vectorized for those instructions.
+#[inline(always)]
+pub fn widest<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            // SAFETY: the CPU supports AVX-512 F, BW and VL, checked just above.
+            return unsafe { avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
