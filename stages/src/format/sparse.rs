@@ -147,6 +147,89 @@ pub fn encode_sparse_in_pieces(
     len
 }
 
+/// [`Values::encode`] for 2-byte elements, one kept position at a time. The arguments are
+/// those of [`encode_pairs_avx512`].
+fn encode_pairs(kept: &[u32], start: usize, ft: &[[u8; 2]], out: &mut [[u8; 2]], hi: &mut [u8], lo: &mut [u8]) {
+    for ((&i, h), l) in kept.iter().zip(hi).zip(lo) {
+        let (f, o) = (ft[i as usize - start], &mut out[i as usize - start]);
+        let z = delta_value(le_bits(&f), le_bits(o), 2);
+        (*h, *l) = ((z >> 8) as u8, z as u8);
+        *o = f;
+    }
+}
+
+/// The most elements of a piece the vector copy of [`Values::encode`] takes at once.
+const MAX_PIECE_ELEMS: usize = PIECE_BYTES / 2;
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vbmi2() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vbmi2")
+        && std::arch::is_x86_feature_detected!("popcnt")
+}
+
+/// [`Values::encode`] for 2-byte elements with AVX-512, 32 elements at a time: the kept
+/// positions of a piece as a bit mask, then for each group of 32 with one kept, the values of
+/// every element computed at once (as [`delta_value`] does, on 16-bit lanes), the kept ones'
+/// packed to the front (`vpcompressw`) and stored to the planes, and the kept fine-tuned
+/// elements stored into the piece under the mask. The fine-tuned bytes are read in order, a
+/// cache line at a time, rather than one kept element at a time.
+///
+/// `kept`: the piece's kept positions, chunk-relative, ascending, from `start` on and below
+/// `start + out.len()`; `ft`: the piece's fine-tuned elements; `hi`, `lo`: the planes' slots
+/// of the kept positions (`kept.len()` each).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
+fn encode_pairs_avx512(kept: &[u32], start: usize, ft: &[[u8; 2]], out: &mut [[u8; 2]], hi: &mut [u8], lo: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let len = out.len();
+    assert!(len <= MAX_PIECE_ELEMS && ft.len() == len, "piece of {len} elements, {} fine-tuned", ft.len());
+    assert!(hi.len() == kept.len() && lo.len() == kept.len(), "planes for {} positions", kept.len());
+    let mut mask = [0u32; MAX_PIECE_ELEMS / 32];
+    for &i in kept {
+        let b = i as usize - start;
+        assert!(b < len, "kept position {i} outside the piece at {start}");
+        mask[b / 32] |= 1 << (b % 32);
+    }
+    let sign = _mm512_set1_epi16(i16::MIN);
+    // The ordered-integer form: bits ^ (sign-filled bits | 0x8000), as `ord` on 16 bits.
+    let ord = |x: __m512i| _mm512_xor_si512(x, _mm512_or_si512(_mm512_srai_epi16::<15>(x), sign));
+    let mut j = 0;
+    for (g, &m) in mask[..len.div_ceil(32)].iter().enumerate() {
+        if m == 0 {
+            continue;
+        }
+        let at = g * 32;
+        // The group's valid lanes (the last group may be short).
+        let valid: __mmask32 = if len - at >= 32 { u32::MAX } else { (1u32 << (len - at)) - 1 };
+        // SAFETY: the masked loads read only the group's valid lanes, inside `ft` and `out`
+        // (masked-off lanes are not accessed); the stores write only kept lanes, inside
+        // `out`, and `c` bytes of the planes from `j`, where `j + c <= kept.len()` (every
+        // set bit of the mask is one kept position, counted once).
+        unsafe {
+            let f = _mm512_maskz_loadu_epi16(valid, ft.as_ptr().add(at).cast());
+            let b = _mm512_maskz_loadu_epi16(valid, out.as_ptr().add(at).cast());
+            let d = _mm512_sub_epi16(ord(f), ord(b));
+            let z = _mm512_xor_si512(_mm512_slli_epi16::<1>(d), _mm512_srai_epi16::<15>(d));
+            let packed = _mm512_maskz_compress_epi16(m, z);
+            let c = m.count_ones() as usize;
+            let bytes: __mmask32 = if c == 32 { u32::MAX } else { (1u32 << c) - 1 };
+            assert!(j + c <= kept.len(), "more kept lanes than kept positions");
+            _mm256_mask_storeu_epi8(lo.as_mut_ptr().add(j).cast(), bytes, _mm512_cvtepi16_epi8(packed));
+            _mm256_mask_storeu_epi8(
+                hi.as_mut_ptr().add(j).cast(),
+                bytes,
+                _mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(packed)),
+            );
+            _mm512_mask_storeu_epi16(out.as_mut_ptr().add(at).cast(), m, f);
+            j += c;
+        }
+    }
+    assert_eq!(j, kept.len(), "kept positions repeated or out of order");
+}
+
 /// Writes `v` as LEB128 to the front of `out`; returns its length.
 fn write_varint(out: &mut [u8], mut v: u64) -> usize {
     let mut n = 0;
@@ -182,12 +265,15 @@ impl Values<'_> {
             // The common case (bf16, f16) without the generic plane loop.
             let (hi, lo) = planes.split_at_mut(n);
             let (hi, lo) = (&mut hi[first..first + self.kept.len()], &mut lo[first..first + self.kept.len()]);
-            for ((&i, h), l) in self.kept.iter().zip(hi).zip(lo) {
-                let (f, o) = (ft[i as usize], &mut out[i as usize - start]);
-                let z = delta_value(le_bits(&f), le_bits(o), W);
-                (*h, *l) = ((z >> 8) as u8, z as u8);
-                *o = f;
+            let ft = ft[start..start + out.len()].as_flattened().as_chunks::<2>().0;
+            let out = out.as_flattened_mut().as_chunks_mut::<2>().0;
+            #[cfg(target_arch = "x86_64")]
+            if out.len() <= MAX_PIECE_ELEMS && has_avx512_vbmi2() {
+                // SAFETY: the CPU supports AVX-512 F, BW, VL and VBMI2, checked just above.
+                unsafe { encode_pairs_avx512(self.kept, start, ft, out, hi, lo) };
+                return;
             }
+            encode_pairs(self.kept, start, ft, out, hi, lo);
             return;
         }
         for (j, &i) in self.kept.iter().enumerate() {
@@ -417,6 +503,41 @@ mod tests {
             );
             prop_assert_eq!(&raw2[..len], &raw[..]);
             prop_assert_eq!(&built, &whole);
+        }
+    }
+
+    proptest! {
+        /// The 2-byte values of a piece: one at a time as [`delta_value`] says, and the same
+        /// bytes from the AVX-512 copy where the CPU has it; pieces of any length (short last
+        /// groups), any kept density (none, all), any bits, a piece anywhere in its chunk.
+        #[test]
+        fn pair_values_agree_with_delta_value(
+            elems in prop::collection::vec((any::<u16>(), any::<u16>(), 0u8..4), 0..700),
+            density in 0u8..5,
+            start in 0usize..100_000,
+        ) {
+            let kept: Vec<u32> =
+                (0..elems.len()).filter(|&i| elems[i].2 < density).map(|i| (start + i) as u32).collect();
+            let ft: Vec<[u8; 2]> = elems.iter().map(|e| e.1.to_le_bytes()).collect();
+            let base: Vec<[u8; 2]> = elems.iter().map(|e| e.0.to_le_bytes()).collect();
+            let (mut out, mut hi, mut lo) = (base.clone(), vec![0u8; kept.len()], vec![0u8; kept.len()]);
+            encode_pairs(&kept, start, &ft, &mut out, &mut hi, &mut lo);
+            for (j, &i) in kept.iter().enumerate() {
+                let e = elems[i as usize - start];
+                let z = delta_value(e.1 as u64, e.0 as u64, 2);
+                prop_assert_eq!((hi[j], lo[j]), ((z >> 8) as u8, z as u8));
+            }
+            for (i, e) in elems.iter().enumerate() {
+                let want = if kept.contains(&((start + i) as u32)) { e.1 } else { e.0 };
+                prop_assert_eq!(out[i], want.to_le_bytes());
+            }
+            #[cfg(target_arch = "x86_64")]
+            if has_avx512_vbmi2() {
+                let (mut out2, mut hi2, mut lo2) = (base.clone(), vec![0u8; kept.len()], vec![0u8; kept.len()]);
+                // SAFETY: the CPU supports AVX-512 F, BW, VL and VBMI2, checked just above.
+                unsafe { encode_pairs_avx512(&kept, start, &ft, &mut out2, &mut hi2, &mut lo2) };
+                prop_assert_eq!((out2, hi2, lo2), (out, hi, lo));
+            }
         }
     }
 
