@@ -3,18 +3,18 @@
 //! The hot loops are written once, portably, and inlined; [`widest`] runs one inside a
 //! function compiled for AVX-512 (or AVX2), chosen at run time, where the compiler vectorizes
 //! it for those lanes. The operations are the same, so the results are the same bits: only
-//! the width changes. (The key loop has its own copies, in `threshold/score.rs`.)
+//! the width changes. The key loop, the mean's sum, the histograms and the boundary count go
+//! through it.
 
-/// Calls `f` compiled for AVX-512 F + BW, or AVX2, when the CPU has them; else as it is.
-/// Whatever `f` inlines is vectorized for those instructions.
+/// Calls `f` compiled for AVX-512 (F, BW, VL), or AVX2, when the CPU has them; else as it
+/// is. Whatever `f` inlines is vectorized for those instructions. `f` must be an
+/// `#[inline(always)]` closure: one that is not inlined (a large body: it has three call sites
+/// here) is compiled once, for the baseline, and only called from the wider copies.
 #[inline(always)]
 pub fn widest<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
+        if has_avx512() {
             // SAFETY: the CPU supports AVX-512 F, BW and VL, checked just above.
             return unsafe { avx512(f) };
         }
@@ -24,6 +24,33 @@ pub fn widest<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// `f` at every width this CPU runs (portable first, then AVX2, then AVX-512), named: for
+/// tests that check each copy against the portable one, whichever [`widest`] picks here.
+#[cfg(test)]
+pub(crate) fn each_width<R>(f: impl Fn() -> R) -> Vec<(&'static str, R)> {
+    #[allow(unused_mut)]
+    let mut all = vec![("portable", f())];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            all.push(("avx2", unsafe { avx2(&f) }));
+        }
+        if has_avx512() {
+            // SAFETY: the CPU supports AVX-512 F, BW and VL, checked just above.
+            all.push(("avx512", unsafe { avx512(&f) }));
+        }
+    }
+    all
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -104,29 +104,10 @@ pub fn score_of_key(k: u32) -> f32 {
 
 /// Sum of `|pre|` over a chunk of base bytes, each element widened to f32, summed in f64.
 pub fn sum_abs(base: DType, bytes: &[u8]) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512 F, checked just above.
-        return unsafe { sum_abs_avx512(base, bytes) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { sum_abs_avx2(base, bytes) };
-    }
-    sum_abs_generic(base, bytes)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sum_abs_avx2(base: DType, bytes: &[u8]) -> f64 {
-    sum_abs_generic(base, bytes)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn sum_abs_avx512(base: DType, bytes: &[u8]) -> f64 {
-    sum_abs_generic(base, bytes)
+    crate::simd::widest(
+        #[inline(always)]
+        || sum_abs_generic(base, bytes),
+    )
 }
 
 #[inline(always)]
@@ -185,17 +166,10 @@ impl Scorer {
         let form = form(self.metric, l);
         with_elems!(self.ft, self.base, |F, B| {
             assert!(ft.len() == keys.len() * F::SIZE && base.len() == keys.len() * B::SIZE, "chunk sizes disagree");
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
-                // SAFETY: the CPU supports AVX-512 F and BW, checked just above.
-                return unsafe { keys_avx512::<F, B>(ft, base, form, mean, l, keys) };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { keys_avx2::<F, B>(ft, base, form, mean, l, keys) };
-            }
-            keys_of_form::<F, B>(ft, base, form, mean, l, keys)
+            crate::simd::widest(
+                #[inline(always)]
+                || keys_of_form::<F, B>(ft, base, form, mean, l, keys),
+            )
         })
     }
 }
@@ -229,37 +203,6 @@ impl Scorer {
         candidates
     }
 }
-
-/// Defines a copy of [`keys_typed`] compiled with more vector instructions: the same
-/// operations (no fused multiply-add), so the same keys, on wider lanes.
-macro_rules! keys_copy {
-    ($(#[$doc:meta])* $name:ident, $features:literal) => {
-        $(#[$doc])*
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name<F: Elem, B: Elem>(
-            ft: &[u8],
-            base: &[u8],
-            form: u8,
-            mean: f32,
-            l: f32,
-            keys: &mut [u32],
-        ) -> usize {
-            keys_of_form::<F, B>(ft, base, form, mean, l, keys)
-        }
-    };
-}
-
-keys_copy!(
-    /// [`keys_typed`] for AVX-512 (16 lanes).
-    keys_avx512,
-    "avx512f,avx512bw"
-);
-keys_copy!(
-    /// [`keys_typed`] for AVX2 (8 lanes).
-    keys_avx2,
-    "avx2"
-);
 
 #[inline(always)]
 fn keys_of_form<F: Elem, B: Elem>(ft: &[u8], base: &[u8], form: u8, mean: f32, l: f32, keys: &mut [u32]) -> usize {
@@ -353,16 +296,11 @@ mod tests {
         let sum = sum_abs_generic(bd, &finite);
         assert!(sum.is_finite() && sum > 0.0, "{bd}: {sum}");
         assert_eq!(sum_abs(bd, &finite).to_bits(), sum.to_bits());
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512 F, checked just above.
-                assert_eq!(unsafe { sum_abs_avx512(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                assert_eq!(unsafe { sum_abs_avx2(bd, &finite) }.to_bits(), sum.to_bits(), "{bd}");
-            }
+        for (width, got) in crate::simd::each_width(
+            #[inline(always)]
+            || sum_abs_generic(bd, &finite),
+        ) {
+            assert_eq!(got.to_bits(), sum.to_bits(), "{width} {bd}");
         }
     }
 
@@ -413,25 +351,16 @@ mod tests {
                     }
                 });
                 assert_eq!(count, want.iter().filter(|&&k| k != NOT_CANDIDATE).count());
-                #[cfg(target_arch = "x86_64")]
-                {
-                    if std::arch::is_x86_feature_detected!("avx2") {
+                let copies = crate::simd::each_width(
+                    #[inline(always)]
+                    || {
                         let mut got = vec![0u32; n];
-                        // SAFETY: AVX2 is available, checked just above.
-                        let c = with_elems!(fd, bd, |F, B| unsafe {
-                            keys_avx2::<F, B>(&ft, &base, form, 0.02, l, &mut got)
-                        });
-                        assert_eq!((c, got), (count, want.clone()), "avx2 {fd} from {bd}");
-                    }
-                    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
-                    {
-                        let mut got = vec![0u32; n];
-                        // SAFETY: AVX-512 F and BW are available, checked just above.
-                        let c = with_elems!(fd, bd, |F, B| unsafe {
-                            keys_avx512::<F, B>(&ft, &base, form, 0.02, l, &mut got)
-                        });
-                        assert_eq!((c, got), (count, want.clone()), "avx512 {fd} from {bd}");
-                    }
+                        let c = with_elems!(fd, bd, |F, B| keys_of_form::<F, B>(&ft, &base, form, 0.02, l, &mut got));
+                        (c, got)
+                    },
+                );
+                for (width, got) in copies {
+                    assert_eq!(got, (count, want.clone()), "{width} {fd} from {bd}");
                 }
             }
         }

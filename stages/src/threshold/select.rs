@@ -155,7 +155,10 @@ impl Histogram {
 
     /// Counts the high 16 bits of the candidate keys among `keys`.
     pub fn add_high(&mut self, keys: &[u32]) {
-        crate::simd::widest(|| self.add_high_in(keys))
+        crate::simd::widest(
+            #[inline(always)]
+            || self.add_high_in(keys),
+        )
     }
 
     #[inline(always)]
@@ -189,7 +192,10 @@ impl Histogram {
 
     /// Counts the low 16 bits of the candidate keys among `keys` whose high 16 bits are `bin`.
     pub fn add_low(&mut self, bin: u32, keys: &[u32]) {
-        crate::simd::widest(|| self.add_low_in(bin, keys))
+        crate::simd::widest(
+            #[inline(always)]
+            || self.add_low_in(bin, keys),
+        )
     }
 
     #[inline(always)]
@@ -437,9 +443,10 @@ impl Cut {
     /// The number of boundary candidates among `keys`.
     pub fn at_level_in(&self, keys: &[u32]) -> u64 {
         match *self {
-            Cut::Level { shift, level, .. } => crate::simd::widest(|| {
-                keys.iter().filter(|&&k| k != NOT_CANDIDATE && k >> shift == level).count() as u64
-            }),
+            Cut::Level { shift, level, .. } => crate::simd::widest(
+                #[inline(always)]
+                || keys.iter().filter(|&&k| k != NOT_CANDIDATE && k >> shift == level).count() as u64,
+            ),
             _ => 0,
         }
     }
