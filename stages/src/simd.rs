@@ -26,8 +26,9 @@ pub fn widest<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether the CPU has what [`widest`]'s AVX-512 copy is compiled for (F, BW, VL).
 #[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
+pub(crate) fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")

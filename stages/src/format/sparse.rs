@@ -163,9 +163,7 @@ const MAX_PIECE_ELEMS: usize = PIECE_BYTES / 2;
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx512_vbmi2() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
+    crate::simd::has_avx512()
         && std::arch::is_x86_feature_detected!("avx512vbmi2")
         && std::arch::is_x86_feature_detected!("popcnt")
 }
@@ -204,19 +202,19 @@ fn encode_pairs_avx512(kept: &[u32], start: usize, ft: &[[u8; 2]], out: &mut [[u
         let at = g * 32;
         // The group's valid lanes (the last group may be short).
         let valid: __mmask32 = if len - at >= 32 { u32::MAX } else { (1u32 << (len - at)) - 1 };
+        let c = m.count_ones() as usize;
+        let bytes: __mmask32 = if c == 32 { u32::MAX } else { (1u32 << c) - 1 };
+        assert!(j + c <= kept.len(), "more kept lanes than kept positions");
         // SAFETY: the masked loads read only the group's valid lanes, inside `ft` and `out`
         // (masked-off lanes are not accessed); the stores write only kept lanes, inside
-        // `out`, and `c` bytes of the planes from `j`, where `j + c <= kept.len()` (every
-        // set bit of the mask is one kept position, counted once).
+        // `out`, and `c` bytes of the planes from `j`, where `j + c <= kept.len()` (checked
+        // just above).
         unsafe {
             let f = _mm512_maskz_loadu_epi16(valid, ft.as_ptr().add(at).cast());
             let b = _mm512_maskz_loadu_epi16(valid, out.as_ptr().add(at).cast());
             let d = _mm512_sub_epi16(ord(f), ord(b));
             let z = _mm512_xor_si512(_mm512_slli_epi16::<1>(d), _mm512_srai_epi16::<15>(d));
             let packed = _mm512_maskz_compress_epi16(m, z);
-            let c = m.count_ones() as usize;
-            let bytes: __mmask32 = if c == 32 { u32::MAX } else { (1u32 << c) - 1 };
-            assert!(j + c <= kept.len(), "more kept lanes than kept positions");
             _mm256_mask_storeu_epi8(lo.as_mut_ptr().add(j).cast(), bytes, _mm512_cvtepi16_epi8(packed));
             _mm256_mask_storeu_epi8(
                 hi.as_mut_ptr().add(j).cast(),
