@@ -218,7 +218,7 @@ impl<'a> ThresholdStage<'a> {
                         let (ft, base) = pair.chunk(chunk);
                         let mut g = GATHER.take();
                         g.start(room.min(chunk.len));
-                        let candidates = scorer.for_each_keys(ft, base, |at, keys| g.add(keys, floor, at, &mut high));
+                        let candidates = scorer.gather(ft, base, floor, &mut g, &mut high);
                         let hits = if g.finish(&mut high) { pool.hold(&g) } else { None };
                         GATHER.set(g);
                         gathered.push((i, ChunkScan { candidates, hits }));
