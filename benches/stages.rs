@@ -245,8 +245,8 @@ fn encode(g: &mut Group, chunk: &Chunk, kept: &[u32]) -> Vec<u8> {
     let mut piece = vec![0u8; PIECE_BYTES];
     g.bench_function(BenchmarkId::new("encode_sparse", "bf16_10pct_in_pieces"), |b| {
         b.iter(|| {
-            let fill =
-                |start: usize, out: &mut [u8]| out.copy_from_slice(&chunk.base16[2 * start..2 * start + out.len()]);
+            // The dtypes are the same: the encoder copies the base values itself.
+            let fill = |start: usize, out: &mut [u8]| Some(&chunk.base16[2 * start..2 * start + out.len()]);
             encode_sparse_in_pieces(black_box(kept), black_box(&chunk.ft16), 2, &mut raw, &mut piece, fill, |_| {})
         })
     });

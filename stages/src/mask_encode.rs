@@ -282,8 +282,12 @@ fn mask_encode_chunk(mask: &TensorMask, job: ChunkJob) -> io::Result<EncodedBloc
         let from_base = (out.len() / fs).min(diffed - start);
         let b = &base[start * bs..(start + from_base) * bs];
         base_hash.update(b);
+        if ft_dtype == base_dtype && b.len() == out.len() {
+            return Some(b); // the encoder copies it as it goes
+        }
         convert_chunk(ft_dtype, base_dtype, b, &mut out[..from_base * fs]);
         out[from_base * fs..].fill(0);
+        None
     };
     let len = encode_sparse_in_pieces(&kept[..n + appended], ft, fs, raw, piece, fill, |out| out_hash.update(out));
 

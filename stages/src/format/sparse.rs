@@ -82,7 +82,7 @@ fn read_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
 /// `out` holds the chunk's base values converted to the fine-tuned dtype; `ft` the
 /// fine-tuned chunk; `kept` ascending chunk-relative indices; `size` bytes per element.
 pub fn encode_sparse(kept: &[u32], ft: &[u8], out: &mut [u8], size: usize, raw: &mut Vec<u8>) {
-    let len = encode_sparse_in_pieces(kept, ft, size, raw, out, |_, _| {}, |_| {});
+    let len = encode_sparse_in_pieces(kept, ft, size, raw, out, |_, _| None, |_| {});
     raw.truncate(len);
 }
 
@@ -92,19 +92,22 @@ pub const PIECE_BYTES: usize = 64 << 10;
 
 /// [`encode_sparse`] without a buffer the size of the chunk: the reconstructed chunk is built
 /// a `piece` at a time. For each piece, in order, `fill(start, piece)` writes the converted
-/// base values of the elements from `start` on; the kept fine-tuned values are written over
-/// them and the finished piece goes to `done`. A piece that fits the cache is hashed there,
-/// instead of a whole reconstructed chunk being written out and read back.
+/// base values of the elements from `start` on and returns `None`, or writes nothing and
+/// returns those values (`Some`, as many bytes as the piece: when the dtypes are the same,
+/// so that the encoder copies them as it goes rather than in a pass of its own); the kept
+/// fine-tuned values are written over them and the finished piece goes to `done`. A piece
+/// that fits the cache is hashed there, instead of a whole reconstructed chunk being written
+/// out and read back.
 ///
 /// The block is written to the front of `raw`, which only ever grows (so it is not zeroed
 /// for every block): returns the block's length.
-pub fn encode_sparse_in_pieces(
+pub fn encode_sparse_in_pieces<'b>(
     kept: &[u32],
     ft: &[u8],
     size: usize,
     raw: &mut Vec<u8>,
     piece: &mut [u8],
-    mut fill: impl FnMut(usize, &mut [u8]),
+    mut fill: impl FnMut(usize, &mut [u8]) -> Option<&'b [u8]>,
     mut done: impl FnMut(&[u8]),
 ) -> usize {
     // The count, then the gaps (at most 10 and 5 bytes), then the planes.
@@ -131,14 +134,14 @@ pub fn encode_sparse_in_pieces(
     for start in (0..n).step_by(per_piece) {
         let len = per_piece.min(n - start);
         let out = &mut piece[..len * size];
-        fill(start, out);
+        let base = fill(start, out);
         let end = first + kept[first..].partition_point(|&i| (i as usize) < start + len);
         let values = Values { kept: &kept[first..end], first, total: kept.len(), start };
         match size {
-            1 => values.encode::<1>(ft, out, planes),
-            2 => values.encode::<2>(ft, out, planes),
-            4 => values.encode::<4>(ft, out, planes),
-            8 => values.encode::<8>(ft, out, planes),
+            1 => values.encode::<1>(ft, base, out, planes),
+            2 => values.encode::<2>(ft, base, out, planes),
+            4 => values.encode::<4>(ft, base, out, planes),
+            8 => values.encode::<8>(ft, base, out, planes),
             _ => unreachable!("element size {size}"),
         }
         done(out);
@@ -176,14 +179,25 @@ fn has_avx512_vbmi2() -> bool {
 /// cache line at a time, rather than one kept element at a time.
 ///
 /// `kept`: the piece's kept positions, chunk-relative, ascending, from `start` on and below
-/// `start + out.len()`; `ft`: the piece's fine-tuned elements; `hi`, `lo`: the planes' slots
-/// of the kept positions (`kept.len()` each).
+/// `start + out.len()`; `ft`: the piece's fine-tuned elements; `base`: the piece's base
+/// elements, which every group is copied from into `out` (merged with the kept fine-tuned
+/// ones), or `None` when `out` already holds them; `hi`, `lo`: the planes' slots of the kept
+/// positions (`kept.len()` each).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
-fn encode_pairs_avx512(kept: &[u32], start: usize, ft: &[[u8; 2]], out: &mut [[u8; 2]], hi: &mut [u8], lo: &mut [u8]) {
+fn encode_pairs_avx512(
+    kept: &[u32],
+    start: usize,
+    ft: &[[u8; 2]],
+    base: Option<&[[u8; 2]]>,
+    out: &mut [[u8; 2]],
+    hi: &mut [u8],
+    lo: &mut [u8],
+) {
     use std::arch::x86_64::*;
     let len = out.len();
     assert!(len <= MAX_PIECE_ELEMS && ft.len() == len, "piece of {len} elements, {} fine-tuned", ft.len());
+    assert!(base.is_none_or(|b| b.len() == len), "piece of {len} elements, another number of base ones");
     assert!(hi.len() == kept.len() && lo.len() == kept.len(), "planes for {} positions", kept.len());
     let mut mask = [0u32; MAX_PIECE_ELEMS / 32];
     for &i in kept {
@@ -196,22 +210,31 @@ fn encode_pairs_avx512(kept: &[u32], start: usize, ft: &[[u8; 2]], out: &mut [[u
     let ord = |x: __m512i| _mm512_xor_si512(x, _mm512_or_si512(_mm512_srai_epi16::<15>(x), sign));
     let mut j = 0;
     for (g, &m) in mask[..len.div_ceil(32)].iter().enumerate() {
-        if m == 0 {
-            continue;
-        }
         let at = g * 32;
         // The group's valid lanes (the last group may be short).
         let valid: __mmask32 = if len - at >= 32 { u32::MAX } else { (1u32 << (len - at)) - 1 };
+        // SAFETY: the masked loads and store touch only the group's valid lanes, inside
+        // `base` (as long as `out`, checked above) and `out`.
+        let b = unsafe {
+            match base {
+                Some(base) => _mm512_maskz_loadu_epi16(valid, base.as_ptr().add(at).cast()),
+                None if m == 0 => continue,
+                None => _mm512_maskz_loadu_epi16(valid, out.as_ptr().add(at).cast()),
+            }
+        };
+        if m == 0 {
+            // SAFETY: as above.
+            unsafe { _mm512_mask_storeu_epi16(out.as_mut_ptr().add(at).cast(), valid, b) };
+            continue;
+        }
         let c = m.count_ones() as usize;
         let bytes: __mmask32 = if c == 32 { u32::MAX } else { (1u32 << c) - 1 };
         assert!(j + c <= kept.len(), "more kept lanes than kept positions");
-        // SAFETY: the masked loads read only the group's valid lanes, inside `ft` and `out`
-        // (masked-off lanes are not accessed); the stores write only kept lanes, inside
-        // `out`, and `c` bytes of the planes from `j`, where `j + c <= kept.len()` (checked
-        // just above).
+        // SAFETY: the masked load reads only the group's valid lanes, inside `ft` (masked-off
+        // lanes are not accessed); the stores write only valid lanes, inside `out`, and `c`
+        // bytes of the planes from `j`, where `j + c <= kept.len()` (checked just above).
         unsafe {
             let f = _mm512_maskz_loadu_epi16(valid, ft.as_ptr().add(at).cast());
-            let b = _mm512_maskz_loadu_epi16(valid, out.as_ptr().add(at).cast());
             let d = _mm512_sub_epi16(ord(f), ord(b));
             let z = _mm512_xor_si512(_mm512_slli_epi16::<1>(d), _mm512_srai_epi16::<15>(d));
             let packed = _mm512_maskz_compress_epi16(m, z);
@@ -221,7 +244,7 @@ fn encode_pairs_avx512(kept: &[u32], start: usize, ft: &[[u8; 2]], out: &mut [[u
                 bytes,
                 _mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(packed)),
             );
-            _mm512_mask_storeu_epi16(out.as_mut_ptr().add(at).cast(), m, f);
+            _mm512_mask_storeu_epi16(out.as_mut_ptr().add(at).cast(), valid, _mm512_mask_blend_epi16(m, b, f));
             j += c;
         }
     }
@@ -254,8 +277,23 @@ struct Values<'a> {
 
 impl Values<'_> {
     /// Writes the values of the piece's kept positions into the byte planes, and the
-    /// fine-tuned bits into `out` (the piece) at those positions.
-    fn encode<const W: usize>(&self, ft: &[u8], out: &mut [u8], planes: &mut [u8]) {
+    /// fine-tuned bits into `out` (the piece) at those positions; first the base values into
+    /// `out`, when they are given (`base`) rather than already there.
+    fn encode<const W: usize>(&self, ft: &[u8], base: Option<&[u8]>, out: &mut [u8], planes: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if W == 2 && out.len() <= 2 * MAX_PIECE_ELEMS && has_avx512_vbmi2() {
+            let (first, n, start, kept) = (self.first, self.total, self.start, self.kept.len());
+            let (hi, lo) = planes.split_at_mut(n);
+            let (hi, lo) = (&mut hi[first..first + kept], &mut lo[first..first + kept]);
+            let ft = ft[2 * start..2 * start + out.len()].as_chunks::<2>().0;
+            let base = base.map(|b| b.as_chunks::<2>().0);
+            // SAFETY: the CPU supports AVX-512 F, BW, VL and VBMI2, checked just above.
+            unsafe { encode_pairs_avx512(self.kept, start, ft, base, out.as_chunks_mut::<2>().0, hi, lo) };
+            return;
+        }
+        if let Some(base) = base {
+            out.copy_from_slice(base);
+        }
         let (ft, _) = ft.as_chunks::<W>();
         let (out, _) = out.as_chunks_mut::<W>();
         let (first, n, start) = (self.first, self.total, self.start);
@@ -265,12 +303,6 @@ impl Values<'_> {
             let (hi, lo) = (&mut hi[first..first + self.kept.len()], &mut lo[first..first + self.kept.len()]);
             let ft = ft[start..start + out.len()].as_flattened().as_chunks::<2>().0;
             let out = out.as_flattened_mut().as_chunks_mut::<2>().0;
-            #[cfg(target_arch = "x86_64")]
-            if out.len() <= MAX_PIECE_ELEMS && has_avx512_vbmi2() {
-                // SAFETY: the CPU supports AVX-512 F, BW, VL and VBMI2, checked just above.
-                unsafe { encode_pairs_avx512(self.kept, start, ft, out, hi, lo) };
-                return;
-            }
             encode_pairs(self.kept, start, ft, out, hi, lo);
             return;
         }
@@ -474,12 +506,14 @@ mod tests {
 
     proptest! {
         /// Building the reconstructed chunk a piece at a time gives the same block, and the
-        /// same reconstruction, as building it whole; for every element size and piece size.
+        /// same reconstruction, as building it whole; for every element size and piece size,
+        /// whether `fill` writes the base values or hands them to the encoder.
         #[test]
         fn pieces_encode_like_the_whole_chunk(
             elems in prop::collection::vec((any::<u64>(), any::<u64>(), any::<bool>()), 0..300),
             size in prop::sample::select(vec![1usize, 2, 4, 8]),
             per_piece in 1usize..70,
+            handed in any::<bool>(),
         ) {
             let bytes = |f: &dyn Fn(&(u64, u64, bool)) -> u64| -> Vec<u8> {
                 elems.iter().flat_map(|e| f(e).to_le_bytes()[..size].to_vec()).collect()
@@ -496,7 +530,14 @@ mod tests {
                 size,
                 &mut raw2,
                 &mut piece,
-                |start, out| out.copy_from_slice(&base[start * size..start * size + out.len()]),
+                |start, out| {
+                    let b = &base[start * size..start * size + out.len()];
+                    if handed {
+                        return Some(b);
+                    }
+                    out.copy_from_slice(b);
+                    None
+                },
                 |out| built.extend_from_slice(out),
             );
             prop_assert_eq!(&raw2[..len], &raw[..]);
@@ -531,10 +572,15 @@ mod tests {
             }
             #[cfg(target_arch = "x86_64")]
             if has_avx512_vbmi2() {
-                let (mut out2, mut hi2, mut lo2) = (base.clone(), vec![0u8; kept.len()], vec![0u8; kept.len()]);
-                // SAFETY: the CPU supports AVX-512 F, BW, VL and VBMI2, checked just above.
-                unsafe { encode_pairs_avx512(&kept, start, &ft, &mut out2, &mut hi2, &mut lo2) };
-                prop_assert_eq!((out2, hi2, lo2), (out, hi, lo));
+                // With the base values in the piece already, and handed over beside it (the
+                // piece holding something else, which every element must replace).
+                for handed in [None, Some(&base[..])] {
+                    let mut out2 = if handed.is_some() { vec![[0x5a, 0xa5]; base.len()] } else { base.clone() };
+                    let (mut hi2, mut lo2) = (vec![0u8; kept.len()], vec![0u8; kept.len()]);
+                    // SAFETY: the CPU supports AVX-512 F, BW, VL and VBMI2, checked just above.
+                    unsafe { encode_pairs_avx512(&kept, start, &ft, handed, &mut out2, &mut hi2, &mut lo2) };
+                    prop_assert_eq!((&out2, &hi2, &lo2), (&out, &hi, &lo));
+                }
             }
         }
     }
