@@ -54,6 +54,16 @@ pub(crate) fn each_width<R>(f: impl Fn() -> R) -> Vec<(&'static str, R)> {
     all
 }
 
+/// Asks for every cache line of `bytes` to be brought into the cache, without waiting.
+#[inline(always)]
+pub fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: the address is inside `bytes`; a prefetch reads nothing and cannot fault.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {

@@ -56,6 +56,8 @@ pub struct ChunkScan<'p> {
 /// Elements per piece of the floor-guessing sample, and the stride between pieces.
 const SAMPLE_PIECE: usize = 64;
 const SAMPLE_STRIDE: usize = 31;
+/// How many sample pieces ahead their lines are asked for.
+const SAMPLE_AHEAD: usize = 4;
 /// The fewest sample pieces one worker scores into a histogram of its own (160 pieces, 10 Ki
 /// keys): a histogram costs 512 KiB to zero and to merge, about what scoring 10 Ki keys costs,
 /// so a small tensor's sample is not split.
@@ -178,6 +180,12 @@ impl<'a> ThresholdStage<'a> {
                     || (Histogram::default(), 0u64),
                     |(mut h, m), start| {
                         let piece = Chunk { start, len: SAMPLE_PIECE.min(n as usize - start) };
+                        let ahead = start + SAMPLE_AHEAD * step;
+                        if ahead + SAMPLE_PIECE <= n as usize {
+                            let (ft, base) = pair.chunk(Chunk { start: ahead, len: SAMPLE_PIECE });
+                            crate::simd::prefetch(ft);
+                            crate::simd::prefetch(base);
+                        }
                         let (ft, base) = pair.chunk(piece);
                         scorer.for_each_keys(ft, base, |_, keys| h.add_high(keys));
                         (h, m + piece.len as u64)
