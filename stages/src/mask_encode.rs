@@ -131,7 +131,13 @@ impl MaskEncodeStage<'_> {
         let mut scans: Vec<Option<ChunkScan>> = scans.into_iter().map(Some).collect();
         scans.resize_with(chunks.len(), || None);
         let quotas = boundary_quotas(&mask, &chunks, &scans, self.pool);
-        let jobs = chunks.iter().zip(scans).zip(quotas).map(|((&chunk, scan), quota)| ChunkJob { chunk, scan, quota });
+        let mut base_hashes = tensor.base_hashes.iter().copied();
+        let jobs = chunks.iter().zip(scans).zip(quotas).map(|((&chunk, scan), quota)| ChunkJob {
+            chunk,
+            scan,
+            quota,
+            base_hash: base_hashes.next(),
+        });
         // Input bytes a chunk reads: the fine-tuned elements, and the base's where there is a
         // base element (not in the rows an extended tensor adds), as the total counts them.
         let chunk_bytes = |c: Chunk| {
@@ -208,6 +214,8 @@ struct ChunkJob<'p> {
     chunk: Chunk,
     scan: Option<ChunkScan<'p>>,
     quota: Quota,
+    /// The blake3 of the chunk's base elements, when the threshold stage computed it.
+    base_hash: Option<ChunkHash>,
 }
 
 /// Each chunk's share of the boundary level. When only some of the level is kept, the
@@ -244,7 +252,7 @@ fn boundary_quotas(
 
 /// The kernel: masks one chunk and encodes it, top to bottom on one worker.
 fn mask_encode_chunk(mask: &TensorMask, job: ChunkJob) -> io::Result<EncodedBlock> {
-    let ChunkJob { chunk, scan, quota } = job;
+    let ChunkJob { chunk, scan, quota, base_hash: hashed } = job;
     let (ft_dtype, base_dtype) = (mask.scorer.ft, mask.scorer.base);
     let (fs, bs) = (ft_dtype.size(), base_dtype.size());
     // The part of the chunk diffed against the base (all of it but an extended tensor's rows).
@@ -276,12 +284,14 @@ fn mask_encode_chunk(mask: &TensorMask, job: ChunkJob) -> io::Result<EncodedBloc
     // base is read from memory once.
     piece.resize(PIECE_BYTES, 0);
     let mut out_hash = ChunkHasher::new((chunk.start * fs) as u64, mask.chunks);
-    let mut base_hash = ChunkHasher::new((chunk.start * bs) as u64, mask.base_chunks);
+    let mut base_hash = hashed.is_none().then(|| ChunkHasher::new((chunk.start * bs) as u64, mask.base_chunks));
     let fill = |start: usize, out: &mut [u8]| {
         let start = start.min(diffed);
         let from_base = (out.len() / fs).min(diffed - start);
         let b = &base[start * bs..(start + from_base) * bs];
-        base_hash.update(b);
+        if let Some(h) = &mut base_hash {
+            h.update(b);
+        }
         if ft_dtype == base_dtype && b.len() == out.len() {
             return Some(b); // the encoder copies it as it goes
         }
@@ -297,7 +307,7 @@ fn mask_encode_chunk(mask: &TensorMask, job: ChunkJob) -> io::Result<EncodedBloc
         compressed,
         raw_len: len as u64,
         out: out_hash.finish(),
-        base: (diffed > 0).then(|| base_hash.finish()),
+        base: (diffed > 0).then(|| hashed.unwrap_or_else(|| base_hash.as_ref().expect("hashed here").finish())),
         candidates,
         kept: n as u64,
         appended: appended as u64,

@@ -21,11 +21,13 @@ pub mod select;
 use std::time::{Duration, Instant};
 
 use crate::dtype::DType;
+use crate::format::sparse::PIECE_BYTES;
 use crate::format::Mode;
+use crate::hash::{ChunkHash, ChunkHasher};
 use crate::{Error, Result};
 use crossbeam_channel::Sender;
 use rayon::prelude::*;
-use score::{mean_abs, sum_abs, Metric, Scorer};
+use score::{mean_abs, AbsSum, Metric, Scorer};
 use select::{floor, plan, Bins, Cut, Gather, Histogram, Hits, ThresholdMode};
 
 use crate::read::{chunks, Chunk, PairReader, Task, TensorReader};
@@ -42,6 +44,9 @@ pub struct ThresholdedTask<'p> {
     pub cut: Cut,
     /// What the high pass learnt of each chunk (empty when it did not run).
     pub chunks: Vec<ChunkScan<'p>>,
+    /// The blake3 of each chunk of the base tensor, computed by the mean's pass as it read
+    /// them (empty when it did not run: the encoder then hashes the base chunks itself).
+    pub base_hashes: Vec<ChunkHash>,
 }
 
 /// What the high pass learnt of one chunk.
@@ -114,21 +119,34 @@ impl<'a> ThresholdStage<'a> {
     /// ones what the passes find.
     fn threshold(&self, task: Task) -> Result<ThresholdedTask<'a>> {
         let Some(base) = &task.base else {
-            return Ok(ThresholdedTask { task, scorer: None, cut: Cut::All, chunks: Vec::new() });
+            return Ok(ThresholdedTask {
+                task,
+                scorer: None,
+                cut: Cut::All,
+                chunks: Vec::new(),
+                base_hashes: Vec::new(),
+            });
         };
         let (fi, bi) = (task.ft.info(), base.info());
         let mut scorer = Scorer { ft: fi.dtype, base: bi.dtype, metric: self.metric, mean: 0.0, penalty: self.penalty };
         if task.mode == Mode::Dense || task.keep == 0 {
             let cut = if task.mode == Mode::Dense { Cut::All } else { Cut::Nothing };
-            return Ok(ThresholdedTask { task, scorer: Some(scorer), cut, chunks: Vec::new() });
+            return Ok(ThresholdedTask {
+                task,
+                scorer: Some(scorer),
+                cut,
+                chunks: Vec::new(),
+                base_hashes: Vec::new(),
+            });
         }
         // An extended tensor's appended rows are not scored: the passes go over the elements
         // it shares with its base.
         let n = task.diffed;
         let pair = PairReader::new(&task.ft, base);
         let chunks = chunks(n, self.block_elems);
+        let mut base_hashes = Vec::new();
         if self.metric == Metric::Fapm && self.penalty != 0.0 {
-            scorer.mean = self.fapm_mean(pair.base, bi.dtype, &chunks, n);
+            (scorer.mean, base_hashes) = self.fapm_mean(pair.base, bi.dtype, &chunks, n);
         }
         let floor = self.sample_floor(pair, scorer, task.keep, n);
         // Room to gather a chunk's hits: twice the kept fraction, as the floor aims at 1.125 k
@@ -150,15 +168,31 @@ impl<'a> ThresholdStage<'a> {
         let gathered = scans.iter().filter(|p| p.hits.is_some()).count();
         let hits: usize = scans.iter().filter_map(|p| p.hits.as_ref()).map(|h| h.hits.len()).sum();
         tracing::debug!(tensor = %fi.name, ?passes, floor, gathered, hits, keep = task.keep, chunks = chunks.len(), mean = scorer.mean, ?cut, "thresholded");
-        Ok(ThresholdedTask { task, scorer: Some(scorer), cut, chunks: scans })
+        Ok(ThresholdedTask { task, scorer: Some(scorer), cut, chunks: scans, base_hashes })
     }
 
     /// The FAPM mean `A = f32(sum_f64 |pre| / n)`: per-chunk partial sums added in chunk
-    /// order, so that it does not depend on the number of threads.
-    fn fapm_mean(&self, base: TensorReader, dtype: DType, chunks: &[Chunk], n: u64) -> f32 {
-        let partials: Vec<f64> =
-            self.pool.install(|| chunks.par_iter().map(|&c| sum_abs(dtype, base.chunk(c))).collect());
-        mean_abs(partials, n)
+    /// order, so that it does not depend on the number of threads. As this pass is the first
+    /// to read the base tensor whole, it also hashes each chunk, a cache-sized piece at a time
+    /// before summing it: blake3's work hides the wait for memory that the sum alone would
+    /// spend, and the encoder does not read the base for its hash again.
+    fn fapm_mean(&self, base: TensorReader, dtype: DType, chunks: &[Chunk], n: u64) -> (f32, Vec<ChunkHash>) {
+        let parts: Vec<(f64, ChunkHash)> = self.pool.install(|| {
+            chunks
+                .par_iter()
+                .map(|&c| {
+                    let mut hash = ChunkHasher::new((c.start * dtype.size()) as u64, chunks.len());
+                    let mut sum = AbsSum::default();
+                    for piece in base.chunk(c).chunks(PIECE_BYTES) {
+                        hash.update(piece);
+                        sum.add(dtype, piece);
+                    }
+                    (sum.total(), hash.finish())
+                })
+                .collect()
+        });
+        let (partials, hashes): (Vec<f64>, Vec<ChunkHash>) = parts.into_iter().unzip();
+        (mean_abs(partials, n), hashes)
     }
 
     /// A floor a little below the cut, guessed from a strided sample (1/31 of the tensor),

@@ -105,19 +105,44 @@ pub fn score_of_key(k: u32) -> f32 {
 
 /// Sum of `|pre|` over a chunk of base bytes, each element widened to f32, summed in f64.
 pub fn sum_abs(base: DType, bytes: &[u8]) -> f64 {
-    crate::simd::widest(
-        #[inline(always)]
-        || sum_abs_generic(base, bytes),
-    )
+    let mut sum = AbsSum::default();
+    sum.add(base, bytes);
+    sum.total()
+}
+
+/// [`sum_abs`] of a chunk given a piece at a time: 32 independent f64 lanes (four vectors of
+/// eight, so that the additions of one do not wait for the last), added in a fixed order,
+/// fast and deterministic. Every piece but the last must hold a whole number of groups of 32
+/// elements: then the lanes see the same additions in the same order as for the whole chunk,
+/// and the total is the same bits.
+#[derive(Debug, Clone, Default)]
+pub struct AbsSum {
+    lanes: [f64; 32],
+    /// Whether a piece with a partial group was added (only the last may have one).
+    ragged: bool,
+}
+
+impl AbsSum {
+    /// Adds the `|pre|` of a piece of base bytes of dtype `base`.
+    pub fn add(&mut self, base: DType, bytes: &[u8]) {
+        assert!(!self.ragged, "AbsSum: a piece after one with a partial group");
+        self.ragged = bytes.len() % (32 * base.size()) != 0;
+        crate::simd::widest(
+            #[inline(always)]
+            || sum_abs_generic(base, bytes, &mut self.lanes),
+        )
+    }
+
+    /// The sum of the pieces added.
+    pub fn total(&self) -> f64 {
+        self.lanes.iter().sum()
+    }
 }
 
 #[inline(always)]
-fn sum_abs_generic(base: DType, bytes: &[u8]) -> f64 {
+fn sum_abs_generic(base: DType, bytes: &[u8], acc: &mut [f64; 32]) {
     #[inline(always)]
-    fn go<B: Elem>(bytes: &[u8]) -> f64 {
-        // 32 independent f64 lanes (four vectors of eight, so that the additions of one do
-        // not wait for the last), added in a fixed order: fast and deterministic.
-        let mut acc = [0f64; 32];
+    fn go<B: Elem>(bytes: &[u8], acc: &mut [f64; 32]) {
         let mut elems = bytes.chunks_exact(32 * B::SIZE);
         for group in &mut elems {
             for (a, e) in acc.iter_mut().zip(group.chunks_exact(B::SIZE)) {
@@ -127,13 +152,12 @@ fn sum_abs_generic(base: DType, bytes: &[u8]) -> f64 {
         for (a, e) in acc.iter_mut().zip(elems.remainder().chunks_exact(B::SIZE)) {
             *a += B::score_f32(B::load(e)).abs() as f64;
         }
-        acc.iter().sum()
     }
     match base {
-        DType::BF16 => go::<Bf16>(bytes),
-        DType::F16 => go::<F16>(bytes),
-        DType::F32 => go::<F32>(bytes),
-        DType::F64 => go::<F64>(bytes),
+        DType::BF16 => go::<Bf16>(bytes, acc),
+        DType::F16 => go::<F16>(bytes, acc),
+        DType::F32 => go::<F32>(bytes, acc),
+        DType::F64 => go::<F64>(bytes, acc),
         other => unreachable!("not diffable: {other}"),
     }
 }
@@ -465,14 +489,27 @@ mod tests {
     fn sum_copies_agree(bd: DType, base: &[u8]) {
         let mut finite = base.to_vec();
         finite.chunks_exact_mut(bd.size()).for_each(|e| e[bd.size() - 1] &= !0x40);
-        let sum = sum_abs_generic(bd, &finite);
+        let portable = |bytes: &[u8]| {
+            let mut lanes = [0f64; 32];
+            sum_abs_generic(bd, bytes, &mut lanes);
+            lanes.iter().sum::<f64>()
+        };
+        let sum = portable(&finite);
         assert!(sum.is_finite() && sum > 0.0, "{bd}: {sum}");
         assert_eq!(sum_abs(bd, &finite).to_bits(), sum.to_bits());
         for (width, got) in crate::simd::each_width(
             #[inline(always)]
-            || sum_abs_generic(bd, &finite),
+            || portable(&finite),
         ) {
             assert_eq!(got.to_bits(), sum.to_bits(), "{width} {bd}");
+        }
+        // A piece at a time (whole groups of 32, then the rest): the same bits.
+        for groups in [1, 3, 7] {
+            let mut pieces = AbsSum::default();
+            for piece in finite.chunks(groups * 32 * bd.size()) {
+                pieces.add(bd, piece);
+            }
+            assert_eq!(pieces.total().to_bits(), sum.to_bits(), "{bd} in pieces of {groups} groups");
         }
     }
 
