@@ -126,7 +126,7 @@ impl AbsSum {
     /// Adds the `|pre|` of a piece of base bytes of dtype `base`.
     pub fn add(&mut self, base: DType, bytes: &[u8]) {
         assert!(!self.ragged, "AbsSum: a piece after one with a partial group");
-        self.ragged = bytes.len() % (32 * base.size()) != 0;
+        self.ragged = !bytes.len().is_multiple_of(32 * base.size());
         crate::simd::widest(
             #[inline(always)]
             || sum_abs_generic(base, bytes, &mut self.lanes),
@@ -222,7 +222,7 @@ impl Scorer {
     pub fn gather(&self, ft: &[u8], base: &[u8], floor: u32, g: &mut Gather, high: &mut Histogram) -> u64 {
         #[cfg(target_arch = "x86_64")]
         if self.ft == DType::BF16 && self.base == DType::BF16 && has_gather_avx512() {
-            assert!(ft.len() == base.len() && ft.len() % 2 == 0, "chunk sizes disagree");
+            assert!(ft.len() == base.len() && ft.len().is_multiple_of(2), "chunk sizes disagree");
             const PIECE: usize = 1024;
             let (mean, l, form) = (self.mean, self.penalty, form(self.metric, self.penalty));
             let mut candidates = 0u64;
