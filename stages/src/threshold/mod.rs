@@ -46,6 +46,8 @@ pub struct ThresholdedTask<'p> {
     pub chunks: Vec<ChunkScan<'p>>,
     /// The blake3 of each chunk of the base tensor, computed by the mean's pass as it read
     /// them (empty when it did not run: the encoder then hashes the base chunks itself).
+    /// 33 bytes per chunk, for the two or three tensors in flight: less than the block
+    /// records that the budget charges for every tensor (as for `chunks`).
     pub base_hashes: Vec<ChunkHash>,
 }
 
@@ -260,7 +262,7 @@ impl<'a> ThresholdStage<'a> {
                         let (ft, base) = pair.chunk(chunk);
                         let mut g = GATHER.take();
                         g.start(room.min(chunk.len));
-                        let candidates = scorer.gather(ft, base, floor, &mut g, &mut high);
+                        let candidates = scorer.for_each_keys(ft, base, |at, keys| g.add(keys, floor, at, &mut high));
                         let hits = if g.finish(&mut high) { pool.hold(&g) } else { None };
                         GATHER.set(g);
                         gathered.push((i, ChunkScan { candidates, hits }));

@@ -5,7 +5,6 @@
 //! the threshold and mask stages can recompute scores from the memory maps on every pass.
 
 use crate::dtype::{convert, Bf16, DType, Elem, F16, F32, F64};
-use crate::threshold::select::{Gather, Histogram};
 use crate::with_elems;
 
 /// The key of a position that is not a candidate. No score has this key: NaN scores count
@@ -214,38 +213,6 @@ impl Scorer {
         }
     }
 
-    /// The high pass's work on one chunk: counts its candidates (returned) and gathers the
-    /// keys from `floor` up into `g` (`Gather::add` on every piece of [`Scorer::for_each_keys`]),
-    /// counting into `high` what does not fit. For bf16 pairs on AVX-512 the keys are
-    /// computed and gathered in one loop, with no buffer of keys between
-    /// ([`gather_bf16_avx512`]); everything else computes a piece's keys, then gathers them.
-    pub fn gather(&self, ft: &[u8], base: &[u8], floor: u32, g: &mut Gather, high: &mut Histogram) -> u64 {
-        #[cfg(target_arch = "x86_64")]
-        if self.ft == DType::BF16 && self.base == DType::BF16 && has_gather_avx512() {
-            assert!(ft.len() == base.len() && ft.len().is_multiple_of(2), "chunk sizes disagree");
-            const PIECE: usize = 1024;
-            let (mean, l, form) = (self.mean, self.penalty, form(self.metric, self.penalty));
-            let mut candidates = 0u64;
-            let (ft, base) = (ft.as_chunks::<2>().0, base.as_chunks::<2>().0);
-            for (i, (ft, base)) in ft.chunks(PIECE).zip(base.chunks(PIECE)).enumerate() {
-                g.add_with(ft.len(), i * PIECE, high, |offset, idx, out| {
-                    // SAFETY: the CPU has what the kernel is compiled for, checked above.
-                    let (hits, c) = unsafe {
-                        match form {
-                            MAGNITUDE => gather_bf16_avx512::<MAGNITUDE>(ft, base, mean, l, floor, offset, idx, out),
-                            FAPM => gather_bf16_avx512::<FAPM>(ft, base, mean, l, floor, offset, idx, out),
-                            _ => gather_bf16_avx512::<PENALISED>(ft, base, mean, l, floor, offset, idx, out),
-                        }
-                    };
-                    candidates += c as u64;
-                    hits
-                });
-            }
-            return candidates;
-        }
-        self.for_each_keys(ft, base, |at, keys| g.add(keys, floor, at, high))
-    }
-
     fn keys_in_pieces<const PIECE: usize>(&self, ft: &[u8], base: &[u8], mut f: impl FnMut(usize, &[u32])) -> u64 {
         let (fs, bs) = (self.ft.size(), self.base.size());
         let n = ft.len() / fs;
@@ -299,94 +266,9 @@ fn keys_typed<F: Elem, B: Elem, const FORM: u8>(ft: &[u8], base: &[u8], mean: f3
     total
 }
 
-/// Whether the CPU has what [`gather_bf16_avx512`] is compiled for.
-#[cfg(target_arch = "x86_64")]
-fn has_gather_avx512() -> bool {
-    crate::simd::has_avx512() && std::arch::is_x86_feature_detected!("popcnt")
-}
-
-/// The keys of a bf16 pair, 16 at a time, and at once the gathering of those from `floor` up
-/// (`floor >= 1`): their chunk-relative positions `offset + i` to the front of `idx`, the keys
-/// to the front of `out`. Returns how many were gathered and how many positions are
-/// candidates. The same operations as [`keys_typed`] then [`crate::threshold::pack::pack`], in
-/// the same order, so the same bits: the f32 of a bf16 is its bits shifted up by 16, and the
-/// score's subtraction, division and multiplications are the IEEE operations of the portable
-/// loop, on 16 lanes. Writing the gathered keys straight from the registers saves storing and
-/// reading back every key, and the packing is done while the loop waits for the next lines
-/// of the two tensors (the high pass is the first to read the fine-tuned tensor whole).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
-#[allow(clippy::too_many_arguments)]
-fn gather_bf16_avx512<const FORM: u8>(
-    ft: &[[u8; 2]],
-    base: &[[u8; 2]],
-    mean: f32,
-    l: f32,
-    floor: u32,
-    offset: u32,
-    idx: &mut [u32],
-    out: &mut [u32],
-) -> (usize, u32) {
-    use std::arch::x86_64::*;
-    let n = ft.len();
-    assert!(base.len() == n && idx.len() >= n && out.len() >= n, "gather: buffers shorter than the piece");
-    assert!(floor > NOT_CANDIDATE && offset as u64 + n as u64 <= 1 << 32, "gather: bad floor or positions past u32");
-    let (sign, magnitude) = (_mm512_set1_epi32(i32::MIN), _mm512_set1_epi32(i32::MAX));
-    let (floor_v, mean_v, l_v) = (_mm512_set1_epi32(floor as i32), _mm512_set1_ps(mean), _mm512_set1_ps(l));
-    let (neg_inf, zero) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_setzero_ps());
-    let mut at = _mm512_add_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(offset as i32),
-    );
-    let (mut got, mut candidates) = (0usize, 0u32);
-    for start in (0..n).step_by(16) {
-        let valid: __mmask16 = if n - start >= 16 { u16::MAX } else { (1u16 << (n - start)) - 1 };
-        // SAFETY: the masked loads read only the group's valid lanes, inside `ft` and `base`.
-        let (fb, bb) = unsafe {
-            (
-                _mm256_maskz_loadu_epi16(valid, ft.as_ptr().add(start).cast()),
-                _mm256_maskz_loadu_epi16(valid, base.as_ptr().add(start).cast()),
-            )
-        };
-        let changed = _mm256_mask_cmpneq_epi16_mask(valid, fb, bb);
-        let f = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(fb)));
-        let b = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bb)));
-        let abs = |x: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude));
-        let ad = abs(_mm512_sub_ps(f, b));
-        let s = match FORM {
-            MAGNITUDE => ad,
-            FAPM => _mm512_sub_ps(ad, _mm512_mul_ps(mean_v, _mm512_div_ps(ad, abs(b)))),
-            _ => _mm512_sub_ps(ad, _mm512_mul_ps(l_v, _mm512_mul_ps(mean_v, _mm512_div_ps(ad, abs(b))))),
-        };
-        // `key`: NaN counts as -inf, -0 as +0, then the order-preserving flip.
-        let s = _mm512_add_ps(_mm512_mask_mov_ps(s, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(s, s), neg_inf), zero);
-        let bits = _mm512_castps_si512(s);
-        let k = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32::<31>(bits), sign));
-        let m = _mm512_mask_cmpge_epu32_mask(changed, k, floor_v);
-        let c = m.count_ones() as usize;
-        // SAFETY: `got` counts the hits of the groups before this one, so `got + c <= start +
-        // 16`; a whole vector is stored while `start + 16 <= n <= idx.len(), out.len()`, and
-        // the last group stores only its `c` lanes.
-        unsafe {
-            if start + 16 <= n {
-                _mm512_storeu_si512(idx.as_mut_ptr().add(got).cast(), _mm512_maskz_compress_epi32(m, at));
-                _mm512_storeu_si512(out.as_mut_ptr().add(got).cast(), _mm512_maskz_compress_epi32(m, k));
-            } else {
-                _mm512_mask_compressstoreu_epi32(idx.as_mut_ptr().add(got).cast(), m, at);
-                _mm512_mask_compressstoreu_epi32(out.as_mut_ptr().add(got).cast(), m, k);
-            }
-        }
-        got += c;
-        candidates += changed.count_ones();
-        at = _mm512_add_epi32(at, _mm512_set1_epi32(16));
-    }
-    (got, candidates)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::threshold::select::Hits;
 
     #[test]
     fn key_orders_like_scores() {
@@ -429,60 +311,6 @@ mod tests {
         assert_eq!(keys, [NOT_CANDIDATE, key(1.0), key(0.0)]);
     }
 
-    proptest::proptest! {
-        /// The high pass's work on a bf16 chunk, done by the loop that scores and gathers at
-        /// once (where the CPU has AVX-512), gives what scoring each piece and then gathering
-        /// its keys gives: the candidates, the hits (positions and keys), whether they all
-        /// fitted, and the histogram. Chunks of several pieces and short last groups, every
-        /// metric form, special values (zeros, infinities, NaN, subnormals), floors anywhere,
-        /// and rooms too small for the hits.
-        #[test]
-        fn scoring_and_gathering_at_once_agrees(
-            elems in proptest::collection::vec((0u8..8, proptest::num::u16::ANY, proptest::num::u16::ANY), 0..2600),
-            form in 0u8..3,
-            mean in proptest::sample::select(vec![0.0f32, 0.02, 1.5, f32::INFINITY]),
-            floor_at in proptest::num::usize::ANY,
-            room in 1usize..3000,
-        ) {
-            const SPECIAL: [u16; 8] = [0x0000, 0x8000, 0x7f80, 0xff80, 0x7fc0, 0x0001, 0x8001, 0x3c00];
-            let (mut ft, mut base) = (Vec::new(), Vec::new());
-            for &(kind, a, b) in &elems {
-                let (f, p) = match kind {
-                    0 => (a, a),                                         // unchanged
-                    1 => (SPECIAL[a as usize % 8], SPECIAL[b as usize % 8]),
-                    2 => (a, SPECIAL[b as usize % 8]),
-                    3 => (SPECIAL[a as usize % 8], b),
-                    4 | 5 => (b ^ (a & 7), b),                           // close to the base
-                    _ => (a, b),
-                };
-                ft.extend_from_slice(&f.to_le_bytes());
-                base.extend_from_slice(&p.to_le_bytes());
-            }
-            let metric = if form == MAGNITUDE { Metric::Magnitude } else { Metric::Fapm };
-            let penalty = if form == PENALISED { 0.37 } else { 1.0 };
-            let scorer = Scorer { ft: DType::BF16, base: DType::BF16, metric, mean, penalty };
-            let mut keys = vec![0u32; elems.len()];
-            scorer.keys(&ft, &base, &mut keys);
-            keys.push(1);
-            let floor = keys[floor_at % keys.len()].max(1);
-
-            let (mut want, mut want_high) = (Gather::default(), Histogram::default());
-            want.start(room);
-            let want_candidates = scorer.for_each_keys(&ft, &base, |at, keys| want.add(keys, floor, at, &mut want_high));
-            let (mut got, mut got_high) = (Gather::default(), Histogram::default());
-            got.start(room);
-            let got_candidates = scorer.gather(&ft, &base, floor, &mut got, &mut got_high);
-            proptest::prop_assert_eq!(got_candidates, want_candidates);
-            let (mut want_hits, mut got_hits) = (Hits::default(), Hits::default());
-            want_hits.copy_from(&want);
-            got_hits.copy_from(&got);
-            proptest::prop_assert_eq!(got_hits, want_hits);
-            proptest::prop_assert_eq!(got.finish(&mut got_high), want.finish(&mut want_high));
-            proptest::prop_assert_eq!(got_high.total(), want_high.total());
-            proptest::prop_assert!(got_high.bins() == want_high.bins());
-        }
-    }
-
     /// Every compiled copy of `sum_abs` gives the portable copy's sum of `base` (its finite
     /// values: random bits are NaN too often for a sum to tell the copies apart, so the top
     /// exponent bit of every element is cleared).
@@ -510,6 +338,33 @@ mod tests {
                 pieces.add(bd, piece);
             }
             assert_eq!(pieces.total().to_bits(), sum.to_bits(), "{bd} in pieces of {groups} groups");
+        }
+    }
+
+    /// The mean's pass sums a chunk in `PIECE_BYTES` pieces (hashing each first): the same
+    /// bits as summing it whole, for every dtype and for chunks that end in a partial group.
+    #[test]
+    fn a_sum_in_cache_sized_pieces_is_the_sum_of_the_whole() {
+        use crate::format::sparse::PIECE_BYTES;
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for dtype in [DType::BF16, DType::F16, DType::F32, DType::F64] {
+            for elems in [100_000usize, 3 * PIECE_BYTES / dtype.size() + 17] {
+                let mut bytes: Vec<u8> = (0..elems * dtype.size())
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                // Finite values: the top exponent bit of every element cleared.
+                bytes.chunks_exact_mut(dtype.size()).for_each(|e| e[dtype.size() - 1] &= !0x40);
+                let mut pieces = AbsSum::default();
+                for piece in bytes.chunks(PIECE_BYTES) {
+                    pieces.add(dtype, piece);
+                }
+                assert_eq!(pieces.total().to_bits(), sum_abs(dtype, &bytes).to_bits(), "{dtype}, {elems}");
+            }
         }
     }
 

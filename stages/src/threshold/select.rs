@@ -230,12 +230,6 @@ impl Histogram {
         self
     }
 
-    /// The bins (for tests that compare histograms).
-    #[cfg(test)]
-    pub(crate) fn bins(&self) -> &[u64] {
-        &self.counts[..BINS]
-    }
-
     /// The total count.
     pub fn total(&self) -> u64 {
         self.total
@@ -331,36 +325,21 @@ impl Gather {
     /// and counts their high bits into `high` (at once, or by [`Gather::finish`]).
     pub fn add(&mut self, keys: &[u32], floor: u32, offset: usize, high: &mut Histogram) {
         debug_assert!(floor > NOT_CANDIDATE);
-        self.add_with(keys.len(), offset, high, |offset, idx, out| {
-            pack(keys, floor, KeyPositions::From(offset), idx, Some(out))
-        });
-    }
-
-    /// [`Gather::add`] for a piece of `len` keys that `gather` packs itself: it is given the
-    /// piece's chunk-relative offset and room for `len` positions and keys (at least), writes
-    /// the piece's hits to their fronts, and returns how many (as [`pack`] does).
-    pub fn add_with(
-        &mut self,
-        len: usize,
-        offset: usize,
-        high: &mut Histogram,
-        mut gather: impl FnMut(u32, &mut [u32], &mut [u32]) -> usize,
-    ) {
-        if self.room - self.n < len {
+        if self.room - self.n < keys.len() {
             high.add_high(self.keys());
             (self.n, self.whole) = (0, false);
-            if self.room < len {
+            if self.room < keys.len() {
                 // Not even one piece fits: count it directly.
                 let mut rest = Gather::default();
-                rest.start(len);
-                rest.add_with(len, offset, high, gather);
+                rest.start(keys.len());
+                rest.add(keys, floor, offset, high);
                 rest.finish(high);
                 return;
             }
         }
         let (idx, out) = (&mut self.idx[self.n..], &mut self.keys[self.n..]);
         let offset = u32::try_from(offset).expect("chunk-relative offsets fit u32 (blocks are at most 2^22)");
-        self.n += gather(offset, idx, out);
+        self.n += pack(keys, floor, KeyPositions::From(offset), idx, Some(out));
     }
 
     /// Counts the rest of the chunk's hits into `high`; returns whether the buffer holds
