@@ -174,9 +174,10 @@ fn has_avx512_vbmi2() -> bool {
 /// [`Values::encode`] for 2-byte elements with AVX-512, 32 elements at a time: the kept
 /// positions of a piece as a bit mask, then for each group of 32 with one kept, the values of
 /// every element computed at once (as [`delta_value`] does, on 16-bit lanes), the kept ones'
-/// packed to the front (`vpcompressw`) and stored to the planes, and the kept fine-tuned
-/// elements stored into the piece under the mask. The fine-tuned bytes are read in order, a
-/// cache line at a time, rather than one kept element at a time.
+/// packed to the front (`vpcompressw`) and stored to the planes, and the group stored into
+/// the piece: its base elements with the kept fine-tuned ones merged in under the mask. The
+/// fine-tuned bytes are read in order, a cache line at a time, rather than one kept element
+/// at a time.
 ///
 /// `kept`: the piece's kept positions, chunk-relative, ascending, from `start` on and below
 /// `start + out.len()`; `ft`: the piece's fine-tuned elements; `base`: the piece's base
