@@ -327,15 +327,24 @@ impl Values<'_> {
     /// fine-tuned bits into `out` (the piece) at those positions; first the base values into
     /// `out`, when they are given (`base`) rather than already there.
     fn encode<const W: usize>(&self, ft: &[u8], base: Option<&[u8]>, out: &mut [u8], planes: &mut [u8]) {
-        #[cfg(target_arch = "x86_64")]
-        if W == 2 && out.len() <= 2 * MAX_PIECE_ELEMS && has_avx512_vbmi2() {
-            let (first, n, start, kept) = (self.first, self.total, self.start, self.kept.len());
+        let (first, n, start) = (self.first, self.total, self.start);
+        if W == 2 {
+            // The common case (bf16, f16) without the generic plane loop.
             let (hi, lo) = planes.split_at_mut(n);
-            let (hi, lo) = (&mut hi[first..first + kept], &mut lo[first..first + kept]);
+            let (hi, lo) = (&mut hi[first..first + self.kept.len()], &mut lo[first..first + self.kept.len()]);
             let ft = ft[2 * start..2 * start + out.len()].as_chunks::<2>().0;
-            let base = base.map(|b| b.as_chunks::<2>().0);
-            // SAFETY: the CPU supports AVX-512 F, BW, VL and VBMI2, checked just above.
-            unsafe { encode_pairs_avx512(self.kept, start, ft, base, out.as_chunks_mut::<2>().0, hi, lo) };
+            let out = out.as_chunks_mut::<2>().0;
+            #[cfg(target_arch = "x86_64")]
+            if out.len() <= MAX_PIECE_ELEMS && has_avx512_vbmi2() {
+                let base = base.map(|b| b.as_chunks::<2>().0);
+                // SAFETY: the CPU supports AVX-512 F, BW, VL and VBMI2, checked just above.
+                unsafe { encode_pairs_avx512(self.kept, start, ft, base, out, hi, lo) };
+                return;
+            }
+            if let Some(base) = base {
+                out.as_flattened_mut().copy_from_slice(base);
+            }
+            encode_pairs(self.kept, start, ft, out, hi, lo);
             return;
         }
         if let Some(base) = base {
@@ -343,16 +352,6 @@ impl Values<'_> {
         }
         let (ft, _) = ft.as_chunks::<W>();
         let (out, _) = out.as_chunks_mut::<W>();
-        let (first, n, start) = (self.first, self.total, self.start);
-        if W == 2 {
-            // The common case (bf16, f16) without the generic plane loop.
-            let (hi, lo) = planes.split_at_mut(n);
-            let (hi, lo) = (&mut hi[first..first + self.kept.len()], &mut lo[first..first + self.kept.len()]);
-            let ft = ft[start..start + out.len()].as_flattened().as_chunks::<2>().0;
-            let out = out.as_flattened_mut().as_chunks_mut::<2>().0;
-            encode_pairs(self.kept, start, ft, out, hi, lo);
-            return;
-        }
         for (j, &i) in self.kept.iter().enumerate() {
             let (f, o) = (ft[i as usize], &mut out[i as usize - start]);
             let z = delta_value(le_bits(&f), le_bits(o), W);
