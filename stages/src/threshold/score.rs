@@ -331,40 +331,39 @@ mod tests {
         ) {
             assert_eq!(got.to_bits(), sum.to_bits(), "{width} {bd}");
         }
-        // A piece at a time (whole groups of 32, then the rest): the same bits.
-        for groups in [1, 3, 7] {
-            let mut pieces = AbsSum::default();
-            for piece in finite.chunks(groups * 32 * bd.size()) {
-                pieces.add(bd, piece);
+    }
+
+    /// A chunk summed a piece at a time (whole groups of 32, then the rest; the mean's pass
+    /// uses `PIECE_BYTES` pieces, hashing each first): the same bits as summing it whole, for
+    /// every dtype and for chunks that end in a partial group.
+    #[test]
+    fn a_sum_in_pieces_is_the_sum_of_the_whole() {
+        use crate::format::sparse::PIECE_BYTES;
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        for dtype in [DType::BF16, DType::F16, DType::F32, DType::F64] {
+            for elems in [1000, 100_000usize, 3 * PIECE_BYTES / dtype.size() + 17] {
+                let mut bytes: Vec<u8> = (0..elems * dtype.size()).map(|_| next() as u8).collect();
+                // Finite values: the top exponent bit of every element cleared.
+                bytes.chunks_exact_mut(dtype.size()).for_each(|e| e[dtype.size() - 1] &= !0x40);
+                let whole = sum_abs(dtype, &bytes);
+                for piece_bytes in [32 * dtype.size(), 7 * 32 * dtype.size(), PIECE_BYTES] {
+                    let mut pieces = AbsSum::default();
+                    for piece in bytes.chunks(piece_bytes) {
+                        pieces.add(dtype, piece);
+                    }
+                    assert_eq!(pieces.total().to_bits(), whole.to_bits(), "{dtype}, {elems} in {piece_bytes} B pieces");
+                }
             }
-            assert_eq!(pieces.total().to_bits(), sum.to_bits(), "{bd} in pieces of {groups} groups");
         }
     }
 
-    /// The mean's pass sums a chunk in `PIECE_BYTES` pieces (hashing each first): the same
-    /// bits as summing it whole, for every dtype and for chunks that end in a partial group.
-    #[test]
-    fn a_sum_in_cache_sized_pieces_is_the_sum_of_the_whole() {
-        use crate::format::sparse::PIECE_BYTES;
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        for dtype in [DType::BF16, DType::F16, DType::F32, DType::F64] {
-            for elems in [100_000usize, 3 * PIECE_BYTES / dtype.size() + 17] {
-                let mut bytes: Vec<u8> = (0..elems * dtype.size())
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect();
-                // Finite values: the top exponent bit of every element cleared.
-                bytes.chunks_exact_mut(dtype.size()).for_each(|e| e[dtype.size() - 1] &= !0x40);
-                let mut pieces = AbsSum::default();
-                for piece in bytes.chunks(PIECE_BYTES) {
-                    pieces.add(dtype, piece);
-                }
-                assert_eq!(pieces.total().to_bits(), sum_abs(dtype, &bytes).to_bits(), "{dtype}, {elems}");
-            }
+    /// A xorshift generator of test bits.
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
         }
     }
 
@@ -372,13 +371,7 @@ mod tests {
     /// the same keys and sums, whichever one this CPU would pick.
     #[test]
     fn every_simd_copy_agrees() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let pairs = [
             (DType::BF16, DType::BF16),
             (DType::F16, DType::F32),
