@@ -51,6 +51,13 @@ pub struct ThresholdedTask<'p> {
     pub base_hashes: Vec<ChunkHash>,
 }
 
+impl ThresholdedTask<'_> {
+    /// A task whose cut needs no pass over the maps (whole, dense, or nothing kept).
+    fn without_passes(task: Task, scorer: Option<Scorer>, cut: Cut) -> Self {
+        ThresholdedTask { task, scorer, cut, chunks: Vec::new(), base_hashes: Vec::new() }
+    }
+}
+
 /// What the high pass learnt of one chunk.
 pub struct ChunkScan<'p> {
     /// The chunk's candidates.
@@ -121,25 +128,13 @@ impl<'a> ThresholdStage<'a> {
     /// ones what the passes find.
     fn threshold(&self, task: Task) -> Result<ThresholdedTask<'a>> {
         let Some(base) = &task.base else {
-            return Ok(ThresholdedTask {
-                task,
-                scorer: None,
-                cut: Cut::All,
-                chunks: Vec::new(),
-                base_hashes: Vec::new(),
-            });
+            return Ok(ThresholdedTask::without_passes(task, None, Cut::All));
         };
         let (fi, bi) = (task.ft.info(), base.info());
         let mut scorer = Scorer { ft: fi.dtype, base: bi.dtype, metric: self.metric, mean: 0.0, penalty: self.penalty };
         if task.mode == Mode::Dense || task.keep == 0 {
             let cut = if task.mode == Mode::Dense { Cut::All } else { Cut::Nothing };
-            return Ok(ThresholdedTask {
-                task,
-                scorer: Some(scorer),
-                cut,
-                chunks: Vec::new(),
-                base_hashes: Vec::new(),
-            });
+            return Ok(ThresholdedTask::without_passes(task, Some(scorer), cut));
         }
         // An extended tensor's appended rows are not scored: the passes go over the elements
         // it shares with its base.
