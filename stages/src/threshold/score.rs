@@ -387,7 +387,7 @@ mod tests {
                 ft = (0..n * fd.size()).map(|_| next() as u8).collect();
             }
             for (i, b) in ft.iter_mut().enumerate() {
-                if next() % 3 == 0 {
+                if next().is_multiple_of(3) {
                     *b ^= 1 << (i % 8);
                 }
             }
